@@ -1,0 +1,27 @@
+"""bmkernels: fused attention, conv2d and GRU kernels for PyTorch (CPU C++, CUDA C++, Triton)."""
+
+import torch
+
+from bmkernels import _backend, _extension
+from bmkernels.ops.attention import attention, dropout_keep_mask, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+__all__ = ["attention", "build_info", "dropout_keep_mask", "scaled_dot_product_attention"]
+
+
+def build_info():
+    """What this installation can run: compiled CPU instruction sets and the active one, CUDA
+    archs and kernels (empty for a CPU-only build), Triton, and the torch/CUDA versions."""
+    return {
+        "version": __version__,
+        "extension_loaded": _extension.loaded(),
+        "cpu_isas": _extension.compiled_cpu_isas(),
+        "active_cpu_isa": _extension.active_cpu_isa(),
+        "cuda_archs": _extension.compiled_cuda_archs(),
+        "cuda_kernels": _extension.cuda_kernels(),
+        "triton_available": _backend.triton_available(),
+        "triton_kernels": sorted(_backend.triton_ops()),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_device_available": torch.cuda.is_available(),
+    }

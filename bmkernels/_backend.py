@@ -1,0 +1,81 @@
+"""The one place that decides which backend runs an op: `backend=` argument > BMK_BACKEND > auto.
+
+auto: CPU tensor -> the CPU C++ kernel; CUDA tensor -> the CUDA C++ kernel if compiled, else the
+Triton kernel, else an error that says how to get one. "reference" (plain PyTorch) always works.
+A backend asked for explicitly that cannot run raises an error naming what is missing: nothing
+silently falls back to something else.
+"""
+
+import importlib.util
+import os
+
+from bmkernels import _extension
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+def triton_available():
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_ops():
+    """Op families that have a Triton kernel."""
+    if not triton_available():
+        return frozenset()
+    from bmkernels import triton as bmk_triton
+
+    return bmk_triton.OPS
+
+
+def requested(backend):
+    """The backend name asked for (argument, else BMK_BACKEND, else 'auto'), validated."""
+    name = backend if backend is not None else (os.environ.get("BMK_BACKEND") or "auto")
+    if name not in BACKENDS + ("auto",):
+        source = "backend" if backend is not None else "BMK_BACKEND"
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS + ('auto',))}; got {name!r}")
+    return name
+
+
+def choose(op, device, backend=None):
+    """Backend to run op family `op` ('attention', 'conv2d', 'gru') on tensors on `device`."""
+    name = requested(backend)
+    kind = device.type
+    if name == "auto":
+        if kind == "cpu":
+            name = "cpu"
+        elif kind == "cuda":
+            name = "cuda" if op in _extension.cuda_kernels() else "triton"
+        else:
+            raise RuntimeError(f"bmkernels {op}: no backend for {kind} tensors; use backend='reference'")
+        if name == "triton" and op not in triton_ops():
+            raise RuntimeError(
+                f"bmkernels {op}: no kernel for CUDA tensors in this build: the CUDA kernel was not compiled "
+                f"(rebuild with a CUDA toolkit, BMK_FORCE_CUDA=1) and no Triton kernel is available; "
+                "use backend='reference'")
+    if name == "cpu":
+        if kind != "cpu":
+            raise RuntimeError(f"bmkernels {op}: backend 'cpu' needs CPU tensors; got {kind} tensors")
+        _extension.require(f"bmkernels {op} backend 'cpu'")
+    elif name == "cuda":
+        if kind != "cuda":
+            raise RuntimeError(f"bmkernels {op}: backend 'cuda' needs CUDA tensors; got {kind} tensors")
+        _extension.require(f"bmkernels {op} backend 'cuda'")
+        if op not in _extension.cuda_kernels():
+            raise RuntimeError(f"bmkernels {op}: backend 'cuda' requested but this build has no CUDA kernel "
+                               f"for {op} (compiled CUDA archs: {_extension.compiled_cuda_archs() or 'none'})")
+    elif name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"bmkernels {op}: backend 'triton' requested but triton is not installed")
+        if op not in triton_ops():
+            raise RuntimeError(f"bmkernels {op}: backend 'triton' requested but bmkernels has no Triton "
+                               f"kernel for {op} yet")
+        if kind == "cpu" and not triton_interpreted():
+            raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors runs only under the Triton "
+                               "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        if kind not in ("cpu", "cuda"):
+            raise RuntimeError(f"bmkernels {op}: backend 'triton' needs CUDA tensors; got {kind} tensors")
+    return name

@@ -1,0 +1,283 @@
+"""bmkernels.attention and bmkernels.scaled_dot_product_attention: argument checks, backend choice,
+and the fake kernel and autograd of the torch.ops.bmkernels.attention_* operators.
+
+Memory: the forward saves q, k, v, out and the logsumexp (B, H, Lq) — O(L), never an Lq x Lk
+buffer; the backward recomputes probabilities per tile. The one exception is a bias that requires
+grad: its gradient is as large as the (broadcast) bias itself, and is reduced to the bias's shape.
+"""
+
+import math
+
+import torch
+
+from bmkernels import _backend, _extension
+from bmkernels.reference import attention as reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"attention: {name} must be a torch.Tensor; got {type(t).__name__}")
+
+
+def _check_broadcast(name, t, grid):
+    """t must broadcast to the (B, Hq, Lq, Lk) score grid."""
+    try:
+        ok = t.dim() <= 4 and torch.broadcast_shapes(tuple(t.shape), grid) == grid
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attention: {name} of shape {tuple(t.shape)} cannot broadcast to the score grid "
+                         f"(B, Hq, Lq, Lk) = {grid}")
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, L, D); got shape {tuple(t.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"attention: q must be float32, float64, bfloat16 or float16; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    (batch, q_heads, _, head_dim), (kb, kv_heads, k_len, kd), (vb, vh, vl, _) = q.shape, k.shape, v.shape
+    if kb != batch or vb != batch:
+        raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if vh != kv_heads or vl != k_len:
+        raise ValueError(f"attention: k and v must have the same heads and length; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if kd != head_dim:
+        raise ValueError(f"attention: q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if head_dim < 1:
+        raise ValueError(f"attention: head dim must be >= 1; got q {tuple(q.shape)}")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"attention: q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+
+
+def _window_bounds(window, causal):
+    """(left, right) with -1 = unbounded; causal caps right at 0."""
+    left, right = -1, -1
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2
+                and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            raise TypeError(f"attention: window must be a pair of ints (left, right); got {window!r}")
+        left, right = window
+        if left < -1 or right < -1:
+            raise ValueError(f"attention: window bounds must be >= -1 (-1 = unbounded); got {tuple(window)}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _keep_mask(mask, key_padding_mask, grid):
+    """mask (True = keep) and key_padding_mask (True = padding) combined into one keep-mask."""
+    batch, _, _, k_len = grid
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention: mask must be bool (True = keep); got {mask.dtype} "
+                            "(an additive float mask goes in bias=)")
+        _check_broadcast("mask", mask, grid)
+    if key_padding_mask is None:
+        return mask
+    _check_tensor("key_padding_mask", key_padding_mask)
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"attention: key_padding_mask must be bool (True = padding); got {key_padding_mask.dtype}")
+    if tuple(key_padding_mask.shape) != (batch, k_len):
+        raise ValueError(f"attention: key_padding_mask must have shape (B, Lk) = {(batch, k_len)}; "
+                         f"got {tuple(key_padding_mask.shape)}")
+    keep = ~key_padding_mask.view(batch, 1, 1, k_len)
+    return keep if mask is None else keep & mask
+
+
+def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, mask=None,
+              key_padding_mask=None, window=None, softcap=None, alibi_slopes=None, dropout_p=0.0,
+              scale=None, return_lse=False, backend=None):
+    """Fused attention of q (B, Hq, Lq, D) over k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv).
+
+    GQA/MQA when Hq is a multiple of Hkv. Semantics and order of operations are those of
+    bmkernels.reference.attention.attention; in short: s = scale * q k^T -> softcap -> + bias ->
+    - ALiBi -> masked (mask, key_padding_mask, window, causal) -> softmax -> dropout -> @ v.
+
+    causal_alignment: "top_left" (query i sees keys j <= i, as SDPA) or "bottom_right" (the
+    diagonal ends at the last key: query i sees j <= i + Lk - Lq, for decoding with a KV cache).
+    The alignment also places the window and ALiBi distances.
+    bias: float, q's dtype, broadcastable to (B, Hq, Lq, Lk); gets a gradient if it requires one.
+    mask: bool, True = keep. key_padding_mask: bool (B, Lk), True = padding.
+    window: (left, right), keys i' - left <= j <= i' + right; -1 = unbounded.
+    softcap: s -> softcap * tanh(s / softcap). alibi_slopes: (Hq,) or (B, Hq), no gradient.
+    dropout_p: on the probabilities, Philox mask seeded from torch's default generator.
+    A query row with no visible key gives zeros (and lse = -inf), never NaN.
+    Returns out (B, Hq, Lq, Dv) in q's dtype, or (out, lse) with lse (B, Hq, Lq) in float32
+    (float64 for float64 inputs).
+    """
+    _check_qkv(q, k, v)
+    batch, q_heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    grid = (batch, q_heads, q_len, k_len)
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"attention: causal_alignment must be one of {_ALIGNMENTS}; got {causal_alignment!r}")
+    left, right = _window_bounds(window, causal)
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.dtype != q.dtype:
+            raise TypeError(f"attention: bias must have q's dtype {q.dtype}; got {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"attention: bias must be on q's device {q.device}; got {bias.device}")
+        _check_broadcast("bias", bias, grid)
+    keep = _keep_mask(mask, key_padding_mask, grid)
+    if keep is not None and keep.device != q.device:
+        raise ValueError(f"attention: mask must be on q's device {q.device}; got {keep.device}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"attention: softcap must be a finite number >= 0 (0 or None = off); got {softcap!r}")
+    if alibi_slopes is not None:
+        _check_tensor("alibi_slopes", alibi_slopes)
+        if not alibi_slopes.is_floating_point() or tuple(alibi_slopes.shape) not in ((q_heads,), (batch, q_heads)):
+            raise ValueError(f"attention: alibi_slopes must be floating, shape (Hq,) = {(q_heads,)} or (B, Hq) = "
+                             f"{(batch, q_heads)}; got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"attention: alibi_slopes must be on q's device {q.device}; got {alibi_slopes.device}")
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("attention: alibi_slopes gets no gradient; pass slopes that do not require grad "
+                             "(e.g. alibi_slopes.detach())")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"attention: dropout_p must be in [0, 1); got {dropout_p!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"attention: scale must be a finite number; got {scale!r}")
+    offset = reference.diag_offset(q_len, k_len, causal_alignment)
+
+    name = _backend.choose("attention", q.device, backend)
+    if name == "reference":
+        keep_drawn = torch.rand(grid, device=q.device) >= dropout_p if dropout_p > 0 else None
+        return reference.attention(
+            q, k, v, causal=causal, causal_alignment=causal_alignment, bias=bias, mask=keep,
+            window=(left, right), softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+            dropout_mask=keep_drawn, scale=scale, return_lse=return_lse)
+    rng_seed = _draw_seed() if dropout_p > 0 else None
+    out, lse = torch.ops.bmkernels.attention_fwd(
+        q, k, v, bias, keep, alibi_slopes, rng_seed, float(scale), float(softcap or 0.0), left, right, offset,
+        float(dropout_p))
+    return (out, lse) if return_lse else out
+
+
+def _draw_seed():
+    """A Philox seed from torch's default generator: reproducible under torch.manual_seed."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+
+
+def dropout_keep_mask(rng_seed, batch, heads, q_len, k_len, dropout_p):
+    """The bool keep-mask (B, H, Lq, Lk) that the kernels' dropout draws for rng_seed."""
+    _extension.require("dropout_keep_mask")
+    return torch.ops.bmkernels.attention_dropout_mask(rng_seed, batch, heads, q_len, k_len, float(dropout_p))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, backend=None):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention: query (..., Hq, L, E),
+    key (..., Hkv, S, E), value (..., Hkv, S, Ev); attn_mask bool (True = take part) or float
+    (added), broadcastable to (..., Hq, L, S); is_causal is top-left aligned; GQA with enable_gqa.
+    One difference: a query whose keys are all masked gets zeros where PyTorch gives NaN."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+        if t.dim() < 2:
+            raise ValueError(f"scaled_dot_product_attention: {name} must have at least 2 dims (L, E); "
+                             f"got shape {tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"scaled_dot_product_attention: query, key, value must have the same number of dims; got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    lead = tuple(query.shape[:-3])
+    if tuple(key.shape[:-3]) != lead or tuple(value.shape[:-3]) != lead:
+        raise ValueError(f"scaled_dot_product_attention: batch dims differ: query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)}, value {tuple(value.shape)}")
+    q, k, v = (_as_4d(t) for t in (query, key, value))
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"scaled_dot_product_attention: query has {q.shape[1]} heads and key {k.shape[1]}; set "
+                         "enable_gqa=True for grouped-query attention")
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: attn_mask must not be set when is_causal=True")
+    bias = mask = None
+    if attn_mask is not None:
+        _check_tensor("attn_mask", attn_mask)
+        if attn_mask.dtype == torch.bool:
+            mask = _mask_as_4d(attn_mask, query)
+        elif attn_mask.dtype == query.dtype:
+            bias = _mask_as_4d(attn_mask, query)
+        else:
+            raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or query's dtype {query.dtype}; "
+                            f"got {attn_mask.dtype}")
+    out = attention(q, k, v, causal=is_causal, bias=bias, mask=mask, dropout_p=dropout_p, scale=scale,
+                    backend=backend)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _as_4d(t):
+    """(..., H, L, E) -> (B, H, L, E), flattening the batch dims (H = 1 for 2-D inputs)."""
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _mask_as_4d(m, query):
+    """A mask broadcastable to query's (..., Hq, Lq, Lk) grid, as one broadcastable to (B, Hq, Lq, Lk)."""
+    if query.dim() == 4 or m.dim() <= 2:
+        return m if m.dim() <= 4 else m.reshape(-1, *m.shape[-3:])
+    grid = (*query.shape[:-1], m.shape[-1])
+    try:
+        m = m.expand(grid)
+    except RuntimeError:
+        raise ValueError(f"scaled_dot_product_attention: attn_mask of shape {tuple(m.shape)} cannot broadcast to "
+                         f"{grid}") from None
+    return _as_4d(m)
+
+
+def _fake_fwd(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset,
+              dropout_p):
+    batch, heads, q_len, _ = q.shape
+    out = q.new_empty(batch, heads, q_len, v.shape[-1])
+    lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+def _fake_bwd(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale, softcap,
+              window_left, window_right, diag_offset, dropout_p, bias_grad):
+    dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(dbias_shape, dtype=_acc_dtype(q.dtype)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, alibi_slopes, rng_seed, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed)
+    ctx.params = params
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.bmkernels.attention_bwd(
+        grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad)
+    dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+
+
+if _extension.loaded():
+    torch.library.register_fake("bmkernels::attention_fwd")(_fake_fwd)
+    torch.library.register_fake("bmkernels::attention_bwd")(_fake_bwd)
+    torch.library.register_fake("bmkernels::attention_dropout_mask")(
+        lambda rng_seed, batch, heads, q_len, k_len, dropout_p: rng_seed.new_empty(
+            (batch, heads, q_len, k_len), dtype=torch.bool))
+    torch.library.register_autograd("bmkernels::attention_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,51 @@
+#pragma once
+// Score-level math of bmkernels attention, shared by every kernel (see bmkernels/reference/attention.py
+// for the specification). Positions: query i is aligned to key position i' = i + diag_offset
+// (0 top-left, Lk - Lq bottom-right); a window bound of -1 is unbounded; causal is window_right = 0.
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace bmk {
+
+BMK_HOST_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+BMK_HOST_DEVICE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+struct AttentionWindow {
+  int64_t left;         // keys j >= i' - left are visible (-1: no bound)
+  int64_t right;        // keys j <= i' + right are visible (-1: no bound)
+  int64_t diag_offset;  // i' = i + diag_offset
+  int64_t q_len;
+  int64_t k_len;
+
+  // Keys visible to query i: [first_key, end_key), possibly empty. Both ends grow with i.
+  BMK_HOST_DEVICE int64_t first_key(int64_t i) const {
+    return left < 0 ? 0 : min64(k_len, max64(0, i + diag_offset - left));
+  }
+  BMK_HOST_DEVICE int64_t end_key(int64_t i) const {
+    const int64_t end = right < 0 ? k_len : min64(k_len, max64(0, i + diag_offset + right + 1));
+    return max64(end, first_key(i));
+  }
+  // Queries that see key j: [first_query, end_query), possibly empty. Both ends grow with j.
+  BMK_HOST_DEVICE int64_t first_query(int64_t j) const {
+    return right < 0 ? 0 : min64(q_len, max64(0, j - right - diag_offset));
+  }
+  BMK_HOST_DEVICE int64_t end_query(int64_t j) const {
+    const int64_t end = left < 0 ? q_len : min64(q_len, max64(0, j + left - diag_offset + 1));
+    return max64(end, first_query(j));
+  }
+};
+
+// ALiBi penalty for query i and key j: slope * |i' - j|.
+template <typename T>
+BMK_HOST_DEVICE T alibi_penalty(T slope, int64_t i, int64_t j, int64_t diag_offset) {
+  const int64_t d = i + diag_offset - j;
+  return slope * static_cast<T>(d < 0 ? -d : d);
+}
+
+// Philox counter of score (b, h, i, j) in a (B, H, Lq, Lk) grid: independent of any tiling.
+BMK_HOST_DEVICE uint64_t dropout_counter(int64_t bh, int64_t i, int64_t j, int64_t q_len, int64_t k_len) {
+  return (static_cast<uint64_t>(bh) * q_len + i) * k_len + j;
+}
+
+}  // namespace bmk

@@ -1,0 +1,528 @@
+// Flash-style CPU attention, forward and backward (specification: bmkernels/reference/attention.py).
+//
+// Forward: per (batch, head, query block), key blocks stream through an online softmax; the score
+// tile lives in per-thread scratch, so memory is O(L) and the Lq x Lk matrix never exists.
+// Backward (FlashAttention-2 order): per (batch, kv head), key blocks outer and query blocks inner,
+// probabilities recomputed from the saved logsumexp. Tiles are computed transposed (keys x queries)
+// so that all three gradient GEMMs read their operands in place, without transposing a tile:
+//   S^T = K_j Qs_i^T,  dP^T = V_j dO_i^T,  dV_j += P^T dO_i,  dK_j += dS^T Qs_i,  dQ_i^T += K_j^T dS^T.
+// Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/attention_math.h"
+#include "common/philox.h"
+#include "cpu/attention.h"
+#include "cpu/gemm.h"
+
+namespace bmk::cpu::CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kFwdQueryBlock = 64;
+constexpr int64_t kFwdKeyBlock = 512;
+constexpr int64_t kBwdKeyBlock = 128;
+constexpr int64_t kBwdQueryBlock = 128;
+// Tile widths are rounded up to a multiple of this, so brgemm sees few distinct shapes.
+constexpr int64_t kTileGranule = 32;
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t tile_width(int64_t needed, int64_t block, int64_t available) {
+  return std::min({block, ceil_div(needed, kTileGranule) * kTileGranule, available});
+}
+
+template <typename T>
+T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  T best = neg_inf<T>();
+  int64_t c = 0;
+  if (n >= Vec<T>::size()) {
+    Vec<T> acc(neg_inf<T>());
+    for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
+    T lanes[Vec<T>::size()];
+    acc.store(lanes);
+    for (int64_t l = 0; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
+  }
+  for (; c < n; ++c) best = std::max(best, x[c]);
+  return best;
+}
+
+// x <- exp(x - shift) in place; returns the sum.
+template <typename T>
+T exp_shift_sum(T* x, int64_t n, T shift) {
+  T sum = 0;
+  int64_t c = 0;
+  if (n >= Vec<T>::size()) {
+    const Vec<T> shift_vec(shift);
+    Vec<T> acc(T(0));
+    for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+      const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+      e.store(x + c);
+      acc = acc + e;
+    }
+    T lanes[Vec<T>::size()];
+    acc.store(lanes);
+    for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  }
+  for (; c < n; ++c) {
+    x[c] = std::exp(x[c] - shift);
+    sum += x[c];
+  }
+  return sum;
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T factor) {
+  const Vec<T> f(factor);
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) (Vec<T>::loadu(x + c) * f).store(x + c);
+  for (; c < n; ++c) x[c] *= factor;
+}
+
+// The optional per-score terms: bias, boolean mask, ALiBi, softcap (bmkernels/reference/attention.py).
+template <typename scalar_t, typename acc_t>
+struct ScoreTerms {
+  const scalar_t* bias = nullptr;  // expanded to (B, Hq, Lq, Lk): strides below
+  int64_t bias_stride[4] = {0, 0, 0, 0};
+  const bool* mask = nullptr;  // expanded to (B, Hq, Lq, Lk); true = keep
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  const acc_t* alibi = nullptr;  // (B, Hq) contiguous
+  int64_t heads = 1;
+  acc_t softcap = 0;
+  int64_t diag_offset = 0;
+
+  bool any() const { return bias || mask || alibi || softcap > 0; }
+
+  // Logit fed to softmax for scaled score s of (b, h, i, j); -inf when masked. *softcap_grad gets
+  // d logit / d s (the softcap derivative; 1 without softcap).
+  acc_t logit(acc_t s, int64_t b, int64_t h, int64_t i, int64_t j, acc_t* softcap_grad) const {
+    if (mask && !mask[b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j * mask_stride[3]]) {
+      return neg_inf<acc_t>();
+    }
+    acc_t grad = 1;
+    if (softcap > 0) {
+      const acc_t t = std::tanh(s / softcap);
+      s = softcap * t;
+      grad = 1 - t * t;
+    }
+    if (bias) {
+      s += static_cast<acc_t>(bias[b * bias_stride[0] + h * bias_stride[1] + i * bias_stride[2] + j * bias_stride[3]]);
+    }
+    if (alibi) s -= alibi_penalty(alibi[b * heads + h], i, j, diag_offset);
+    if (softcap_grad) *softcap_grad = grad;
+    return s;
+  }
+};
+
+struct Shapes {
+  int64_t batch, q_heads, kv_heads, q_len, k_len, head_dim, v_head_dim;
+};
+
+struct Dropout {
+  uint64_t seed = 0;
+  float p = 0;
+  bool on() const { return p > 0; }
+};
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const acc_t* vv,
+                    const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& win, const Dropout& drop,
+                    scalar_t* out, acc_t* lse) {
+  const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
+  const int64_t group = sh.q_heads / sh.kv_heads;
+  const int64_t q_blocks = ceil_div(Lq, kFwdQueryBlock);
+  const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
+  at::parallel_for(0, sh.batch * sh.q_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scores(kFwdQueryBlock * kFwdKeyBlock), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
+    std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
+      const int64_t kv_head = b * sh.kv_heads + h / group;
+      const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
+      const acc_t* q_tile = qs + (bh * Lq + i0) * D;
+      const acc_t* kt_head = kt + kv_head * D * Lk;
+      const acc_t* v_head = vv + kv_head * Lk * Dv;
+      std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
+      std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
+      std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
+      const int64_t kv_begin = win.first_key(i0) / kTileGranule * kTileGranule;
+      const int64_t kv_end = win.end_key(i0 + rows - 1);
+      for (int64_t j0 = kv_begin; j0 < kv_end; j0 += kFwdKeyBlock) {
+        const int64_t cols = tile_width(kv_end - j0, kFwdKeyBlock, Lk - j0);
+        tile_gemm(rows, cols, D, q_tile, D, kt_head + j0, Lk, scores.data(), kFwdKeyBlock, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          acc_t* row = scores.data() + r * kFwdKeyBlock;
+          const int64_t lo = std::clamp<int64_t>(win.first_key(i) - j0, 0, cols);
+          const int64_t hi = std::clamp<int64_t>(win.end_key(i) - j0, lo, cols);
+          std::fill(row, row + lo, acc_t(0));
+          std::fill(row + hi, row + cols, acc_t(0));
+          if (lo == hi) continue;
+          if (terms.any()) {
+            for (int64_t c = lo; c < hi; ++c) row[c] = terms.logit(row[c], b, h, i, j0 + c, nullptr);
+          }
+          const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
+          // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
+          const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
+          const acc_t tile_sum = exp_shift_sum(row + lo, hi - lo, shift);
+          const acc_t rescale = std::exp(run_max[r] - shift);
+          run_sum[r] = run_sum[r] * rescale + tile_sum;
+          run_max[r] = new_max;
+          if (rescale != acc_t(1)) scale_row(acc_out.data() + r * Dv, Dv, rescale);
+          if (drop.on()) {
+            for (int64_t c = lo; c < hi; ++c) {
+              const bool keep = dropout_keep(drop.seed, dropout_counter(bh, i, j0 + c, Lq, Lk), drop.p);
+              row[c] = keep ? row[c] * keep_scale : acc_t(0);
+            }
+          }
+        }
+        tile_gemm(rows, Dv, cols, scores.data(), kFwdKeyBlock, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* out_row = out + (bh * Lq + i0 + r) * Dv;
+        const acc_t* acc_row = acc_out.data() + r * Dv;
+        if (run_sum[r] == acc_t(0)) {  // no visible key: zeros, lse = log(0)
+          std::fill(out_row, out_row + Dv, scalar_t(0));
+          lse[bh * Lq + i0 + r] = neg_inf<acc_t>();
+          continue;
+        }
+        const acc_t inv = acc_t(1) / run_sum[r];
+        for (int64_t d = 0; d < Dv; ++d) out_row[d] = static_cast<scalar_t>(acc_row[d] * inv);
+        lse[bh * Lq + i0 + r] = run_max[r] + std::log(run_sum[r]);
+      }
+    }
+    tile_gemm_done();
+  });
+}
+
+// Operands of the backward kernel, all acc_t and contiguous.
+template <typename acc_t>
+struct BackwardOperands {
+  const acc_t* qs;     // (B, Hq, Lq, D), pre-scaled
+  const acc_t* qs_t;   // (B, Hq, D, Lq)
+  const acc_t* k;      // (B, Hkv, Lk, D)
+  const acc_t* k_t;    // (B, Hkv, D, Lk)
+  const acc_t* v;      // (B, Hkv, Lk, Dv)
+  const acc_t* dout;   // (B, Hq, Lq, Dv)
+  const acc_t* dout_t; // (B, Hq, Dv, Lq)
+  const acc_t* delta;  // (B, Hq, Lq): rowsum(dout * out)
+  const acc_t* lse;    // (B, Hq, Lq)
+  acc_t* dq_t;         // (B, Hq, D, Lq), zero-initialised, unscaled
+  acc_t* dk;           // (B, Hkv, Lk, D)
+  acc_t* dv;           // (B, Hkv, Lk, Dv)
+  acc_t* dbias;        // (B, Hq, Lq, Lk), zero-initialised, or null
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const ScoreTerms<scalar_t, acc_t>& terms,
+                     const AttentionWindow& win, const Dropout& drop) {
+  const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
+  const int64_t group = sh.q_heads / sh.kv_heads;
+  const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
+  const bool plain = !terms.any() && !drop.on();
+  constexpr int64_t BK = kBwdKeyBlock, BQ = kBwdQueryBlock;
+  // Each task owns one kv head, so dK/dV (summed over the head's query group) need no reduction.
+  at::parallel_for(0, sh.batch * sh.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ);
+    std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
+    for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
+      const int64_t b = kv_head / sh.kv_heads, hk = kv_head % sh.kv_heads;
+      const acc_t* k_head = op.k + kv_head * Lk * D;
+      const acc_t* kt_head = op.k_t + kv_head * D * Lk;
+      const acc_t* v_head = op.v + kv_head * Lk * Dv;
+      for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
+        const int64_t kc = std::min(BK, Lk - j0);
+        std::fill(dk_acc.begin(), dk_acc.begin() + kc * D, acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dv, acc_t(0));
+        const int64_t q_begin = win.first_query(j0) / kTileGranule * kTileGranule;
+        const int64_t q_end = win.end_query(j0 + kc - 1);
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const int64_t bh = b * sh.q_heads + h;
+          const acc_t* lse = op.lse + bh * Lq;
+          const acc_t* delta = op.delta + bh * Lq;
+          for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
+            const int64_t qc = tile_width(q_end - i0, BQ, Lq - i0);
+            tile_gemm(kc, qc, D, k_head + j0 * D, D, op.qs_t + bh * D * Lq + i0, Lq, p_t.data(), BQ, false);
+            tile_gemm(kc, qc, Dv, v_head + j0 * Dv, Dv, op.dout_t + bh * Dv * Lq + i0, Lq, ds_t.data(), BQ, false);
+            for (int64_t r = 0; r < kc; ++r) {
+              const int64_t j = j0 + r;
+              acc_t* p_row = p_t.data() + r * BQ;  // scores in, probabilities (after dropout) out
+              acc_t* ds_row = ds_t.data() + r * BQ;  // dP in, dS out
+              const int64_t lo = std::clamp<int64_t>(win.first_query(j) - i0, 0, qc);
+              const int64_t hi = std::clamp<int64_t>(win.end_query(j) - i0, lo, qc);
+              std::fill(p_row, p_row + lo, acc_t(0));
+              std::fill(p_row + hi, p_row + qc, acc_t(0));
+              std::fill(ds_row, ds_row + lo, acc_t(0));
+              std::fill(ds_row + hi, ds_row + qc, acc_t(0));
+              int64_t c = lo;
+              if (plain) {  // every visible score is finite: vectorized P = exp(S - lse), dS = P (dP - delta)
+                for (; c + Vec<acc_t>::size() <= hi; c += Vec<acc_t>::size()) {
+                  const Vec<acc_t> p = (Vec<acc_t>::loadu(p_row + c) - Vec<acc_t>::loadu(lse + i0 + c)).exp_u20();
+                  p.store(p_row + c);
+                  (p * (Vec<acc_t>::loadu(ds_row + c) - Vec<acc_t>::loadu(delta + i0 + c))).store(ds_row + c);
+                }
+              }
+              for (; c < hi; ++c) {
+                const int64_t i = i0 + c;
+                acc_t softcap_grad = 1;
+                const acc_t logit = plain ? p_row[c] : terms.logit(p_row[c], b, h, i, j, &softcap_grad);
+                if (logit == neg_inf<acc_t>() || lse[i] == neg_inf<acc_t>()) {
+                  p_row[c] = 0;
+                  ds_row[c] = 0;
+                  continue;
+                }
+                const acc_t p = std::exp(logit - lse[i]);
+                acc_t p_dropped = p, dp = ds_row[c];
+                if (drop.on()) {
+                  const bool keep = dropout_keep(drop.seed, dropout_counter(bh, i, j, Lq, Lk), drop.p);
+                  p_dropped = keep ? p * keep_scale : acc_t(0);
+                  dp = keep ? dp * keep_scale : acc_t(0);
+                }
+                const acc_t ds = p * (dp - delta[i]);
+                if (op.dbias) op.dbias[(bh * Lq + i) * Lk + j] = ds;
+                p_row[c] = p_dropped;
+                ds_row[c] = ds * softcap_grad;
+              }
+            }
+            tile_gemm(kc, Dv, qc, p_t.data(), BQ, op.dout + (bh * Lq + i0) * Dv, Dv, dv_acc.data(), Dv, true);
+            tile_gemm(kc, D, qc, ds_t.data(), BQ, op.qs + (bh * Lq + i0) * D, D, dk_acc.data(), D, true);
+            tile_gemm(D, qc, kc, kt_head + j0, Lk, ds_t.data(), BQ, op.dq_t + bh * D * Lq + i0, Lq, true);
+          }
+        }
+        std::copy(dk_acc.begin(), dk_acc.begin() + kc * D, op.dk + (kv_head * Lk + j0) * D);
+        std::copy(dv_acc.begin(), dv_acc.begin() + kc * Dv, op.dv + (kv_head * Lk + j0) * Dv);
+      }
+    }
+    tile_gemm_done();
+  });
+}
+
+Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
+                    double scale, double softcap, int64_t window_left, int64_t window_right, double dropout_p) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "bmkernels attention: q, k, v must be 4-D (B, H, L, D); got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "bmkernels attention (CPU kernel): q, k, v must be CPU tensors; got ", q.device(), ", ", k.device(),
+              ", ", v.device());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "bmkernels attention: q must be float32, float64, bfloat16 or float16; got ", dtype);
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "bmkernels attention: q, k, v must share a dtype; got ", dtype, ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  Shapes sh{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == sh.batch && v.size(0) == sh.batch,
+              "bmkernels attention: batch sizes differ: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(v.size(1) == sh.kv_heads && v.size(2) == sh.k_len,
+              "bmkernels attention: k and v must have the same heads and length; got k ", k.sizes(), ", v ",
+              v.sizes());
+  TORCH_CHECK(k.size(3) == sh.head_dim, "bmkernels attention: q and k head dims differ: ", q.sizes(), " vs ",
+              k.sizes());
+  TORCH_CHECK(sh.kv_heads > 0 ? sh.q_heads % sh.kv_heads == 0 : sh.q_heads == 0,
+              "bmkernels attention: q heads (", sh.q_heads, ") must be a multiple of k/v heads (", sh.kv_heads, ")");
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == dtype, "bmkernels attention: bias must have q's dtype ", dtype, "; got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() <= 4, "bmkernels attention: bias must be a CPU tensor of "
+                "at most 4 dims; got ", bias->sizes(), " on ", bias->device());
+  }
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "bmkernels attention: mask must be bool; got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->device().is_cpu() && mask->dim() <= 4, "bmkernels attention: mask must be a CPU tensor of "
+                "at most 4 dims; got ", mask->sizes(), " on ", mask->device());
+  }
+  if (alibi_slopes) {
+    TORCH_CHECK(at::isFloatingType(alibi_slopes->scalar_type()) && alibi_slopes->device().is_cpu() &&
+                    alibi_slopes->dim() >= 1 && alibi_slopes->dim() <= 2,
+                "bmkernels attention: alibi_slopes must be a floating CPU tensor of shape (H,) or (B, H); got ",
+                alibi_slopes->sizes(), " ", alibi_slopes->scalar_type());
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention: dropout_p must be in [0, 1); got ",
+              dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_seed && rng_seed->scalar_type() == at::kLong && rng_seed->numel() >= 1 &&
+                    rng_seed->device().is_cpu(),
+                "bmkernels attention: dropout needs rng_seed, a CPU int64 tensor with one element");
+  }
+  TORCH_CHECK(std::isfinite(scale), "bmkernels attention: scale must be finite; got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "bmkernels attention: softcap must be >= 0 (0 = off); got ",
+              softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "bmkernels attention: window bounds must be >= -1 (-1 = unbounded); got (", window_left, ", ",
+              window_right, ")");
+  return sh;
+}
+
+at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename scalar_t, typename acc_t>
+ScoreTerms<scalar_t, acc_t> score_terms(const Shapes& sh, const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& mask, const at::Tensor& alibi,
+                                        double softcap, int64_t diag_offset) {
+  ScoreTerms<scalar_t, acc_t> terms;
+  const std::vector<int64_t> grid{sh.batch, sh.q_heads, sh.q_len, sh.k_len};
+  if (bias) {
+    const at::Tensor e = bias->expand(grid);
+    terms.bias = bias->const_data_ptr<scalar_t>();
+    for (int d = 0; d < 4; ++d) terms.bias_stride[d] = e.stride(d);
+  }
+  if (mask) {
+    const at::Tensor e = mask->expand(grid);
+    terms.mask = mask->const_data_ptr<bool>();
+    for (int d = 0; d < 4; ++d) terms.mask_stride[d] = e.stride(d);
+  }
+  if (alibi.defined()) terms.alibi = alibi.const_data_ptr<acc_t>();
+  terms.heads = sh.q_heads;
+  terms.softcap = static_cast<acc_t>(softcap);
+  terms.diag_offset = diag_offset;
+  return terms;
+}
+
+// ALiBi slopes as a contiguous (B, Hq) tensor in the accumulation dtype (undefined when absent).
+at::Tensor alibi_table(const Shapes& sh, const std::optional<at::Tensor>& alibi_slopes, at::ScalarType acc) {
+  if (!alibi_slopes) return at::Tensor();
+  return alibi_slopes->to(acc).expand({sh.batch, sh.q_heads}).contiguous();
+}
+
+Dropout dropout_of(const std::optional<at::Tensor>& rng_seed, double dropout_p) {
+  Dropout drop;
+  drop.p = static_cast<float>(dropout_p);
+  if (drop.on()) drop.seed = static_cast<uint64_t>(rng_seed->contiguous().const_data_ptr<int64_t>()[0]);
+  return drop;
+}
+
+}  // namespace
+
+AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
+                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p) {
+  const Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                                 window_right, dropout_p);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor out = at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim}, q.options());
+  at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
+  if (lse.numel() == 0) return {out, lse};
+  const at::Tensor qs = (q.to(acc) * scale).contiguous();
+  const at::Tensor kt = k.to(acc).transpose(2, 3).contiguous();
+  const at::Tensor vv = v.to(acc).contiguous();
+  const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
+  const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
+  const Dropout drop = dropout_of(rng_seed, dropout_p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
+    forward_kernel<scalar_t, acc_t>(sh, qs.const_data_ptr<acc_t>(), kt.const_data_ptr<acc_t>(),
+                                    vv.const_data_ptr<acc_t>(), terms, win, drop, out.data_ptr<scalar_t>(),
+                                    lse.data_ptr<acc_t>());
+  });
+  return {out, lse};
+}
+
+AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+ const std::optional<at::Tensor>& grad_lse,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
+                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+                                 bool bias_grad) {
+  const Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                                 window_right, dropout_p);
+  const auto acc = acc_type(q.scalar_type());
+  const std::vector<int64_t> out_shape{sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim};
+  TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape,
+              "bmkernels attention backward: grad_out and out must have shape ", out_shape, "; got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({sh.batch, sh.q_heads, sh.q_len}) && lse.scalar_type() == acc,
+              "bmkernels attention backward: lse must be ", acc, " of shape (B, Hq, Lq); got ", lse.sizes(), " ",
+              lse.scalar_type());
+  TORCH_CHECK(!bias_grad || bias, "bmkernels attention backward: bias_grad needs a bias");
+  const at::Tensor qs = (q.to(acc) * scale).contiguous();
+  const at::Tensor qs_t = qs.transpose(2, 3).contiguous();
+  const at::Tensor kk = k.to(acc).contiguous();
+  const at::Tensor k_t = kk.transpose(2, 3).contiguous();
+  const at::Tensor vv = v.to(acc).contiguous();
+  const at::Tensor dout = grad_out.to(acc).contiguous();
+  const at::Tensor dout_t = dout.transpose(2, 3).contiguous();
+  // d lse / d s = p, so a gradient g flowing into lse folds into delta: dS = P (dP - (delta - g)).
+  at::Tensor delta = (dout * out.to(acc)).sum(-1);
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "bmkernels attention backward: grad_lse must have lse's shape ",
+                lse.sizes(), "; got ", grad_lse->sizes());
+    delta = delta - grad_lse->to(acc);
+  }
+  delta = delta.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq_t = at::zeros({sh.batch, sh.q_heads, sh.head_dim, sh.q_len}, qs.options());
+  at::Tensor dk = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.head_dim}, qs.options());
+  at::Tensor dv = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.v_head_dim}, qs.options());
+  at::Tensor dbias = bias_grad ? at::zeros({sh.batch, sh.q_heads, sh.q_len, sh.k_len}, qs.options())
+                               : at::empty({0}, qs.options());
+  const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
+  const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
+  const Dropout drop = dropout_of(rng_seed, dropout_p);
+  if (sh.k_len > 0 && sh.q_len > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
+      BackwardOperands<acc_t> op{qs.const_data_ptr<acc_t>(),   qs_t.const_data_ptr<acc_t>(),
+                                 kk.const_data_ptr<acc_t>(),   k_t.const_data_ptr<acc_t>(),
+                                 vv.const_data_ptr<acc_t>(),   dout.const_data_ptr<acc_t>(),
+                                 dout_t.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
+                                 lse_c.const_data_ptr<acc_t>(), dq_t.data_ptr<acc_t>(),
+                                 dk.data_ptr<acc_t>(),         dv.data_ptr<acc_t>(),
+                                 bias_grad ? dbias.data_ptr<acc_t>() : nullptr};
+      backward_kernel<scalar_t, acc_t>(sh, op, terms, win, drop);
+    });
+  } else {
+    dk.zero_();
+    dv.zero_();
+  }
+  at::Tensor dq = (dq_t.transpose(2, 3) * scale).to(q.scalar_type()).contiguous();
+  return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type()), dbias};
+}
+
+at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
+                                  int64_t k_len, double dropout_p) {
+  TORCH_CHECK(batch >= 0 && heads >= 0 && q_len >= 0 && k_len >= 0,
+              "bmkernels attention_dropout_mask: sizes must be >= 0; got ", batch, ", ", heads, ", ", q_len, ", ", k_len);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention_dropout_mask: dropout_p must be in [0, 1); got ",
+              dropout_p);
+  TORCH_CHECK(rng_seed.scalar_type() == at::kLong && rng_seed.numel() >= 1,
+              "bmkernels attention_dropout_mask: rng_seed must be an int64 tensor with one element");
+  const Dropout drop = dropout_of(rng_seed, dropout_p > 0 ? dropout_p : 0.0);
+  at::Tensor keep = at::empty({batch, heads, q_len, k_len}, rng_seed.options().dtype(at::kBool));
+  bool* data = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * q_len, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / q_len, i = row % q_len;
+      for (int64_t j = 0; j < k_len; ++j) {
+        data[row * k_len + j] = !drop.on() || dropout_keep(drop.seed, dropout_counter(bh, i, j, q_len, k_len), drop.p);
+      }
+    }
+  });
+  return keep;
+}
+
+}  // namespace bmk::cpu::CPU_CAPABILITY

@@ -1,0 +1,93 @@
+// CPU implementations of the bmkernels ops: each forwards to the build of its kernel for the
+// instruction set chosen at run time (BMK_CPU_ISA, else the best this CPU supports).
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu/attention.h"
+#include "cpu/isa.h"
+
+namespace bmk::cpu {
+
+namespace {
+bool cpu_supports(Isa isa) {
+  switch (isa) {
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("fma");
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default:
+      return true;
+  }
+}
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+Isa active_isa() {
+  // Read on every call (a getenv is far cheaper than any kernel) so tests can switch paths.
+  const char* forced = std::getenv("BMK_CPU_ISA");
+  if (forced != nullptr && forced[0] != '\0') {
+    for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512}) {
+      if (std::strcmp(forced, isa_name(isa)) == 0) {
+        TORCH_CHECK(cpu_supports(isa), "BMK_CPU_ISA=", forced, " but this CPU does not support ", forced);
+        return isa;
+      }
+    }
+    TORCH_CHECK(false, "BMK_CPU_ISA must be one of scalar, avx2, avx512; got '", forced, "'");
+  }
+  if (cpu_supports(Isa::avx512)) return Isa::avx512;
+  if (cpu_supports(Isa::avx2)) return Isa::avx2;
+  return Isa::scalar;
+}
+
+namespace {
+
+AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
+                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p) {
+  return BMK_ISA_CALL(attention_fwd, q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                      window_right, diag_offset, dropout_p);
+}
+
+AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+ const std::optional<at::Tensor>& grad_lse,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
+                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+                                 bool bias_grad) {
+  return BMK_ISA_CALL(attention_bwd, grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale, softcap,
+                      window_left, window_right, diag_offset, dropout_p, bias_grad);
+}
+
+at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
+                                  int64_t k_len, double dropout_p) {
+  return BMK_ISA_CALL(attention_dropout_mask, rng_seed, batch, heads, q_len, k_len, dropout_p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_dropout_mask", &attention_dropout_mask);
+}
+
+}  // namespace bmk::cpu

@@ -1,0 +1,65 @@
+// The bmkernels operator library: every op schema, defined once. Device kernels register their
+// implementations with TORCH_LIBRARY_IMPL next to them (csrc/cpu/registration.cpp, csrc/cuda/).
+// Also the bmkernels._C Python module, which loads this library and reports what was compiled.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+// setup.py passes the compiled ISAs and CUDA archs as bare comma lists (shell-safe); quote them here.
+#define BMK_STRINGIFY_(...) #__VA_ARGS__
+#define BMK_STRINGIFY(...) BMK_STRINGIFY_(__VA_ARGS__)
+#ifdef BMK_CPU_ISAS
+#define BMK_CPU_ISAS_STR BMK_STRINGIFY(BMK_CPU_ISAS)
+#else
+#define BMK_CPU_ISAS_STR ""
+#endif
+#ifdef BMK_CUDA_ARCHS
+#define BMK_CUDA_ARCHS_STR BMK_STRINGIFY(BMK_CUDA_ARCHS)
+#else
+#define BMK_CUDA_ARCHS_STR ""
+#endif
+
+TORCH_LIBRARY(bmkernels, m) {
+  // Attention over (B, H, L, D) tensors; bias and mask broadcast to (B, Hq, Lq, Lk); window bounds
+  // of -1 are unbounded (causal is window_right = 0); query i is aligned to key i + diag_offset;
+  // rng_seed (int64, one element) seeds the Philox dropout mask. Returns out and lse (B, Hq, Lq).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, "
+      "Tensor? rng_seed, float scale, float softcap, int window_left, int window_right, int diag_offset, "
+      "float dropout_p) -> (Tensor, Tensor)");
+  // Gradients of attention_fwd (grad_lse: optional gradient of lse); dbias is (B, Hq, Lq, Lk) when
+  // bias_grad, else empty.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+      "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, int window_left, "
+      "int window_right, int diag_offset, float dropout_p, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The keep-mask (B, H, Lq, Lk) that attention_fwd's dropout draws for rng_seed: for tests and debugging.
+  m.def("attention_dropout_mask(Tensor rng_seed, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:s}", "cpu_isas", BMK_CPU_ISAS_STR, "cuda_archs", BMK_CUDA_ARCHS_STR);
+}
+
+PyObject* active_cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(bmk::cpu::isa_name(bmk::cpu::active_isa()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this extension was compiled with."},
+    {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The CPU instruction set the kernels run with now."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "bmkernels compiled kernels", -1, methods};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C(void) { return PyModule_Create(&module_def); }
