@@ -187,7 +187,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: query (..., Hq, L, E),
     key (..., Hkv, S, E), value (..., Hkv, S, Ev); attn_mask bool (True = take part) or float
     (added), broadcastable to (..., Hq, L, S); is_causal is top-left aligned; GQA with enable_gqa.
-    One difference: a query whose keys are all masked gets zeros where PyTorch gives NaN."""
+    A query whose keys are all masked gets zeros (and zero gradients)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
         if t.dim() < 2:
@@ -225,7 +225,7 @@ def _as_4d(t):
     """(..., H, L, E) -> (B, H, L, E), flattening the batch dims (H = 1 for 2-D inputs)."""
     if t.dim() == 2:
         return t.unsqueeze(0).unsqueeze(0)
-    return t.reshape(-1, *t.shape[-3:])
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
 
 
 def _mask_as_4d(m, query):

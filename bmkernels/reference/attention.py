@@ -74,9 +74,13 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, 
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask.view(batch, 1, 1, k_len)
     s = s.masked_fill(~keep, float("-inf"))
+    # a row with no key left (masked, or a -inf bias) gets p = 0 and lse = -inf; its scores are
+    # zeroed first so that neither the forward nor the backward meets exp(-inf + inf) = nan
+    empty_row = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty_row, 0.0)
     lse = torch.logsumexp(s, dim=-1)
-    # rows with no key: logsumexp is -inf; give them p = 0 instead of exp(-inf + inf) = nan
-    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    p = torch.exp(s - lse.unsqueeze(-1)).masked_fill(empty_row, 0.0)
+    lse = lse.masked_fill(empty_row.squeeze(-1), float("-inf"))
     if dropout_p > 0.0:
         if dropout_mask is None:
             raise ValueError("reference attention: dropout_p > 0 needs the dropout_mask to apply")
@@ -87,8 +91,8 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, enable_gqa=False, dropout_mask=None):
-    """The semantics of torch.nn.functional.scaled_dot_product_attention on (..., H, L, D) inputs,
-    except that a row whose keys are all masked gives zeros (PyTorch's math path gives NaN)."""
+    """The semantics of torch.nn.functional.scaled_dot_product_attention on (..., H, L, D) inputs;
+    a row whose keys are all masked gives zeros."""
     lead = query.shape[:-3] if query.dim() >= 4 else ()
     q, k, v = (t.reshape(-1, *t.shape[-3:]) if t.dim() >= 4 else t.unsqueeze(0) for t in (query, key, value))
     bias = mask = None

@@ -135,8 +135,9 @@ struct Shapes {
 
 struct Dropout {
   uint64_t seed = 0;
-  float p = 0;
+  double p = 0;  // the keep test compares in float (as Triton does); the 1/(1-p) scale uses the double
   bool on() const { return p > 0; }
+  bool keep(uint64_t counter) const { return dropout_keep(seed, counter, static_cast<float>(p)); }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -186,7 +187,7 @@ void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const ac
           if (rescale != acc_t(1)) scale_row(acc_out.data() + r * Dv, Dv, rescale);
           if (drop.on()) {
             for (int64_t c = lo; c < hi; ++c) {
-              const bool keep = dropout_keep(drop.seed, dropout_counter(bh, i, j0 + c, Lq, Lk), drop.p);
+              const bool keep = drop.keep(dropout_counter(bh, i, j0 + c, Lq, Lk));
               row[c] = keep ? row[c] * keep_scale : acc_t(0);
             }
           }
@@ -222,7 +223,7 @@ struct BackwardOperands {
   const acc_t* dout_t; // (B, Hq, Dv, Lq)
   const acc_t* delta;  // (B, Hq, Lq): rowsum(dout * out)
   const acc_t* lse;    // (B, Hq, Lq)
-  acc_t* dq_t;         // (B, Hq, D, Lq), zero-initialised, unscaled
+  acc_t* dq_t;         // (splits, B, Hq, D, Lq), zero-initialised, unscaled partial sums
   acc_t* dk;           // (B, Hkv, Lk, D)
   acc_t* dv;           // (B, Hkv, Lk, Dv)
   acc_t* dbias;        // (B, Hq, Lq, Lk), zero-initialised, or null
@@ -230,22 +231,29 @@ struct BackwardOperands {
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const ScoreTerms<scalar_t, acc_t>& terms,
-                     const AttentionWindow& win, const Dropout& drop) {
+                     const AttentionWindow& win, const Dropout& drop, int64_t splits) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
   const bool plain = !terms.any() && !drop.on();
   constexpr int64_t BK = kBwdKeyBlock, BQ = kBwdQueryBlock;
-  // Each task owns one kv head, so dK/dV (summed over the head's query group) need no reduction.
-  at::parallel_for(0, sh.batch * sh.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // A task owns one kv head and every split-th key block of it, so dK/dV (summed over the head's
+  // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
+  const int64_t key_blocks = ceil_div(Lk, BK);
+  const int64_t dq_size = sh.batch * sh.q_heads * D * Lq;
+  at::parallel_for(0, sh.batch * sh.kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ);
     std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
-    for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kv_head = task / splits, split = task % splits;
       const int64_t b = kv_head / sh.kv_heads, hk = kv_head % sh.kv_heads;
       const acc_t* k_head = op.k + kv_head * Lk * D;
       const acc_t* kt_head = op.k_t + kv_head * D * Lk;
       const acc_t* v_head = op.v + kv_head * Lk * Dv;
-      for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
+      acc_t* dq_t = op.dq_t + split * dq_size;
+      // interleaved key blocks balance causal work, where late keys meet fewer queries
+      for (int64_t block = split; block < key_blocks; block += splits) {
+        const int64_t j0 = block * BK;
         const int64_t kc = std::min(BK, Lk - j0);
         std::fill(dk_acc.begin(), dk_acc.begin() + kc * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dv, acc_t(0));
@@ -289,7 +297,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
                 const acc_t p = std::exp(logit - lse[i]);
                 acc_t p_dropped = p, dp = ds_row[c];
                 if (drop.on()) {
-                  const bool keep = dropout_keep(drop.seed, dropout_counter(bh, i, j, Lq, Lk), drop.p);
+                  const bool keep = drop.keep(dropout_counter(bh, i, j, Lq, Lk));
                   p_dropped = keep ? p * keep_scale : acc_t(0);
                   dp = keep ? dp * keep_scale : acc_t(0);
                 }
@@ -301,7 +309,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
             }
             tile_gemm(kc, Dv, qc, p_t.data(), BQ, op.dout + (bh * Lq + i0) * Dv, Dv, dv_acc.data(), Dv, true);
             tile_gemm(kc, D, qc, ds_t.data(), BQ, op.qs + (bh * Lq + i0) * D, D, dk_acc.data(), D, true);
-            tile_gemm(D, qc, kc, kt_head + j0, Lk, ds_t.data(), BQ, op.dq_t + bh * D * Lq + i0, Lq, true);
+            tile_gemm(D, qc, kc, kt_head + j0, Lk, ds_t.data(), BQ, dq_t + bh * D * Lq + i0, Lq, true);
           }
         }
         std::copy(dk_acc.begin(), dk_acc.begin() + kc * D, op.dk + (kv_head * Lk + j0) * D);
@@ -374,6 +382,11 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// q * scale as a new contiguous tensor in the accumulation dtype (scaling q once instead of every score).
+at::Tensor scaled_copy(const at::Tensor& q, at::ScalarType acc, double scale) {
+  return at::empty(q.sizes(), q.options().dtype(acc)).copy_(q).mul_(scale);
+}
+
 template <typename scalar_t, typename acc_t>
 ScoreTerms<scalar_t, acc_t> score_terms(const Shapes& sh, const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& mask, const at::Tensor& alibi,
@@ -405,7 +418,7 @@ at::Tensor alibi_table(const Shapes& sh, const std::optional<at::Tensor>& alibi_
 
 Dropout dropout_of(const std::optional<at::Tensor>& rng_seed, double dropout_p) {
   Dropout drop;
-  drop.p = static_cast<float>(dropout_p);
+  drop.p = dropout_p;
   if (drop.on()) drop.seed = static_cast<uint64_t>(rng_seed->contiguous().const_data_ptr<int64_t>()[0]);
   return drop;
 }
@@ -423,7 +436,7 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor out = at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
   if (lse.numel() == 0) return {out, lse};
-  const at::Tensor qs = (q.to(acc) * scale).contiguous();
+  const at::Tensor qs = scaled_copy(q, acc, scale);
   const at::Tensor kt = k.to(acc).transpose(2, 3).contiguous();
   const at::Tensor vv = v.to(acc).contiguous();
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
@@ -458,7 +471,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
               "bmkernels attention backward: lse must be ", acc, " of shape (B, Hq, Lq); got ", lse.sizes(), " ",
               lse.scalar_type());
   TORCH_CHECK(!bias_grad || bias, "bmkernels attention backward: bias_grad needs a bias");
-  const at::Tensor qs = (q.to(acc) * scale).contiguous();
+  const at::Tensor qs = scaled_copy(q, acc, scale);
   const at::Tensor qs_t = qs.transpose(2, 3).contiguous();
   const at::Tensor kk = k.to(acc).contiguous();
   const at::Tensor k_t = kk.transpose(2, 3).contiguous();
@@ -474,7 +487,11 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   }
   delta = delta.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dq_t = at::zeros({sh.batch, sh.q_heads, sh.head_dim, sh.q_len}, qs.options());
+  // Few kv heads would leave cores idle: split each head's key blocks over more tasks.
+  const int64_t tasks = sh.batch * sh.kv_heads;
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(tasks, 1)), 1,
+                                             std::max<int64_t>(ceil_div(sh.k_len, kBwdKeyBlock), 1));
+  at::Tensor dq_t = at::zeros({splits, sh.batch, sh.q_heads, sh.head_dim, sh.q_len}, qs.options());
   at::Tensor dk = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.head_dim}, qs.options());
   at::Tensor dv = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.v_head_dim}, qs.options());
   at::Tensor dbias = bias_grad ? at::zeros({sh.batch, sh.q_heads, sh.q_len, sh.k_len}, qs.options())
@@ -493,13 +510,13 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  lse_c.const_data_ptr<acc_t>(), dq_t.data_ptr<acc_t>(),
                                  dk.data_ptr<acc_t>(),         dv.data_ptr<acc_t>(),
                                  bias_grad ? dbias.data_ptr<acc_t>() : nullptr};
-      backward_kernel<scalar_t, acc_t>(sh, op, terms, win, drop);
+      backward_kernel<scalar_t, acc_t>(sh, op, terms, win, drop, splits);
     });
   } else {
     dk.zero_();
     dv.zero_();
   }
-  at::Tensor dq = (dq_t.transpose(2, 3) * scale).to(q.scalar_type()).contiguous();
+  at::Tensor dq = (dq_t.sum(0).transpose(2, 3) * scale).to(q.scalar_type()).contiguous();
   return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type()), dbias};
 }
 
@@ -518,7 +535,7 @@ at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / q_len, i = row % q_len;
       for (int64_t j = 0; j < k_len; ++j) {
-        data[row * k_len + j] = !drop.on() || dropout_keep(drop.seed, dropout_counter(bh, i, j, q_len, k_len), drop.p);
+        data[row * k_len + j] = !drop.on() || drop.keep(dropout_counter(bh, i, j, q_len, k_len));
       }
     }
   });

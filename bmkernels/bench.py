@@ -1,0 +1,452 @@
+"""Benchmark cases and the interleaved timing engine behind `bmkernels bench` and `benchmarks/`.
+
+Protocol (see BENCHMARKS.md): every case times bmkernels and its baselines in the same process,
+interleaved -- for each repetition every contender runs once, in an order that rotates from one
+repetition to the next -- after a warm-up, and reports the median time per contender, GFLOP/s and
+ratio = baseline time / bmkernels time (> 1 means bmkernels is faster). Threads: torch's default.
+
+A case is a `Case`: a name, `make_inputs()` (a dict handed to every contender), `contenders`
+(name -> callable(inputs); the first is bmkernels), the FLOP count, and whether it is timed as
+forward only (under no_grad) or forward+backward. Adding conv or GRU cases means writing another
+`*_cases(preset)` function and registering it in `OPS`.
+
+Memory. CPU tensors have no allocator statistics and the process RSS high-water mark is
+unreliable (shared allocator caches, other work in the process), so for forward+backward cases
+we report *saved activation memory*: the bytes of the distinct tensor storages that autograd keeps
+between forward and backward for one call, collected with
+torch.autograd.graph.saved_tensors_hooks. It includes saved inputs (q, k, v for every attention
+contender) and is what grows with L*L when a contender materialises the score matrix; it is not a
+process peak, and transient buffers freed within forward or backward are not in it.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PRESETS = ("quick", "small", "default", "full")
+BMK = "bmkernels"
+
+# Eager math attention is skipped where its L x L buffers would exceed this (estimated peak).
+EAGER_MEMORY_LIMIT_BYTES = 3 * 2**30
+
+# Timing knobs per preset: warm-up seconds per contender, measurement budget per case (seconds),
+# minimum and maximum repetitions, and the shortest sample (calls are batched up to this).
+TIMING = {
+    "quick": dict(warmup_s=0.05, budget_s=0.4, min_reps=5, max_reps=30, min_sample_s=0.002),
+    "small": dict(warmup_s=0.2, budget_s=2.0, min_reps=5, max_reps=50, min_sample_s=0.005),
+    "default": dict(warmup_s=0.2, budget_s=3.0, min_reps=5, max_reps=50, min_sample_s=0.005),
+    "full": dict(warmup_s=0.3, budget_s=6.0, min_reps=7, max_reps=100, min_sample_s=0.005),
+}
+
+
+@dataclass
+class Case:
+    """One benchmark case: the same inputs run through every contender."""
+
+    op: str
+    name: str
+    make_inputs: Callable[[], dict]
+    contenders: dict[str, Callable[[dict], Any]]
+    flops: float
+    backward: bool = False
+    params: dict = field(default_factory=dict)
+    # contender name -> why it is not run (kept in the table as "skipped").
+    skipped: dict[str, str] = field(default_factory=dict)
+    # contender name -> forward callable(inputs) -> output, for the saved-activation-memory probe.
+    forward: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
+    primary: str = BMK
+
+    @property
+    def baselines(self):
+        return [n for n in self.contenders if n != self.primary]
+
+
+@dataclass
+class Result:
+    case: Case
+    reps: int = 0
+    number: int = 1
+    times_s: dict[str, list[float]] = field(default_factory=dict)  # per-call seconds, one per rep
+    saved_bytes: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def median(self, name):
+        t = self.times_s.get(name)
+        return statistics.median(t) if t else None
+
+    def gflops(self, name):
+        m = self.median(name)
+        return self.case.flops / m / 1e9 if m else None
+
+    def ratio(self, baseline):
+        """baseline time / bmkernels time: > 1 means bmkernels is faster."""
+        b, p = self.median(baseline), self.median(self.case.primary)
+        return b / p if b and p else None
+
+    def best_ratio(self):
+        times = [self.median(n) for n in self.case.baselines if self.median(n)]
+        p = self.median(self.case.primary)
+        return min(times) / p if times and p else None
+
+    def to_dict(self):
+        c = self.case
+        contenders = {}
+        for n in c.contenders:
+            d = {"skipped": c.skipped.get(n)}
+            if n in self.times_s:
+                d.update(median_ms=self.median(n) * 1e3, min_ms=min(self.times_s[n]) * 1e3,
+                         times_ms=[t * 1e3 for t in self.times_s[n]], gflops=self.gflops(n))
+            if n in self.saved_bytes:
+                d["saved_bytes"] = self.saved_bytes[n]
+            contenders[n] = d
+        return {"op": c.op, "name": c.name, "params": c.params, "backward": c.backward, "flops": c.flops,
+                "reps": self.reps, "calls_per_rep": self.number, "elapsed_s": self.elapsed_s,
+                "contenders": contenders,
+                "ratios": {f"vs_{b}": self.ratio(b) for b in c.baselines} | {"vs_best": self.best_ratio()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention cases
+# ----------------------------------------------------------------------------------------------
+
+ATTENTION_SHAPES = ((4, 8, 512, 64), (1, 8, 2048, 64), (1, 16, 4096, 128))
+QUICK_ATTENTION_SHAPES = ((2, 4, 128, 32), (1, 2, 256, 64))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def attention_flops(batch, heads, q_len, k_len, head_dim, causal=False, backward=False):
+    """4*B*H*Lq*Lk*D forward, halved for causal; backward is 2.5x forward (fwd+bwd = 3.5x)."""
+    fwd = 4.0 * batch * heads * q_len * k_len * head_dim / (2 if causal else 1)
+    return fwd * 3.5 if backward else fwd
+
+
+def eager_attention(q, k, v, causal_mask=None, scale=None):
+    """Eager math attention, as a user would write it: q k^T * scale -> mask -> softmax -> @ v."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal_mask is not None:
+        s = s.masked_fill(causal_mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def eager_attention_peak_bytes(batch, heads, length, itemsize, backward):
+    """Rough peak of eager attention's L x L buffers: scores and probabilities in forward; the saved
+    probabilities, their gradient and the softmax gradient on top in backward."""
+    buf = batch * heads * length * length * itemsize
+    return buf * (4 if backward else 2)
+
+
+def _attention_case(shape, dtype_name, causal, backward, seed=0):
+    from bmkernels.ops.attention import attention as bmk_attention
+
+    batch, heads, length, head_dim = shape
+    dtype = DTYPES[dtype_name]
+
+    def make_inputs():
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+        inp = {"q": q, "k": k, "v": v,
+               "mask": torch.ones(length, length, dtype=torch.bool).triu(1) if causal else None}
+        if backward:
+            for t in (q, k, v):
+                t.requires_grad_(True)
+            inp["grad_inputs"] = (q, k, v)
+            inp["grad_out"] = torch.randn(shape, generator=g).to(dtype)
+        return inp
+
+    forward = {
+        BMK: lambda i: bmk_attention(i["q"], i["k"], i["v"], causal=causal),
+        "sdpa": lambda i: F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=causal),
+        "eager": lambda i: eager_attention(i["q"], i["k"], i["v"], i["mask"]),
+    }
+    skipped = {}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    peak = eager_attention_peak_bytes(batch, heads, length, itemsize, backward)
+    if peak > EAGER_MEMORY_LIMIT_BYTES:
+        skipped["eager"] = (f"eager math skipped: its L x L buffers need ~{peak / 2**30:.0f} GiB "
+                            f"(limit {EAGER_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB)")
+    pass_name = "fwd+bwd" if backward else "fwd"
+    name = f"{pass_name} {dtype_name} {'causal' if causal else 'full'} {'x'.join(map(str, shape))}"
+    return Case(
+        op="attention", name=name, make_inputs=make_inputs,
+        contenders={n: (_fwd_bwd(f) if backward else f) for n, f in forward.items()},
+        forward=forward if backward else {},
+        flops=attention_flops(batch, heads, length, length, head_dim, causal, backward),
+        backward=backward, skipped=skipped,
+        params={"B": batch, "H": heads, "L": length, "D": head_dim, "dtype": dtype_name, "causal": causal,
+                "pass": pass_name})
+
+
+def _in_preset(preset, shape, dtype_name, backward):
+    length = shape[2]
+    if preset == "full":
+        return True
+    if preset in ("default", "small"):
+        if preset == "small" and length > 512:
+            return False
+        if dtype_name == "fp32":
+            return not backward or length <= 2048
+        return not backward and length <= 512
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def attention_cases(preset="default"):
+    """Attention cases of a preset.
+
+    quick:   tiny shapes (2,4,128,32) and (1,2,256,64); a smoke run of a few seconds.
+    small:   the default preset at L=512 only (the default of the pytest-benchmark suite).
+    default: fp32 forward at all three shapes, causal and not; fp32 forward+backward at
+             (4,8,512,64) and (1,8,2048,64), causal and not; bf16 forward at (4,8,512,64).
+    full:    every shape x {fp32, bf16} x {full, causal} x {fwd, fwd+bwd}.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    cases = []
+    if preset == "quick":
+        small, other = QUICK_ATTENTION_SHAPES
+        for backward in (False, True):
+            for causal in (False, True):
+                cases.append(_attention_case(small, "fp32", causal, backward))
+        cases.append(_attention_case(small, "bf16", False, False))
+        cases.append(_attention_case(other, "fp32", True, False))
+        return cases
+    for backward in (False, True):
+        for dtype_name in DTYPES:
+            for shape in ATTENTION_SHAPES:
+                if not _in_preset(preset, shape, dtype_name, backward):
+                    continue
+                for causal in (False, True):
+                    cases.append(_attention_case(shape, dtype_name, causal, backward))
+    return cases
+
+
+# op name -> cases(preset) -> list of Case. Conv and GRU cases register here.
+OPS: dict[str, Callable[[str], list[Case]]] = {"attention": attention_cases}
+
+
+def cases_for(ops=None, preset="default", name_filter=None):
+    ops = list(OPS) if not ops else list(ops)
+    out = []
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+        out += [c for c in OPS[op](preset) if not name_filter or name_filter in c.name]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing engine
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_bwd(forward):
+    def run(inp):
+        out = forward(inp)
+        torch.autograd.grad(out, inp["grad_inputs"], inp["grad_out"])
+
+    return run
+
+
+def _call(fn, inp, grad, number):
+    with torch.set_grad_enabled(grad):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn(inp)
+        return (time.perf_counter() - t0) / number
+
+
+def saved_activation_bytes(forward, inp):
+    """Bytes of the distinct storages autograd saves for backward during one forward call."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[(st.data_ptr(), t.device)] = st.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(inp)
+    del out
+    return sum(storages.values())
+
+
+def run_case(case, *, reps=None, warmup_s=0.2, budget_s=3.0, min_reps=5, max_reps=50, min_sample_s=0.005,
+             memory=True):
+    """Time every contender of `case`, interleaved, and return a Result.
+
+    Warm-up: each contender runs at least twice (once if a call takes over a second) and until
+    warmup_s has passed. Calls taking less than min_sample_s are batched so that one sample lasts
+    about that long. Repetitions: `reps` if given, else as many as fit in budget_s, clamped to
+    [min_reps, max_reps]. In repetition r the contenders run in the order rotated by r.
+    """
+    start = time.perf_counter()
+    names = [n for n in case.contenders if n not in case.skipped]
+    inp = case.make_inputs()
+    res = Result(case)
+    grad = case.backward
+
+    est = {}
+    for n in names:
+        fn, t0, calls, est[n] = case.contenders[n], time.perf_counter(), 0, math.inf
+        while True:
+            t = _call(fn, inp, grad, 1)
+            calls, est[n] = calls + 1, min(est[n], t)
+            if t > 1.0 or (calls >= 2 and time.perf_counter() - t0 >= warmup_s) or calls >= 200:
+                break
+    number = max(1, math.ceil(min_sample_s / max(min(est.values()), 1e-9)))
+    round_s = sum(est.values()) * number
+    if reps is None:
+        reps = int(min(max_reps, max(min_reps, budget_s // max(round_s, 1e-9))))
+    res.reps, res.number = reps, number
+    res.times_s = {n: [] for n in names}
+
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(reps):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                res.times_s[n].append(_call(case.contenders[n], inp, grad, number))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    if memory and case.backward:
+        for n in names:
+            if n in case.forward:
+                res.saved_bytes[n] = saved_activation_bytes(case.forward[n], inp)
+    del inp
+    gc.collect()
+    res.elapsed_s = time.perf_counter() - start
+    return res
+
+
+def run(cases, preset="default", reps=None, progress=None):
+    """Run cases with the preset's timing knobs; progress(i, n, case, result) after each."""
+    knobs = TIMING[preset]
+    results = []
+    for i, case in enumerate(cases):
+        res = run_case(case, reps=reps, **knobs)
+        results.append(res)
+        if progress:
+            progress(i, len(cases), case, res)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+
+def environment():
+    from bmkernels import _extension
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bmkernels_cpu_isa": _extension.active_cpu_isa() if _extension.loaded() else None,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "load_average": load_average(),
+    }
+
+
+def load_average():
+    """1-minute load average (None where unknown): above the core count, other work shared the CPUs."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _cell(case, name, value, factor, spec):
+    if name in case.skipped:
+        return "skipped"
+    return "—" if value is None else format(value * factor, spec)
+
+
+def _ratio_cell(x):
+    return "—" if x is None else f"{x:.2f}x"
+
+
+def format_table(results):
+    """Markdown tables, one per op: times, GFLOP/s, ratios (baseline / bmkernels), saved memory."""
+    lines, notes = [], []
+    by_op = {}
+    for r in results:
+        by_op.setdefault(r.case.op, []).append(r)
+    for op, rs in by_op.items():
+        names = list(rs[0].case.contenders)
+        primary = rs[0].case.primary
+        baselines = [n for n in names if n != primary]
+        any_mem = any(r.case.backward for r in rs)
+        head = (["case", "reps"] + [f"{n} ms" for n in names] + [f"{n} GFLOP/s" for n in names]
+                + [f"vs {b}" for b in baselines] + ["vs best"])
+        if any_mem:
+            head.append("saved MiB " + " / ".join(names))
+        lines += [f"### {op}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+        for r in rs:
+            c = r.case
+            row = [c.name, str(r.reps)]
+            row += [_cell(c, n, r.median(n), 1e3, ".2f") for n in names]
+            row += [_cell(c, n, r.gflops(n), 1, ".1f") for n in names]
+            row += [_ratio_cell(r.ratio(b)) for b in baselines] + [_ratio_cell(r.best_ratio())]
+            if any_mem:
+                if c.backward:
+                    row.append(" / ".join(_cell(c, n, r.saved_bytes.get(n), 1 / 2**20, ".1f") for n in names))
+                else:
+                    row.append("—")
+            lines.append("| " + " | ".join(row) + " |")
+            notes += [f"- {c.name}: {why}" for why in c.skipped.values()]
+        lines.append("")
+    lines += [
+        "Times are medians over the reps (ms per call); contenders were interleaved in rotating order",
+        "in one process after a warm-up. vs X = X time / bmkernels time (> 1: bmkernels faster);",
+        "vs best = against the fastest baseline. GFLOP/s: attention 4*B*H*L*L*D forward, halved for",
+        "causal, x3.5 for fwd+bwd. saved MiB (fwd+bwd only): saved activation memory, the distinct",
+        "storages autograd keeps between forward and backward for one call (incl. q, k, v), measured",
+        "with saved_tensors_hooks; not a process peak.",
+    ]
+    if notes:
+        lines += ["", "Skipped:"] + notes
+    return "\n".join(lines)
+
+
+def to_json(results, preset, total_s, env=None):
+    """env: environment() taken at the start of the run (its load average then); the end's is added."""
+    env = dict(env or environment())
+    env["load_average_end"] = load_average()
+    return {"preset": preset, "total_s": total_s, "environment": env,
+            "results": [r.to_dict() for r in results]}
+
+
+def print_progress(i, n, case, res, stream=sys.stderr):
+    med = ", ".join(f"{k} {res.median(k) * 1e3:.2f} ms" for k in res.times_s)
+    print(f"[{i + 1}/{n}] {case.op} {case.name}: {med} ({res.reps} reps, {res.elapsed_s:.1f} s)",
+          file=stream, flush=True)

@@ -1,0 +1,230 @@
+"""The `bmkernels` command and the benchmark engine behind it. Checks the shape of what is reported
+(rows, columns, finite positive ratios), never how fast anything is."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bmkernels
+from bmkernels import bench, cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=120):
+    env = dict(os.environ)
+    env.pop("BMK_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "bmkernels", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+def table_rows(stdout):
+    """The markdown table of `bmkernels bench` as (header, {case name: cells})."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, stdout
+    split = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    header, rows = split[0], split[2:]
+    assert set(split[1]) == {"---"}
+    return header, {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+
+
+def parse_ratio(cell):
+    assert cell.endswith("x"), cell
+    return float(cell[:-1])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "out" / "quick.json"
+    proc = run_cli("bench", "--quick", "--json", str(path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc, path
+
+
+@pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+class TestBenchQuick:
+    def test_table_rows_and_columns(self, quick_run):
+        proc, _ = quick_run
+        header, rows = table_rows(proc.stdout)
+        expected = [c.name for c in bench.attention_cases("quick")]
+        assert list(rows) == expected
+        for col in ("case", "reps", "bmkernels ms", "sdpa ms", "eager ms", "bmkernels GFLOP/s",
+                    "sdpa GFLOP/s", "eager GFLOP/s", "vs sdpa", "vs eager", "vs best",
+                    "saved MiB bmkernels / sdpa / eager"):
+            assert col in header, header
+        assert "Total:" in proc.stdout
+
+    def test_ratios_and_times_are_positive_finite(self, quick_run):
+        proc, _ = quick_run
+        _, rows = table_rows(proc.stdout)
+        for name, row in rows.items():
+            assert int(row["reps"]) >= 5, name
+            for col in ("vs sdpa", "vs eager", "vs best"):
+                r = parse_ratio(row[col])
+                assert math.isfinite(r) and r > 0, (name, col, row[col])
+            for col in ("bmkernels ms", "sdpa ms", "eager ms", "bmkernels GFLOP/s"):
+                v = float(row[col])
+                assert math.isfinite(v) and v > 0, (name, col, row[col])
+            # vs best is the ratio against the faster baseline.
+            best = min(parse_ratio(row["vs sdpa"]), parse_ratio(row["vs eager"]))
+            assert parse_ratio(row["vs best"]) == pytest.approx(best, abs=0.011)
+
+    def test_saved_memory_reported_for_backward_cases(self, quick_run):
+        proc, _ = quick_run
+        _, rows = table_rows(proc.stdout)
+        col = "saved MiB bmkernels / sdpa / eager"
+        for name, row in rows.items():
+            if name.startswith("fwd+bwd"):
+                values = [float(x) for x in row[col].split(" / ")]
+                assert len(values) == 3 and all(v > 0 for v in values), (name, row[col])
+            else:
+                assert row[col] == "—"
+
+    def test_json(self, quick_run):
+        proc, path = quick_run
+        data = json.loads(path.read_text())
+        assert data["preset"] == "quick" and data["total_s"] > 0
+        assert data["environment"]["threads"] >= 1
+        assert [r["name"] for r in data["results"]] == [c.name for c in bench.attention_cases("quick")]
+        for r in data["results"]:
+            assert set(r["contenders"]) == {"bmkernels", "sdpa", "eager"}
+            for c in r["contenders"].values():
+                assert len(c["times_ms"]) == r["reps"] and c["median_ms"] > 0
+            assert all(v > 0 for v in r["ratios"].values())
+
+    def test_filter_and_reps(self):
+        proc = run_cli("bench", "--quick", "--filter", "fwd bf16", "--reps", "3", "--no-memory")
+        assert proc.returncode == 0, proc.stderr
+        _, rows = table_rows(proc.stdout)
+        assert list(rows) == ["fwd bf16 full 2x4x128x32"]
+        assert rows["fwd bf16 full 2x4x128x32"]["reps"] == "3"
+        assert "below the protocol" in proc.stdout
+
+
+def test_info_prints_isa():
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    info = bmkernels.build_info()
+    assert "active CPU ISA" in proc.stdout
+    if info["extension_loaded"]:
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("active CPU ISA"))
+        assert line.split()[-1] == info["active_cpu_isa"]
+        assert ", ".join(info["cpu_isas"]) in proc.stdout
+
+
+def test_info_json():
+    proc = run_cli("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(json.dumps(bmkernels.build_info()))
+
+
+def run_main(capsys, *args):
+    """cli.main in process: (exit status, stdout, stderr)."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "--reps", "0"], "must be a positive integer"),
+    (["bench", "--reps", "many"], "must be a positive integer"),
+    (["bench", "--op", "fft"], "invalid choice: 'fft'"),
+    (["bench", "--quick", "--full"], "not allowed with"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_command_line(capsys, args, message):
+    code, _, err = run_main(capsys, *args)
+    assert code == 2
+    assert message in err and "usage: bmkernels" in err
+
+
+def test_bad_flag_exit_status_of_the_command():
+    proc = run_cli("bench", "--bogus")
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_no_command_prints_help(capsys):
+    code, _, err = run_main(capsys)
+    assert code == 2 and "usage: bmkernels" in err
+
+
+def test_no_matching_case_fails(capsys):
+    code, _, err = run_main(capsys, "bench", "--quick", "--filter", "no such case")
+    assert code == 1
+    assert "bmkernels bench: error: no quick case matches" in err
+
+
+def test_list_cases(capsys):
+    code, out, _ = run_main(capsys, "bench", "--full", "--list")
+    assert code == 0
+    assert len(out.splitlines()) == 24  # 3 shapes x 2 dtypes x causal/full x fwd/fwd+bwd
+
+
+# -- the engine, in process --------------------------------------------------------------------
+
+
+def test_presets():
+    full = {c.name: c for c in bench.attention_cases("full")}
+    default = bench.attention_cases("default")
+    assert len(full) == 24 and {c.name for c in default} < set(full)
+    # fp32 forward at every shape, fwd+bwd at the two smaller, bf16 forward at L=512.
+    assert sum(c.name.startswith("fwd fp32") for c in default) == 6
+    assert sum(c.name.startswith("fwd+bwd fp32") for c in default) == 4
+    assert sum(c.name.startswith("fwd bf16") for c in default) == 2
+    assert all("4096" not in c.name for c in default if c.backward)
+    # Eager math is skipped where its L x L buffers would not fit: fp32 fwd+bwd at L=4096.
+    assert "eager" in full["fwd+bwd fp32 full 1x16x4096x128"].skipped
+    assert "eager" not in full["fwd fp32 full 1x16x4096x128"].skipped
+    assert all(not c.skipped for c in default)
+    with pytest.raises(ValueError, match="preset"):
+        bench.attention_cases("huge")
+
+
+def test_attention_flops():
+    assert bench.attention_flops(4, 8, 512, 512, 64) == 4 * 4 * 8 * 512 * 512 * 64
+    assert bench.attention_flops(4, 8, 512, 512, 64, causal=True) == 2 * 4 * 8 * 512 * 512 * 64
+    assert bench.attention_flops(1, 1, 10, 10, 2, backward=True) == 3.5 * 4 * 100 * 2
+    case = bench.attention_cases("quick")[2]
+    assert case.backward and case.flops == bench.attention_flops(2, 4, 128, 128, 32, backward=True)
+
+
+def test_run_case_interleaves_in_rotating_order():
+    calls = []
+
+    def contender(name):
+        return lambda inp: calls.append(name)
+
+    case = bench.Case(op="toy", name="toy", make_inputs=dict, flops=1.0,
+                      contenders={n: contender(n) for n in ("a", "b", "c")})
+    res = bench.run_case(case, reps=4, warmup_s=0.0, min_sample_s=0.0)
+    measured = calls[-12:]  # after the warm-up calls
+    assert measured == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert res.reps == 4 and all(len(t) == 4 for t in res.times_s.values())
+
+
+def test_eager_attention_matches_sdpa():
+    import torch
+
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(bench.eager_attention(q, k, v, mask), ref)
+
+
+def test_saved_activation_bytes_sees_the_score_matrix():
+    import torch
+
+    q, k, v = (torch.randn(1, 1, 64, 8, requires_grad=True) for _ in range(3))
+    inp = {"q": q, "k": k, "v": v}
+    eager = bench.saved_activation_bytes(lambda i: bench.eager_attention(i["q"], i["k"], i["v"]), inp)
+    # q, k, v (3 x 64 x 8 floats) and the 64 x 64 probabilities.
+    assert eager == (3 * 64 * 8 + 64 * 64) * 4
