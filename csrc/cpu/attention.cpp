@@ -29,7 +29,7 @@ namespace {
 constexpr int64_t kFwdQueryBlock = 64;
 constexpr int64_t kFwdKeyBlock = 512;
 constexpr int64_t kBwdKeyBlock = 128;
-constexpr int64_t kBwdQueryBlock = 128;
+constexpr int64_t kBwdQueryBlock = 256;
 // Tile widths are rounded up to a multiple of this, so brgemm sees few distinct shapes.
 constexpr int64_t kTileGranule = 32;
 
@@ -131,7 +131,22 @@ struct ScoreTerms {
 
 struct Shapes {
   int64_t batch, q_heads, kv_heads, q_len, k_len, head_dim, v_head_dim;
+  int64_t q_ld = 0, k_ld = 0;  // row strides of the transposed (D x L) operands, see padded_ld
 };
+
+// Row stride for an operand stored transposed as (D x L): a multiple of 16 elements that is not a
+// multiple of 256, since power-of-two strides map a tile's rows onto the same cache sets.
+int64_t padded_ld(int64_t len) {
+  const int64_t ld = std::max<int64_t>(ceil_div(len, 16) * 16, 16);
+  return ld % 256 == 0 ? ld + 16 : ld;
+}
+
+// x (B, H, L, D) as a (B, H, D, ld) tensor in dtype `acc`; columns past L are never read.
+at::Tensor transposed_padded(const at::Tensor& x, at::ScalarType acc, int64_t ld) {
+  at::Tensor t = at::empty({x.size(0), x.size(1), x.size(3), ld}, x.options().dtype(acc));
+  t.narrow(3, 0, x.size(2)).copy_(x.transpose(2, 3));
+  return t;
+}
 
 struct Dropout {
   uint64_t seed = 0;
@@ -156,7 +171,7 @@ void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const ac
       const int64_t kv_head = b * sh.kv_heads + h / group;
       const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
       const acc_t* q_tile = qs + (bh * Lq + i0) * D;
-      const acc_t* kt_head = kt + kv_head * D * Lk;
+      const acc_t* kt_head = kt + kv_head * D * sh.k_ld;
       const acc_t* v_head = vv + kv_head * Lk * Dv;
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
@@ -165,7 +180,7 @@ void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const ac
       const int64_t kv_end = win.end_key(i0 + rows - 1);
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += kFwdKeyBlock) {
         const int64_t cols = tile_width(kv_end - j0, kFwdKeyBlock, Lk - j0);
-        tile_gemm(rows, cols, D, q_tile, D, kt_head + j0, Lk, scores.data(), kFwdKeyBlock, false);
+        tile_gemm(rows, cols, D, q_tile, D, kt_head + j0, sh.k_ld, scores.data(), kFwdKeyBlock, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           acc_t* row = scores.data() + r * kFwdKeyBlock;
@@ -215,15 +230,15 @@ void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const ac
 template <typename acc_t>
 struct BackwardOperands {
   const acc_t* qs;     // (B, Hq, Lq, D), pre-scaled
-  const acc_t* qs_t;   // (B, Hq, D, Lq)
+  const acc_t* qs_t;   // (B, Hq, D, q_ld)
   const acc_t* k;      // (B, Hkv, Lk, D)
-  const acc_t* k_t;    // (B, Hkv, D, Lk)
+  const acc_t* k_t;    // (B, Hkv, D, k_ld)
   const acc_t* v;      // (B, Hkv, Lk, Dv)
   const acc_t* dout;   // (B, Hq, Lq, Dv)
-  const acc_t* dout_t; // (B, Hq, Dv, Lq)
+  const acc_t* dout_t; // (B, Hq, Dv, q_ld)
   const acc_t* delta;  // (B, Hq, Lq): rowsum(dout * out)
   const acc_t* lse;    // (B, Hq, Lq)
-  acc_t* dq_t;         // (splits, B, Hq, D, Lq), zero-initialised, unscaled partial sums
+  acc_t* dq_t;         // (splits, B, Hq, D, q_ld), zero-initialised, unscaled partial sums
   acc_t* dk;           // (B, Hkv, Lk, D)
   acc_t* dv;           // (B, Hkv, Lk, Dv)
   acc_t* dbias;        // (B, Hq, Lq, Lk), zero-initialised, or null
@@ -240,7 +255,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   // A task owns one kv head and every split-th key block of it, so dK/dV (summed over the head's
   // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
   const int64_t key_blocks = ceil_div(Lk, BK);
-  const int64_t dq_size = sh.batch * sh.q_heads * D * Lq;
+  const int64_t dq_size = sh.batch * sh.q_heads * D * sh.q_ld;
   at::parallel_for(0, sh.batch * sh.kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ);
     std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
@@ -248,7 +263,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
       const int64_t kv_head = task / splits, split = task % splits;
       const int64_t b = kv_head / sh.kv_heads, hk = kv_head % sh.kv_heads;
       const acc_t* k_head = op.k + kv_head * Lk * D;
-      const acc_t* kt_head = op.k_t + kv_head * D * Lk;
+      const acc_t* kt_head = op.k_t + kv_head * D * sh.k_ld;
       const acc_t* v_head = op.v + kv_head * Lk * Dv;
       acc_t* dq_t = op.dq_t + split * dq_size;
       // interleaved key blocks balance causal work, where late keys meet fewer queries
@@ -265,8 +280,9 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
           const acc_t* delta = op.delta + bh * Lq;
           for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
             const int64_t qc = tile_width(q_end - i0, BQ, Lq - i0);
-            tile_gemm(kc, qc, D, k_head + j0 * D, D, op.qs_t + bh * D * Lq + i0, Lq, p_t.data(), BQ, false);
-            tile_gemm(kc, qc, Dv, v_head + j0 * Dv, Dv, op.dout_t + bh * Dv * Lq + i0, Lq, ds_t.data(), BQ, false);
+            tile_gemm(kc, qc, D, k_head + j0 * D, D, op.qs_t + bh * D * sh.q_ld + i0, sh.q_ld, p_t.data(), BQ, false);
+            tile_gemm(kc, qc, Dv, v_head + j0 * Dv, Dv, op.dout_t + bh * Dv * sh.q_ld + i0, sh.q_ld, ds_t.data(), BQ,
+                      false);
             for (int64_t r = 0; r < kc; ++r) {
               const int64_t j = j0 + r;
               acc_t* p_row = p_t.data() + r * BQ;  // scores in, probabilities (after dropout) out
@@ -309,7 +325,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
             }
             tile_gemm(kc, Dv, qc, p_t.data(), BQ, op.dout + (bh * Lq + i0) * Dv, Dv, dv_acc.data(), Dv, true);
             tile_gemm(kc, D, qc, ds_t.data(), BQ, op.qs + (bh * Lq + i0) * D, D, dk_acc.data(), D, true);
-            tile_gemm(D, qc, kc, kt_head + j0, Lk, ds_t.data(), BQ, dq_t + bh * D * Lq + i0, Lq, true);
+            tile_gemm(D, qc, kc, kt_head + j0, sh.k_ld, ds_t.data(), BQ, dq_t + bh * D * sh.q_ld + i0, sh.q_ld, true);
           }
         }
         std::copy(dk_acc.begin(), dk_acc.begin() + kc * D, op.dk + (kv_head * Lk + j0) * D);
@@ -430,14 +446,16 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p) {
-  const Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                                 window_right, dropout_p);
+  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                           window_right, dropout_p);
+  sh.q_ld = padded_ld(sh.q_len);
+  sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor out = at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
   if (lse.numel() == 0) return {out, lse};
   const at::Tensor qs = scaled_copy(q, acc, scale);
-  const at::Tensor kt = k.to(acc).transpose(2, 3).contiguous();
+  const at::Tensor kt = transposed_padded(k, acc, sh.k_ld);
   const at::Tensor vv = v.to(acc).contiguous();
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
   const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
@@ -460,8 +478,10 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
                                  bool bias_grad) {
-  const Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                                 window_right, dropout_p);
+  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                           window_right, dropout_p);
+  sh.q_ld = padded_ld(sh.q_len);
+  sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
   const std::vector<int64_t> out_shape{sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim};
   TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape,
@@ -472,12 +492,12 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
               lse.scalar_type());
   TORCH_CHECK(!bias_grad || bias, "bmkernels attention backward: bias_grad needs a bias");
   const at::Tensor qs = scaled_copy(q, acc, scale);
-  const at::Tensor qs_t = qs.transpose(2, 3).contiguous();
+  const at::Tensor qs_t = transposed_padded(qs, acc, sh.q_ld);
   const at::Tensor kk = k.to(acc).contiguous();
-  const at::Tensor k_t = kk.transpose(2, 3).contiguous();
+  const at::Tensor k_t = transposed_padded(kk, acc, sh.k_ld);
   const at::Tensor vv = v.to(acc).contiguous();
   const at::Tensor dout = grad_out.to(acc).contiguous();
-  const at::Tensor dout_t = dout.transpose(2, 3).contiguous();
+  const at::Tensor dout_t = transposed_padded(dout, acc, sh.q_ld);
   // d lse / d s = p, so a gradient g flowing into lse folds into delta: dS = P (dP - (delta - g)).
   at::Tensor delta = (dout * out.to(acc)).sum(-1);
   if (grad_lse) {
@@ -491,7 +511,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   const int64_t tasks = sh.batch * sh.kv_heads;
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(tasks, 1)), 1,
                                              std::max<int64_t>(ceil_div(sh.k_len, kBwdKeyBlock), 1));
-  at::Tensor dq_t = at::zeros({splits, sh.batch, sh.q_heads, sh.head_dim, sh.q_len}, qs.options());
+  at::Tensor dq_t = at::zeros({splits, sh.batch, sh.q_heads, sh.head_dim, sh.q_ld}, qs.options());
   at::Tensor dk = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.head_dim}, qs.options());
   at::Tensor dv = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.v_head_dim}, qs.options());
   at::Tensor dbias = bias_grad ? at::zeros({sh.batch, sh.q_heads, sh.q_len, sh.k_len}, qs.options())
@@ -516,7 +536,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
     dk.zero_();
     dv.zero_();
   }
-  at::Tensor dq = (dq_t.sum(0).transpose(2, 3) * scale).to(q.scalar_type()).contiguous();
+  at::Tensor dq = (dq_t.sum(0).narrow(3, 0, sh.q_len).transpose(2, 3) * scale).to(q.scalar_type()).contiguous();
   return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type()), dbias};
 }
 
