@@ -1,6 +1,6 @@
 """The `bmkernels` command (also `python -m bmkernels`).
 
-    bmkernels bench [--quick | --full] [--op attention] [--filter TEXT] [--reps N] [--json PATH] [--list]
+    bmkernels bench [--quick | --full] [--op OP] [--filter TEXT] [--reps N] [--json PATH] [--list]
     bmkernels info [--json]
 
 Exit status: 0 on success, 1 when the run fails (e.g. the compiled extension is missing, no case

@@ -11,6 +11,7 @@ import pytest
 
 import bmkernels
 from bmkernels import bench, cli
+from bmkernels.bench import attention as attention_bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +51,7 @@ class TestBenchQuick:
     def test_table_rows_and_columns(self, quick_run):
         proc, _ = quick_run
         header, rows = table_rows(proc.stdout)
-        expected = [c.name for c in bench.attention_cases("quick")]
+        expected = [c.name for c in attention_bench.cases("quick")]
         assert list(rows) == expected
         for col in ("case", "reps", "bmkernels ms", "sdpa ms", "eager ms", "bmkernels GFLOP/s",
                     "sdpa GFLOP/s", "eager GFLOP/s", "vs sdpa", "vs eager", "vs best",
@@ -89,7 +90,7 @@ class TestBenchQuick:
         data = json.loads(path.read_text())
         assert data["preset"] == "quick" and data["total_s"] > 0
         assert data["environment"]["threads"] >= 1
-        assert [r["name"] for r in data["results"]] == [c.name for c in bench.attention_cases("quick")]
+        assert [r["name"] for r in data["results"]] == [c.name for c in attention_bench.cases("quick")]
         for r in data["results"]:
             assert set(r["contenders"]) == {"bmkernels", "sdpa", "eager"}
             for c in r["contenders"].values():
@@ -173,8 +174,8 @@ def test_list_cases(capsys):
 
 
 def test_presets():
-    full = {c.name: c for c in bench.attention_cases("full")}
-    default = bench.attention_cases("default")
+    full = {c.name: c for c in attention_bench.cases("full")}
+    default = attention_bench.cases("default")
     assert len(full) == 24 and {c.name for c in default} < set(full)
     # fp32 forward at every shape, fwd+bwd at the two smaller, bf16 forward at L=512.
     assert sum(c.name.startswith("fwd fp32") for c in default) == 6
@@ -186,15 +187,15 @@ def test_presets():
     assert "eager" not in full["fwd fp32 full 1x16x4096x128"].skipped
     assert all(not c.skipped for c in default)
     with pytest.raises(ValueError, match="preset"):
-        bench.attention_cases("huge")
+        attention_bench.cases("huge")
 
 
 def test_attention_flops():
-    assert bench.attention_flops(4, 8, 512, 512, 64) == 4 * 4 * 8 * 512 * 512 * 64
-    assert bench.attention_flops(4, 8, 512, 512, 64, causal=True) == 2 * 4 * 8 * 512 * 512 * 64
-    assert bench.attention_flops(1, 1, 10, 10, 2, backward=True) == 3.5 * 4 * 100 * 2
-    case = bench.attention_cases("quick")[2]
-    assert case.backward and case.flops == bench.attention_flops(2, 4, 128, 128, 32, backward=True)
+    assert attention_bench.attention_flops(4, 8, 512, 512, 64) == 4 * 4 * 8 * 512 * 512 * 64
+    assert attention_bench.attention_flops(4, 8, 512, 512, 64, causal=True) == 2 * 4 * 8 * 512 * 512 * 64
+    assert attention_bench.attention_flops(1, 1, 10, 10, 2, backward=True) == 3.5 * 4 * 100 * 2
+    case = attention_bench.cases("quick")[2]
+    assert case.backward and case.flops == attention_bench.attention_flops(2, 4, 128, 128, 32, backward=True)
 
 
 def test_run_case_interleaves_in_rotating_order():
@@ -217,7 +218,7 @@ def test_eager_attention_matches_sdpa():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
     mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(bench.eager_attention(q, k, v, mask), ref)
+    torch.testing.assert_close(attention_bench.eager_attention(q, k, v, mask), ref)
 
 
 def test_saved_activation_bytes_sees_the_score_matrix():
@@ -225,6 +226,6 @@ def test_saved_activation_bytes_sees_the_score_matrix():
 
     q, k, v = (torch.randn(1, 1, 64, 8, requires_grad=True) for _ in range(3))
     inp = {"q": q, "k": k, "v": v}
-    eager = bench.saved_activation_bytes(lambda i: bench.eager_attention(i["q"], i["k"], i["v"]), inp)
+    eager = bench.saved_activation_bytes(lambda i: attention_bench.eager_attention(i["q"], i["k"], i["v"]), inp)
     # q, k, v (3 x 64 x 8 floats) and the 64 x 64 probabilities.
     assert eager == (3 * 64 * 8 + 64 * 64) * 4

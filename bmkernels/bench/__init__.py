@@ -7,8 +7,8 @@ ratio = baseline time / bmkernels time (> 1 means bmkernels is faster). Threads:
 
 A case is a `Case`: a name, `make_inputs()` (a dict handed to every contender), `contenders`
 (name -> callable(inputs); the first is bmkernels), the FLOP count, and whether it is timed as
-forward only (under no_grad) or forward+backward. Adding conv or GRU cases means writing another
-`*_cases(preset)` function and registering it in `OPS`.
+forward only (under no_grad) or forward+backward. Each op family's cases live in a module of this
+package (bmkernels/bench/attention.py, ...) registered in `CASE_MODULES`.
 
 Memory. CPU tensors have no allocator statistics and the process RSS high-water mark is
 unreliable (shared allocator caches, other work in the process), so for forward+backward cases
@@ -22,6 +22,7 @@ process peak, and transient buffers freed within forward or backward are not in 
 from __future__ import annotations
 
 import gc
+import importlib
 import math
 import os
 import platform
@@ -33,13 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 PRESETS = ("quick", "small", "default", "full")
 BMK = "bmkernels"
-
-# Eager math attention is skipped where its L x L buffers would exceed this (estimated peak).
-EAGER_MEMORY_LIMIT_BYTES = 3 * 2**30
 
 # Timing knobs per preset: warm-up seconds per contender, measurement budget per case (seconds),
 # minimum and maximum repetitions, and the shortest sample (calls are batched up to this).
@@ -117,132 +114,26 @@ class Result:
                 "ratios": {f"vs_{b}": self.ratio(b) for b in c.baselines} | {"vs_best": self.best_ratio()}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention cases
-# ----------------------------------------------------------------------------------------------
-
-ATTENTION_SHAPES = ((4, 8, 512, 64), (1, 8, 2048, 64), (1, 16, 4096, 128))
-QUICK_ATTENTION_SHAPES = ((2, 4, 128, 32), (1, 2, 256, 64))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def attention_flops(batch, heads, q_len, k_len, head_dim, causal=False, backward=False):
-    """4*B*H*Lq*Lk*D forward, halved for causal; backward is 2.5x forward (fwd+bwd = 3.5x)."""
-    fwd = 4.0 * batch * heads * q_len * k_len * head_dim / (2 if causal else 1)
-    return fwd * 3.5 if backward else fwd
+# op family -> module of its cases; each defines cases(preset) -> list[Case] and FOOTNOTE (how its
+# GFLOP/s are counted). One line per op family.
+CASE_MODULES = {
+    "attention": "bmkernels.bench.attention",
+}
+OPS = tuple(CASE_MODULES)
 
 
-def eager_attention(q, k, v, causal_mask=None, scale=None):
-    """Eager math attention, as a user would write it: q k^T * scale -> mask -> softmax -> @ v."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-2, -1)) * scale
-    if causal_mask is not None:
-        s = s.masked_fill(causal_mask, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
-
-
-def eager_attention_peak_bytes(batch, heads, length, itemsize, backward):
-    """Rough peak of eager attention's L x L buffers: scores and probabilities in forward; the saved
-    probabilities, their gradient and the softmax gradient on top in backward."""
-    buf = batch * heads * length * length * itemsize
-    return buf * (4 if backward else 2)
-
-
-def _attention_case(shape, dtype_name, causal, backward, seed=0):
-    from bmkernels.ops.attention import attention as bmk_attention
-
-    batch, heads, length, head_dim = shape
-    dtype = DTYPES[dtype_name]
-
-    def make_inputs():
-        g = torch.Generator().manual_seed(seed)
-        q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
-        inp = {"q": q, "k": k, "v": v,
-               "mask": torch.ones(length, length, dtype=torch.bool).triu(1) if causal else None}
-        if backward:
-            for t in (q, k, v):
-                t.requires_grad_(True)
-            inp["grad_inputs"] = (q, k, v)
-            inp["grad_out"] = torch.randn(shape, generator=g).to(dtype)
-        return inp
-
-    forward = {
-        BMK: lambda i: bmk_attention(i["q"], i["k"], i["v"], causal=causal),
-        "sdpa": lambda i: F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=causal),
-        "eager": lambda i: eager_attention(i["q"], i["k"], i["v"], i["mask"]),
-    }
-    skipped = {}
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    peak = eager_attention_peak_bytes(batch, heads, length, itemsize, backward)
-    if peak > EAGER_MEMORY_LIMIT_BYTES:
-        skipped["eager"] = (f"eager math skipped: its L x L buffers need ~{peak / 2**30:.0f} GiB "
-                            f"(limit {EAGER_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB)")
-    pass_name = "fwd+bwd" if backward else "fwd"
-    name = f"{pass_name} {dtype_name} {'causal' if causal else 'full'} {'x'.join(map(str, shape))}"
-    return Case(
-        op="attention", name=name, make_inputs=make_inputs,
-        contenders={n: (_fwd_bwd(f) if backward else f) for n, f in forward.items()},
-        forward=forward if backward else {},
-        flops=attention_flops(batch, heads, length, length, head_dim, causal, backward),
-        backward=backward, skipped=skipped,
-        params={"B": batch, "H": heads, "L": length, "D": head_dim, "dtype": dtype_name, "causal": causal,
-                "pass": pass_name})
-
-
-def _in_preset(preset, shape, dtype_name, backward):
-    length = shape[2]
-    if preset == "full":
-        return True
-    if preset in ("default", "small"):
-        if preset == "small" and length > 512:
-            return False
-        if dtype_name == "fp32":
-            return not backward or length <= 2048
-        return not backward and length <= 512
-    raise ValueError(f"unknown preset {preset!r}")
-
-
-def attention_cases(preset="default"):
-    """Attention cases of a preset.
-
-    quick:   tiny shapes (2,4,128,32) and (1,2,256,64); a smoke run of a few seconds.
-    small:   the default preset at L=512 only (the default of the pytest-benchmark suite).
-    default: fp32 forward at all three shapes, causal and not; fp32 forward+backward at
-             (4,8,512,64) and (1,8,2048,64), causal and not; bf16 forward at (4,8,512,64).
-    full:    every shape x {fp32, bf16} x {full, causal} x {fwd, fwd+bwd}.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
-    cases = []
-    if preset == "quick":
-        small, other = QUICK_ATTENTION_SHAPES
-        for backward in (False, True):
-            for causal in (False, True):
-                cases.append(_attention_case(small, "fp32", causal, backward))
-        cases.append(_attention_case(small, "bf16", False, False))
-        cases.append(_attention_case(other, "fp32", True, False))
-        return cases
-    for backward in (False, True):
-        for dtype_name in DTYPES:
-            for shape in ATTENTION_SHAPES:
-                if not _in_preset(preset, shape, dtype_name, backward):
-                    continue
-                for causal in (False, True):
-                    cases.append(_attention_case(shape, dtype_name, causal, backward))
-    return cases
-
-
-# op name -> cases(preset) -> list of Case. Conv and GRU cases register here.
-OPS: dict[str, Callable[[str], list[Case]]] = {"attention": attention_cases}
+def case_module(op):
+    if op not in CASE_MODULES:
+        raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    return importlib.import_module(CASE_MODULES[op])
 
 
 def cases_for(ops=None, preset="default", name_filter=None):
-    ops = list(OPS) if not ops else list(ops)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
     out = []
-    for op in ops:
-        if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
-        out += [c for c in OPS[op](preset) if not name_filter or name_filter in c.name]
+    for op in ops or OPS:
+        out += [c for c in case_module(op).cases(preset) if not name_filter or name_filter in c.name]
     return out
 
 
@@ -251,7 +142,8 @@ def cases_for(ops=None, preset="default", name_filter=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fwd_bwd(forward):
+def fwd_bwd(forward):
+    """A contender that runs forward, then backward into inp['grad_inputs'] with inp['grad_out']."""
     def run(inp):
         out = forward(inp)
         torch.autograd.grad(out, inp["grad_inputs"], inp["grad_out"])
@@ -424,14 +316,13 @@ def format_table(results):
                     row.append("—")
             lines.append("| " + " | ".join(row) + " |")
             notes += [f"- {c.name}: {why}" for why in c.skipped.values()]
-        lines.append("")
+        lines += ["", case_module(op).FOOTNOTE, ""]
     lines += [
         "Times are medians over the reps (ms per call); contenders were interleaved in rotating order",
         "in one process after a warm-up. vs X = X time / bmkernels time (> 1: bmkernels faster);",
-        "vs best = against the fastest baseline. GFLOP/s: attention 4*B*H*L*L*D forward, halved for",
-        "causal, x3.5 for fwd+bwd. saved MiB (fwd+bwd only): saved activation memory, the distinct",
-        "storages autograd keeps between forward and backward for one call (incl. q, k, v), measured",
-        "with saved_tensors_hooks; not a process peak.",
+        "vs best = against the fastest baseline. saved MiB (fwd+bwd only): saved activation memory, the",
+        "distinct storages autograd keeps between forward and backward for one call (inputs included),",
+        "measured with saved_tensors_hooks; not a process peak.",
     ]
     if notes:
         lines += ["", "Skipped:"] + notes
