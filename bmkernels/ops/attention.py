@@ -1,5 +1,7 @@
 """bmkernels.attention and bmkernels.scaled_dot_product_attention: argument checks, backend choice,
-and the fake kernel and autograd of the torch.ops.bmkernels.attention_* operators.
+and the fake kernels of the torch.ops.bmkernels.attention_* operators. Autograd of attention_fwd is
+registered in C++ (csrc/autograd/attention.cpp; its backward is the op attention_bwd): the Python
+register_autograd path cost more per call than the whole kernel at small shapes.
 
 Memory: the forward saves q, k, v, out and the logsumexp (B, H, Lq) — O(L), never an Lq x Lk
 buffer; the backward recomputes probabilities per tile. The one exception is a bias that requires
@@ -258,26 +260,9 @@ def _fake_bwd(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, r
             q.new_empty(dbias_shape, dtype=_acc_dtype(q.dtype)))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, alibi_slopes, rng_seed, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed)
-    ctx.params = params
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.bmkernels.attention_bwd(
-        grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad)
-    dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
-
-
 if _extension.loaded():
     torch.library.register_fake("bmkernels::attention_fwd")(_fake_fwd)
     torch.library.register_fake("bmkernels::attention_bwd")(_fake_bwd)
     torch.library.register_fake("bmkernels::attention_dropout_mask")(
         lambda rng_seed, batch, heads, q_len, k_len, dropout_p: rng_seed.new_empty(
             (batch, heads, q_len, k_len), dtype=torch.bool))
-    torch.library.register_autograd("bmkernels::attention_fwd", _backward, setup_context=_setup_context)
