@@ -43,10 +43,11 @@ from bmkernels import _backend, _extension  # noqa: E402
 from bmkernels.reference import attention as reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
+DTYPES = (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)")))
 INTERPRETER_ONLY_SKIP = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
-GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (torch.compile / opcheck of a triton_op and "
-                                                 "large shapes do not run under the Triton interpreter)")
+GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton "
+                                                 "interpreter")
 # lengths and head dims: small awkward ones under the interpreter, GPU-sized ones on a GPU
 SIZE = {"short": 97 if ON_GPU else 17, "mid": 333 if ON_GPU else 33, "long": 1029 if ON_GPU else 97}
 
@@ -290,6 +291,13 @@ def test_unsupported_inputs(what, make, error, match):
         bmkernels.attention(q, k, v, backend="triton")
 
 
+@INTERPRETER_ONLY_SKIP
+def test_interpreter_refuses_bfloat16():
+    q, k, v = make_qkv(dtype=torch.bfloat16, requires_grad=False)
+    with pytest.raises(TypeError, match="interpreter .* cannot compute in bfloat16"):
+        bmkernels.attention(q, k, v, backend="triton")
+
+
 def test_argument_errors_are_the_ops():
     """Argument checks are shared with the CPU backend (bmkernels/ops/attention.py)."""
     q, k, v = qkv(head_dim=16)
@@ -305,35 +313,50 @@ def test_interpreter_uses_one_small_config():
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU only: compile, opcheck, large shapes.
+# torch.compile and opcheck; GPU only: large shapes.
 
 
-@GPU_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_compile_fullgraph(dtype):
-    q, k, v = qkv(dtype, q_len=M, k_len=L, head_dim=64, q_heads=4, kv_heads=2)
+    """Dynamo traces the triton_op without a graph break. Under the interpreter only with the 'eager'
+    backend: AOT autograd and inductor functionalize the kernel call on fake tensors, which the
+    interpreter cannot run; on a GPU the default inductor backend compiles into the kernel."""
+    q, k, v = qkv(dtype, q_len=M, k_len=L, head_dim=64 if ON_GPU else 16, q_heads=4, kv_heads=2)
     bias = rand(1, 4, M, L, dtype=dtype, requires_grad=True)
 
     def fn(q, k, v, bias):
-        return bmkernels.attention(q, k, v, bias=bias, causal=True, softcap=5.0, backend="triton")
+        return bmkernels.attention(q, k, v, bias=bias, causal=True, softcap=5.0, return_lse=True, backend="triton")
 
-    compiled = torch.compile(fn, fullgraph=True)
-    out = compiled(q, k, v, bias)
-    want = fn(q, k, v, bias)
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if ON_GPU else "eager")
+    out, lse = compiled(q, k, v, bias)
+    want, want_lse = fn(q, k, v, bias)
     torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
     grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
     want_grads = torch.autograd.grad(want.sum(), (q, k, v, bias))
     for a, b in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
-@GPU_ONLY
-def test_opcheck():
-    q, k, v = (t.detach() for t in qkv(q_len=M, k_len=S, head_dim=40, q_heads=4, kv_heads=2))
+# the interpreter cannot run the kernels inside AOT dispatch's functionalized fake tracing
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
+
+
+@pytest.mark.parametrize("what", ["fwd", "bwd"])
+def test_opcheck(what):
+    q, k, v = (t.detach().requires_grad_() for t in qkv(q_len=M, k_len=S, head_dim=40, q_heads=4, kv_heads=2))
     bias = rand(1, 4, M, S, requires_grad=True)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), bias, None, None, None, 0.2, 0.0, -1, -1, 0,
-            0.0)
-    torch.library.opcheck(torch.ops.bmkernels.attention_triton_fwd.default, args)
+    params = (0.2, 3.0, -1, -1, 0, 0.0)
+    if what == "fwd":
+        op, args = torch.ops.bmkernels.attention_triton_fwd.default, (q, k, v, bias, None, None, None, *params)
+    else:
+        out, lse = torch.ops.bmkernels.attention_triton_fwd(q, k, v, bias, None, None, None, *params)
+        grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+        op = torch.ops.bmkernels.attention_triton_bwd.default
+        args = tuple(t.detach() for t in (grad_out, q, k, v, out, lse, grad_lse, bias)) + (None, None, None, *params,
+                                                                                            True)
+    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
 
 
 @GPU_ONLY

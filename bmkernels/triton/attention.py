@@ -329,6 +329,9 @@ def _check(q, k, v, what):
     if q.dtype not in DTYPES:
         raise TypeError(f"bmkernels attention backend 'triton': q must be float16, bfloat16 or float32; got "
                         f"{q.dtype} (float64 runs on backend='cpu' or 'reference')")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        raise TypeError("bmkernels attention backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
+                        "bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors")
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"bmkernels attention backend 'triton': head dims must be <= {MAX_HEAD_DIM}; got q/k "
                          f"{q.shape[-1]}, v {v.shape[-1]} ({what})")
@@ -415,3 +418,10 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 torch.library.register_autograd("bmkernels::attention_triton_fwd",
                                 ops_attention.backward_with(torch.ops.bmkernels.attention_triton_bwd),
                                 setup_context=ops_attention._setup_context)
+
+if INTERPRETED:
+    # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake
+    # tensors: under the interpreter the ops get the C++ ops' fake kernels (same outputs), so that
+    # torch.compile can trace them (tests/test_triton_attention.py). Compiled triton needs none.
+    attention_fwd.register_fake(ops_attention._fake_fwd)
+    attention_bwd.register_fake(ops_attention._fake_bwd)
