@@ -93,6 +93,7 @@ FEATURES = {
                             {"causal": True, "causal_alignment": "bottom_right"}, {}, False),
     "causal_top_left_lq_gt_lk": ({"q_len": M, "k_len": S, "head_dim": 16}, {"causal": True}, {}, False),
     "window": ({"q_len": L, "head_dim": 16}, {"window": (9, 4)}, {}, False),
+    "window_narrow": ({"q_len": L, "k_len": M + 2, "head_dim": 16}, {"window": (1, 1)}, {}, False),  # band edges
     "window_causal_bottom_right": ({"q_len": M, "k_len": L, "head_dim": 16},
                                    {"window": (21, -1), "causal": True, "causal_alignment": "bottom_right"}, {},
                                    False),
