@@ -136,7 +136,8 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def make_extension():
     cuda_home = cuda_plan()
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "registration.cpp", CSRC / "cpu" / "registration.cpp"]]
+    # csrc/*.cpp (schemas, C++ autograd) and the CPU registration, compiled once
+    sources = [str(p.relative_to(ROOT)) for p in [*sorted(CSRC.glob("*.cpp")), CSRC / "cpu" / "registration.cpp"]]
     isa_names = ",".join("scalar" if isa == "DEFAULT" else isa.lower() for isa in CPU_ISAS)
     cxx = CXX_FLAGS + [f"-DBMK_CPU_ISAS={isa_names}"]
     include_dirs = [str(CSRC)]

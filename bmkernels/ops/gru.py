@@ -1,5 +1,6 @@
-"""bmkernels.gru_cell and bmkernels.gru: argument checks, backend choice, and the fake kernels and
-autograd of the torch.ops.bmkernels.gru_* operators.
+"""bmkernels.gru_cell and bmkernels.gru: argument checks, backend choice, and the fake kernels of the
+torch.ops.bmkernels.gru_* operators. Their autograd is registered in C++ (csrc/gru_autograd.cpp), so a
+cell stepped from Python costs one dispatch with or without grad.
 
 Memory: for backward the forward saves a workspace of 5 values per unit and step (the gates r, z, n,
 the hidden part of the candidate hn = W_hn h + b_hn, and the previous state) in float32 (float64 for
@@ -61,6 +62,13 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     """One GRU step, as torch.nn.GRUCell: x (B, I) or (I,), h (B, H) or (H,) (None: zeros),
     w_ih (3H, I), w_hh (3H, H), b_ih and b_hh (3H,) or None. Returns h' in x's dtype.
     float32, float64, bfloat16 (bfloat16 computes in float32)."""
+    if (backend is None and h is not None and (b_ih is None) == (b_hh is None) and isinstance(x, torch.Tensor)
+            and x.is_cpu and h.is_cpu and w_ih.is_cpu and w_hh.is_cpu and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu)
+            and x.dim() == 2 and _choose("gru", x.device, None) == "cpu"):
+        # hot path (a GRUCell stepped from Python): the kernel checks shapes and dtypes itself
+        save = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or w_ih.requires_grad
+                                            or w_hh.requires_grad or b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
+        return _cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save)[0]
     op = "gru_cell"
     _check_tensor(op, "x", x)
     dtype, device = x.dtype, x.device
@@ -90,7 +98,8 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if unbatched:
         x, h = x.unsqueeze(0), h.unsqueeze(0)
-    h_next, _ = torch.ops.bmkernels.gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh))
+    h_next, _ = torch.ops.bmkernels.gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh,
+                                                 _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh))
     return h_next.squeeze(0) if unbatched else h_next
 
 
@@ -220,48 +229,8 @@ def _fake_layer_bwd(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, h
             w_ih.new_empty(bias_shape), w_hh.new_empty(bias_shape))
 
 
-def _no_workspace():
-    return RuntimeError("gru: backward needs the forward's workspace, which was not saved (the forward ran with "
-                        "no input requiring grad or with grad disabled)")
-
-
-def _setup_cell(ctx, inputs, output):
-    x, h, w_ih, w_hh, b_ih, _, _ = inputs
-    ctx.save_for_backward(x, h, w_ih, w_hh, output[1])
-    ctx.has_bias = b_ih is not None
-
-
-def _backward_cell(ctx, grad_h_next, _grad_workspace):
-    x, h, w_ih, w_hh, workspace = ctx.saved_tensors
-    if workspace.numel() == 0:
-        raise _no_workspace()
-    batch, hidden = h.shape
-    dx, dh, dw_ih, dw_hh, db_ih, db_hh = torch.ops.bmkernels.gru_layer_bwd(
-        grad_h_next.unsqueeze(0), torch.zeros_like(h).unsqueeze(0), x.unsqueeze(0), h.unsqueeze(0),
-        w_ih.unsqueeze(0), w_hh.unsqueeze(0), None, workspace.view(1, 1, batch, 5 * hidden), ctx.has_bias)
-    biases = (db_ih[0], db_hh[0]) if ctx.has_bias else (None, None)
-    return dx[0], dh[0], dw_ih[0], dw_hh[0], *biases, None
-
-
-def _setup_layer(ctx, inputs, output):
-    x, h0, w_ih, w_hh, b_ih, _, lengths, _ = inputs
-    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output[2])
-    ctx.has_bias = b_ih is not None
-
-
-def _backward_layer(ctx, grad_out, grad_h_n, _grad_workspace):
-    x, h0, w_ih, w_hh, lengths, workspace = ctx.saved_tensors
-    if workspace.numel() == 0:
-        raise _no_workspace()
-    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.bmkernels.gru_layer_bwd(
-        grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, ctx.has_bias)
-    biases = (db_ih, db_hh) if ctx.has_bias else (None, None)
-    return dx, dh0, dw_ih, dw_hh, *biases, None, None
-
-
 if _extension.loaded():
+    _cell_fwd = torch.ops.bmkernels.gru_cell_fwd.default
     torch.library.register_fake("bmkernels::gru_cell_fwd")(_fake_cell_fwd)
     torch.library.register_fake("bmkernels::gru_layer_fwd")(_fake_layer_fwd)
     torch.library.register_fake("bmkernels::gru_layer_bwd")(_fake_layer_bwd)
-    torch.library.register_autograd("bmkernels::gru_cell_fwd", _backward_cell, setup_context=_setup_cell)
-    torch.library.register_autograd("bmkernels::gru_layer_fwd", _backward_layer, setup_context=_setup_layer)

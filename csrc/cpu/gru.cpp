@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -239,32 +240,52 @@ GruLayerFwdResult layer_forward(const at::Tensor& x, const at::Tensor& h0, const
 }
 
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  Vec<T> acc(T(0));
-  int64_t k = 0;
-  for (; k + Vec<T>::size() <= n; k += Vec<T>::size()) acc = at::vec::fmadd(Vec<T>::loadu(a + k), Vec<T>::loadu(b + k), acc);
+T lane_sum(const Vec<T>& v) {
   T lanes[Vec<T>::size()];
-  acc.store(lanes);
+  v.store(lanes);
   T sum(0);
   for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
-  for (; k < n; ++k) sum += a[k] * b[k];
   return sum;
 }
 
-// Small batches: each unit's six dot products straight from the weight rows, gate math on the spot.
+// The three gate pre-activations of one unit: dot products of v (length n) with rows 0, H and 2H of w
+// (row length n), six independent FMA chains so the loop is not latency-bound.
+template <typename T>
+void gate_dots(const T* v, const T* w, int64_t H, int64_t n, T out[3]) {
+  const T* rows[3] = {w, w + H * n, w + 2 * H * n};
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[2][3] = {{Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))}, {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))}};
+  int64_t k = 0;
+  for (; k + 2 * V <= n; k += 2 * V) {
+    const Vec<T> v0 = Vec<T>::loadu(v + k), v1 = Vec<T>::loadu(v + k + V);
+    for (int g = 0; g < 3; ++g) {
+      acc[0][g] = at::vec::fmadd(v0, Vec<T>::loadu(rows[g] + k), acc[0][g]);
+      acc[1][g] = at::vec::fmadd(v1, Vec<T>::loadu(rows[g] + k + V), acc[1][g]);
+    }
+  }
+  for (int g = 0; g < 3; ++g) {
+    out[g] = lane_sum(acc[0][g] + acc[1][g]);
+    for (int64_t kk = k; kk < n; ++kk) out[g] += v[kk] * rows[g][kk];
+  }
+}
+
+// Small batches: each unit's gate pre-activations straight from the weight rows (the rows stay in L1
+// across the batch), gate math on the spot. Units are split over threads in fixed halves, so each core
+// keeps reading the same part of the weights from its own cache from call to call.
 template <typename T>
 void cell_forward_dots(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
                        int64_t B, int64_t I, int64_t H, T* h_next, T* ws) {
   const int64_t grain = std::max<int64_t>(16, kParallelStepMacs / std::max<int64_t>(1, 3 * B * (I + H)));
   at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* xb = x + b * I;
-      const T* hb = h + b * H;
-      for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t b = 0; b < B; ++b) {
+        const T* hb = h + b * H;
         T gi[3], gh[3];
+        gate_dots(x + b * I, w_ih + j * I, H, I, gi);
+        gate_dots(hb, w_hh + j * H, H, H, gh);
         for (int64_t g = 0; g < 3; ++g) {
-          gi[g] = dot(xb, w_ih + (g * H + j) * I, I) + (b_ih != nullptr ? b_ih[g * H + j] : T(0));
-          gh[g] = dot(hb, w_hh + (g * H + j) * H, H) + (b_hh != nullptr ? b_hh[g * H + j] : T(0));
+          gi[g] += b_ih != nullptr ? b_ih[g * H + j] : T(0);
+          gh[g] += b_hh != nullptr ? b_hh[g * H + j] : T(0);
         }
         T r, z, n;
         gru_gates_forward<ScalarMath>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2], hb[j], r, z, n, h_next[b * H + j]);
@@ -410,6 +431,38 @@ void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at::Tenso
                 "gru_layer: lengths must be int64 (B,)");
 }
 
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// The cell's argument checks, with the errors of bmkernels.gru_cell (which leaves them to the kernel on its
+// fast path): ValueError for shapes, TypeError for dtypes, each naming the argument.
+void check_cell_args(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  const auto dtype = x.scalar_type();
+  const std::string dtype_name = "torch." + std::string(c10::getDtypeNames(dtype).first);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+                   "gru_cell: x must be float32, float64 or bfloat16; got ", dtype_name);
+  TORCH_CHECK_VALUE(x.dim() == 2, "gru_cell: x must be (B, I) or unbatched (I,); got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(), "gru_cell: pass both b_ih and b_hh or neither");
+  TORCH_CHECK_VALUE(w_hh.dim() == 2 && w_hh.size(0) == 3 * w_hh.size(1) && w_hh.size(1) > 0,
+                    "gru_cell: w_hh must have shape (3H, H) with H >= 1; got ", shape_str(w_hh.sizes()));
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1);
+  const std::pair<const char*, const at::Tensor*> args[] = {
+      {"h", &h}, {"w_ih", &w_ih}, {"w_hh", &w_hh}, {"b_ih", b_ih ? &*b_ih : nullptr}, {"b_hh", b_hh ? &*b_hh : nullptr}};
+  const std::vector<int64_t> shapes[] = {{B, H}, {3 * H, I}, {3 * H, H}, {3 * H}, {3 * H}};
+  for (size_t i = 0; i < 5; ++i) {
+    const auto& [name, t] = args[i];
+    if (t == nullptr) continue;
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype, "gru_cell: ", name, " must have the input's dtype ", dtype_name,
+                     "; got torch.", c10::getDtypeNames(t->scalar_type()).first);
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(shapes[i]), "gru_cell: ", name, " must have shape ",
+                      shape_str(shapes[i]), "; got ", shape_str(t->sizes()));
+  }
+}
+
 std::optional<at::Tensor> opt_compute(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(as_compute(*t)) : std::nullopt;
 }
@@ -423,11 +476,7 @@ std::optional<at::Tensor> lengths_contiguous(const std::optional<at::Tensor>& le
 GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                               bool save_workspace) {
-  TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && x.size(0) == h.size(0) && w_ih.dim() == 2 && w_hh.dim() == 2 &&
-                  w_ih.size(0) == 3 * h.size(1) && w_ih.size(1) == x.size(1) && w_hh.size(0) == 3 * h.size(1) &&
-                  w_hh.size(1) == h.size(1),
-              "gru_cell_fwd: expected x (B, I), h (B, H), w_ih (3H, I), w_hh (3H, H); got ", x.sizes(), ", ",
-              h.sizes(), ", ", w_ih.sizes(), ", ", w_hh.sizes());
+  check_cell_args(x, h, w_ih, w_hh, b_ih, b_hh);
   const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous() && h.is_contiguous() && w_ih.is_contiguous() &&
                     w_hh.is_contiguous() && (!b_ih || b_ih->is_contiguous()) && (!b_hh || b_hh->is_contiguous());
   if (fast) {
