@@ -129,7 +129,8 @@ GRU_CASES = {  # (T, B, I, H, num_layers, bidirectional, bias, batch_first)
     "hidden3_T1": (1, 4, 2, 3, 1, False, False, True),
     "batch1_bi": (9, 1, 4, 6, 1, True, True, True),
     "3layers_bi_nobias": (5, 2, 3, 4, 3, True, False, False),
-    "parallel_blocks": (6, 5, 8, 70, 1, True, True, False),  # two hidden blocks per direction, threads split
+    "thread_per_direction": (6, 5, 8, 70, 1, True, True, False),  # two hidden blocks per direction
+    "hidden_blocks": (4, 6, 5, 80, 1, False, True, False),  # threads split one direction's hidden units
     "batch_blocks": (3, 120, 4, 17, 1, False, True, False),  # one hidden block: the batch is split
 }
 
@@ -360,8 +361,8 @@ def test_reference_backend():
     weights = gru_weights(3, 4)
     x, h0 = torch.randn(5, 2, 3), torch.randn(1, 2, 4)
     kwargs = dict(num_layers=1, bidirectional=False, batch_first=False, dropout=0.0, training=False)
-    for a, b in zip(bmkernels.gru(x, h0, weights, backend="reference", **kwargs), bmkernels.gru(x, h0, weights, **kwargs),
-                    strict=True):
+    got = bmkernels.gru(x, h0, weights, backend="reference", **kwargs)
+    for a, b in zip(got, bmkernels.gru(x, h0, weights, **kwargs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bmkernels.gru_cell(x[0], h0[0], *weights, backend="reference"),
                                bmkernels.gru_cell(x[0], h0[0], *weights), rtol=1e-5, atol=1e-6)

@@ -66,15 +66,15 @@ struct StepPartition {
 
   StepPartition(int64_t B, int64_t H, int64_t D) : batch(B), hidden(H), directions(D) {
     const int64_t available = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    const bool parallel = available > D && B * 3 * H * H >= kParallelStepMacs;
-    const int64_t per_direction = parallel ? available / D : 1;
+    const bool parallel = available > 1 && D * B * 3 * H * H >= kParallelStepMacs;
+    const int64_t per_direction = parallel ? std::max<int64_t>(1, available / D) : 1;
     hidden_block = std::min(H, ceil_div(ceil_div(H, ceil_div(H, kHiddenBlock)), 16) * 16);
     hidden_blocks = ceil_div(H, hidden_block);
     batch_blocks = std::min(B, hidden_blocks >= per_direction ? 1 : ceil_div(per_direction, hidden_blocks));
     batch_block = ceil_div(B, batch_blocks);
     batch_blocks = ceil_div(B, batch_block);
-    // a thread per direction at most when the step is too small to split
-    threads = std::min(parallel ? available : std::min(available, D), workers());
+    // a step too small to split runs on the calling thread: waking another costs more than the work
+    threads = parallel ? std::min(available, workers()) : 1;
   }
   int64_t tasks_per_direction() const { return batch_blocks * hidden_blocks; }
   int64_t workers() const { return directions * tasks_per_direction(); }
