@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/conv.h"
 #include "cpu/isa.h"
 
 namespace bmk::cpu {
@@ -82,12 +83,30 @@ at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int
   return BMK_ISA_CALL(attention_dropout_mask, rng_seed, batch, heads, q_len, k_len, dropout_p);
 }
 
+ConvFwdResult conv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                         bool save_preact) {
+  return BMK_ISA_CALL(conv2d_fwd, x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
+                      save_preact);
+}
+
+ConvBwdResult conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                         bool saved_is_output, std::array<bool, 4> output_mask) {
+  return BMK_ISA_CALL(conv2d_bwd, grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation,
+                      slope, saved_is_output, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_dropout_mask", &attention_dropout_mask);
+  m.impl("conv2d_fwd", &conv2d_fwd);
+  m.impl("conv2d_bwd", &conv2d_bwd);
 }
 
 }  // namespace bmk::cpu
