@@ -23,6 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "common/activations.h"
@@ -32,9 +33,10 @@
 namespace bmk::cpu::CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kPixelTile = 64;      // forward: output pixels per tile (GEMM M)
+static int64_t tune(const char* n, int64_t d) { const char* v = std::getenv(n); return v ? std::atoll(v) : d; }
+static const int64_t kPixelTile = tune("T_M", 64);      // forward: output pixels per tile (GEMM M)
 constexpr int64_t kChannelTile = 64;    // forward: output channels per tile_gemm call (GEMM N)
-constexpr int64_t kDepthChunk = 512;    // forward: im2col columns packed at a time (GEMM K)
+static const int64_t kDepthChunk = tune("T_K", 512);    // forward: im2col columns packed at a time (GEMM K)
 constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
 constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
 constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
@@ -44,6 +46,13 @@ constexpr int64_t kPassPixels = 256;    // grad_output pass: pixels per block
 constexpr int64_t kPassChannels = 16;   // grad_output pass: channels per work item
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A leading dimension of at least n floats that is not a multiple of 256 (1 KiB): rows of a tile then
+// spread over the cache sets instead of aliasing into a few.
+int64_t padded_ld(int64_t n) {
+  n = ceil_div(n, 16) * 16;
+  return n % 256 == 0 ? n + 16 : n;
+}
 
 struct ConvGeometry {
   int64_t batch, in_c, in_h, in_w, out_c, out_h, out_w, k_h, k_w;
@@ -171,11 +180,11 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
 }
 
 // im2col rows of pixels p0 .. p0 + rows of one group, columns k0 .. k1 (k = (tap, ci)), from the
-// NHWC input: a[m * (k1 - k0) + k - k0]; zeros where a tap falls in the padding.
+// NHWC input: a[m * ld + k - k0]; zeros where a tap falls in the padding.
 template <typename scalar_t, typename acc_t>
 void pack_im2col(const ConvGeometry& g, const scalar_t* x, int64_t group, int64_t p0, int64_t rows, int64_t k0,
-                 int64_t k1, acc_t* a) {
-  const int64_t cg = g.in_cg(), ld = k1 - k0;
+                 int64_t k1, acc_t* a, int64_t ld) {
+  const int64_t cg = g.in_cg();
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
     acc_t* dst = a + m * ld;
@@ -194,7 +203,7 @@ void pack_im2col(const ConvGeometry& g, const scalar_t* x, int64_t group, int64_
   }
 }
 
-// Forward through implicit GEMM; wp: packed weights [G][K][Cout_g].
+// Forward through implicit GEMM; wp: packed weights [G][channel tiles][K][kChannelTile].
 template <typename scalar_t, typename acc_t>
 void forward_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
@@ -203,26 +212,27 @@ void forward_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* wp, con
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pixel_tiles * g.groups), 1,
                                              channel_tiles);
   const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
-  const int64_t depth = std::min(K, kDepthChunk);
+  const int64_t depth = std::min(K, kDepthChunk), lda = padded_ld(depth);
+  const int64_t ldc = padded_ld(std::min(split_width, cout_g));
   at::parallel_for(0, g.groups * pixel_tiles * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a(kPixelTile * std::max<int64_t>(depth, 1));
-    std::vector<acc_t> c(kPixelTile * std::min(split_width, cout_g));
+    std::vector<acc_t> a(kPixelTile * lda), c(kPixelTile * ldc);
     std::vector<int64_t> offsets(kPixelTile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / (pixel_tiles * splits), tile = (item / splits) % pixel_tiles;
       const int64_t c0 = (item % splits) * split_width, c1 = std::min(cout_g, c0 + split_width);
       if (c0 >= c1) continue;
-      const int64_t p0 = tile * kPixelTile, rows = std::min(kPixelTile, P - p0), nc = c1 - c0;
+      const int64_t p0 = tile * kPixelTile, rows = std::min(kPixelTile, P - p0);
       if (K == 0) std::fill(c.begin(), c.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < K; k0 += depth) {
         const int64_t kc = std::min(depth, K - k0);
-        pack_im2col(g, x, group, p0, rows, k0, k0 + kc, a.data());
+        pack_im2col(g, x, group, p0, rows, k0, k0 + kc, a.data(), lda);
         for (int64_t n0 = c0; n0 < c1; n0 += kChannelTile) {
-          tile_gemm<acc_t>(rows, std::min(kChannelTile, c1 - n0), kc, a.data(), kc, wp + (group * K + k0) * cout_g + n0,
-                           cout_g, c.data() + (n0 - c0), nc, k0 > 0);
+          const acc_t* b = wp + ((group * channel_tiles + n0 / kChannelTile) * K + k0) * kChannelTile;
+          tile_gemm<acc_t>(rows, std::min(kChannelTile, c1 - n0), kc, a.data(), lda, b, kChannelTile,
+                           c.data() + (n0 - c0), ldc, k0 > 0);
         }
       }
-      ep.apply(c.data(), rows, nc, nc, p0, group * cout_g + c0, offsets.data());
+      ep.apply(c.data(), rows, c1 - c0, ldc, p0, group * cout_g + c0, offsets.data());
     }
     tile_gemm_done();
   });
@@ -258,10 +268,36 @@ void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp
   });
 }
 
-// Weights as the GEMM wants them: [G][K][Cout_g] with K = (kh, kw, ci); depthwise: [taps][C].
-at::Tensor pack_weight(const ConvGeometry& g, const at::Tensor& weight, at::ScalarType acc) {
-  if (g.depthwise()) return weight.reshape({g.out_c, g.taps()}).t().to(acc).contiguous();
-  return weight.reshape({g.groups, g.out_cg(), g.in_cg(), g.k_h, g.k_w}).permute({0, 3, 4, 2, 1}).to(acc).contiguous();
+// Weights as GEMM operands, in one pass: wp[((group * tiles + co / width) * K + k) * width + co % width],
+// k = (kh, kw, ci), tiles = ceil(Cout_g / width); zero columns pad the last tile. The forward uses
+// width = kChannelTile (each tile_gemm reads one contiguous block), the input gradient one tile of
+// padded_ld(Cout_g); depthwise weights are packed as one group of C outputs: [taps][C].
+template <typename scalar_t, typename acc_t>
+at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) {
+  const int64_t cout_g = weight.size(0) / groups, cin_g = weight.size(1), k_w = weight.size(3);
+  const int64_t taps = weight.size(2) * k_w, K = taps * cin_g, tiles = ceil_div(cout_g, width);
+  const auto opts = weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor wp = cout_g % width == 0 ? at::empty({groups * tiles * K * width}, opts)
+                                      : at::zeros({groups * tiles * K * width}, opts);
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  const auto st = weight.strides();
+  acc_t* out = wp.data_ptr<acc_t>();
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t tap = 0; tap < taps; ++tap) tap_offset[tap] = (tap / k_w) * st[2] + (tap % k_w) * st[3];
+  at::parallel_for(0, groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(cout_g, co0 + width) - co0;
+      for (int64_t ci = 0; ci < cin_g; ++ci) {
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          // one contiguous output row of n channels per (ci, tap)
+          const scalar_t* src = w + (group * cout_g + co0) * st[0] + ci * st[1] + tap_offset[tap];
+          acc_t* dst = out + (item * K + tap * cin_g + ci) * width;
+          for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * st[0]]);
+        }
+      }
+    }
+  });
+  return wp;
 }
 
 // grad_output pass: dZ = grad_out * act'(.) into dz[p * pixel_stride + c * channel_stride], the bias
@@ -315,29 +351,30 @@ struct GradPass {
   }
 };
 
-// Weight gradient, GEMM path: dwp[G][Cout_g][K] = dZ^T . im2col; dz channel-major [Cout][P].
+// Weight gradient, GEMM path: dwp[G][Cout_g][ldw] = dZ^T . im2col; dz channel-major [Cout][ldz].
 template <typename scalar_t, typename acc_t>
-void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, acc_t* dwp) {
+void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, int64_t ldz, acc_t* dwp,
+                      int64_t ldw) {
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
   const int64_t n_blocks = ceil_div(cout_g, kWgradChannels);
   const int64_t n_width = ceil_div(cout_g, n_blocks);
   const int64_t want = ceil_div(4 * at::get_num_threads(), g.groups * n_blocks);
   const int64_t k_blocks = std::clamp<int64_t>(std::max(ceil_div(K, kWgradDepth), want), 1, ceil_div(K, 16));
-  const int64_t k_width = ceil_div(K, k_blocks);
+  const int64_t k_width = ceil_div(K, k_blocks), lda = padded_ld(k_width);
   at::parallel_for(0, g.groups * n_blocks * k_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a(kWgradPixels * k_width);
+    std::vector<acc_t> a(kWgradPixels * lda);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / (n_blocks * k_blocks);
       const int64_t n0 = ((item / k_blocks) % n_blocks) * n_width, n1 = std::min(cout_g, n0 + n_width);
       const int64_t k0 = (item % k_blocks) * k_width, k1 = std::min(K, k0 + k_width);
       if (n0 >= n1 || k0 >= k1) continue;
-      acc_t* dw = dwp + (group * cout_g + n0) * K + k0;
+      acc_t* dw = dwp + (group * cout_g + n0) * ldw + k0;
       if (P == 0)
-        for (int64_t n = n0; n < n1; ++n) std::fill(dw + (n - n0) * K, dw + (n - n0) * K + (k1 - k0), acc_t(0));
+        for (int64_t n = n0; n < n1; ++n) std::fill(dw + (n - n0) * ldw, dw + (n - n0) * ldw + (k1 - k0), acc_t(0));
       for (int64_t p0 = 0; p0 < P; p0 += kWgradPixels) {
         const int64_t rows = std::min(kWgradPixels, P - p0);
-        pack_im2col(g, x, group, p0, rows, k0, k1, a.data());
-        tile_gemm<acc_t>(n1 - n0, k1 - k0, rows, dz + (group * cout_g + n0) * P + p0, P, a.data(), k1 - k0, dw, K,
+        pack_im2col(g, x, group, p0, rows, k0, k1, a.data(), lda);
+        tile_gemm<acc_t>(n1 - n0, k1 - k0, rows, dz + (group * cout_g + n0) * ldz + p0, ldz, a.data(), lda, dw, ldw,
                          p0 > 0);
       }
     }
@@ -345,10 +382,11 @@ void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz,
   });
 }
 
-// Input gradient, GEMM path: per tap, dcol^T = W_tap^T . dZ, scatter-added into dx (acc, NCHW).
+// Input gradient, GEMM path: per tap, dcol^T = W_tap^T . dZ, scatter-added into dx (acc, NCHW);
+// wp [G][K][padded_ld(Cout_g)], dz [Cout][ldz].
 template <typename acc_t>
-void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, acc_t* dx) {
-  const int64_t P = g.pixels(), K = g.gemm_k(), cin_g = g.in_cg(), cout_g = g.out_cg(), HW = g.out_hw();
+void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, int64_t ldz, acc_t* dx) {
+  const int64_t ldw = padded_ld(g.out_cg()), K = g.gemm_k(), cin_g = g.in_cg(), cout_g = g.out_cg(), HW = g.out_hw();
   const int64_t images = g.batch * g.groups;
   const int64_t c_blocks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), images), 1, ceil_div(cin_g, 16));
   const int64_t c_width = ceil_div(cin_g, c_blocks);
@@ -365,8 +403,8 @@ void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, ac
         for (int64_t m = 0; m < rows; ++m) oh[m] = (q0 + m) / g.out_w, ow[m] = (q0 + m) % g.out_w;
         for (int64_t tap = 0; tap < g.taps(); ++tap) {
           const int64_t r = tap / g.k_w, s = tap % g.k_w;
-          tile_gemm<acc_t>(cc, rows, cout_g, wp + (group * K + tap * cin_g + c0) * cout_g, cout_g,
-                           dz + group * cout_g * P + n * HW + q0, P, dcol.data(), rows, false);
+          tile_gemm<acc_t>(cc, rows, cout_g, wp + (group * K + tap * cin_g + c0) * ldw, ldw,
+                           dz + group * cout_g * ldz + n * HW + q0, ldz, dcol.data(), rows, false);
           for (int64_t ci = 0; ci < cc; ++ci) {
             acc_t* plane = dx + ((n * g.in_c + group * cin_g + c0 + ci) * g.in_h) * g.in_w;
             const acc_t* src = dcol.data() + ci * rows;
@@ -459,12 +497,13 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   if (out.numel() == 0) return {out, preact};
   const at::ScalarType acc = acc_type_of(x_in.scalar_type());
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wp = pack_weight(g, weight, acc);
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(weight, 1, g.out_c)
+                                        : pack_weight<scalar_t, acc_t>(weight, g.groups, kChannelTile);
     const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
                                        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
                                        out.data_ptr<scalar_t>(),
@@ -500,14 +539,15 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const at::Tensor grad_out = dense(grad_out_in);
   const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t P = g.pixels();
-  // dZ is channel-major [Cout][P] for the GEMMs, pixel-major [P][C] for the depthwise loops
-  at::Tensor dz = at::empty({g.out_c * P}, x.options().dtype(acc));
-  const at::Tensor wp = pack_weight(g, weight, acc);
+  const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
+  // dZ is channel-major [Cout][ldz] for the GEMMs, pixel-major [P][C] for the depthwise loops
+  at::Tensor dz = at::empty({g.depthwise() ? P * g.out_c : g.out_c * ldz}, x.options().dtype(acc));
   at::Tensor dx_acc;
-  at::Tensor dwp = at::empty({g.depthwise() ? g.taps() * g.out_c : g.out_c * g.gemm_k()}, x.options().dtype(acc));
+  at::Tensor dwp = at::empty({g.depthwise() ? g.taps() * g.out_c : g.out_c * ldw}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(weight, 1, g.out_c)
+                                        : pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
     const GradPass<scalar_t, acc_t> pass{
         grad_out.const_data_ptr<scalar_t>(),
         layout_of(g.out_c, g.out_h, g.out_w, format_of(grad_out)),
@@ -518,7 +558,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
         saved_is_output,
         dz.data_ptr<acc_t>(),
         g.depthwise() ? g.out_c : 1,
-        g.depthwise() ? 1 : P,
+        g.depthwise() ? 1 : ldz,
         need_db ? db.data_ptr<acc_t>() : nullptr,
         need_dres ? dres.data_ptr<scalar_t>() : nullptr};
     pass.run(P, g.out_c);
@@ -533,16 +573,18 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
     }
     if (need_dx) {
       dx_acc = at::zeros({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc));
-      input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz.const_data_ptr<acc_t>(), dx_acc.data_ptr<acc_t>());
+      input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz.const_data_ptr<acc_t>(), ldz, dx_acc.data_ptr<acc_t>());
     }
-    if (need_dw) weight_grad_gemm(g, xp, dz.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+    if (need_dw) weight_grad_gemm(g, xp, dz.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
   });
   if (need_dx && dx_acc.defined()) dx.copy_(dx_acc);
   if (need_dw) {
     if (g.depthwise()) {
       dw.copy_(dwp.view({g.k_h, g.k_w, g.out_c}).permute({2, 0, 1}).unsqueeze(1));
     } else {
-      dw.copy_(dwp.view({g.groups, g.out_cg(), g.k_h, g.k_w, g.in_cg()})
+      dw.copy_(dwp.view({g.out_c, ldw})
+                   .narrow(1, 0, g.gemm_k())
+                   .reshape({g.groups, g.out_cg(), g.k_h, g.k_w, g.in_cg()})
                    .permute({0, 1, 4, 2, 3})
                    .reshape({g.out_c, g.in_cg(), g.k_h, g.k_w}));
     }
