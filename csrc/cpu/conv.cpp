@@ -287,13 +287,19 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) 
   at::parallel_for(0, groups * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(cout_g, co0 + width) - co0;
-      for (int64_t ci = 0; ci < cin_g; ++ci) {
-        for (int64_t tap = 0; tap < taps; ++tap) {
-          // one contiguous output row of n channels per (ci, tap)
-          const scalar_t* src = w + (group * cout_g + co0) * st[0] + ci * st[1] + tap_offset[tap];
-          acc_t* dst = out + (item * K + tap * cin_g + ci) * width;
-          for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * st[0]]);
-        }
+      // one contiguous output row of n channels per (ci, tap); the loop over the weight's
+      // fastest-moving of ci and tap goes inside, so each cache line read serves consecutive rows
+      const auto copy_row = [&](int64_t ci, int64_t tap) {
+        const scalar_t* src = w + (group * cout_g + co0) * st[0] + ci * st[1] + tap_offset[tap];
+        acc_t* dst = out + (item * K + tap * cin_g + ci) * width;
+        for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * st[0]]);
+      };
+      if (st[1] < st[3]) {
+        for (int64_t tap = 0; tap < taps; ++tap)
+          for (int64_t ci = 0; ci < cin_g; ++ci) copy_row(ci, tap);
+      } else {
+        for (int64_t ci = 0; ci < cin_g; ++ci)
+          for (int64_t tap = 0; tap < taps; ++tap) copy_row(ci, tap);
       }
     }
   });
