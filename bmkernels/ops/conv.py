@@ -190,12 +190,10 @@ def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, acti
 def _fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, saved_is_output,
               output_mask):
     fmt = _memory_format(x)
-    none = x.new_empty((0,))
-    dx = torch.empty_like(x, memory_format=fmt) if output_mask[0] else none
-    dw = weight.new_empty(weight.shape) if output_mask[1] else none
-    db = weight.new_empty((weight.shape[0],)) if output_mask[2] else none
-    dres = grad_out.new_empty(grad_out.shape).contiguous(memory_format=fmt) if output_mask[3] else none
-    return dx, dw, db, dres
+    out_shape = (x.shape[0], weight.shape[0], *grad_out.shape[2:])
+    wanted = (torch.empty_like(x, memory_format=fmt), weight.new_empty(weight.shape),
+              weight.new_empty((weight.shape[0],)), x.new_empty(out_shape).contiguous(memory_format=fmt))
+    return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, output_mask, strict=True))
 
 
 def _setup_context(ctx, inputs, output):

@@ -535,12 +535,17 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const at::ScalarType acc = acc_type_of(x_in.scalar_type());
   const auto [need_dx, need_dw, need_db, need_dres] = output_mask;
   // gradients not asked for come back as empty tensors
-  const at::Tensor none = at::empty({0}, x_in.options());
-  at::Tensor dx = need_dx ? at::empty(x_in.sizes(), x_in.options().memory_format(fmt)) : none;
-  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : none;
-  at::Tensor db = need_db ? at::empty({g.out_c}, weight.options().dtype(acc)) : none;
+  const auto none = [&] { return at::empty({0}, x_in.options()); };
+  at::Tensor dx = need_dx ? at::empty(x_in.sizes(), x_in.options().memory_format(fmt)) : none();
+  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : none();
+  at::Tensor db = need_db ? at::empty({g.out_c}, weight.options().dtype(acc)) : none();
   at::Tensor dres = need_dres ? at::empty({g.batch, g.out_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt))
-                              : none;
+                              : none();
+  if (g.pixels() == 0 || g.out_c == 0) {  // nothing flows back: every gradient is zero
+    for (at::Tensor* t : {&dx, &dw, &db, &dres}) t->zero_();
+    if (need_db) db = db.to(weight.scalar_type());
+    return {dx, dw, db, dres};
+  }
   const Activation act = static_cast<Activation>(activation);
   const at::Tensor grad_out = dense(grad_out_in);
   const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
