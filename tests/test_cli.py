@@ -41,7 +41,7 @@ def parse_ratio(cell):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "out" / "quick.json"
-    proc = run_cli("bench", "--quick", "--json", str(path), timeout=300)
+    proc = run_cli("bench", "--quick", "--op", "attention", "--json", str(path), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc, path
 
@@ -165,9 +165,16 @@ def test_no_matching_case_fails(capsys):
 
 
 def test_list_cases(capsys):
-    code, out, _ = run_main(capsys, "bench", "--full", "--list")
+    code, out, _ = run_main(capsys, "bench", "--full", "--list", "--op", "attention")
     assert code == 0
     assert len(out.splitlines()) == 24  # 3 shapes x 2 dtypes x causal/full x fwd/fwd+bwd
+
+
+def test_list_covers_every_op_family(capsys):
+    code, out, _ = run_main(capsys, "bench", "--full", "--list")
+    assert code == 0
+    assert {"attention", "conv", "gru"} <= set(bench.OPS)
+    assert len(out.splitlines()) == sum(len(bench.case_module(op).cases("full")) for op in bench.OPS)
 
 
 # -- the engine, in process --------------------------------------------------------------------
