@@ -11,7 +11,8 @@ Where torch's behaviour and the fused core differ:
   scores, the only O(L x S) buffer) and returned with their gradient; the output still comes from
   the fused kernel. In training with dropout the returned weights must be the dropped-out ones that
   made the output, so that one case runs torch's math path (scores -> softmax -> dropout -> @ v).
-- A query whose keys are all masked gets a zero output (torch gives NaN there).
+- A query whose keys are all masked gets a zero output, as torch's SDPA path gives (torch's
+  need_weights path gives NaN there); its returned weights are NaN, as torch's.
 - Dropout (training, need_weights=False) draws the kernel's own Philox mask: reproducible under
   torch.manual_seed, but not the mask torch's dropout would draw.
 """
