@@ -1,6 +1,5 @@
 """Turning a torch.nn module into its bmkernels drop-in (and back) without copying weights."""
 
-import torch
 
 # Per-module hook tables carried over, so user hooks keep firing after a swap.
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
