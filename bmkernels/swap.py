@@ -30,14 +30,16 @@ _SAVED_NESTED_FLAG = "_bmkernels_saved_use_nested_tensor"
 @dataclass
 class SwapReport:
     """swapped: (module name, torch class, bmkernels class); left: (module name, class, reason);
-    fused: (module names, what they became); notes: other changes made to the model; model: the
-    swapped model (a new object only when the model passed in was itself a swapped module)."""
+    fused: (module names, what they became); notes: other changes made to the model; other:
+    {class name: count} of the leaf modules no bmkernels family covers (kept as they are); model:
+    the swapped model (a new object only when the model passed in was itself a swapped module)."""
 
     model: object = None
     swapped: list = field(default_factory=list)
     left: list = field(default_factory=list)
     fused: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    other: dict = field(default_factory=dict)
 
     def __str__(self):
         lines = [f"swapped {len(self.swapped)} module(s), left {len(self.left)}, fused {len(self.fused)}"]
@@ -45,6 +47,9 @@ class SwapReport:
         lines += [f"  left    {name or '<model>'} ({cls}): {why}" for name, cls, why in self.left]
         lines += [f"  fused   {', '.join(names)} -> {what}" for names, what in self.fused]
         lines += [f"  note    {note}" for note in self.notes]
+        if self.other:
+            counts = ", ".join(f"{cls} x{n}" for cls, n in self.other.items())
+            lines.append(f"  other   {counts} (no bmkernels kernel for these module types; kept)")
         return "\n".join(lines)
 
 
@@ -96,7 +101,20 @@ def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
     if fuse:
         for fuser in FUSERS:
             fuser(report.model, report)
+    report.other = _uncovered_leaves(report.model, by_torch_class)
     return report
+
+
+def _uncovered_leaves(model, by_torch_class):
+    """{class name: count} of leaf modules outside every drop-in and of no registered torch class."""
+    counts = {}
+    inside = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _drop_in_classes() + tuple(by_torch_class)):
+            inside.update(".".join(filter(None, (name, child))) for child, _ in module.named_modules())
+        elif name not in inside and not any(True for _ in module.children()):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
 
 
 def _keep_encoders_on_layers(model, report):

@@ -87,6 +87,8 @@ def test_encoder_eval_no_grad_runs_bmkernels(kernel_calls):
     swapped = copy.deepcopy(original)
     report = bmkernels.swap_modules(swapped)
     assert not swapped.use_nested_tensor and any("use_nested_tensor" in note for note in report.notes)
+    assert report.other == {"Linear": 4, "Dropout": 6, "LayerNorm": 4}
+    assert "other   Linear x4, Dropout x6, LayerNorm x4 (no bmkernels kernel" in str(report)
     x = torch.randn(3, 9, D, dtype=torch.float64)
     pad = torch.zeros(3, 9, dtype=torch.bool)
     pad[0, 5:] = True
@@ -147,6 +149,7 @@ def test_user_model_report_and_unswap():
     assert type(model.blocks["a"]) is MultiheadAttention and not model.blocks["a"].training
     assert report.left == [("blocks.b", "UserAttention", report.left[0][2])]
     assert "subclasses nn.MultiheadAttention" in report.left[0][2]
+    assert report.other == {"Linear": 1}, "the kept UserAttention's out_proj is part of it, not counted"
     assert all(a is b for a, b in zip(params_before, model.parameters(), strict=True))
     assert_close64(model(x), expected, "swapped user model")
     text = str(report)

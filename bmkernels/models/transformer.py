@@ -13,6 +13,7 @@ from bmkernels.nn import MultiheadAttention
 
 ATTENTION_CLASSES = {"bmkernels": MultiheadAttention, "torch": nn.MultiheadAttention}
 POSITIONS = ("sinusoidal", "learned")
+INIT_STD = 0.02
 
 
 def _attention_class(kernels):
@@ -66,20 +67,22 @@ class _Backbone(nn.Module):
         if positions == "learned":
             self.pos = nn.Embedding(max_len, d_model)
         else:
-            self.register_buffer("pos_table", sinusoidal_positions(max_len, d_model), persistent=False)
+            # at the token embeddings' scale: with amplitude 1 the positions drown the tokens, and
+            # learning stalls near the unigram loss for a long while
+            self.register_buffer("pos_table", INIT_STD * sinusoidal_positions(max_len, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, kernels) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
 
     def init_weights(self):
-        """GPT-2 style: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+        """GPT-2 style: N(0, INIT_STD) weights, zero biases, unit LayerNorms."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=INIT_STD)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.MultiheadAttention):
-                nn.init.normal_(module.in_proj_weight, std=0.02)
+                nn.init.normal_(module.in_proj_weight, std=INIT_STD)
                 nn.init.zeros_(module.in_proj_bias)
 
     def forward(self, idx, causal, key_padding_mask=None):
@@ -125,7 +128,7 @@ class TransformerClassifier(nn.Module):
                                   kernels)
         self.head = nn.Linear(d_model, n_classes)
         self.backbone.init_weights()
-        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=INIT_STD)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, key_padding_mask=None):
