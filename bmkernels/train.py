@@ -10,7 +10,8 @@ one entry in TRAINERS.
   from the checkpoint then. A fresh run refuses to start where a checkpoint exists (pass
   --overwrite), so no command loses one by accident.
 - Distributed: under `torchrun --nproc_per_node=N` (WORLD_SIZE in the environment) the model is
-  wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPUs). --batch-size is the global
+  wrapped in DistributedDataParallel on the gloo backend (training runs on the CPU: the bmkernels
+  attention has no GPU kernel in this build yet). --batch-size is the global
   batch: rank r trains on its slice of the same rows a single process would draw, so N processes
   follow the single-process run. Rank 0 evaluates, logs and writes files.
 """
@@ -144,8 +145,7 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.active = self.world > 1
         if self.active and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
+            torch.distributed.init_process_group("gloo")
 
     @property
     def main(self):
