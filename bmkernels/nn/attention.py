@@ -166,9 +166,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"bmkernels MultiheadAttention: key's batch and sequence dims {tuple(key.shape)} do "
                              f"not match value's {tuple(value.shape)}")
         embed = self.embed_dim
-        if query.shape[-1] != embed:
-            raise ValueError(f"bmkernels MultiheadAttention: query must have embed_dim {embed} features; got "
-                             f"shape {tuple(query.shape)}")
+        for name, t, features in (("query", query, embed), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != features:
+                raise ValueError(f"bmkernels MultiheadAttention: {name} must have {features} features (the last "
+                                 f"dim); got shape {tuple(t.shape)}")
         bias_q = bias_k = bias_v = None
         if self.in_proj_bias is not None:
             bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
