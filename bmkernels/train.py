@@ -7,7 +7,8 @@ one entry in TRAINERS.
 - Checkpoints: OUT/checkpoint.pt, written atomically (a temporary file in OUT, fsync, rename),
   at every evaluation and at the end. `--resume` continues from it exactly (model, optimizer,
   step, RNG state; batches are a function of (seed, step)); the architecture, task and seed come
-  from the checkpoint then. A fresh run refuses to start where a checkpoint exists (pass
+  from the checkpoint then (the learning-rate schedule follows the new --steps: the same --steps
+  as the interrupted run continues it bit for bit). A fresh run refuses to start where a checkpoint exists (pass
   --overwrite), so no command loses one by accident.
 - Distributed: under `torchrun --nproc_per_node=N` (WORLD_SIZE in the environment) the model is
   wrapped in DistributedDataParallel on the gloo backend (training runs on the CPU: the bmkernels
@@ -183,6 +184,7 @@ class Trainer:
     """What a model family supplies to the shared loop."""
 
     name = None
+    summary = None  # one line for `bmkernels train --help`
     unit = "tokens"
 
     @classmethod
@@ -221,6 +223,7 @@ class TransformerTrainer(Trainer):
     snippet comes from; --init-from an LM checkpoint fine-tunes its pretrained blocks)."""
 
     name = "transformer"
+    summary = "Transformer LM, or classifier fine-tuned from one, on Python standard-library text"
     ARCH_KEYS = ("task", "seq_len", "d_model", "n_heads", "n_layers", "positions", "dropout", "n_classes",
                  "data_bytes")
 
@@ -291,34 +294,25 @@ TRAINERS = {"transformer": TransformerTrainer}
 # ----------------------------------------------------------------------------------------- loop
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
-    return value
+def _checked(convert, ok, expectation):
+    """An argparse type: convert(text), which must satisfy ok(value)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expectation}; got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expectation}; got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number; got {text}")
-    return value
-
-
-def _probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {value}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def add_common_arguments(parser):
@@ -327,8 +321,10 @@ def add_common_arguments(parser):
     parser.add_argument("--batch-size", type=_positive_int, default=32,
                         help="global batch (split over processes under torchrun; default 32)")
     parser.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine (default 20)")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
+                        help="AdamW weight decay (default 0.01)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=20,
+                        help="linear warm-up steps, then cosine (default 20)")
     parser.add_argument("--eval-every", type=_positive_int, default=50,
                         help="evaluate and checkpoint every N steps (default 50)")
     parser.add_argument("--eval-batches", type=_positive_int, default=8,
@@ -351,8 +347,7 @@ def add_parsers(train_parser):
     """`bmkernels train MODEL ...` subcommands, one per entry of TRAINERS."""
     models = train_parser.add_subparsers(dest="model", metavar="MODEL", required=True)
     for name, trainer in TRAINERS.items():
-        p = models.add_parser(name, help=(trainer.__doc__ or "").split("\n")[0],
-                              description=trainer.__doc__)
+        p = models.add_parser(name, help=trainer.summary, description=trainer.__doc__)
         trainer.add_arguments(p)
         add_common_arguments(p)
     return models

@@ -51,6 +51,8 @@ def test_run_writes_checkpoint_curve_and_history(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
+    """Stopped at step 4 of 8 and resumed == 8 straight steps (all steps inside the 20-step warm-up,
+    so the first half's schedule does not depend on its --steps)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_api(*TINY, "--steps", "8", "--eval-every", "4", "--dropout", "0.1", "--out", str(straight), "--no-plot")
     run_api(*TINY, "--steps", "4", "--eval-every", "4", "--dropout", "0.1", "--out", str(split), "--no-plot")
@@ -78,8 +80,9 @@ def test_bad_input_never_loses_a_checkpoint(tmp_path, capsys):
     assert "missing.pt' does not exist" in capsys.readouterr().err
     for argv, message in ((["--steps", "0"], "--steps: must be a positive integer; got 0"),
                           (["--kernels", "cuda"], "--kernels: invalid choice: 'cuda'"),
-                          (["--dropout", "1.5"], "--dropout: must be in [0, 1); got 1.5"),
+                          (["--dropout", "1.5"], "--dropout: must be a number in [0, 1); got 1.5"),
                           (["--lr", "nan"], "--lr: must be a positive number; got nan"),
+                          (["--warmup", "-1"], "--warmup: must be an integer >= 0; got -1"),
                           (["--frobnicate"], "unrecognized arguments: --frobnicate")):
         with pytest.raises(SystemExit) as exc:
             run_cli(*TINY, *argv, "--out", str(tmp_path))
