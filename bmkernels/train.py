@@ -181,17 +181,18 @@ class Distributed:
 
 
 class Trainer:
-    """What a model family supplies to the shared loop."""
+    """What a model family supplies to the shared loop: its options, the config keys that fix its
+    architecture and data (ARCH_KEYS: taken from the checkpoint on --resume and, where they shape
+    parameters, from --init-from), the model, batches, the loss and validation metrics."""
 
     name = None
     summary = None  # one line for `bmkernels train --help`
     unit = "tokens"
+    ARCH_KEYS = ()
 
     @classmethod
     def add_arguments(cls, parser):
         """The family's own options (architecture, data, task)."""
-
-    ARCH_KEYS = ()
 
     def __init__(self, config):
         self.config = config

@@ -218,9 +218,10 @@ def test_fused_dropout_is_seeded_and_unbiased():
     assert torch.equal(first, ours(x, x, x, need_weights=False)[0])
     assert (first - expected).abs().max() > 1e-3
     with torch.no_grad():
-        mean = torch.stack([ours(x, x, x, need_weights=False)[0] for _ in range(2000)]).mean(0)
-    spread = (first - expected).abs().max().item()
-    assert (mean - expected).abs().max().item() < 0.1 * spread
+        draws = torch.stack([ours(x, x, x, need_weights=False)[0] for _ in range(500)])
+    # unscaled (biased) dropout would put the mean about half the spread away
+    spread = (draws - expected).abs().max().item()
+    assert (draws.mean(0) - expected).abs().max().item() < 0.1 * spread
 
 
 def test_fully_masked_query_gives_zeros():
