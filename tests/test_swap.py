@@ -228,3 +228,12 @@ def test_unswap_restores_encoder_flags():
     assert not model.use_nested_tensor
     bmkernels.unswap(model)
     assert model.use_nested_tensor and type(model.layers[0].self_attn) is torch.nn.MultiheadAttention
+
+
+def test_swapped_encoder_compiles_fullgraph():
+    original = encoder(torch.float32, layers=1).eval()
+    swapped = bmkernels.swap_modules(copy.deepcopy(original)).model
+    compiled = torch.compile(swapped, fullgraph=True)
+    x = torch.randn(2, 9, D)
+    with torch.no_grad():
+        assert (compiled(x) - original(x)).abs().max().item() < 1e-5
