@@ -61,9 +61,12 @@ def _qualified(cls):
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _set_submodule(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
+def _replace(model, old, new):
+    """Put `new` wherever `old` sits in `model` (a module shared by several parents is replaced in each)."""
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if module is old and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
 
 
 def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
@@ -93,7 +96,7 @@ def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
             continue
         new = drop_in.from_torch(module)
         if name:
-            _set_submodule(model, name, new)
+            _replace(model, module, new)
         else:
             report.model = new
         report.swapped.append((name, _qualified(type(module)), _qualified(drop_in)))
@@ -133,9 +136,9 @@ def unswap(model):
     drop_in_classes = _drop_in_classes()
     if isinstance(model, drop_in_classes):
         return model.to_torch()
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         if isinstance(module, drop_in_classes):
-            _set_submodule(model, name, module.to_torch())
+            _replace(model, module, module.to_torch())
     for module in model.modules():
         if getattr(module, _SAVED_NESTED_FLAG, False):
             module.use_nested_tensor = True

@@ -165,6 +165,16 @@ def test_user_model_report_and_unswap():
     assert torch.equal(model(x), expected)
 
 
+def test_shared_module_is_replaced_everywhere():
+    shared = torch.nn.MultiheadAttention(D, HEADS)
+    model = torch.nn.ModuleDict({"first": shared, "second": torch.nn.Sequential(shared)})
+    report = bmkernels.swap_modules(model)
+    assert [n for n, _, _ in report.swapped] == ["first"]
+    assert model["first"] is model["second"][0] and type(model["first"]) is MultiheadAttention
+    bmkernels.unswap(model)
+    assert model["first"] is model["second"][0] and type(model["first"]) is torch.nn.MultiheadAttention
+
+
 def test_family_flag_and_top_level_module():
     mha = torch.nn.MultiheadAttention(D, HEADS)
     report = bmkernels.swap_modules(mha, attention=False)
