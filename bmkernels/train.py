@@ -469,8 +469,9 @@ def _train(config, out, resume, init, dist):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         loss_value = dist.mean(loss.item())
-        train_time += time.perf_counter() - t0
-        items += trainer.items(x) * dist.world
+        if step > start or step + 1 == config["steps"]:  # the first step warms up (compiles): not timed
+            train_time += time.perf_counter() - t0
+            items += trainer.items(x) * dist.world
         history["train"].append((step + 1, loss_value))
         if not math.isfinite(loss_value):
             raise TrainError(f"the loss became {loss_value} at step {step + 1}; try a lower --lr")
