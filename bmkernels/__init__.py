@@ -29,3 +29,9 @@ def build_info():
         "torch_cuda": torch.version.cuda,
         "cuda_device_available": torch.cuda.is_available(),
     }
+
+# Drop-in modules (bmkernels.nn) and swapping them into existing models (bmkernels.swap).
+from bmkernels import nn  # noqa: E402
+from bmkernels.swap import SwapReport, swap_modules, to_torch, unswap  # noqa: E402
+
+__all__ += ["SwapReport", "nn", "swap_modules", "to_torch", "unswap"]
