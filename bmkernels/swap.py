@@ -4,7 +4,10 @@ Which torch modules can be swapped is the registry bmkernels.nn.DROP_INS (op fam
 classes); a family's drop-in says itself when a module cannot be swapped (`swap_blocker`). Pattern
 fusions (fuse=True) come from the FUSERS list: each fuser is a function (model, report) -> None
 that rewrites the patterns it can prove equivalent in every train/eval mode and records them in
-report.fused. The attention family has no pattern to fuse; conv families add theirs here.
+report.fused. The attention family has no pattern to fuse; the conv family's fusions (conv ->
+BatchNorm2d -> activation runs in Sequentials, torchvision ResNet blocks with their residual add)
+are described in bmkernels.nn.fused: they keep the module tree and state_dict keys and only change
+the class (so the forward) of the container, to a subclass of its own class; unswap undoes them.
 
 The drop-ins hold the original Parameter objects, so weights, device, dtype, train/eval mode,
 weight tying and an optimizer built before the swap all stay valid.
@@ -21,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from bmkernels import nn as bmk_nn
+from bmkernels.nn import fused as bmk_fused
 
-FUSERS = []
+FUSERS = [bmk_fused.fuse_sequences, bmk_fused.fuse_resnet_blocks]
 
 _SAVED_NESTED_FLAG = "_bmkernels_saved_use_nested_tensor"
 
@@ -134,6 +138,8 @@ def unswap(model):
     """Put the torch.nn originals back (sharing the same parameters) in place; returns the model
     (a new object only if `model` itself is a drop-in). Undoes the swap's notes too."""
     drop_in_classes = _drop_in_classes()
+    for module in model.modules():
+        bmk_fused.unfuse(module)
     if isinstance(model, drop_in_classes):
         return model.to_torch()
     for module in list(model.modules()):

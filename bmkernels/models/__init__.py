@@ -4,3 +4,8 @@
 from bmkernels.models.transformer import TransformerClassifier, TransformerLM
 
 __all__ = ["TransformerClassifier", "TransformerLM"]
+
+from bmkernels.models.cnn import CNN, ConvAutoencoder  # noqa: E402
+from bmkernels.models.gru import GRULM  # noqa: E402
+
+__all__ += ["CNN", "ConvAutoencoder", "GRULM"]

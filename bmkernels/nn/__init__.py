@@ -8,9 +8,16 @@ needs nothing else. A new family adds its import and one entry here.
 """
 
 from bmkernels.nn.attention import MultiheadAttention
+from bmkernels.nn.conv import Conv2d
+from bmkernels.nn.fused import ConvBNAct, conv_bn_act
+from bmkernels.nn.gru import GRU, GRUCell
 
 DROP_INS = {
     "attention": (MultiheadAttention,),
+    "conv": (Conv2d,),
+    "gru": (GRU, GRUCell),
 }
 
 __all__ = ["DROP_INS", "MultiheadAttention"]
+__all__ += ["Conv2d", "ConvBNAct", "conv_bn_act"]
+__all__ += ["GRU", "GRUCell"]

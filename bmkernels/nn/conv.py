@@ -1,0 +1,91 @@
+"""bmkernels.nn.Conv2d: torch.nn.Conv2d running bmkernels.conv2d (bias and activation fused).
+
+A subclass of torch.nn.Conv2d: same constructor (every padding_mode: zeros, reflect, replicate,
+circular; padding as an int, a pair, "same" or "valid"), forward, parameters and state_dict, so
+`load_state_dict` works both ways and `isinstance(m, nn.Conv2d)` stays true. Extra keyword-only
+arguments: activation= (None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu" or ("leaky_relu",
+slope)), applied in the same pass as the convolution, and backend= (None = auto).
+
+The non-zeros padding modes pad first with torch.nn.functional.pad, exactly as torch.nn.Conv2d
+does, then convolve without padding.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from bmkernels import _backend
+from bmkernels.nn._convert import rebuild
+from bmkernels.ops.conv import _DTYPES, _activation, conv2d
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d with the convolution, bias and an optional activation in bmkernels.conv2d."""
+
+    family = "conv"
+    torch_class = torch.nn.Conv2d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, activation=None, backend=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        _activation(activation)  # a clear error for a bad activation now, not at the first forward
+        _backend.requested(backend)
+        self.activation = activation
+        self.backend = backend
+
+    def _ctor_kwargs(self):
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
+                    stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                    bias=self.bias is not None, padding_mode=self.padding_mode)
+
+    @classmethod
+    def swap_blocker(cls, module):
+        """Why `module` (a torch.nn.Conv2d) cannot be swapped, or None."""
+        if type(module) is not torch.nn.Conv2d:
+            return f"{type(module).__name__} subclasses nn.Conv2d; its forward may differ from torch's, so it is kept"
+        if module.weight.dtype not in _DTYPES:
+            return f"dtype {module.weight.dtype} (bmkernels.conv2d runs float32, float64 and bfloat16)"
+        try:
+            _backend.choose("conv2d", module.weight.device)
+        except RuntimeError as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def from_torch(cls, module, *, activation=None, backend=None):
+        """A bmkernels Conv2d sharing `module`'s parameters (the same Parameter objects), device,
+        dtype, train/eval mode and hooks."""
+        return rebuild(module, cls, cls._ctor_kwargs(module), activation=activation, backend=backend)
+
+    def to_torch(self):
+        """The torch.nn.Conv2d twin, sharing this module's parameters. A module with an activation
+        has no single torch.nn.Conv2d twin: it raises."""
+        if self.activation is not None:
+            raise ValueError(f"bmkernels Conv2d with activation={self.activation!r} has no torch.nn.Conv2d twin "
+                             "(use torch.nn.Sequential(conv, activation))")
+        return rebuild(self, torch.nn.Conv2d, self._ctor_kwargs())
+
+    def backend_in_use(self):
+        try:
+            return _backend.choose("conv2d", self.weight.device, self.backend)
+        except RuntimeError as e:
+            return f"unavailable ({e})"
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+        return s + f", backend={self.backend_in_use()}"
+
+    def conv(self, x, weight, bias, *, activation=None, residual=None):
+        """act(conv(x, weight) + bias + residual) with this module's geometry and padding mode (the
+        fused blocks call it with BatchNorm-folded weights)."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, activation=activation,
+                      residual=residual, backend=self.backend)
+
+    def forward(self, input):
+        return self.conv(input, self.weight, self.bias, activation=self.activation)

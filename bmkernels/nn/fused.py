@@ -1,0 +1,278 @@
+"""Fused conv blocks: convolution -> BatchNorm2d -> activation (+ a residual before the activation).
+
+One rule for every fused block (`conv_bn_act`), equal to the unfused torch modules in every mode:
+- BatchNorm in eval mode with running statistics: the BN is folded into the conv's weight and bias
+  (in float64, rounded once, as bmkernels.fold_batchnorm does; without grad it *is*
+  bmkernels.fold_batchnorm, cached until a parameter or statistic changes), and convolution, bias,
+  residual and activation run as one bmkernels.conv2d.
+- BatchNorm in training mode (or without running statistics): it normalizes with the batch's own
+  statistics and updates its running statistics, so no fixed weight can fold it: the conv runs in
+  bmkernels, then the BatchNorm2d module itself, the residual add and the activation, exactly as
+  torch's modules do.
+
+What swap_modules(fuse=True) does with them (the module tree, state_dict keys, parameters and
+`isinstance` checks all stay as they were; only the forward of the container changes):
+- an nn.Sequential (or a subclass that keeps Sequential's forward, e.g. torchvision's
+  Conv2dNormActivation) holding bmkernels Conv2d -> BatchNorm2d [-> activation] or Conv2d ->
+  activation as consecutive children has its class set to a fused subclass of its own class, whose
+  forward runs those children as one fused block and the other children as before;
+- a torchvision ResNet BasicBlock / Bottleneck has its class set to a subclass whose forward runs
+  conv1/bn1/relu (conv2/bn2/relu) as fused blocks and the last conv/bn + identity + relu as one
+  fused block with the residual (the downsample Sequential is fused as above); a torchvision
+  ResNet's own class gets a subclass whose _forward_impl runs the stem conv1/bn1/relu fused.
+A pattern whose children have hooks is not fused (the fused forward would skip them). unswap puts
+the original classes back.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from bmkernels.nn.conv import Conv2d
+from bmkernels.ops.conv import fold_batchnorm
+
+# activation modules the conv kernel applies itself -> the kernel's activation spec
+_KERNEL_ACTIVATIONS = {torch.nn.ReLU: lambda m: "relu", torch.nn.SiLU: lambda m: "silu",
+                       torch.nn.GELU: lambda m: "gelu" if m.approximate == "none" else "gelu_tanh",
+                       torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope)}
+_FUNCTIONAL = {None: lambda x: x, "relu": F.relu, "silu": F.silu, "gelu": F.gelu,
+               "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "leaky_relu": F.leaky_relu}
+_UNFUSED_CLASS = "_bmkernels_unfused_class"
+_FUSED_CLASSES = {}  # (original class, fused forward) -> the fused subclass
+
+
+def kernel_activation(module):
+    """The conv kernel's spec for activation `module`, or None when the kernel has no such activation."""
+    make = _KERNEL_ACTIVATIONS.get(type(module))
+    return make(module) if make is not None else None
+
+
+def _functional(activation):
+    if isinstance(activation, tuple) and len(activation) == 2 and activation[0] == "leaky_relu":
+        return lambda x: F.leaky_relu(x, activation[1])
+    if not isinstance(activation, (str, type(None))) or activation not in _FUNCTIONAL:
+        raise ValueError(f"activation must be one of {list(_FUNCTIONAL)} or ('leaky_relu', slope); got {activation!r}")
+    return _FUNCTIONAL[activation]
+
+
+def _bn_folds(bn):
+    """Whether `bn` normalizes with fixed running statistics now (exactly torch's rule)."""
+    return bn is not None and not bn.training and bn.running_mean is not None
+
+
+def _folded_with_grad(conv, bn):
+    """fold_batchnorm's math, differentiable in the conv's and the BN's parameters."""
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = -bn.running_mean.double() if conv.bias is None else conv.bias.double() - bn.running_mean.double()
+    bias = bias * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+    dtype = conv.weight.dtype
+    return (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
+
+
+def _state_key(conv, bn):
+    tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+               if t is not None]
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (bn.eps,)
+
+
+def _folded_no_grad(conv, bn):
+    """bmkernels.fold_batchnorm's weight and bias, recomputed only when a parameter or statistic changed."""
+    key = _state_key(conv, bn)
+    cached = getattr(bn, "_bmkernels_fold_cache", None)
+    if cached is None or cached[0] != key:
+        folded = fold_batchnorm(conv, bn)
+        cached = (key, folded.weight.detach(), folded.bias.detach())
+        bn._bmkernels_fold_cache = cached
+    return cached[1], cached[2]
+
+
+def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
+    """act(bn(conv(x)) + residual) by the rule in the module docstring. conv: a bmkernels Conv2d
+    (fused) or a torch.nn.Conv2d (torch's modules throughout); bn: a BatchNorm2d or None; activation:
+    the kernel's spec; act_module: the activation module to call on the unfused path (default: the
+    functional form of `activation`)."""
+    if not isinstance(conv, Conv2d):
+        fused = False
+    elif bn is None:
+        return conv.conv(x, conv.weight, conv.bias, activation=activation, residual=residual)
+    else:
+        fused = _bn_folds(bn)
+    if fused:
+        needs_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None)
+        compiling = torch.compiler.is_compiling()
+        weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else _folded_no_grad(conv, bn)
+        return conv.conv(x, weight, bias, activation=activation, residual=residual)
+    out = conv(x)
+    if bn is not None:
+        out = bn(out)
+    if residual is not None:
+        out = out + residual
+    return act_module(out) if act_module is not None else _functional(activation)(out)
+
+
+class ConvBNAct(torch.nn.Module):
+    """conv (Conv2d, no bias) -> bn (BatchNorm2d) -> activation, with an optional residual added
+    before the activation: `block(x, residual=None)`. kernels="bmkernels": a bmkernels Conv2d and
+    the fused rule of conv_bn_act; kernels="torch": torch.nn.Conv2d and torch's modules. The same
+    parameters and state_dict keys either way. padding=None: "same"-style k // 2."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, groups=1, activation="relu",
+                 *, kernels="bmkernels", device=None, dtype=None):
+        super().__init__()
+        if kernels not in ("bmkernels", "torch"):
+            raise ValueError(f"kernels must be 'bmkernels' or 'torch'; got {kernels!r}")
+        _functional(activation)
+        conv_class = Conv2d if kernels == "bmkernels" else torch.nn.Conv2d
+        padding = kernel_size // 2 if padding is None else padding
+        self.conv = conv_class(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
+                               bias=False, device=device, dtype=dtype)
+        self.bn = torch.nn.BatchNorm2d(out_channels, device=device, dtype=dtype)
+        self.activation = activation
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}"
+
+    def forward(self, x, residual=None):
+        return conv_bn_act(self.conv, self.bn, x, self.activation, residual)
+
+
+# ------------------------------------------------------------------------------- swap fusions
+
+
+def _has_hooks(module):
+    return any(getattr(module, table, None) for table in (
+        "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _fused_subclass(cls, mixin):
+    if (cls, mixin) not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls), {
+            "__module__": __name__, _UNFUSED_CLASS: cls, "__doc__": mixin.__doc__})
+    return _FUSED_CLASSES[cls, mixin]
+
+
+def _set_fused_class(module, mixin):
+    module.__class__ = _fused_subclass(type(module), mixin)
+
+
+def unfuse(module):
+    """Put back the class a fusion replaced (no-op for any other module)."""
+    original = getattr(type(module), _UNFUSED_CLASS, None)
+    if original is not None:
+        module.__class__ = original
+        module.__dict__.pop("_bmkernels_groups", None)
+
+
+def _sequence_groups(children):
+    """[(start, count, activation spec)] of fusable conv [-> bn] [-> act] runs among `children`."""
+    groups, i = [], 0
+    while i < len(children):
+        conv = children[i]
+        if not (isinstance(conv, Conv2d) and conv.activation is None):
+            i += 1
+            continue
+        n = 1
+        if i + n < len(children) and type(children[i + n]) is torch.nn.BatchNorm2d:
+            n += 1
+        activation = kernel_activation(children[i + n]) if i + n < len(children) else None
+        if activation is not None:
+            n += 1
+        if n > 1 and not any(_has_hooks(m) for m in children[i:i + n]):
+            groups.append((i, n, activation))
+        i += n
+    return groups
+
+
+class _FusedSequential:
+    """A Sequential whose conv [-> BatchNorm2d] [-> activation] runs are fused (bmkernels.nn.fused)."""
+
+    def forward(self, input):
+        children = list(self._modules.values())
+        starts = {start: (count, activation) for start, count, activation in self._bmkernels_groups}
+        i = 0
+        while i < len(children):
+            if i not in starts:
+                input = children[i](input)
+                i += 1
+                continue
+            count, activation = starts[i]
+            bn = children[i + 1] if count > 1 and isinstance(children[i + 1], torch.nn.BatchNorm2d) else None
+            act = children[i + count - 1] if activation is not None else None
+            input = conv_bn_act(children[i], bn, input, activation, act_module=act)
+            i += count
+        return input
+
+
+def fuse_sequences(model, report):
+    """FUSERS entry: conv [-> BatchNorm2d] [-> ReLU/SiLU/GELU/LeakyReLU] runs inside Sequentials."""
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Sequential) or type(module).forward is not torch.nn.Sequential.forward:
+            continue
+        children = list(module._modules.values())
+        groups = _sequence_groups(children)
+        if not groups:
+            continue
+        _set_fused_class(module, _FusedSequential)
+        module._bmkernels_groups = groups
+        names = list(module._modules)
+        for start, count, activation in groups:
+            parts = [".".join(filter(None, (name, n))) for n in names[start:start + count]]
+            report.fused.append((parts, f"fused conv block (activation={activation!r}) in {type(module).__name__}"))
+
+
+class _FusedBasicBlock:
+    """torchvision BasicBlock: conv1/bn1/relu and conv2/bn2 + identity + relu as fused blocks."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, "relu", act_module=self.relu)
+        return conv_bn_act(self.conv2, self.bn2, out, "relu", residual=identity, act_module=self.relu)
+
+
+class _FusedBottleneck:
+    """torchvision Bottleneck: conv1/bn1/relu, conv2/bn2/relu and conv3/bn3 + identity + relu as fused blocks."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, "relu", act_module=self.relu)
+        out = conv_bn_act(self.conv2, self.bn2, out, "relu", act_module=self.relu)
+        return conv_bn_act(self.conv3, self.bn3, out, "relu", residual=identity, act_module=self.relu)
+
+
+class _FusedResNet:
+    """torchvision ResNet: the stem's conv1/bn1/relu as one fused block; the rest as torchvision's."""
+
+    def _forward_impl(self, x):
+        x = self.maxpool(conv_bn_act(self.conv1, self.bn1, x, "relu", act_module=self.relu))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def fuse_resnet_blocks(model, report):
+    """FUSERS entry: torchvision ResNet BasicBlock / Bottleneck and the ResNet stem (exactly those
+    classes) whose convs were swapped, BNs are BatchNorm2d, relu is nn.ReLU and nothing inside has hooks."""
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    except ImportError:
+        return
+    layouts = {BasicBlock: (_FusedBasicBlock, 2), Bottleneck: (_FusedBottleneck, 3), ResNet: (_FusedResNet, 1)}
+    for name, module in model.named_modules():
+        layout = layouts.get(type(module))
+        if layout is None:
+            continue
+        mixin, depth = layout
+        convs = [getattr(module, f"conv{i}") for i in range(1, depth + 1)]
+        bns = [getattr(module, f"bn{i}") for i in range(1, depth + 1)]
+        if not (all(isinstance(c, Conv2d) and c.activation is None for c in convs)
+                and all(type(b) is torch.nn.BatchNorm2d for b in bns) and type(module.relu) is torch.nn.ReLU):
+            report.notes.append(f"{name}: {type(module).__name__} not fused (its convs were not swapped or its "
+                                "layers are not Conv2d/BatchNorm2d/ReLU)")
+            continue
+        if any(_has_hooks(m) for m in (*convs, *bns, module.relu)):
+            report.notes.append(f"{name}: {type(module).__name__} not fused (a layer inside has hooks)")
+            continue
+        _set_fused_class(module, mixin)
+        what = ("stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add")
+        report.fused.append(([name or "<model>"], f"{type(module).__name__}: {what}"))
