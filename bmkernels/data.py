@@ -122,3 +122,31 @@ class StdlibModuleSnippets:
             start = int(torch.randint(0, text.numel() - length + 1, (1,), generator=generator))
             rows.append(text[start:start + length])
         return torch.stack(rows).long(), labels
+
+
+class Digits:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes; shipped inside
+    the package, nothing downloaded): .train / .val are (images (N, 1, 8, 8) float32 in [0, 1],
+    labels (N,) int64). Deterministic split: every tenth image (index % 10 == 0) is validation.
+    Held in memory; a batch is one index gather, rows a pure function of the generator."""
+
+    n_classes = 10
+    shape = (1, 8, 8)
+
+    def __init__(self):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise RuntimeError("the digits images come with scikit-learn: pip install 'bmkernels[images]' "
+                               "(or pip install scikit-learn)") from None
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.int64)
+        val = torch.arange(len(labels)) % 10 == 0
+        self.train, self.val = (images[~val], labels[~val]), (images[val], labels[val])
+
+    def batch(self, split, batch_size, generator):
+        """images (B, 1, 8, 8) and labels (B,), drawn with replacement from `split`."""
+        images, labels = self.train if split == "train" else self.val
+        rows = torch.randint(0, len(labels), (batch_size,), generator=generator)
+        return images[rows], labels[rows]

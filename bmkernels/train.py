@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bmkernels import data as bmk_data
-from bmkernels.models import TransformerClassifier, TransformerLM
+from bmkernels.models import CNN, GRULM, ConvAutoencoder, TransformerClassifier, TransformerLM
 
 CHECKPOINT = "checkpoint.pt"
 CURVE = "loss_curve.png"
@@ -75,7 +75,7 @@ def load_checkpoint(path, model_name=None):
     return payload
 
 
-def plot_curves(history, path, title):
+def plot_curves(history, path, title, ylabel="cross-entropy (nats)"):
     """Train and validation loss against step, as a PNG (needs matplotlib: the `train` extra)."""
     try:
         import matplotlib
@@ -93,7 +93,7 @@ def plot_curves(history, path, title):
         steps, losses = zip(*[(s, m["loss"]) for s, m in history["val"]], strict=True)
         ax.plot(steps, losses, "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -188,6 +188,7 @@ class Trainer:
     name = None
     summary = None  # one line for `bmkernels train --help`
     unit = "tokens"
+    loss_label = "cross-entropy (nats)"
     ARCH_KEYS = ()
 
     @classmethod
@@ -289,7 +290,107 @@ class TransformerTrainer(Trainer):
         return sorted(source)
 
 
+class _DigitsTrainer(Trainer):
+    """Shared by the image models: scikit-learn's handwritten digits (bmkernels.data.Digits)."""
+
+    unit = "images"
+
+    def __init__(self, config):
+        super().__init__(config)
+        try:
+            self.data = bmk_data.Digits()
+        except RuntimeError as e:
+            raise TrainError(str(e)) from None
+
+    def batch(self, split, generator):
+        return self.data.batch(split, self.config["batch_size"], generator)
+
+    def items(self, x):
+        return x.shape[0]
+
+
+class CNNTrainer(_DigitsTrainer):
+    """ResNet-style CNN (bmkernels fused conv blocks) classifying scikit-learn's 8x8 handwritten digits."""
+
+    name = "cnn"
+    summary = "ResNet-style CNN classifier on scikit-learn's handwritten digits"
+    ARCH_KEYS = ("widths", "blocks")
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--widths", type=_widths, default=(16, 32, 64),
+                            help="channels per stage, comma-separated (default 16,32,64)")
+        parser.add_argument("--blocks", type=_positive_int, default=1, help="residual blocks per stage (default 1)")
+
+    def build_model(self, kernels):
+        return CNN(self.data.n_classes, self.data.shape[0], self.config["widths"], self.config["blocks"], kernels)
+
+    def loss(self, model, x, y):
+        return F.cross_entropy(model(x), y)
+
+    def metrics(self, model, x, y):
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(-1) == y).double().mean().item()}
+
+
+class AutoencoderTrainer(_DigitsTrainer):
+    """Convolutional autoencoder (bmkernels fused conv blocks) reconstructing scikit-learn's 8x8 digits."""
+
+    name = "autoencoder"
+    summary = "convolutional autoencoder on scikit-learn's handwritten digits"
+    loss_label = "mean squared error"
+    ARCH_KEYS = ("widths",)
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--widths", type=_widths, default=(16, 32),
+                            help="encoder channels per stride-2 stage, comma-separated (default 16,32; at most 3 "
+                                 "stages for 8x8 images)")
+
+    def build_model(self, kernels):
+        if 2 ** len(self.config["widths"]) > self.data.shape[-1]:
+            raise TrainError(f"--widths: at most 3 stages for {self.data.shape[-1]}x{self.data.shape[-1]} images; "
+                             f"got {len(self.config['widths'])}")
+        return ConvAutoencoder(self.data.shape[0], self.config["widths"], kernels)
+
+    def loss(self, model, x, y):
+        return F.mse_loss(model(x), x)
+
+
+class GRUTrainer(Trainer):
+    """GRU language model (embedding -> bmkernels GRU -> head), next byte of standard-library source."""
+
+    name = "gru"
+    summary = "GRU language model on Python standard-library text"
+    ARCH_KEYS = ("seq_len", "d_embed", "hidden_size", "n_layers", "dropout", "data_bytes")
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--seq-len", type=_positive_int, default=64, help="bytes per sequence (default 64)")
+        parser.add_argument("--d-embed", type=_positive_int, default=64, help="byte embedding size (default 64)")
+        parser.add_argument("--hidden-size", type=_positive_int, default=256, help="GRU state size (default 256)")
+        parser.add_argument("--n-layers", type=_positive_int, default=2, help="GRU layers (default 2)")
+        parser.add_argument("--dropout", type=_probability, default=0.0,
+                            help="dropout between GRU layers and before the head (default 0)")
+        parser.add_argument("--data-bytes", type=_positive_int, default=2_000_000,
+                            help="bytes of stdlib source to train on (default 2000000)")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.data = bmk_data.StdlibText(max_bytes=config["data_bytes"])
+
+    def build_model(self, kernels):
+        c = self.config
+        return GRULM(self.data.vocab_size, c["d_embed"], c["hidden_size"], c["n_layers"], c["dropout"], kernels)
+
+    def batch(self, split, generator):
+        return self.data.batch(split, self.config["batch_size"], self.config["seq_len"], generator)
+
+    loss = TransformerTrainer.loss
+
+
 TRAINERS = {"transformer": TransformerTrainer}
+TRAINERS.update({"cnn": CNNTrainer, "autoencoder": AutoencoderTrainer, "gru": GRUTrainer})
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -314,6 +415,8 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_widths = _checked(lambda text: tuple(int(w) for w in text.split(",")), lambda v: len(v) >= 1 and min(v) >= 1,
+                   "comma-separated positive integers")
 
 
 def add_common_arguments(parser):
@@ -492,6 +595,6 @@ def _train(config, out, resume, init, dist):
     if dist.main:
         if not config["no_plot"]:
             plot_curves(history, os.path.join(out, CURVE),
-                        f"{config['model']} {config.get('task', '')} ({config['kernels']} kernels)")
+                        f"{config['model']} {config.get('task', '')} ({config['kernels']} kernels)", trainer.loss_label)
         progress.message(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return summary
