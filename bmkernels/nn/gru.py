@@ -7,6 +7,10 @@ PackedSequence (returned packed, with the input's batch sizes and sort order), h
 num_layers, bidirectional, dropout between layers in training (mask from torch's default generator,
 not the mask torch's cuDNN/native GRU would draw), bias=False. flatten_parameters() is accepted and
 does nothing: the kernels read the parameters where they are.
+
+torch.compile: Dynamo refuses to trace any nn.GRU instance (this subclass too) unless
+torch._dynamo.config.allow_rnn is set; by default a compiled model runs its GRU eagerly (a graph
+break, still the bmkernels kernel), with allow_rnn=True it compiles with fullgraph=True.
 """
 
 import torch
