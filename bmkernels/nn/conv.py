@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bmkernels import _backend
 from bmkernels.nn._convert import rebuild
-from bmkernels.ops.conv import _DTYPES, _activation, conv2d
+from bmkernels.ops.conv import _ACTIVATION_CODES, _DTYPES, _activation, _derivative_from_output, conv2d
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -84,8 +84,15 @@ class Conv2d(torch.nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, activation=activation,
-                      residual=residual, backend=self.backend)
+        out = conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, activation=activation,
+                     residual=residual, backend=self.backend)
+        code, slope = _activation(activation)
+        if out.requires_grad and code != _ACTIVATION_CODES["relu"] and _derivative_from_output(code, slope):
+            # the op keeps its output for backward even where the math does not need it (no activation,
+            # leaky_relu), while torch's conv / BatchNorm output may be overwritten in place by the caller
+            # (torchvision's `result += input`): hand out a copy, as free to modify as torch's
+            out = out.clone()
+        return out
 
     def forward(self, input):
         return self.conv(input, self.weight, self.bias, activation=self.activation)

@@ -273,6 +273,6 @@ def fuse_resnet_blocks(model, report):
         if any(_has_hooks(m) for m in (*convs, *bns, module.relu)):
             report.notes.append(f"{name}: {type(module).__name__} not fused (a layer inside has hooks)")
             continue
-        _set_fused_class(module, mixin)
         what = ("stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add")
         report.fused.append(([name or "<model>"], f"{type(module).__name__}: {what}"))
+        _set_fused_class(module, mixin)
