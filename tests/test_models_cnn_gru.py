@@ -9,9 +9,14 @@ from bmkernels.models import CNN, GRULM, ConvAutoencoder
 from bmkernels.nn import GRU, Conv2d
 from tests.conftest import float64_tolerance, magnitude, max_abs_diff
 
+
+def images():
+    return torch.rand(3, 1, 8, 8, dtype=torch.float64)
+
+
 MODELS = {
-    "cnn": (lambda k: CNN(10, 1, (8, 16), 1, kernels=k), lambda: torch.rand(3, 1, 8, 8, dtype=torch.float64)),
-    "autoencoder": (lambda k: ConvAutoencoder(1, (8, 16), kernels=k), lambda: torch.rand(3, 1, 8, 8, dtype=torch.float64)),
+    "cnn": (lambda k: CNN(10, 1, (8, 16), 1, kernels=k), images),
+    "autoencoder": (lambda k: ConvAutoencoder(1, (8, 16), kernels=k), images),
     "gru": (lambda k: GRULM(50, 8, 12, 2, kernels=k), lambda: torch.randint(0, 50, (3, 7))),
 }
 
