@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 
 .PHONY: setup test bench bench-quick bench-full bench-pytest lint info clean distclean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja pybind11 ruff matplotlib
+	$(BIN)/pip install torchvision==$(TORCHVISION_VERSION) scikit-learn
 	$(BIN)/pip install --no-build-isolation -e .
 
 test:
