@@ -380,18 +380,10 @@ def test_compile_fullgraph(dtype):
     q, k, v = qkv(dtype, q_len=M, k_len=L, head_dim=64 if ON_GPU else 16, q_heads=4, kv_heads=2)
     bias = rand(1, 4, M, L, dtype=dtype, requires_grad=True)
 
-    def fn(q, k, v, bias):
-        return bmkernels.attention(q, k, v, bias=bias, causal=True, softcap=5.0, return_lse=True, backend="triton")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if ON_GPU else "eager")
-    out, lse = compiled(q, k, v, bias)
-    want, want_lse = fn(q, k, v, bias)
-    torch.testing.assert_close(out, want)
-    torch.testing.assert_close(lse, want_lse)
-    grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
-    want_grads = torch.autograd.grad(want.sum(), (q, k, v, bias))
-    for a, b in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    options = {"causal": True, "softcap": 5.0, "return_lse": True}
+    compiled = torch.compile(triton_fn(**options), fullgraph=True, backend="inductor" if ON_GPU else "eager")
+    check_against_reference(compiled, reference_fn(**options), {"q": q, "k": k, "v": v, "bias": bias}, dtype,
+                            lse_grad=True)
 
 
 # the interpreter cannot run the kernels inside AOT dispatch's functionalized fake tracing
