@@ -4,9 +4,11 @@ import torch
 
 from bmkernels import _backend, _extension
 from bmkernels.ops.attention import attention, dropout_keep_mask, scaled_dot_product_attention
+from bmkernels.ops.gru import gru, gru_cell
 
 __version__ = "0.1.0"
 __all__ = ["attention", "build_info", "dropout_keep_mask", "scaled_dot_product_attention"]
+__all__ += ["gru", "gru_cell"]
 
 
 def build_info():

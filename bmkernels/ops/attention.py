@@ -1,5 +1,7 @@
 """bmkernels.attention and bmkernels.scaled_dot_product_attention: argument checks, backend choice,
-and the fake kernel and autograd of the torch.ops.bmkernels.attention_* operators.
+and the fake kernels of the torch.ops.bmkernels.attention_* operators. Autograd of attention_fwd is
+registered in C++ (csrc/autograd/attention.cpp; its backward is the op attention_bwd): the Python
+register_autograd path cost more per call than the whole kernel at small shapes.
 
 Memory: the forward saves q, k, v, out and the logsumexp (B, H, Lq) — O(L), never an Lq x Lk
 buffer; the backward recomputes probabilities per tile. The one exception is a bias that requires
@@ -276,7 +278,7 @@ def _setup_context(ctx, inputs, output):
 
 def backward_with(bwd_op):
     """The autograd backward of an attention_fwd-shaped operator whose gradients come from bwd_op
-    (attention_bwd's signature); shared by the C++ and Triton operators."""
+    (attention_bwd's signature): the Triton operators' (the C++ operator's is in csrc/autograd/)."""
 
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
@@ -295,5 +297,3 @@ if _extension.loaded():
     torch.library.register_fake("bmkernels::attention_dropout_mask")(
         lambda rng_seed, batch, heads, q_len, k_len, dropout_p: rng_seed.new_empty(
             (batch, heads, q_len, k_len), dtype=torch.bool))
-    torch.library.register_autograd("bmkernels::attention_fwd", backward_with(torch.ops.bmkernels.attention_bwd),
-                                    setup_context=_setup_context)
