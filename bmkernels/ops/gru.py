@@ -66,8 +66,9 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
             and x.is_cpu and h.is_cpu and w_ih.is_cpu and w_hh.is_cpu and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu)
             and x.dim() == 2 and _choose("gru", x.device, None) == "cpu"):
         # hot path (a GRUCell stepped from Python): the kernel checks shapes and dtypes itself
-        save = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or w_ih.requires_grad
-                                            or w_hh.requires_grad or b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
+        save = torch.is_grad_enabled() and (
+            x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+            or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)))
         return _cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save)[0]
     op = "gru_cell"
     _check_tensor(op, "x", x)

@@ -113,17 +113,21 @@ struct alignas(64) StepCounter {
 };
 
 // Runs fn(d, task, step) for every step, direction and task, workers spread over threads in one parallel
-// region; all tasks of a direction finish a step before any of them starts the next.
-template <typename Fn>
-void run_steps(const StepPartition& p, int64_t steps, const Fn& fn) {
+// region. After a step for which synced(step) holds, all tasks of a direction finish it before any of them
+// starts the next step.
+template <typename Fn, typename Synced>
+void run_steps(const StepPartition& p, int64_t steps, const Fn& fn, const Synced& synced) {
   const int64_t per_dir = p.tasks_per_direction(), workers = p.workers();
   std::vector<StepCounter> counters(p.directions);
   at::parallel_for(0, workers, ceil_div(workers, p.threads), [&](int64_t begin, int64_t end) {
+    int64_t barriers = 0;
     for (int64_t s = 0; s < steps; ++s) {
+      const bool sync = synced(s);
+      barriers += sync;
       for (int64_t d = begin / per_dir; d < p.directions && d * per_dir < end; ++d) {
         const int64_t lo = std::max(begin, d * per_dir), hi = std::min(end, (d + 1) * per_dir);
         for (int64_t w = lo; w < hi; ++w) fn(d, w - d * per_dir, s);
-        counters[d].arrive_and_wait(hi - lo, (s + 1) * per_dir);
+        if (sync) counters[d].arrive_and_wait(hi - lo, barriers * per_dir);
       }
     }
     tile_gemm_done();
@@ -234,7 +238,7 @@ GruLayerFwdResult layer_forward(const at::Tensor& x, const at::Tensor& h0, const
                            tile_row + 2 * w, b_hn == nullptr ? nullptr : b_hn + d * 3 * H + blk.j0, cur_row, w,
                            next_row, out_row, ws_row);
     }
-  });
+  }, [](int64_t) { return true; });  // the next step's GEMM reads every block's new state
   at::Tensor h_n = state.select(1, T_len & 1).clone();
   return {out, h_n, save ? ws : at::empty({0}, x.options())};
 }
@@ -402,7 +406,9 @@ GruLayerBwdResult layer_backward(const at::Tensor& grad_out, const at::Tensor& g
       tile_gemm<T>(blk.b1 - blk.b0, w, 3 * H, dgh_t + blk.b0 * 3 * H, 3 * H, w_hh_p + d * 3 * H * H + blk.j0, H,
                    next + blk.b0 * H + blk.j0, H, true);
     }
-  });
+    // a block's dh_prev GEMM reads the gate gradients of all blocks of its rows; the next step's gate
+    // gradients read only the block's own dh_prev, so no barrier after the GEMM
+  }, [](int64_t phase) { return phase % 2 == 0; });
 
   const at::Tensor dgi2 = dgi.view({T_len * B, D * 3 * H});
   at::Tensor dx = at::mm(dgi2, w_ih.reshape({D * 3 * H, I})).view({T_len, B, I});
