@@ -423,6 +423,12 @@ BAD_CELL = {
                      "w_ih must have the input's dtype"),
     "mixed devices": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5, device="meta"), *w),
                       ValueError, "h must be on the input's device"),
+    "not a tensor": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), w[0].tolist(), *w[1:]),
+                     TypeError, "w_ih must be a torch.Tensor"),
+    "hot path dtype": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5).double(), *w), TypeError,
+                       "h must have the input's dtype torch.float32; got torch.float64"),
+    "hot path bias shape": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), *w[:3], w[3][:7]),
+                            ValueError, r"b_hh must have shape \(15,\); got \(7,\)"),
 }
 
 
