@@ -131,7 +131,7 @@ GRU_CASES = {  # (T, B, I, H, num_layers, bidirectional, bias, batch_first)
     "3layers_bi_nobias": (5, 2, 3, 4, 3, True, False, False),
     "thread_per_direction": (6, 5, 8, 70, 1, True, True, False),  # two hidden blocks per direction
     "hidden_blocks": (4, 6, 5, 80, 1, False, True, False),  # threads split one direction's hidden units
-    "batch_blocks": (3, 120, 4, 17, 1, False, True, False),  # one hidden block: the batch is split
+    "batch_blocks": (2, 1400, 3, 5, 1, False, True, False),  # one hidden block: the batch is split
 }
 
 
