@@ -54,6 +54,19 @@ TORCH_LIBRARY(bmkernels, m) {
   m.def(
       "gru_layer_bwd(Tensor grad_out, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor? lengths, Tensor workspace, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Fused conv2d over (N, C, H, W): act(conv(x, weight) + bias + residual); padding is (top, bottom,
+  // left, right); activation is a code of bmk::Activation (csrc/common/activations.h) with slope for
+  // leaky_relu. Returns out (in x's memory format) and, when save_preact, the pre-activation (else empty).
+  m.def(
+      "conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, int activation, float slope, bool save_preact) -> (Tensor, Tensor)");
+  // Gradients of conv2d_fwd: act_saved is its output (saved_is_output) or pre-activation; output_mask
+  // picks (dx, dweight, dbias, dresidual); gradients not asked for are empty.
+  m.def(
+      "conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor act_saved, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, int activation, float slope, bool saved_is_output, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -166,9 +166,16 @@ def test_no_matching_case_fails(capsys):
 
 
 def test_list_cases(capsys):
-    code, out, _ = run_main(capsys, "bench", "--full", "--op", "attention", "--list")
+    code, out, _ = run_main(capsys, "bench", "--full", "--list", "--op", "attention")
     assert code == 0
     assert len(out.splitlines()) == 24  # 3 shapes x 2 dtypes x causal/full x fwd/fwd+bwd
+
+
+def test_list_covers_every_op_family(capsys):
+    code, out, _ = run_main(capsys, "bench", "--full", "--list")
+    assert code == 0
+    assert {"attention", "conv", "gru"} <= set(bench.OPS)
+    assert len(out.splitlines()) == sum(len(bench.case_module(op).cases("full")) for op in bench.OPS)
 
 
 # -- the engine, in process --------------------------------------------------------------------

@@ -119,6 +119,7 @@ class Result:
 CASE_MODULES = {
     "attention": "bmkernels.bench.attention",
     "gru": "bmkernels.bench.gru",
+    "conv": "bmkernels.bench.conv",
 }
 OPS = tuple(CASE_MODULES)
 

@@ -1,5 +1,5 @@
 """bmkernels.gru_cell and bmkernels.gru: argument checks, backend choice, and the fake kernels of the
-torch.ops.bmkernels.gru_* operators. Their autograd is registered in C++ (csrc/gru_autograd.cpp), so a
+torch.ops.bmkernels.gru_* operators. Their autograd is registered in C++ (csrc/autograd/gru.cpp), so a
 cell stepped from Python costs one dispatch with or without grad.
 
 Memory: for backward the forward saves a workspace of 5 values per unit and step (the gates r, z, n,

@@ -1,0 +1,225 @@
+"""bmkernels.conv2d and bmkernels.fold_batchnorm: argument checks, backend choice, and the fake
+kernel and autograd of the torch.ops.bmkernels.conv2d_* operators.
+
+Memory: the forward saves x, weight and one output-sized tensor for the activation's derivative:
+the output itself for None / relu / leaky_relu with a positive slope (the derivative can be read off
+it), else the pre-activation, which the kernel writes in the same pass as the output.
+"""
+
+import copy
+import math
+
+import torch
+
+from bmkernels import _backend, _extension
+from bmkernels.reference import conv as reference
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# codes of bmk::Activation (csrc/common/activations.h)
+_ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5}
+
+
+def _fail(cls, message):
+    raise cls(f"conv2d: {message}")
+
+
+def _pair(name, value, minimum):
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+        _fail(TypeError, f"{name} must be an int or a pair of ints; got {value!r}")
+    if min(pair) < minimum:
+        _fail(ValueError, f"{name} must be >= {minimum}; got {value!r}")
+    return tuple(pair)
+
+
+def _padding(padding, kernel, stride, dilation):
+    """(top, bottom, left, right) from an int, a pair, "valid" or "same" (extra on the bottom/right, as torch)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            _fail(ValueError, f"padding must be an int, a pair, 'same' or 'valid'; got {padding!r}")
+        if stride != (1, 1):
+            _fail(ValueError, f"padding='same' needs stride 1; got stride {stride}")
+        pads = []
+        for k, d in zip(kernel, dilation, strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = _pair("padding", padding, 0)
+    return (ph, ph, pw, pw)
+
+
+def _activation(activation):
+    """(code, slope) of an activation spec: None, a name, or ("leaky_relu", slope)."""
+    if isinstance(activation, tuple) and len(activation) == 2 and activation[0] == "leaky_relu":
+        slope = activation[1]
+        if not (isinstance(slope, (int, float)) and not isinstance(slope, bool) and math.isfinite(slope)):
+            _fail(ValueError, f"the leaky_relu slope must be a finite number; got {slope!r}")
+        return _ACTIVATION_CODES["leaky_relu"], float(slope)
+    if not isinstance(activation, (str, type(None))) or activation not in _ACTIVATION_CODES:
+        _fail(ValueError, f"activation must be one of {list(_ACTIVATION_CODES)} or ('leaky_relu', slope); "
+              f"got {activation!r}")
+    return _ACTIVATION_CODES[activation], reference.DEFAULT_LEAKY_SLOPE
+
+
+def _derivative_from_output(code, slope):
+    """Mirrors bmk::derivative_from_output: act'(z) readable from act(z)."""
+    return code in (0, 1) or (code == 2 and slope > 0)
+
+
+def _memory_format(x):
+    """channels_last when x is laid out so (and not also plain contiguous), as the kernel decides."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_tensor(name, t, x, dtype_of="x"):
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        _fail(TypeError, f"{name} must have {dtype_of}'s dtype {x.dtype}; got {t.dtype}")
+    if t.device != x.device:
+        _fail(ValueError, f"{name} must be on x's device {x.device}; got {t.device}")
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, residual=None,
+           backend=None):
+    """act(conv2d(x, weight) + bias + residual) in one pass.
+
+    x: (N, C_in, H, W) or unbatched (C_in, H, W), float32 / float64 / bfloat16 (float32 accumulation
+    for bfloat16), NCHW or channels_last: the output keeps x's memory format.
+    weight: (C_out, C_in / groups, kH, kW); bias: (C_out,) or None; stride, padding, dilation,
+    groups as in torch.nn.functional.conv2d (padding also "same" / "valid").
+    residual: a tensor of the output's shape, added before the activation (a ResNet block).
+    activation: None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu" (slope 0.01) or
+    ("leaky_relu", slope). Returns (N, C_out, H_out, W_out) (or unbatched) in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        _fail(TypeError, f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        _fail(ValueError, f"x must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W); got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        _fail(TypeError, f"x must be float32, float64 or bfloat16; got {x.dtype}")
+    _check_tensor("weight", weight, x)
+    if weight.dim() != 4:
+        _fail(ValueError, f"weight must be 4-D (C_out, C_in / groups, kH, kW); got shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        _fail(ValueError, f"groups must be a positive int; got {groups!r}")
+    in_c, out_c = x.shape[-3], weight.shape[0]
+    if in_c % groups or out_c % groups:
+        _fail(ValueError, f"groups ({groups}) must divide the input channels ({in_c}) and the output channels "
+              f"({out_c})")
+    if weight.shape[1] * groups != in_c:
+        _fail(ValueError, f"weight {tuple(weight.shape)} expects {weight.shape[1] * groups} input channels "
+              f"(C_in / groups = {weight.shape[1]}, groups = {groups}); x {tuple(x.shape)} has {in_c}")
+    if bias is not None:
+        _check_tensor("bias", bias, x)
+        if tuple(bias.shape) != (out_c,):
+            _fail(ValueError, f"bias must have shape (C_out,) = ({out_c},); got {tuple(bias.shape)}")
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    kernel = tuple(weight.shape[2:])
+    pads = _padding(padding, kernel, stride, dilation)
+    out_hw = tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
+                   zip(x.shape[-2:], pads[0::2], pads[1::2], kernel, stride, dilation, strict=True))
+    if min(out_hw) <= 0:
+        _fail(ValueError, f"output size {out_hw} must be positive: input {tuple(x.shape[-2:])}, kernel {kernel}, "
+              f"padding {pads} (top, bottom, left, right), stride {stride}, dilation {dilation}")
+    out_shape = (*x.shape[:-3], out_c, *out_hw)
+    if residual is not None:
+        _check_tensor("residual", residual, x)
+        if tuple(residual.shape) != out_shape:
+            _fail(ValueError, f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
+    code, slope = _activation(activation)
+
+    name = _backend.choose("conv2d", x.device, backend)
+    if name == "reference":
+        return reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation=activation,
+                                residual=residual)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+        residual = residual.unsqueeze(0) if residual is not None else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    save_preact = needs_grad and not _derivative_from_output(code, slope)
+    out, _ = torch.ops.bmkernels.conv2d_fwd(x, weight, bias, residual, stride, pads, dilation, groups, code, slope,
+                                            save_preact)
+    return out.squeeze(0) if unbatched else out
+
+
+def fold_batchnorm(conv, bn):
+    """A copy of `conv` (torch.nn.Conv2d) with the eval-mode `bn` (torch.nn.BatchNorm2d) folded in:
+    fused(x) == bn(conv(x)). Computed in float64 and rounded once to the conv's dtype."""
+    if not isinstance(conv, torch.nn.Conv2d):
+        raise TypeError(f"fold_batchnorm: conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
+    if not isinstance(bn, torch.nn.BatchNorm2d):
+        raise TypeError(f"fold_batchnorm: bn must be a torch.nn.BatchNorm2d; got {type(bn).__name__}")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"fold_batchnorm: bn has {bn.num_features} features; the conv has {conv.out_channels} "
+                         "output channels")
+    if bn.training or bn.running_mean is None:
+        raise ValueError("fold_batchnorm: bn must be in eval mode with running statistics (call bn.eval(); "
+                         "track_running_stats=True): a training-mode BatchNorm normalizes with batch statistics, "
+                         "which no fixed weight can fold")
+    with torch.no_grad():
+        dtype = conv.weight.dtype
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        bias = -bn.running_mean.double() if conv.bias is None else conv.bias.double() - bn.running_mean.double()
+        bias = bias * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+        fused = copy.deepcopy(conv)
+        fused.weight = torch.nn.Parameter((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
+        fused.bias = torch.nn.Parameter(bias.to(dtype))
+    return fused
+
+
+def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
+    out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
+              zip(x.shape[-2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True)]
+    out = x.new_empty((x.shape[0], weight.shape[0], *out_hw)).contiguous(memory_format=_memory_format(x))
+    preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
+    return out, preact
+
+
+def _fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, saved_is_output,
+              output_mask):
+    fmt = _memory_format(x)
+    out_shape = (x.shape[0], weight.shape[0], *grad_out.shape[2:])
+    wanted = (torch.empty_like(x, memory_format=fmt), weight.new_empty(weight.shape),
+              weight.new_empty((weight.shape[0],)), x.new_empty(out_shape).contiguous(memory_format=fmt))
+    return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, output_mask, strict=True))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact = inputs
+    out, preact = output
+    from_output = _derivative_from_output(activation, slope)
+    ctx.save_for_backward(x, weight, out if from_output else preact)
+    ctx.params = (stride, padding, dilation, groups, activation, slope, from_output)
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+
+
+def _backward(ctx, grad_out, grad_preact):
+    x, weight, act_saved = ctx.saved_tensors
+    stride, padding, dilation, groups, activation, slope, from_output = ctx.params
+    if not from_output and act_saved.numel() == 0:
+        raise RuntimeError("conv2d: backward needs the pre-activation, which the forward did not save (it ran "
+                           "without any input requiring grad)")
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+            ctx.has_residual and ctx.needs_input_grad[3]]
+    dx, dw, db, dres = torch.ops.bmkernels.conv2d_bwd(grad_out, x, weight, act_saved, stride, padding, dilation,
+                                                      groups, activation, slope, from_output, mask)
+    grads = [g if m else None for g, m in zip((dx, dw, db, dres), mask, strict=True)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+if _extension.loaded():
+    torch.library.register_fake("bmkernels::conv2d_fwd")(_fake_fwd)
+    torch.library.register_fake("bmkernels::conv2d_bwd")(_fake_bwd)
+    torch.library.register_autograd("bmkernels::conv2d_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,75 @@
+#pragma once
+// Pointwise activations of the fused conv epilogue and their derivatives, shared by every kernel
+// (specification: bmkernels/reference/conv.py). T is the accumulation type (float or double).
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace bmk {
+
+// Activation codes of the conv2d_fwd / conv2d_bwd schemas (bmkernels/ops/conv.py maps the names).
+enum class Activation : int64_t { none = 0, relu = 1, leaky_relu = 2, gelu = 3, gelu_tanh = 4, silu = 5 };
+
+template <typename T>
+BMK_HOST_DEVICE T activation_forward(Activation act, T z, T slope) {
+  switch (act) {
+    case Activation::relu:
+      return z > T(0) ? z : T(0);
+    case Activation::leaky_relu:
+      return z > T(0) ? z : z * slope;
+    case Activation::gelu:
+      return T(0.5) * z * (T(1) + std::erf(z * T(0.70710678118654752440)));
+    case Activation::gelu_tanh: {
+      const T inner = T(0.79788456080286535588) * (z + T(0.044715) * z * z * z);
+      return T(0.5) * z * (T(1) + std::tanh(inner));
+    }
+    case Activation::silu:
+      return z / (T(1) + std::exp(-z));
+    default:
+      return z;
+  }
+}
+
+// d act(z) / dz.
+template <typename T>
+BMK_HOST_DEVICE T activation_derivative(Activation act, T z, T slope) {
+  switch (act) {
+    case Activation::relu:
+      return z > T(0) ? T(1) : T(0);
+    case Activation::leaky_relu:
+      return z > T(0) ? T(1) : slope;
+    case Activation::gelu: {
+      const T cdf = T(0.5) * (T(1) + std::erf(z * T(0.70710678118654752440)));
+      const T pdf = T(0.39894228040143267794) * std::exp(T(-0.5) * z * z);
+      return cdf + z * pdf;
+    }
+    case Activation::gelu_tanh: {
+      const T k = T(0.79788456080286535588);
+      const T z2 = z * z;
+      const T t = std::tanh(k * (z + T(0.044715) * z2 * z));
+      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * k * (T(1) + T(3 * 0.044715) * z2);
+    }
+    case Activation::silu: {
+      const T s = T(1) / (T(1) + std::exp(-z));
+      return s * (T(1) + z * (T(1) - s));
+    }
+    default:
+      return T(1);
+  }
+}
+
+// Whether the derivative can be read off the activation's output y instead of its input z
+// (y > 0 exactly where z > 0), so the forward need not save z.
+BMK_HOST_DEVICE bool derivative_from_output(Activation act, double slope) {
+  return act == Activation::none || act == Activation::relu || (act == Activation::leaky_relu && slope > 0);
+}
+
+// d act / dz given the output y = act(z), for the activations where derivative_from_output holds.
+template <typename T>
+BMK_HOST_DEVICE T activation_derivative_from_output(Activation act, T y, T slope) {
+  if (act == Activation::none) return T(1);
+  return y > T(0) ? T(1) : (act == Activation::relu ? T(0) : slope);
+}
+
+}  // namespace bmk

@@ -1,0 +1,607 @@
+// Fused CPU conv2d: convolution + bias + residual + activation, forward and backward
+// (specification: bmkernels/reference/conv.py).
+//
+// Forward (implicit GEMM): per (group, tile of output pixels, range of output channels) a thread
+// packs the tile's im2col rows from the NHWC input into a thread-local buffer (K in chunks, so it
+// stays in L2) and multiplies them with the weights, packed once per call as [K x Cout] with
+// K = (kh, kw, ci), through tile_gemm (torch's brgemm). Bias, residual and activation are applied
+// to the accumulator tile while it is in cache, and the tile is stored once, in the output's memory
+// format. Pixel tiles and channel ranges are both parallel, so small batches keep every core busy.
+// Depthwise convolutions (one input and one output channel per group) use a direct loop,
+// vectorized over channels.
+//
+// Backward: one pass over grad_output applies the activation's derivative (read off the output for
+// relu / leaky_relu, else off the saved pre-activation) and yields dZ, the bias gradient and the
+// residual gradient. The weight gradient is the GEMM dZ^T (Cout x pixels) . im2col (pixels x K),
+// parallel over (Cout, K) blocks so no partial sums need reducing; the input gradient is, per tap,
+// the GEMM W_tap^T . dZ followed by a scatter-add (col2im), parallel over (image, input channels).
+// Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#include "common/activations.h"
+#include "cpu/conv.h"
+#include "cpu/gemm.h"
+
+namespace bmk::cpu::CPU_CAPABILITY {
+namespace {
+
+static int64_t tune(const char* n, int64_t d) { const char* v = std::getenv(n); return v ? std::atoll(v) : d; }
+static const int64_t kPixelTile = tune("T_M", 64);      // forward: output pixels per tile (GEMM M)
+constexpr int64_t kChannelTile = 64;    // forward: output channels per tile_gemm call (GEMM N)
+static const int64_t kDepthChunk = tune("T_K", 512);    // forward: im2col columns packed at a time (GEMM K)
+constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
+constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
+constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
+constexpr int64_t kDgradPixels = 128;   // input gradient: output pixels per tile
+constexpr int64_t kDepthwisePixels = 16;  // depthwise: output pixels per tile
+constexpr int64_t kPassPixels = 256;    // grad_output pass: pixels per block
+constexpr int64_t kPassChannels = 16;   // grad_output pass: channels per work item
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A leading dimension of at least n floats that is not a multiple of 256 (1 KiB): rows of a tile then
+// spread over the cache sets instead of aliasing into a few.
+int64_t padded_ld(int64_t n) {
+  n = ceil_div(n, 16) * 16;
+  return n % 256 == 0 ? n + 16 : n;
+}
+
+struct ConvGeometry {
+  int64_t batch, in_c, in_h, in_w, out_c, out_h, out_w, k_h, k_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+
+  int64_t in_cg() const { return in_c / groups; }
+  int64_t out_cg() const { return out_c / groups; }
+  int64_t taps() const { return k_h * k_w; }
+  int64_t gemm_k() const { return taps() * in_cg(); }
+  int64_t out_hw() const { return out_h * out_w; }
+  int64_t pixels() const { return batch * out_hw(); }
+  bool depthwise() const { return in_cg() == 1 && out_cg() == 1; }
+};
+
+ConvGeometry geometry_of(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "conv2d: x and weight must be 4-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 4 && dilation.size() == 2,
+              "conv2d: stride and dilation need 2 values, padding 4 (top, bottom, left, right)");
+  ConvGeometry g{};
+  g.batch = x.size(0), g.in_c = x.size(1), g.in_h = x.size(2), g.in_w = x.size(3);
+  g.out_c = weight.size(0), g.k_h = weight.size(2), g.k_w = weight.size(3);
+  g.stride_h = stride[0], g.stride_w = stride[1], g.dil_h = dilation[0], g.dil_w = dilation[1];
+  g.pad_h = padding[0], g.pad_w = padding[2], g.groups = groups;
+  TORCH_CHECK(groups > 0 && g.in_c % groups == 0 && g.out_c % groups == 0 && weight.size(1) * groups == g.in_c,
+              "conv2d: channels do not match groups");
+  g.out_h = (g.in_h + padding[0] + padding[1] - g.dil_h * (g.k_h - 1) - 1) / g.stride_h + 1;
+  g.out_w = (g.in_w + padding[2] + padding[3] - g.dil_w * (g.k_w - 1) - 1) / g.stride_w + 1;
+  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, "conv2d: output size must be positive");
+  return g;
+}
+
+// Where pixel p (image-major, then row, then column) and channel c of a 4-D tensor live, for a
+// tensor contiguous in NCHW or NHWC: offset(p) + c * channel_stride.
+struct PixelLayout {
+  int64_t hw, image_stride, pixel_stride, channel_stride;
+  int64_t offset(int64_t p) const { return (p / hw) * image_stride + (p % hw) * pixel_stride; }
+};
+
+at::MemoryFormat format_of(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+PixelLayout layout_of(int64_t channels, int64_t h, int64_t w, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) return {h * w, h * w * channels, channels, 1};
+  return {h * w, h * w * channels, 1, h * w};
+}
+
+// t itself when it is contiguous in NCHW or NHWC (keeping that format), else an NCHW copy.
+at::Tensor dense(const at::Tensor& t) {
+  if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
+  return t.contiguous();
+}
+
+// One tile [rows x n] (row m = pixel p0 + m, column c = channel c0 + c) between a dense buffer with
+// leading dimension ld and a tensor with `layout`. Walks the tensor's contiguous direction inner.
+template <typename T, typename Fn>
+void for_tile(const PixelLayout& layout, int64_t p0, int64_t rows, int64_t c0, int64_t n, int64_t ld,
+              int64_t* offsets, Fn&& fn) {
+  for (int64_t m = 0; m < rows; ++m) offsets[m] = layout.offset(p0 + m) + c0 * layout.channel_stride;
+  const int64_t cs = layout.channel_stride;
+  if (cs == 1) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t c = 0; c < n; ++c) fn(m * ld + c, offsets[m] + c);
+  } else {
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t m = 0; m < rows; ++m) fn(m * ld + c, offsets[m] + c * cs);
+  }
+}
+
+template <typename acc_t>
+void activate(Activation act, acc_t slope, acc_t* v, int64_t n) {
+  // one loop per activation, so the simple ones vectorize
+  switch (act) {
+    case Activation::none:
+      return;
+    case Activation::relu:
+      for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(Activation::relu, v[i], slope);
+      return;
+    case Activation::leaky_relu:
+      for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(Activation::leaky_relu, v[i], slope);
+      return;
+    default:
+      for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(act, v[i], slope);
+  }
+}
+
+// Everything the forward epilogue needs: out = act(tile + bias + residual), pre-activation saved
+// when asked. All tensors share out_layout.
+template <typename scalar_t, typename acc_t>
+struct Epilogue {
+  const acc_t* bias;          // [Cout] or null
+  const scalar_t* residual;   // or null
+  scalar_t* out;
+  scalar_t* preact;           // or null
+  PixelLayout out_layout;
+  Activation act;
+  acc_t slope;
+
+  // Applies to tile [rows x n] (leading dimension ld) of pixels p0.., channels c0..; offsets: rows slots.
+  void apply(acc_t* tile, int64_t rows, int64_t n, int64_t ld, int64_t p0, int64_t c0, int64_t* offsets) const {
+    if (bias != nullptr)
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t c = 0; c < n; ++c) tile[m * ld + c] += bias[c0 + c];
+    if (residual != nullptr)
+      for_tile<acc_t>(out_layout, p0, rows, c0, n, ld, offsets,
+                      [&](int64_t i, int64_t o) { tile[i] += static_cast<acc_t>(residual[o]); });
+    if (preact != nullptr)
+      for_tile<acc_t>(out_layout, p0, rows, c0, n, ld, offsets,
+                      [&](int64_t i, int64_t o) { preact[o] = static_cast<scalar_t>(tile[i]); });
+    for (int64_t m = 0; m < rows; ++m) activate(act, slope, tile + m * ld, n);
+    for_tile<acc_t>(out_layout, p0, rows, c0, n, ld, offsets,
+                    [&](int64_t i, int64_t o) { out[o] = static_cast<scalar_t>(tile[i]); });
+  }
+};
+
+template <typename src_t, typename dst_t>
+void convert_row(const src_t* src, dst_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// im2col rows of pixels p0 .. p0 + rows of one group, columns k0 .. k1 (k = (tap, ci)), from the
+// NHWC input: a[m * ld + k - k0]; zeros where a tap falls in the padding.
+template <typename scalar_t, typename acc_t>
+void pack_im2col(const ConvGeometry& g, const scalar_t* x, int64_t group, int64_t p0, int64_t rows, int64_t k0,
+                 int64_t k1, acc_t* a, int64_t ld) {
+  const int64_t cg = g.in_cg();
+  for (int64_t m = 0; m < rows; ++m) {
+    const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
+    acc_t* dst = a + m * ld;
+    for (int64_t k = k0; k < k1;) {
+      const int64_t tap = k / cg, ci = k % cg, len = std::min(cg - ci, k1 - k);
+      const int64_t ih = oh * g.stride_h - g.pad_h + (tap / g.k_w) * g.dil_h;
+      const int64_t iw = ow * g.stride_w - g.pad_w + (tap % g.k_w) * g.dil_w;
+      if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
+        convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * g.in_c + group * cg + ci, dst, len);
+      } else {
+        std::fill(dst, dst + len, acc_t(0));
+      }
+      dst += len;
+      k += len;
+    }
+  }
+}
+
+// Forward through implicit GEMM; wp: packed weights [G][channel tiles][K][kChannelTile].
+template <typename scalar_t, typename acc_t>
+void forward_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
+  const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
+  const int64_t pixel_tiles = ceil_div(P, kPixelTile), channel_tiles = ceil_div(cout_g, kChannelTile);
+  // split the channels only as far as needed to give every thread a few work items
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pixel_tiles * g.groups), 1,
+                                             channel_tiles);
+  const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
+  const int64_t depth = std::min(K, kDepthChunk), lda = padded_ld(depth);
+  const int64_t ldc = padded_ld(std::min(split_width, cout_g));
+  at::parallel_for(0, g.groups * pixel_tiles * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> a(kPixelTile * lda), c(kPixelTile * ldc);
+    std::vector<int64_t> offsets(kPixelTile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / (pixel_tiles * splits), tile = (item / splits) % pixel_tiles;
+      const int64_t c0 = (item % splits) * split_width, c1 = std::min(cout_g, c0 + split_width);
+      if (c0 >= c1) continue;
+      const int64_t p0 = tile * kPixelTile, rows = std::min(kPixelTile, P - p0);
+      if (K == 0) std::fill(c.begin(), c.end(), acc_t(0));
+      for (int64_t k0 = 0; k0 < K; k0 += depth) {
+        const int64_t kc = std::min(depth, K - k0);
+        pack_im2col(g, x, group, p0, rows, k0, k0 + kc, a.data(), lda);
+        for (int64_t n0 = c0; n0 < c1; n0 += kChannelTile) {
+          const acc_t* b = wp + ((group * channel_tiles + n0 / kChannelTile) * K + k0) * kChannelTile;
+          tile_gemm<acc_t>(rows, std::min(kChannelTile, c1 - n0), kc, a.data(), lda, b, kChannelTile,
+                           c.data() + (n0 - c0), ldc, k0 > 0);
+        }
+      }
+      ep.apply(c.data(), rows, c1 - c0, ldc, p0, group * cout_g + c0, offsets.data());
+    }
+    tile_gemm_done();
+  });
+}
+
+// Depthwise forward, direct: x NHWC, wp [taps][C].
+template <typename scalar_t, typename acc_t>
+void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
+  const int64_t P = g.pixels(), C = g.out_c;
+  at::parallel_for(0, ceil_div(P, kDepthwisePixels), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(kDepthwisePixels * C), x_row(C);
+    std::vector<int64_t> offsets(kDepthwisePixels);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = t * kDepthwisePixels, rows = std::min(kDepthwisePixels, P - p0);
+      for (int64_t m = 0; m < rows; ++m) {
+        const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
+        acc_t* acc = tile.data() + m * C;
+        std::fill(acc, acc + C, acc_t(0));
+        for (int64_t r = 0; r < g.k_h; ++r) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+          if (ih < 0 || ih >= g.in_h) continue;
+          for (int64_t s = 0; s < g.k_w; ++s) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+            if (iw < 0 || iw >= g.in_w) continue;
+            convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
+            const acc_t* w = wp + (r * g.k_w + s) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += x_row[c] * w[c];
+          }
+        }
+      }
+      ep.apply(tile.data(), rows, C, C, p0, 0, offsets.data());
+    }
+  });
+}
+
+// Weights as GEMM operands, in one pass: wp[((group * tiles + co / width) * K + k) * width + co % width],
+// k = (kh, kw, ci), tiles = ceil(Cout_g / width); zero columns pad the last tile. The forward uses
+// width = kChannelTile (each tile_gemm reads one contiguous block), the input gradient one tile of
+// padded_ld(Cout_g); depthwise weights are packed as one group of C outputs: [taps][C].
+template <typename scalar_t, typename acc_t>
+at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) {
+  const int64_t cout_g = weight.size(0) / groups, cin_g = weight.size(1), k_w = weight.size(3);
+  const int64_t taps = weight.size(2) * k_w, K = taps * cin_g, tiles = ceil_div(cout_g, width);
+  const auto opts = weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor wp = cout_g % width == 0 ? at::empty({groups * tiles * K * width}, opts)
+                                      : at::zeros({groups * tiles * K * width}, opts);
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  const auto st = weight.strides();
+  acc_t* out = wp.data_ptr<acc_t>();
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t tap = 0; tap < taps; ++tap) tap_offset[tap] = (tap / k_w) * st[2] + (tap % k_w) * st[3];
+  at::parallel_for(0, groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(cout_g, co0 + width) - co0;
+      // one contiguous output row of n channels per (ci, tap); the loop over the weight's
+      // fastest-moving of ci and tap goes inside, so each cache line read serves consecutive rows
+      const auto copy_row = [&](int64_t ci, int64_t tap) {
+        const scalar_t* src = w + (group * cout_g + co0) * st[0] + ci * st[1] + tap_offset[tap];
+        acc_t* dst = out + (item * K + tap * cin_g + ci) * width;
+        for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * st[0]]);
+      };
+      if (st[1] < st[3]) {
+        for (int64_t tap = 0; tap < taps; ++tap)
+          for (int64_t ci = 0; ci < cin_g; ++ci) copy_row(ci, tap);
+      } else {
+        for (int64_t ci = 0; ci < cin_g; ++ci)
+          for (int64_t tap = 0; tap < taps; ++tap) copy_row(ci, tap);
+      }
+    }
+  });
+  return wp;
+}
+
+// grad_output pass: dZ = grad_out * act'(.) into dz[p * pixel_stride + c * channel_stride], the bias
+// gradient (sums over pixels) and the residual gradient (= dZ, in out's layout).
+template <typename scalar_t, typename acc_t>
+struct GradPass {
+  const scalar_t* grad_out;
+  PixelLayout grad_layout;
+  const scalar_t* saved;  // output or pre-activation (null without activation)
+  PixelLayout out_layout;
+  Activation act;
+  acc_t slope;
+  bool saved_is_output;
+  acc_t* dz;
+  int64_t dz_pixel_stride, dz_channel_stride;
+  acc_t* dbias;         // or null
+  scalar_t* dresidual;  // or null
+
+  void run(int64_t pixels, int64_t channels) const {
+    at::parallel_for(0, ceil_div(channels, kPassChannels), 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> g_off(kPassPixels), o_off(kPassPixels);
+      for (int64_t cb = begin; cb < end; ++cb) {
+        const int64_t c0 = cb * kPassChannels, c1 = std::min(channels, c0 + kPassChannels);
+        std::vector<acc_t> sums(c1 - c0, acc_t(0));
+        for (int64_t p0 = 0; p0 < pixels; p0 += kPassPixels) {
+          const int64_t rows = std::min(kPassPixels, pixels - p0);
+          for (int64_t m = 0; m < rows; ++m) {
+            g_off[m] = grad_layout.offset(p0 + m);
+            o_off[m] = out_layout.offset(p0 + m);
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            acc_t sum = 0;
+            for (int64_t m = 0; m < rows; ++m) {
+              acc_t v = static_cast<acc_t>(grad_out[g_off[m] + c * grad_layout.channel_stride]);
+              if (act != Activation::none) {
+                const acc_t s = static_cast<acc_t>(saved[o_off[m] + c * out_layout.channel_stride]);
+                v *= saved_is_output ? activation_derivative_from_output(act, s, slope)
+                                     : activation_derivative(act, s, slope);
+              }
+              dz[(p0 + m) * dz_pixel_stride + c * dz_channel_stride] = v;
+              if (dresidual != nullptr)
+                dresidual[o_off[m] + c * out_layout.channel_stride] = static_cast<scalar_t>(v);
+              sum += v;
+            }
+            sums[c - c0] += sum;
+          }
+        }
+        if (dbias != nullptr) std::copy(sums.begin(), sums.end(), dbias + c0);
+      }
+    });
+  }
+};
+
+// Weight gradient, GEMM path: dwp[G][Cout_g][ldw] = dZ^T . im2col; dz channel-major [Cout][ldz].
+template <typename scalar_t, typename acc_t>
+void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, int64_t ldz, acc_t* dwp,
+                      int64_t ldw) {
+  const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
+  const int64_t n_blocks = ceil_div(cout_g, kWgradChannels);
+  const int64_t n_width = ceil_div(cout_g, n_blocks);
+  const int64_t want = ceil_div(4 * at::get_num_threads(), g.groups * n_blocks);
+  const int64_t k_blocks = std::clamp<int64_t>(std::max(ceil_div(K, kWgradDepth), want), 1, ceil_div(K, 16));
+  const int64_t k_width = ceil_div(K, k_blocks), lda = padded_ld(k_width);
+  at::parallel_for(0, g.groups * n_blocks * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> a(kWgradPixels * lda);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / (n_blocks * k_blocks);
+      const int64_t n0 = ((item / k_blocks) % n_blocks) * n_width, n1 = std::min(cout_g, n0 + n_width);
+      const int64_t k0 = (item % k_blocks) * k_width, k1 = std::min(K, k0 + k_width);
+      if (n0 >= n1 || k0 >= k1) continue;
+      acc_t* dw = dwp + (group * cout_g + n0) * ldw + k0;
+      if (P == 0)
+        for (int64_t n = n0; n < n1; ++n) std::fill(dw + (n - n0) * ldw, dw + (n - n0) * ldw + (k1 - k0), acc_t(0));
+      for (int64_t p0 = 0; p0 < P; p0 += kWgradPixels) {
+        const int64_t rows = std::min(kWgradPixels, P - p0);
+        pack_im2col(g, x, group, p0, rows, k0, k1, a.data(), lda);
+        tile_gemm<acc_t>(n1 - n0, k1 - k0, rows, dz + (group * cout_g + n0) * ldz + p0, ldz, a.data(), lda, dw, ldw,
+                         p0 > 0);
+      }
+    }
+    tile_gemm_done();
+  });
+}
+
+// Input gradient, GEMM path: per tap, dcol^T = W_tap^T . dZ, scatter-added into dx (acc, NCHW);
+// wp [G][K][padded_ld(Cout_g)], dz [Cout][ldz].
+template <typename acc_t>
+void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, int64_t ldz, acc_t* dx) {
+  const int64_t ldw = padded_ld(g.out_cg()), K = g.gemm_k(), cin_g = g.in_cg(), cout_g = g.out_cg(), HW = g.out_hw();
+  const int64_t images = g.batch * g.groups;
+  const int64_t c_blocks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), images), 1, ceil_div(cin_g, 16));
+  const int64_t c_width = ceil_div(cin_g, c_blocks);
+  at::parallel_for(0, images * c_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dcol(c_width * kDgradPixels);
+    std::vector<int64_t> oh(kDgradPixels), ow(kDgradPixels);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (g.groups * c_blocks), group = (item / c_blocks) % g.groups;
+      const int64_t c0 = (item % c_blocks) * c_width, c1 = std::min(cin_g, c0 + c_width);
+      if (c0 >= c1) continue;
+      const int64_t cc = c1 - c0;
+      for (int64_t q0 = 0; q0 < HW; q0 += kDgradPixels) {
+        const int64_t rows = std::min(kDgradPixels, HW - q0);
+        for (int64_t m = 0; m < rows; ++m) oh[m] = (q0 + m) / g.out_w, ow[m] = (q0 + m) % g.out_w;
+        for (int64_t tap = 0; tap < g.taps(); ++tap) {
+          const int64_t r = tap / g.k_w, s = tap % g.k_w;
+          tile_gemm<acc_t>(cc, rows, cout_g, wp + (group * K + tap * cin_g + c0) * ldw, ldw,
+                           dz + group * cout_g * ldz + n * HW + q0, ldz, dcol.data(), rows, false);
+          for (int64_t ci = 0; ci < cc; ++ci) {
+            acc_t* plane = dx + ((n * g.in_c + group * cin_g + c0 + ci) * g.in_h) * g.in_w;
+            const acc_t* src = dcol.data() + ci * rows;
+            for (int64_t m = 0; m < rows; ++m) {
+              const int64_t ih = oh[m] * g.stride_h - g.pad_h + r * g.dil_h;
+              const int64_t iw = ow[m] * g.stride_w - g.pad_w + s * g.dil_w;
+              if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) plane[ih * g.in_w + iw] += src[m];
+            }
+          }
+        }
+      }
+    }
+    tile_gemm_done();
+  });
+}
+
+// Depthwise input gradient, direct gather: dz pixel-major [P][C]; dx stored in x's layout.
+template <typename scalar_t, typename acc_t>
+void input_grad_depthwise(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, scalar_t* dx,
+                          const PixelLayout& dx_layout) {
+  const int64_t C = g.in_c, in_pixels = g.batch * g.in_h * g.in_w;
+  at::parallel_for(0, in_pixels, 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    std::vector<int64_t> offsets(1);
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / (g.in_h * g.in_w), ih = (q / g.in_w) % g.in_h, iw = q % g.in_w;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t r = 0; r < g.k_h; ++r) {
+        const int64_t hn = ih + g.pad_h - r * g.dil_h;
+        if (hn < 0 || hn % g.stride_h != 0 || hn / g.stride_h >= g.out_h) continue;
+        for (int64_t s = 0; s < g.k_w; ++s) {
+          const int64_t wn = iw + g.pad_w - s * g.dil_w;
+          if (wn < 0 || wn % g.stride_w != 0 || wn / g.stride_w >= g.out_w) continue;
+          const acc_t* d = dz + (n * g.out_hw() + (hn / g.stride_h) * g.out_w + wn / g.stride_w) * C;
+          const acc_t* w = wp + (r * g.k_w + s) * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += d[c] * w[c];
+        }
+      }
+      for_tile<acc_t>(dx_layout, q, 1, 0, C, C, offsets.data(),
+                      [&](int64_t i, int64_t o) { dx[o] = static_cast<scalar_t>(acc[i]); });
+    }
+  });
+}
+
+// Depthwise weight gradient: dwp[taps][C] = sum over pixels of dZ * x, per-thread partial sums.
+template <typename scalar_t, typename acc_t>
+void weight_grad_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, acc_t* dwp) {
+  const int64_t C = g.out_c, P = g.pixels(), taps = g.taps();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+  std::vector<acc_t> partial(chunks * taps * C, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x_row(C);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      acc_t* part = partial.data() + chunk * taps * C;
+      for (int64_t p = chunk * P / chunks; p < (chunk + 1) * P / chunks; ++p) {
+        const int64_t n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
+        const acc_t* d = dz + p * C;
+        for (int64_t r = 0; r < g.k_h; ++r) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+          if (ih < 0 || ih >= g.in_h) continue;
+          for (int64_t s = 0; s < g.k_w; ++s) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+            if (iw < 0 || iw >= g.in_w) continue;
+            convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
+            acc_t* w = part + (r * g.k_w + s) * C;
+            for (int64_t c = 0; c < C; ++c) w[c] += d[c] * x_row[c];
+          }
+        }
+      }
+    }
+  });
+  std::fill(dwp, dwp + taps * C, acc_t(0));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < taps * C; ++i) dwp[i] += partial[chunk * taps * C + i];
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                         bool save_preact) {
+  const ConvGeometry g = geometry_of(x_in, weight, stride, padding, dilation, groups);
+  const at::MemoryFormat fmt = format_of(x_in);
+  const auto opts = x_in.options().memory_format(fmt);
+  at::Tensor out = at::empty({g.batch, g.out_c, g.out_h, g.out_w}, opts);
+  at::Tensor preact = save_preact ? at::empty_like(out) : at::empty({0}, x_in.options());
+  if (out.numel() == 0) return {out, preact};
+  const at::ScalarType acc = acc_type_of(x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(weight, 1, g.out_c)
+                                        : pack_weight<scalar_t, acc_t>(weight, g.groups, kChannelTile);
+    const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
+                                       res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
+                                       out.data_ptr<scalar_t>(),
+                                       save_preact ? preact.data_ptr<scalar_t>() : nullptr,
+                                       out_layout,
+                                       static_cast<Activation>(activation),
+                                       static_cast<acc_t>(slope)};
+    if (g.depthwise()) {
+      forward_depthwise(g, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
+    } else {
+      forward_gemm(g, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
+    }
+  });
+  return {out, preact};
+}
+
+ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
+                         const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                         bool saved_is_output, std::array<bool, 4> output_mask) {
+  const ConvGeometry g = geometry_of(x_in, weight, stride, padding, dilation, groups);
+  const at::MemoryFormat fmt = format_of(x_in);
+  const at::ScalarType acc = acc_type_of(x_in.scalar_type());
+  const auto [need_dx, need_dw, need_db, need_dres] = output_mask;
+  // gradients not asked for come back as empty tensors
+  const auto none = [&] { return at::empty({0}, x_in.options()); };
+  at::Tensor dx = need_dx ? at::empty(x_in.sizes(), x_in.options().memory_format(fmt)) : none();
+  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : none();
+  at::Tensor db = need_db ? at::empty({g.out_c}, weight.options().dtype(acc)) : none();
+  at::Tensor dres = need_dres ? at::empty({g.batch, g.out_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt))
+                              : none();
+  if (g.pixels() == 0 || g.out_c == 0) {  // nothing flows back: every gradient is zero
+    for (at::Tensor* t : {&dx, &dw, &db, &dres}) t->zero_();
+    if (need_db) db = db.to(weight.scalar_type());
+    return {dx, dw, db, dres};
+  }
+  const Activation act = static_cast<Activation>(activation);
+  const at::Tensor grad_out = dense(grad_out_in);
+  const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
+  // dZ is channel-major [Cout][ldz] for the GEMMs, pixel-major [P][C] for the depthwise loops
+  at::Tensor dz = at::empty({g.depthwise() ? P * g.out_c : g.out_c * ldz}, x.options().dtype(acc));
+  at::Tensor dx_acc;
+  at::Tensor dwp = at::empty({g.depthwise() ? g.taps() * g.out_c : g.out_c * ldw}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(weight, 1, g.out_c)
+                                        : pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
+    const GradPass<scalar_t, acc_t> pass{
+        grad_out.const_data_ptr<scalar_t>(),
+        layout_of(g.out_c, g.out_h, g.out_w, format_of(grad_out)),
+        saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
+        layout_of(g.out_c, g.out_h, g.out_w, fmt),
+        act,
+        static_cast<acc_t>(slope),
+        saved_is_output,
+        dz.data_ptr<acc_t>(),
+        g.depthwise() ? g.out_c : 1,
+        g.depthwise() ? 1 : ldz,
+        need_db ? db.data_ptr<acc_t>() : nullptr,
+        need_dres ? dres.data_ptr<scalar_t>() : nullptr};
+    pass.run(P, g.out_c);
+    if (!need_dx && !need_dw) return;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (g.depthwise()) {
+      if (need_dx)
+        input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
+                             layout_of(g.in_c, g.in_h, g.in_w, fmt));
+      if (need_dw) weight_grad_depthwise(g, xp, dz.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+      return;
+    }
+    if (need_dx) {
+      dx_acc = at::zeros({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc));
+      input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz.const_data_ptr<acc_t>(), ldz, dx_acc.data_ptr<acc_t>());
+    }
+    if (need_dw) weight_grad_gemm(g, xp, dz.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
+  });
+  if (need_dx && dx_acc.defined()) dx.copy_(dx_acc);
+  if (need_dw) {
+    if (g.depthwise()) {
+      dw.copy_(dwp.view({g.k_h, g.k_w, g.out_c}).permute({2, 0, 1}).unsqueeze(1));
+    } else {
+      dw.copy_(dwp.view({g.out_c, ldw})
+                   .narrow(1, 0, g.gemm_k())
+                   .reshape({g.groups, g.out_cg(), g.k_h, g.k_w, g.in_cg()})
+                   .permute({0, 1, 4, 2, 3})
+                   .reshape({g.out_c, g.in_cg(), g.k_h, g.k_w}));
+    }
+  }
+  if (need_db) db = db.to(weight.scalar_type());
+  return {dx, dw, db, dres};
+}
+
+}  // namespace bmk::cpu::CPU_CAPABILITY
