@@ -214,12 +214,12 @@ def fuse_sequences(model, report):
         groups = _sequence_groups(children)
         if not groups:
             continue
-        _set_fused_class(module, _FusedSequential)
-        module._bmkernels_groups = groups
         names = list(module._modules)
         for start, count, activation in groups:
             parts = [".".join(filter(None, (name, n))) for n in names[start:start + count]]
             report.fused.append((parts, f"fused conv block (activation={activation!r}) in {type(module).__name__}"))
+        _set_fused_class(module, _FusedSequential)
+        module._bmkernels_groups = groups
 
 
 class _FusedBasicBlock:
