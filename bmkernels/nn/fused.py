@@ -21,7 +21,9 @@ What swap_modules(fuse=True) does with them (the module tree, state_dict keys, p
   fused block with the residual (the downsample Sequential is fused as above); a torchvision
   ResNet's own class gets a subclass whose _forward_impl runs the stem conv1/bn1/relu fused.
 A pattern whose children have hooks is not fused (the fused forward would skip them). unswap puts
-the original classes back.
+the original classes back. The fused classes are made at run time, so pickling a whole fused model
+(torch.save(model)) is not supported: save its state_dict (the same keys as the original's), or
+unswap first.
 """
 
 import torch
