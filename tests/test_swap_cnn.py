@@ -211,3 +211,22 @@ def test_user_model_swap_fuse_hooks_and_unswap():
     assert max_abs_diff(swapped(x), original(x)) == 0
     left = bmkernels.swap_modules(copy.deepcopy(original), conv=False, gru=False)
     assert not left.swapped and not left.fused and {why for _, _, why in left.left} == {"conv=False", "gru=False"}
+
+
+def test_bottleneck_block_with_downsample():
+    from torchvision.models.resnet import Bottleneck
+    torch.manual_seed(0)
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))
+    original = torch.nn.Sequential(Bottleneck(8, 4, stride=2, downsample=downsample), Bottleneck(16, 4)).double()
+    _random_statistics(original)
+    swapped = copy.deepcopy(original)
+    report = bmkernels.swap_modules(swapped)
+    assert [names for names, _ in report.fused] == [["0.downsample.0", "0.downsample.1"], ["0"], ["1"]]
+    assert isinstance(swapped[0], Bottleneck) and type(swapped[0]).__name__ == "FusedBottleneck"
+    x = torch.randn(4, 8, 10, 10, dtype=torch.float64)
+    for training in (True, False):
+        original.train(training)
+        swapped.train(training)
+        assert_same64(original, swapped, x)
+    bmkernels.unswap(swapped)
+    assert type(swapped[0]) is Bottleneck and type(swapped[0].conv2) is torch.nn.Conv2d
