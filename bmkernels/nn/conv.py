@@ -77,9 +77,10 @@ class Conv2d(torch.nn.Conv2d):
             s += f", activation={self.activation!r}"
         return s + f", backend={self.backend_in_use()}"
 
-    def conv(self, x, weight, bias, *, activation=None, residual=None):
+    def conv(self, x, weight, bias, *, activation=None, residual=None, private=False):
         """act(conv(x, weight) + bias + residual) with this module's geometry and padding mode (the
-        fused blocks call it with BatchNorm-folded weights)."""
+        fused blocks call it with BatchNorm-folded weights). private=True: the caller only reads the
+        result (no copy for in-place safety, see below)."""
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -87,7 +88,8 @@ class Conv2d(torch.nn.Conv2d):
         out = conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, activation=activation,
                      residual=residual, backend=self.backend)
         code, slope = _activation(activation)
-        if out.requires_grad and code != _ACTIVATION_CODES["relu"] and _derivative_from_output(code, slope):
+        if (not private and out.requires_grad and code != _ACTIVATION_CODES["relu"]
+                and _derivative_from_output(code, slope)):
             # the op keeps its output for backward even where the math does not need it (no activation,
             # leaky_relu), while torch's conv / BatchNorm output may be overwritten in place by the caller
             # (torchvision's `result += input`): hand out a copy, as free to modify as torch's

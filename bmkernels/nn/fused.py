@@ -106,9 +106,12 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
         compiling = torch.compiler.is_compiling()
         weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else _folded_no_grad(conv, bn)
         return conv.conv(x, weight, bias, activation=activation, residual=residual)
-    out = conv(x)
-    if bn is not None:
-        out = bn(out)
+    if bn is not None and isinstance(conv, Conv2d) and not _has_hooks(conv):
+        out = bn(conv.conv(x, conv.weight, conv.bias, private=True))  # BatchNorm only reads it
+    else:
+        out = conv(x)
+        if bn is not None:
+            out = bn(out)
     if residual is not None:
         out = out + residual
     return act_module(out) if act_module is not None else _functional(activation)(out)
