@@ -41,7 +41,7 @@ def parse_ratio(cell):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "out" / "quick.json"
-    proc = run_cli("bench", "--quick", "--json", str(path), timeout=300)
+    proc = run_cli("bench", "--quick", "--op", "attention", "--json", str(path), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc, path
 
@@ -165,7 +165,7 @@ def test_no_matching_case_fails(capsys):
 
 
 def test_list_cases(capsys):
-    code, out, _ = run_main(capsys, "bench", "--full", "--list")
+    code, out, _ = run_main(capsys, "bench", "--full", "--op", "attention", "--list")
     assert code == 0
     assert len(out.splitlines()) == 24  # 3 shapes x 2 dtypes x causal/full x fwd/fwd+bwd
 
@@ -229,3 +229,31 @@ def test_saved_activation_bytes_sees_the_score_matrix():
     eager = bench.saved_activation_bytes(lambda i: attention_bench.eager_attention(i["q"], i["k"], i["v"]), inp)
     # q, k, v (3 x 64 x 8 floats) and the 64 x 64 probabilities.
     assert eager == (3 * 64 * 8 + 64 * 64) * 4
+
+
+# -- conv cases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+def test_bench_quick_conv():
+    from bmkernels.bench import conv as conv_bench
+
+    proc = run_cli("bench", "--quick", "--op", "conv", "--reps", "5", "--no-memory", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    header, rows = table_rows(proc.stdout)
+    assert list(rows) == [c.name for c in conv_bench.cases("quick")]
+    for name, row in rows.items():
+        for col in ("vs eager", "vs best"):
+            r = parse_ratio(row[col])
+            assert math.isfinite(r) and r > 0, (name, col, row[col])
+
+
+def test_conv_presets_and_flops():
+    from bmkernels.bench import conv as conv_bench
+
+    default = conv_bench.cases("default")
+    # 11 ResNet-18 layers + 1 depthwise, x 2 layouts x fwd / fwd+bwd
+    assert len(default) == 48 and len(conv_bench.cases("full")) == 48
+    assert {c.name for c in conv_bench.cases("small")} < {c.name for c in default}
+    assert conv_bench.conv_flops(16, 512, 512, 7, 3, 1) == 2 * 16 * 512 * 49 * 512 * 9
+    assert conv_bench.conv_flops(2, 8, 8, 5, 3, 8, backward=True) == 3 * 2 * 2 * 8 * 25 * 9
