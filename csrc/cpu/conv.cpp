@@ -43,8 +43,7 @@ constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per 
 constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
 constexpr int64_t kDgradPixels = 128;   // input gradient: output pixels per tile
 constexpr int64_t kDepthwisePixels = 16;  // depthwise: output pixels per tile
-constexpr int64_t kPassPixels = 256;    // grad_output pass: pixels per block
-constexpr int64_t kPassChannels = 16;   // grad_output pass: channels per work item
+constexpr int64_t kPassPixels = 64;     // grad_output pass: pixels per block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -324,47 +323,45 @@ struct GradPass {
   acc_t* dbias;         // or null
   scalar_t* dresidual;  // or null
 
+  // Parallel over pixel blocks; each block is a [pixels x channels] tile, read and written in each
+  // tensor's contiguous direction (for_tile), with per-thread partial bias sums.
   void run(int64_t pixels, int64_t channels) const {
-    at::parallel_for(0, ceil_div(channels, kPassChannels), 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> g_off(kPassPixels), o_off(kPassPixels);
-      std::vector<acc_t> tile(kPassChannels * kPassPixels);  // [channel][pixel]
-      for (int64_t cb = begin; cb < end; ++cb) {
-        const int64_t c0 = cb * kPassChannels, nc = std::min(channels, c0 + kPassChannels) - c0;
-        std::vector<acc_t> sums(nc, acc_t(0));
-        for (int64_t p0 = 0; p0 < pixels; p0 += kPassPixels) {
-          const int64_t rows = std::min(kPassPixels, pixels - p0);
-          for (int64_t m = 0; m < rows; ++m) {
-            g_off[m] = grad_layout.offset(p0 + m) + c0 * grad_layout.channel_stride;
-            o_off[m] = out_layout.offset(p0 + m) + c0 * out_layout.channel_stride;
-          }
-          for (int64_t c = 0; c < nc; ++c) {
-            acc_t* t = tile.data() + c * kPassPixels;
-            for (int64_t m = 0; m < rows; ++m) t[m] = static_cast<acc_t>(grad_out[g_off[m] + c * grad_layout.channel_stride]);
-            if (act != Activation::none) {
-              const int64_t cs = c * out_layout.channel_stride;
-              if (saved_is_output) {
-                for (int64_t m = 0; m < rows; ++m)
-                  t[m] *= activation_derivative_from_output(act, static_cast<acc_t>(saved[o_off[m] + cs]), slope);
-              } else {
-                for (int64_t m = 0; m < rows; ++m)
-                  t[m] *= activation_derivative(act, static_cast<acc_t>(saved[o_off[m] + cs]), slope);
-              }
-            }
-            acc_t sum = 0;
-            for (int64_t m = 0; m < rows; ++m) sum += t[m];
-            sums[c] += sum;
-            if (dz_channels != nullptr) std::copy(t, t + rows, dz_channels + (c0 + c) * ldz + p0);
-            if (dresidual != nullptr)
-              for (int64_t m = 0; m < rows; ++m)
-                dresidual[o_off[m] + c * out_layout.channel_stride] = static_cast<scalar_t>(t[m]);
-          }
-          if (dz_pixels != nullptr)
-            for (int64_t m = 0; m < rows; ++m)
-              for (int64_t c = 0; c < nc; ++c) dz_pixels[(p0 + m) * channels + c0 + c] = tile[c * kPassPixels + m];
+    const int64_t blocks = ceil_div(pixels, kPassPixels), threads = at::get_num_threads();
+    std::vector<acc_t> partial(dbias != nullptr ? threads * channels : 0, acc_t(0));
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tile(kPassPixels * channels);
+      std::vector<int64_t> offsets(kPassPixels);
+      acc_t* sums = dbias != nullptr ? partial.data() + at::get_thread_num() * channels : nullptr;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t p0 = b * kPassPixels, rows = std::min(kPassPixels, pixels - p0);
+        acc_t* t = tile.data();
+        for_tile<acc_t>(grad_layout, p0, rows, 0, channels, channels, offsets.data(),
+                        [&](int64_t i, int64_t o) { t[i] = static_cast<acc_t>(grad_out[o]); });
+        if (act != Activation::none && saved_is_output) {
+          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(), [&](int64_t i, int64_t o) {
+            t[i] *= activation_derivative_from_output(act, static_cast<acc_t>(saved[o]), slope);
+          });
+        } else if (act != Activation::none) {
+          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(), [&](int64_t i, int64_t o) {
+            t[i] *= activation_derivative(act, static_cast<acc_t>(saved[o]), slope);
+          });
         }
-        if (dbias != nullptr) std::copy(sums.begin(), sums.end(), dbias + c0);
+        if (dresidual != nullptr)
+          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(),
+                          [&](int64_t i, int64_t o) { dresidual[o] = static_cast<scalar_t>(t[i]); });
+        if (sums != nullptr)
+          for (int64_t m = 0; m < rows; ++m)
+            for (int64_t c = 0; c < channels; ++c) sums[c] += t[m * channels + c];
+        if (dz_pixels != nullptr) std::copy(t, t + rows * channels, dz_pixels + p0 * channels);
+        if (dz_channels != nullptr)
+          for (int64_t c = 0; c < channels; ++c)
+            for (int64_t m = 0; m < rows; ++m) dz_channels[c * ldz + p0 + m] = t[m * channels + c];
       }
     });
+    if (dbias == nullptr) return;
+    std::fill(dbias, dbias + channels, acc_t(0));
+    for (int64_t th = 0; th < threads; ++th)
+      for (int64_t c = 0; c < channels; ++c) dbias[c] += partial[th * channels + c];
   }
 };
 
