@@ -189,9 +189,14 @@ void pack_im2col(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0
     const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
     acc_t* dst = a + m * ld;
     for (int64_t k = k0; k < k1;) {
-      const int64_t tap = k / cg, ci = k % cg, len = std::min(cg - ci, k1 - k);
+      const int64_t tap = k / cg, ci = k % cg;
       const int64_t ih = oh * g.stride_h - g.pad_h + (tap / g.k_w) * g.dil_h;
       const int64_t iw = ow * g.stride_w - g.pad_w + (tap % g.k_w) * g.dil_w;
+      int64_t len = std::min(cg - ci, k1 - k);
+      // a whole kernel row inside the image is one contiguous run of NHWC input (all channels, unit dilation)
+      if (cg == g.in_c && g.dil_w == 1 && ci == 0 && tap % g.k_w == 0 && k + g.k_w * cg <= k1 && iw >= 0 &&
+          iw + g.k_w <= g.in_w)
+        len = g.k_w * cg;
       if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
         convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * g.in_c + group * cg + ci, dst, len);
       } else {
