@@ -430,7 +430,7 @@ void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, in
   const int64_t c_width = ceil_div(cin_g, c_blocks);
   at::parallel_for(0, images * c_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dcol(c_width * kDgradPixels);
-    std::vector<int64_t> oh(kDgradPixels), ow(kDgradPixels);
+    std::vector<int64_t> oh(kDgradPixels), ow(kDgradPixels), target(kDgradPixels);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (g.groups * c_blocks), group = (item / c_blocks) % g.groups;
       const int64_t c0 = (item % c_blocks) * c_width, c1 = std::min(cin_g, c0 + c_width);
@@ -441,16 +441,19 @@ void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, in
         for (int64_t m = 0; m < rows; ++m) oh[m] = (q0 + m) / g.out_w, ow[m] = (q0 + m) % g.out_w;
         for (int64_t tap = 0; tap < g.taps(); ++tap) {
           const int64_t r = tap / g.k_w, s = tap % g.k_w;
+          // where each pixel's column lands in an input plane (-1: in the padding), shared by all channels
+          for (int64_t m = 0; m < rows; ++m) {
+            const int64_t ih = oh[m] * g.stride_h - g.pad_h + r * g.dil_h;
+            const int64_t iw = ow[m] * g.stride_w - g.pad_w + s * g.dil_w;
+            target[m] = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w ? ih * g.in_w + iw : -1;
+          }
           tile_gemm<acc_t>(cc, rows, cout_g, wp + (group * K + tap * cin_g + c0) * ldw, ldw,
                            dz + group * cout_g * ldz + n * HW + q0, ldz, dcol.data(), rows, false);
           for (int64_t ci = 0; ci < cc; ++ci) {
             acc_t* plane = dx + ((n * g.in_c + group * cin_g + c0 + ci) * g.in_h) * g.in_w;
             const acc_t* src = dcol.data() + ci * rows;
-            for (int64_t m = 0; m < rows; ++m) {
-              const int64_t ih = oh[m] * g.stride_h - g.pad_h + r * g.dil_h;
-              const int64_t iw = ow[m] * g.stride_w - g.pad_w + s * g.dil_w;
-              if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) plane[ih * g.in_w + iw] += src[m];
-            }
+            for (int64_t m = 0; m < rows; ++m)
+              if (target[m] >= 0) plane[target[m]] += src[m];
           }
         }
       }
