@@ -23,7 +23,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -34,10 +33,9 @@
 namespace bmk::cpu::CPU_CAPABILITY {
 namespace {
 
-static int64_t tune(const char* n, int64_t d) { const char* v = std::getenv(n); return v ? std::atoll(v) : d; }
-static const int64_t kPixelTile = tune("T_M", 64);      // forward: output pixels per tile (GEMM M)
-constexpr int64_t kChannelTile = 64;    // forward: output channels per tile_gemm call (GEMM N)
-static const int64_t kDepthChunk = tune("T_K", 512);    // forward: im2col columns packed at a time (GEMM K)
+constexpr int64_t kPixelTile = 128;      // forward: output pixels per tile (GEMM M)
+constexpr int64_t kChannelTile = 64;     // forward: output channels per tile_gemm call (GEMM N)
+constexpr int64_t kDepthChunk = 512;     // forward: most im2col columns packed at a time (GEMM K)
 constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
 constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
 constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
@@ -217,7 +215,8 @@ void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const E
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pixel_tiles * g.groups), 1,
                                              channel_tiles);
   const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
-  const int64_t depth = std::min(K, kDepthChunk), lda = padded_ld(depth);
+  // K in equal chunks of at most kDepthChunk (no short tail chunk)
+  const int64_t depth = std::min(K, ceil_div(ceil_div(K, ceil_div(K, kDepthChunk)), 16) * 16), lda = padded_ld(depth);
   const int64_t ldc = padded_ld(std::min(split_width, cout_g));
   at::parallel_for(0, g.groups * pixel_tiles * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> a(kPixelTile * lda), c(kPixelTile * ldc);
