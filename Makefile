@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.14.1
 
 setup:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja pybind11 ruff
+	$(BIN)/pip install torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja pybind11 ruff matplotlib
 	$(BIN)/pip install --no-build-isolation -e .
 
 test:

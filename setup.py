@@ -136,7 +136,9 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def make_extension():
     cuda_home = cuda_plan()
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "registration.cpp", CSRC / "cpu" / "registration.cpp"]]
+    # Schemas, the CPU dispatch and the device-independent autograd kernels; compiled once.
+    sources = [CSRC / "registration.cpp", CSRC / "cpu" / "registration.cpp", *sorted((CSRC / "autograd").glob("*.cpp"))]
+    sources = [str(p.relative_to(ROOT)) for p in sources]
     isa_names = ",".join("scalar" if isa == "DEFAULT" else isa.lower() for isa in CPU_ISAS)
     cxx = CXX_FLAGS + [f"-DBMK_CPU_ISAS={isa_names}"]
     include_dirs = [str(CSRC)]

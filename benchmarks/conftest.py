@@ -9,9 +9,12 @@ printed at the end (baseline median / bmkernels median per case) is indicative o
 interleaved numbers of record come from `bmkernels bench`.
 """
 
+import math
 import os
+import time
 
 import pytest
+import torch
 
 from bmkernels import bench
 
@@ -80,3 +83,48 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 parts.append(f"vs {b} {med[b] / primary:.2f}x")
         gflops = f"{case.flops / primary / 1e9:.1f} GFLOP/s" if primary else "not measured"
         tr.write_line(f"{op} {name}: bmkernels {gflops}; " + ", ".join(parts))
+
+
+# Shared body of the per-family suites (benchmarks/bench_<family>.py call it from their one test).
+MIN_ROUNDS, MAX_ROUNDS, BUDGET_S, MIN_ROUND_S = 5, 50, 2.0, 0.005
+_case_inputs = {"name": None, "inputs": None}  # the inputs of the case being run, shared by its contenders
+
+
+def case_inputs(case):
+    if _case_inputs["name"] != case.name:
+        _case_inputs.update(name=None, inputs=None)
+        _case_inputs.update(name=case.name, inputs=case.make_inputs())
+    return _case_inputs["inputs"]
+
+
+def run_benchmark(benchmark, bmk_record, case, contender, suite):
+    """Times one contender of one case: a warm-up call sizes the run, then at least MIN_ROUNDS rounds
+    within about BUDGET_S; records the median for the ratio summary and the saved activation memory."""
+    if contender in case.skipped:
+        pytest.skip(case.skipped[contender])
+    if contender == bench.BMK:
+        from bmkernels import _extension
+
+        _extension.require(suite)
+    inp = case_inputs(case)
+    fn = case.contenders[contender]
+
+    def target():
+        with torch.set_grad_enabled(case.backward):
+            fn(inp)
+
+    t0 = time.perf_counter()
+    target()
+    one = time.perf_counter() - t0
+    iterations = max(1, math.ceil(MIN_ROUND_S / max(one, 1e-9)))
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S // max(one * iterations, 1e-9))))
+    benchmark.group = f"{case.op} {case.name}"
+    benchmark.extra_info.update(case=case.name, contender=contender, flops=case.flops, **case.params)
+    benchmark.pedantic(target, rounds=rounds, iterations=iterations, warmup_rounds=0 if one > 1.0 else 1)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["median_ms"] = median * 1e3
+        benchmark.extra_info["gflops"] = case.flops / median / 1e9
+        bmk_record(case, contender, median)
+    if case.backward and contender in case.forward:
+        benchmark.extra_info["saved_activation_bytes"] = bench.saved_activation_bytes(case.forward[contender], inp)

@@ -5,10 +5,12 @@ import torch
 from bmkernels import _backend, _extension
 from bmkernels.ops.attention import attention, dropout_keep_mask, scaled_dot_product_attention
 from bmkernels.ops.conv import conv2d, fold_batchnorm
+from bmkernels.ops.gru import gru, gru_cell
 
 __version__ = "0.1.0"
 __all__ = ["attention", "build_info", "dropout_keep_mask", "scaled_dot_product_attention"]
 __all__ += ["conv2d", "fold_batchnorm"]
+__all__ += ["gru", "gru_cell"]
 
 
 def build_info():
@@ -27,3 +29,9 @@ def build_info():
         "torch_cuda": torch.version.cuda,
         "cuda_device_available": torch.cuda.is_available(),
     }
+
+# Drop-in modules (bmkernels.nn) and swapping them into existing models (bmkernels.swap).
+from bmkernels import nn  # noqa: E402
+from bmkernels.swap import SwapReport, swap_modules, to_torch, unswap  # noqa: E402
+
+__all__ += ["SwapReport", "nn", "swap_modules", "to_torch", "unswap"]

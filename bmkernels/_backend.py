@@ -8,6 +8,7 @@ silently falls back to something else.
 
 import importlib.util
 import os
+import sys
 
 from bmkernels import _extension
 
@@ -76,6 +77,9 @@ def choose(op, device, backend=None):
         if kind == "cpu" and not triton_interpreted():
             raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors runs only under the Triton "
                                "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        if kind == "cpu" and not getattr(sys.modules.get(f"bmkernels.triton.{op}"), "INTERPRETED", True):
+            raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
+                               "the Triton kernels were compiled for the GPU; set it before importing triton")
         if kind not in ("cpu", "cuda"):
             raise RuntimeError(f"bmkernels {op}: backend 'triton' needs CUDA tensors; got {kind} tensors")
     return name

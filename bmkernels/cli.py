@@ -2,6 +2,7 @@
 
     bmkernels bench [--quick | --full] [--op OP] [--filter TEXT] [--reps N] [--json PATH] [--list]
     bmkernels info [--json]
+    bmkernels train MODEL [options]      (MODEL: transformer; `bmkernels train MODEL --help`)
 
 Exit status: 0 on success, 1 when the run fails (e.g. the compiled extension is missing, no case
 matches --filter, the JSON file cannot be written), 2 for a bad command line.
@@ -69,6 +70,17 @@ def build_parser():
                     "CUDA archs and kernels, Triton, torch and CUDA versions.")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_info)
+
+    from bmkernels import train
+
+    p = sub.add_parser(
+        "train", help="train a reference model on embedded data (Python standard library text)",
+        description="Train a bmkernels reference model on data that ships with Python: a progress bar, "
+                    "evaluation and an atomic checkpoint every --eval-every steps, a loss-curve PNG, --resume, "
+                    "--kernels torch for A/B runs. Runs under `torchrun --nproc_per_node=N` with "
+                    "DistributedDataParallel.")
+    train.add_parsers(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -159,6 +171,16 @@ def cmd_bench(args):
         except OSError as e:
             raise _Failure(f"cannot write --json {args.json!r}: {e}") from None
         print(f"Results written to {args.json}.")
+    return 0
+
+
+def cmd_train(args):
+    from bmkernels import train
+
+    try:
+        train.run(args)
+    except OSError as e:
+        raise _Failure(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
     return 0
 
 

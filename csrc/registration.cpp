@@ -37,6 +37,24 @@ TORCH_LIBRARY(bmkernels, m) {
   // The keep-mask (B, H, Lq, Lk) that attention_fwd's dropout draws for rng_seed: for tests and debugging.
   m.def("attention_dropout_mask(Tensor rng_seed, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor");
 
+  // GRU (gate order r, z, n; b_hn inside the reset product, as torch.nn.GRU). One cell step: x (B, I),
+  // h (B, H), w_ih (3H, I), w_hh (3H, H), biases (3H,). Returns h_next and, when save_workspace, the
+  // (B, 5H) workspace that gru_layer_bwd reads (r, z, n, hn, h per row); else an empty one.
+  m.def(
+      "gru_cell_fwd(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool save_workspace) "
+      "-> (Tensor, Tensor)");
+  // One GRU layer over a sequence, D = 1 or 2 directions (the second runs backwards in time):
+  // x (T, B, I), h0 (D, B, H), w_ih (D, 3H, I), w_hh (D, 3H, H), biases (D, 3H), lengths (B,) int64
+  // (steps t >= lengths[b] keep the state and output 0). Returns out (T, B, D*H), h_n (D, B, H) and the
+  // workspace (D, T, B, 5H) (empty unless save_workspace).
+  m.def(
+      "gru_layer_fwd(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
+      "bool save_workspace) -> (Tensor, Tensor, Tensor)");
+  // Gradients of gru_layer_fwd: dx, dh0, dw_ih, dw_hh, db_ih, db_hh (the bias gradients empty unless has_bias).
+  m.def(
+      "gru_layer_bwd(Tensor grad_out, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? lengths, Tensor workspace, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // Fused conv2d over (N, C, H, W): act(conv(x, weight) + bias + residual); padding is (top, bottom,
   // left, right); activation is a code of bmk::Activation (csrc/common/activations.h) with slope for
   // leaky_relu. Returns out (in x's memory format) and, when save_preact, the pre-activation (else empty).

@@ -2,6 +2,9 @@
 always works and matches the kernel; unknown names and unavailable backends raise errors that name
 them; nothing silently falls back."""
 
+import sys
+import types
+
 import pytest
 import torch
 from conftest import make_qkv
@@ -139,19 +142,45 @@ def test_cuda_backend_on_cpu_tensors(via, monkeypatch, ran):
 
 
 @pytest.mark.parametrize("via", ("argument", "env"))
-def test_triton_backend_not_available(via, monkeypatch, ran):
-    """No Triton attention kernel exists yet: asking for one is an error, never a fallback."""
-    assert "attention" not in _backend.triton_ops()
+def test_triton_backend_on_cpu_needs_the_interpreter(via, monkeypatch, ran):
+    """The Triton kernels take CPU tensors only under TRITON_INTERPRET=1: otherwise an error, never a
+    fallback (tests/test_triton_attention.py runs them under the interpreter)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = make_qkv(requires_grad=False)
     kwargs = {"backend": "triton"} if via == "argument" else {}
     if via == "env":
         monkeypatch.setenv("BMK_BACKEND", "triton")
-    match = "no Triton kernel for attention" if _backend.triton_available() else "triton is not installed"
+    match = "runs only under the Triton interpreter" if _backend.triton_available() else "triton is not installed"
     with pytest.raises(RuntimeError, match=match):
         bmkernels.attention(q, k, v, **kwargs)
     with pytest.raises(RuntimeError, match=match):
         bmkernels.scaled_dot_product_attention(q, k, v, **kwargs)
     assert ran == []
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
+def test_triton_kernels_listed(monkeypatch):
+    assert "attention" in _backend.triton_ops()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="has no Triton kernel for conv2d yet"):
+        _backend.choose("conv2d", CPU, "triton")
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
+def test_auto_on_cuda_without_cuda_kernel_is_triton(monkeypatch):
+    monkeypatch.setattr(_extension, "cuda_kernels", lambda: [])
+    assert _backend.choose("attention", torch.device("cuda")) == "triton"
+    monkeypatch.setattr(_extension, "cuda_kernels", lambda: ["attention"])
+    assert _backend.choose("attention", torch.device("cuda")) == "cuda"
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
+def test_triton_kernels_compiled_before_the_interpreter_was_asked_for(monkeypatch):
+    """TRITON_INTERPRET=1 set after the kernels were built for the GPU: a clear error, not a crash."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "bmkernels.triton.attention", types.SimpleNamespace(INTERPRETED=False))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after the Triton kernels were compiled"):
+        _backend.choose("attention", CPU, "triton")
 
 
 def test_no_fallback_for_other_devices(ran):

@@ -118,6 +118,7 @@ class Result:
 # GFLOP/s are counted). One line per op family.
 CASE_MODULES = {
     "attention": "bmkernels.bench.attention",
+    "gru": "bmkernels.bench.gru",
     "conv": "bmkernels.bench.conv",
 }
 OPS = tuple(CASE_MODULES)

@@ -1,5 +1,7 @@
 """bmkernels.attention and bmkernels.scaled_dot_product_attention: argument checks, backend choice,
-and the fake kernel and autograd of the torch.ops.bmkernels.attention_* operators.
+and the fake kernels of the torch.ops.bmkernels.attention_* operators. Autograd of attention_fwd is
+registered in C++ (csrc/autograd/attention.cpp; its backward is the op attention_bwd): the Python
+register_autograd path cost more per call than the whole kernel at small shapes.
 
 Memory: the forward saves q, k, v, out and the logsumexp (B, H, Lq) — O(L), never an Lq x Lk
 buffer; the backward recomputes probabilities per tile. The one exception is a bias that requires
@@ -165,10 +167,19 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, 
             window=(left, right), softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
             dropout_mask=keep_drawn, scale=scale, return_lse=return_lse)
     rng_seed = _draw_seed() if dropout_p > 0 else None
-    out, lse = torch.ops.bmkernels.attention_fwd(
+    out, lse = _forward_op(name)(
         q, k, v, bias, keep, alibi_slopes, rng_seed, float(scale), float(softcap or 0.0), left, right, offset,
         float(dropout_p))
     return (out, lse) if return_lse else out
+
+
+def _forward_op(backend):
+    """The attention_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin)."""
+    if backend == "triton":
+        from bmkernels.triton import attention as triton_attention  # imports triton: only when asked for
+
+        return triton_attention.attention_fwd
+    return torch.ops.bmkernels.attention_fwd
 
 
 def _draw_seed():
@@ -265,13 +276,19 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.bmkernels.attention_bwd(
-        grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad)
-    dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+def backward_with(bwd_op):
+    """The autograd backward of an attention_fwd-shaped operator whose gradients come from bwd_op
+    (attention_bwd's signature): the Triton operators' (the C++ operator's is in csrc/autograd/)."""
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = bwd_op(
+            grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad)
+        dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+
+    return backward
 
 
 if _extension.loaded():
@@ -280,4 +297,3 @@ if _extension.loaded():
     torch.library.register_fake("bmkernels::attention_dropout_mask")(
         lambda rng_seed, batch, heads, q_len, k_len, dropout_p: rng_seed.new_empty(
             (batch, heads, q_len, k_len), dtype=torch.bool))
-    torch.library.register_autograd("bmkernels::attention_fwd", _backward, setup_context=_setup_context)

@@ -1,4 +1,7 @@
-"""Triton kernels, registered with torch.library.triton_op. Importing this package needs triton."""
+"""Triton kernels, registered with torch.library.triton_op. Importing this package needs triton.
+
+One module per op family (bmkernels/triton/<op>.py); each is imported only when its kernels are
+first asked for, so that TRITON_INTERPRET can still be set before triton is imported."""
 
 # Op families with a Triton kernel; each lands with its module here (bmkernels/triton/<op>.py).
-OPS = frozenset()
+OPS = frozenset({"attention"})

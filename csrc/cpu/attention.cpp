@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/attention_math.h"
@@ -38,6 +39,10 @@ using Vec = at::vec::Vectorized<T>;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Grain for a parallel_for whose tasks each touch `work` elements: tiny problems run on one thread,
+// since waking the pool costs more than the work (and, on a busy machine, a whole time slice).
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1)); }
+
 int64_t tile_width(int64_t needed, int64_t block, int64_t available) {
   return std::min({block, ceil_div(needed, kTileGranule) * kTileGranule, available});
 }
@@ -47,42 +52,40 @@ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// Partial vectors cover the last n % width elements (short causal rows would otherwise go scalar).
 template <typename T>
 T row_max(const T* x, int64_t n) {
-  T best = neg_inf<T>();
+  Vec<T> acc(neg_inf<T>());
   int64_t c = 0;
-  if (n >= Vec<T>::size()) {
-    Vec<T> acc(neg_inf<T>());
-    for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
-    T lanes[Vec<T>::size()];
-    acc.store(lanes);
-    for (int64_t l = 0; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
-  }
-  for (; c < n; ++c) best = std::max(best, x[c]);
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
+  if (c < n) acc = at::vec::maximum(acc, Vec<T>::set(Vec<T>(neg_inf<T>()), Vec<T>::loadu(x + c, n - c), n - c));
+  T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  T best = neg_inf<T>();
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
   return best;
 }
 
 // x <- exp(x - shift) in place; returns the sum.
 template <typename T>
 T exp_shift_sum(T* x, int64_t n, T shift) {
-  T sum = 0;
+  const Vec<T> shift_vec(shift);
+  Vec<T> acc(T(0));
   int64_t c = 0;
-  if (n >= Vec<T>::size()) {
-    const Vec<T> shift_vec(shift);
-    Vec<T> acc(T(0));
-    for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-      const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
-      e.store(x + c);
-      acc = acc + e;
-    }
-    T lanes[Vec<T>::size()];
-    acc.store(lanes);
-    for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+    e.store(x + c);
+    acc = acc + e;
   }
-  for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - shift);
-    sum += x[c];
+  if (c < n) {
+    const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
+    e.store(x + c, n - c);
+    acc = acc + Vec<T>::set(Vec<T>(T(0)), e, n - c);
   }
+  T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  T sum = 0;
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
   return sum;
 }
 
@@ -141,11 +144,23 @@ int64_t padded_ld(int64_t len) {
   return ld % 256 == 0 ? ld + 16 : ld;
 }
 
-// x (B, H, L, D) as a (B, H, D, ld) tensor in dtype `acc`; columns past L are never read.
-at::Tensor transposed_padded(const at::Tensor& x, at::ScalarType acc, int64_t ld) {
-  at::Tensor t = at::empty({x.size(0), x.size(1), x.size(3), ld}, x.options().dtype(acc));
-  t.narrow(3, 0, x.size(2)).copy_(x.transpose(2, 3));
-  return t;
+// n elements of x as acc_t, times mul.
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* x, int64_t n, acc_t mul, acc_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(x[i]) * mul;
+}
+
+// x (rows x D, row-major) as acc_t times mul, stored transposed: out[d * ld + j] = x[j * D + d] * mul.
+// Columns past `rows` are never read. Blocks of 16 rows keep the strided reads in L1.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* x, int64_t rows, int64_t D, int64_t ld, acc_t mul, acc_t* out) {
+  constexpr int64_t kRows = 16;
+  for (int64_t j0 = 0; j0 < rows; j0 += kRows) {
+    const int64_t j1 = std::min(rows, j0 + kRows);
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = j0; j < j1; ++j) out[d * ld + j] = static_cast<acc_t>(x[j * D + d]) * mul;
+    }
+  }
 }
 
 struct Dropout {
@@ -156,34 +171,50 @@ struct Dropout {
 };
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const acc_t* vv,
+void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scalar_t* k, const scalar_t* v,
                     const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& win, const Dropout& drop,
                     scalar_t* out, acc_t* lse) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const int64_t q_blocks = ceil_div(Lq, kFwdQueryBlock);
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
+  // Short keys need a smaller score tile: a 128 KiB scratch is mmap'ed (and page-faulted) per call.
+  const int64_t key_block = tile_width(Lk, kFwdKeyBlock, kFwdKeyBlock);
   at::parallel_for(0, sh.batch * sh.q_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores(kFwdQueryBlock * kFwdKeyBlock), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
-    std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock);
+    std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
+    std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
+    // This thread's copy of its current kv head: K transposed (D x k_ld) and, for reduced precision,
+    // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
+    // with no full-size temporary and no extra parallel region.
+    std::vector<acc_t> kt_head(D * sh.k_ld), v_acc(std::is_same_v<scalar_t, acc_t> ? 0 : Lk * Dv);
+    int64_t packed_head = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
       const int64_t kv_head = b * sh.kv_heads + h / group;
       const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
-      const acc_t* q_tile = qs + (bh * Lq + i0) * D;
-      const acc_t* kt_head = kt + kv_head * D * sh.k_ld;
-      const acc_t* v_head = vv + kv_head * Lk * Dv;
+      pack_rows(q + (bh * Lq + i0) * D, rows * D, scale, q_tile.data());  // scaled once, not per score
+      if (kv_head != packed_head) {
+        pack_transposed(k + kv_head * Lk * D, Lk, D, sh.k_ld, acc_t(1), kt_head.data());
+        if (!v_acc.empty()) pack_rows(v + kv_head * Lk * Dv, Lk * Dv, acc_t(1), v_acc.data());
+        packed_head = kv_head;
+      }
+      const acc_t* v_head;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        v_head = v + kv_head * Lk * Dv;
+      } else {
+        v_head = v_acc.data();
+      }
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
       const int64_t kv_begin = win.first_key(i0) / kTileGranule * kTileGranule;
       const int64_t kv_end = win.end_key(i0 + rows - 1);
-      for (int64_t j0 = kv_begin; j0 < kv_end; j0 += kFwdKeyBlock) {
-        const int64_t cols = tile_width(kv_end - j0, kFwdKeyBlock, Lk - j0);
-        tile_gemm(rows, cols, D, q_tile, D, kt_head + j0, sh.k_ld, scores.data(), kFwdKeyBlock, false);
+      for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
+        const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
+        tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, sh.k_ld, scores.data(), key_block, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          acc_t* row = scores.data() + r * kFwdKeyBlock;
+          acc_t* row = scores.data() + r * key_block;
           const int64_t lo = std::clamp<int64_t>(win.first_key(i) - j0, 0, cols);
           const int64_t hi = std::clamp<int64_t>(win.end_key(i) - j0, lo, cols);
           std::fill(row, row + lo, acc_t(0));
@@ -207,7 +238,7 @@ void forward_kernel(const Shapes& sh, const acc_t* qs, const acc_t* kt, const ac
             }
           }
         }
-        tile_gemm(rows, Dv, cols, scores.data(), kFwdKeyBlock, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
+        tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* out_row = out + (bh * Lq + i0 + r) * Dv;
@@ -251,7 +282,9 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   const int64_t group = sh.q_heads / sh.kv_heads;
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
   const bool plain = !terms.any() && !drop.on();
-  constexpr int64_t BK = kBwdKeyBlock, BQ = kBwdQueryBlock;
+  // Short queries need a narrower tile (a 128 KiB scratch is mmap'ed and page-faulted per call).
+  constexpr int64_t BK = kBwdKeyBlock;
+  const int64_t BQ = tile_width(Lq, kBwdQueryBlock, kBwdQueryBlock);
   // A task owns one kv head and every split-th key block of it, so dK/dV (summed over the head's
   // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
   const int64_t key_blocks = ceil_div(Lk, BK);
@@ -398,11 +431,6 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
-// q * scale as a new contiguous tensor in the accumulation dtype (scaling q once instead of every score).
-at::Tensor scaled_copy(const at::Tensor& q, at::ScalarType acc, double scale) {
-  return at::empty(q.sizes(), q.options().dtype(acc)).copy_(q).mul_(scale);
-}
-
 template <typename scalar_t, typename acc_t>
 ScoreTerms<scalar_t, acc_t> score_terms(const Shapes& sh, const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& mask, const at::Tensor& alibi,
@@ -454,18 +482,16 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor out = at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
   if (lse.numel() == 0) return {out, lse};
-  const at::Tensor qs = scaled_copy(q, acc, scale);
-  const at::Tensor kt = transposed_padded(k, acc, sh.k_ld);
-  const at::Tensor vv = v.to(acc).contiguous();
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
   const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
-    forward_kernel<scalar_t, acc_t>(sh, qs.const_data_ptr<acc_t>(), kt.const_data_ptr<acc_t>(),
-                                    vv.const_data_ptr<acc_t>(), terms, win, drop, out.data_ptr<scalar_t>(),
-                                    lse.data_ptr<acc_t>());
+    forward_kernel<scalar_t, acc_t>(sh, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
+                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win, drop,
+                                    out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
   return {out, lse};
 }
@@ -491,37 +517,82 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
               "bmkernels attention backward: lse must be ", acc, " of shape (B, Hq, Lq); got ", lse.sizes(), " ",
               lse.scalar_type());
   TORCH_CHECK(!bias_grad || bias, "bmkernels attention backward: bias_grad needs a bias");
-  const at::Tensor qs = scaled_copy(q, acc, scale);
-  const at::Tensor qs_t = transposed_padded(qs, acc, sh.q_ld);
-  const at::Tensor kk = k.to(acc).contiguous();
-  const at::Tensor k_t = transposed_padded(kk, acc, sh.k_ld);
-  const at::Tensor vv = v.to(acc).contiguous();
-  const at::Tensor dout = grad_out.to(acc).contiguous();
-  const at::Tensor dout_t = transposed_padded(dout, acc, sh.q_ld);
-  // d lse / d s = p, so a gradient g flowing into lse folds into delta: dS = P (dP - (delta - g)).
-  at::Tensor delta = (dout * out.to(acc)).sum(-1);
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "bmkernels attention backward: grad_out and out must have q's dtype ", q.scalar_type(), "; got ",
+              grad_out.scalar_type(), " and ", out.scalar_type());
   if (grad_lse) {
     TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "bmkernels attention backward: grad_lse must have lse's shape ",
                 lse.sizes(), "; got ", grad_lse->sizes());
-    delta = delta - grad_lse->to(acc);
   }
-  delta = delta.contiguous();
-  const at::Tensor lse_c = lse.contiguous();
+  const int64_t B = sh.batch, Hq = sh.q_heads, Hkv = sh.kv_heads, Lq = sh.q_len, Lk = sh.k_len;
+  const int64_t D = sh.head_dim, Dv = sh.v_head_dim;
+  const at::TensorOptions acc_opts = q.options().dtype(acc);
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor doc = grad_out.contiguous(), oc = out.contiguous(), lse_c = lse.contiguous();
+  const at::Tensor glse = grad_lse ? grad_lse->to(acc).contiguous() : at::Tensor();
   // Few kv heads would leave cores idle: split each head's key blocks over more tasks.
-  const int64_t tasks = sh.batch * sh.kv_heads;
-  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(tasks, 1)), 1,
-                                             std::max<int64_t>(ceil_div(sh.k_len, kBwdKeyBlock), 1));
-  at::Tensor dq_t = at::zeros({splits, sh.batch, sh.q_heads, sh.head_dim, sh.q_ld}, qs.options());
-  at::Tensor dk = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.head_dim}, qs.options());
-  at::Tensor dv = at::empty({sh.batch, sh.kv_heads, sh.k_len, sh.v_head_dim}, qs.options());
-  at::Tensor dbias = bias_grad ? at::zeros({sh.batch, sh.q_heads, sh.q_len, sh.k_len}, qs.options())
-                               : at::empty({0}, qs.options());
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(B * Hkv, 1)), 1,
+                                             std::max<int64_t>(ceil_div(Lk, kBwdKeyBlock), 1));
+  const bool convert = q.scalar_type() != acc;  // reduced precision: operands converted to float once
+  at::Tensor qs = at::empty({B, Hq, Lq, D}, acc_opts), qs_t = at::empty({B, Hq, D, sh.q_ld}, acc_opts);
+  at::Tensor dout = convert ? at::empty({B, Hq, Lq, Dv}, acc_opts) : doc;
+  at::Tensor dout_t = at::empty({B, Hq, Dv, sh.q_ld}, acc_opts), delta = at::empty({B, Hq, Lq}, acc_opts);
+  at::Tensor kk = convert ? at::empty({B, Hkv, Lk, D}, acc_opts) : kc;
+  at::Tensor k_t = at::empty({B, Hkv, D, sh.k_ld}, acc_opts);
+  at::Tensor vv = convert ? at::empty({B, Hkv, Lk, Dv}, acc_opts) : vc;
+  at::Tensor dq_t = at::empty({splits, B, Hq, D, sh.q_ld}, acc_opts);
+  at::Tensor dk = at::empty({B, Hkv, Lk, D}, acc_opts), dv = at::empty({B, Hkv, Lk, Dv}, acc_opts);
+  at::Tensor dq = at::empty({B, Hq, Lq, D}, q.options());
+  at::Tensor dk_out = convert ? at::empty({B, Hkv, Lk, D}, k.options()) : dk;
+  at::Tensor dv_out = convert ? at::empty({B, Hkv, Lk, Dv}, v.options()) : dv;
+  at::Tensor dbias = bias_grad ? at::zeros({B, Hq, Lq, Lk}, acc_opts) : at::empty({0}, acc_opts);
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
-  const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
+  const AttentionWindow win{window_left, window_right, diag_offset, Lq, Lk};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
-  if (sh.k_len > 0 && sh.q_len > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *q_in = qc.const_data_ptr<scalar_t>(), *k_in = kc.const_data_ptr<scalar_t>();
+    const scalar_t *v_in = vc.const_data_ptr<scalar_t>(), *do_in = doc.const_data_ptr<scalar_t>();
+    const scalar_t* o_in = oc.const_data_ptr<scalar_t>();
+    const acc_t* glse_in = glse.defined() ? glse.const_data_ptr<acc_t>() : nullptr;
+    const acc_t scale_acc = static_cast<acc_t>(scale);
+    const int64_t dq_size = B * Hq * D * sh.q_ld;
+    const int64_t grain = grain_for(std::max(Lq, Lk) * (D + Dv));
+    acc_t *qs_p = qs.data_ptr<acc_t>(), *qs_t_p = qs_t.data_ptr<acc_t>(), *dout_t_p = dout_t.data_ptr<acc_t>();
+    acc_t *dout_p = convert ? dout.data_ptr<acc_t>() : nullptr, *delta_p = delta.data_ptr<acc_t>();
+    acc_t *kk_p = convert ? kk.data_ptr<acc_t>() : nullptr, *k_t_p = k_t.data_ptr<acc_t>();
+    acc_t *vv_p = convert ? vv.data_ptr<acc_t>() : nullptr, *dq_t_p = dq_t.data_ptr<acc_t>();
+    // Operand preparation, one parallel region: query heads first (scaled q, its transpose, dO, its
+    // transpose, delta = rowsum(dO * O) - grad_lse, zeroed dQ partials), then kv heads (K, K^T, V).
+    at::parallel_for(0, B * Hq + B * Hkv, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        if (task < B * Hq) {
+          const int64_t bh = task;
+          const scalar_t *q_head = q_in + bh * Lq * D, *do_head = do_in + bh * Lq * Dv;
+          pack_rows(q_head, Lq * D, scale_acc, qs_p + bh * Lq * D);
+          pack_transposed(q_head, Lq, D, sh.q_ld, scale_acc, qs_t_p + bh * D * sh.q_ld);
+          if (dout_p) pack_rows(do_head, Lq * Dv, acc_t(1), dout_p + bh * Lq * Dv);
+          pack_transposed(do_head, Lq, Dv, sh.q_ld, acc_t(1), dout_t_p + bh * Dv * sh.q_ld);
+          for (int64_t i = 0; i < Lq; ++i) {
+            const scalar_t *o_row = o_in + (bh * Lq + i) * Dv, *do_row = do_head + i * Dv;
+            acc_t dot = 0;
+            for (int64_t d = 0; d < Dv; ++d) dot += static_cast<acc_t>(do_row[d]) * static_cast<acc_t>(o_row[d]);
+            // d lse / d s = p, so a gradient g flowing into lse folds into delta: dS = P (dP - (delta - g)).
+            delta_p[bh * Lq + i] = glse_in ? dot - glse_in[bh * Lq + i] : dot;
+          }
+          for (int64_t split = 0; split < splits; ++split) {
+            acc_t* dq_head = dq_t_p + split * dq_size + bh * D * sh.q_ld;
+            std::fill(dq_head, dq_head + D * sh.q_ld, acc_t(0));
+          }
+        } else {
+          const int64_t h = task - B * Hq;
+          if (kk_p) pack_rows(k_in + h * Lk * D, Lk * D, acc_t(1), kk_p + h * Lk * D);
+          pack_transposed(k_in + h * Lk * D, Lk, D, sh.k_ld, acc_t(1), k_t_p + h * D * sh.k_ld);
+          if (vv_p) pack_rows(v_in + h * Lk * Dv, Lk * Dv, acc_t(1), vv_p + h * Lk * Dv);
+        }
+      }
+    });
+    if (Lk > 0 && Lq > 0) {
       const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
       BackwardOperands<acc_t> op{qs.const_data_ptr<acc_t>(),   qs_t.const_data_ptr<acc_t>(),
                                  kk.const_data_ptr<acc_t>(),   k_t.const_data_ptr<acc_t>(),
@@ -531,13 +602,39 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  dk.data_ptr<acc_t>(),         dv.data_ptr<acc_t>(),
                                  bias_grad ? dbias.data_ptr<acc_t>() : nullptr};
       backward_kernel<scalar_t, acc_t>(sh, op, terms, win, drop, splits);
+    } else {
+      dk.zero_();
+      dv.zero_();
+    }
+    // Results, one parallel region: dQ = scale * sum of the split partials, transposed back; dK, dV
+    // cast to the input dtype when it is not the accumulation dtype.
+    scalar_t* dq_p = dq.data_ptr<scalar_t>();
+    const acc_t *dk_p = dk.const_data_ptr<acc_t>(), *dv_p = dv.const_data_ptr<acc_t>();
+    scalar_t *dk_out_p = convert ? dk_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t *dv_out_p = convert ? dv_out.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B * Hq + B * Hkv, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        if (task < B * Hq) {
+          const int64_t bh = task;
+          constexpr int64_t kRows = 16;  // the strided dQ^T reads stay in L1 within a block of rows
+          for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
+            for (int64_t d = 0; d < D; ++d) {
+              for (int64_t i = i0; i < std::min(Lq, i0 + kRows); ++i) {
+                acc_t sum = 0;
+                for (int64_t split = 0; split < splits; ++split) sum += dq_t_p[split * dq_size + (bh * D + d) * sh.q_ld + i];
+                dq_p[(bh * Lq + i) * D + d] = static_cast<scalar_t>(sum * scale_acc);
+              }
+            }
+          }
+        } else if (convert) {
+          const int64_t h = task - B * Hq;
+          for (int64_t n = h * Lk * D; n < (h + 1) * Lk * D; ++n) dk_out_p[n] = static_cast<scalar_t>(dk_p[n]);
+          for (int64_t n = h * Lk * Dv; n < (h + 1) * Lk * Dv; ++n) dv_out_p[n] = static_cast<scalar_t>(dv_p[n]);
+        }
+      }
     });
-  } else {
-    dk.zero_();
-    dv.zero_();
-  }
-  at::Tensor dq = (dq_t.sum(0).narrow(3, 0, sh.q_len).transpose(2, 3) * scale).to(q.scalar_type()).contiguous();
-  return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type()), dbias};
+  });
+  return {dq, dk_out, dv_out, dbias};
 }
 
 at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,

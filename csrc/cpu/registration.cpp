@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/gru.h"
 #include "cpu/conv.h"
 #include "cpu/isa.h"
 
@@ -83,6 +84,26 @@ at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int
   return BMK_ISA_CALL(attention_dropout_mask, rng_seed, batch, heads, q_len, k_len, dropout_p);
 }
 
+GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh, bool save_workspace) {
+  return BMK_ISA_CALL(gru_cell_fwd, x, h, w_ih, w_hh, b_ih, b_hh, save_workspace);
+}
+
+GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
+                                bool save_workspace) {
+  return BMK_ISA_CALL(gru_layer_fwd, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace);
+}
+
+GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
+                                const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
+                                bool has_bias) {
+  return BMK_ISA_CALL(gru_layer_bwd, grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
+}
+
 ConvFwdResult conv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
@@ -105,6 +126,9 @@ TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_dropout_mask", &attention_dropout_mask);
+  m.impl("gru_cell_fwd", &gru_cell_fwd);
+  m.impl("gru_layer_fwd", &gru_layer_fwd);
+  m.impl("gru_layer_bwd", &gru_layer_bwd);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);
 }

@@ -1,0 +1,154 @@
+// Autograd of bmkernels::gru_cell_fwd and bmkernels::gru_layer_fwd, in C++ (torch::autograd::Function
+// registered for the Autograd key): a GRUCell stepped from Python pays no Python on its way through
+// autograd, with or without grad. Both backwards run bmkernels::gru_layer_bwd (a cell step is a
+// one-step, one-direction layer). Fake kernels for torch.compile: bmkernels/ops/gru.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> cell_fwd_op(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                               bool save) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bmkernels::gru_cell_fwd", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, const at::Tensor&,
+                                                                       const OptTensor&, const OptTensor&, bool)>();
+  return op.call(x, h, w_ih, w_hh, b_ih, b_hh, save);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_fwd_op(const at::Tensor& x, const at::Tensor& h0,
+                                                            const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                            const OptTensor& b_ih, const OptTensor& b_hh,
+                                                            const OptTensor& lengths, bool save) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bmkernels::gru_layer_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                                const OptTensor&, bool)>();
+  return op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+}
+
+using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LayerGrads layer_bwd_op(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths,
+                        const at::Tensor& workspace, bool has_bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bmkernels::gru_layer_bwd", "")
+                             .typed<LayerGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const OptTensor&, const at::Tensor&, bool)>();
+  return op.call(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
+}
+
+void check_workspace(const at::Tensor& workspace) {
+  TORCH_CHECK(workspace.sym_numel() != 0,
+              "bmkernels gru: backward needs the forward's workspace, which was not saved (the forward ran with "
+              "save_workspace=False)");
+}
+
+at::Tensor grad_or_zeros(const at::Tensor& grad, const at::Tensor& like) {
+  return grad.defined() ? grad : at::zeros_like(like);
+}
+
+class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, bool save) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [h_next, workspace] = cell_fwd_op(x, h, w_ih, w_hh, b_ih, b_hh, save);
+    ctx->save_for_backward({x, h, w_ih, w_hh, workspace});
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->mark_non_differentiable({workspace});
+    return {h_next, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &workspace = saved[4];
+    check_workspace(workspace);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto [dx, dh, dw_ih, dw_hh, db_ih, db_hh] =
+        layer_bwd_op(grad_or_zeros(grads[0], h).unsqueeze(0), at::zeros_like(h).unsqueeze(0), x.unsqueeze(0),
+                     h.unsqueeze(0), w_ih.unsqueeze(0), w_hh.unsqueeze(0), std::nullopt,
+                     workspace.view_symint({1, 1, h.sym_size(0), workspace.sym_size(1)}), has_bias);
+    return {dx[0],
+            dh[0],
+            dw_ih[0],
+            dw_hh[0],
+            has_bias ? db_ih[0] : at::Tensor(),
+            has_bias ? db_hh[0] : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                               const OptTensor& lengths, bool save) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, h_n, workspace] = layer_fwd_op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+    ctx->save_for_backward({x, h0, w_ih, w_hh, workspace});
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->saved_data["lengths"] = lengths.has_value() ? c10::IValue(*lengths) : c10::IValue();
+    ctx->mark_non_differentiable({workspace});
+    return {out, h_n, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &h0 = saved[1], &w_ih = saved[2], &w_hh = saved[3], &workspace = saved[4];
+    check_workspace(workspace);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const c10::IValue& lengths_value = ctx->saved_data["lengths"];
+    const OptTensor lengths = lengths_value.isTensor() ? OptTensor(lengths_value.toTensor()) : std::nullopt;
+    const at::Tensor grad_out = grads[0].defined() ? grads[0]
+                                                   : at::zeros_symint({x.sym_size(0), x.sym_size(1),
+                                                                       h0.sym_size(0) * h0.sym_size(2)},
+                                                                      h0.options());
+    auto [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] =
+        layer_bwd_op(grad_out, grad_or_zeros(grads[1], h0), x, h0, w_ih, w_hh, lengths, workspace, has_bias);
+    return {dx,
+            dh0,
+            dw_ih,
+            dw_hh,
+            has_bias ? db_ih : at::Tensor(),
+            has_bias ? db_hh : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> gru_cell_fwd_autograd(const at::Tensor& x, const at::Tensor& h,
+                                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                         const OptTensor& b_ih, const OptTensor& b_hh, bool save) {
+  auto result = GruCellFunction::apply(x, h, w_ih, w_hh, b_ih, b_hh, save);
+  return {result[0], result[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd_autograd(const at::Tensor& x, const at::Tensor& h0,
+                                                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                                      const OptTensor& b_ih, const OptTensor& b_hh,
+                                                                      const OptTensor& lengths, bool save) {
+  auto result = GruLayerFunction::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+  return {result[0], result[1], result[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bmkernels, Autograd, m) {
+  m.impl("gru_cell_fwd", &gru_cell_fwd_autograd);
+  m.impl("gru_layer_fwd", &gru_layer_fwd_autograd);
+}

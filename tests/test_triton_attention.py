@@ -1,0 +1,416 @@
+"""The Triton attention kernels (bmkernels/triton/attention.py) against the reference: forward and
+every gradient for every feature, dropout masks bit-identical to the CPU kernel's, backend routing,
+determinism, non-contiguous and empty inputs, bad inputs. Tolerance rule: tests/conftest.py.
+
+Where it runs:
+- no GPU (CI): under the Triton interpreter on CPU tensors, small awkward shapes, float32 and
+  float16 (the interpreter cannot do bfloat16 arithmetic). triton decides at import time whether
+  it interprets, so this module sets TRITON_INTERPRET=1 before it imports triton (nothing imports
+  triton before test collection reaches this file in one pytest process), then restores the
+  variable so the rest of the suite sees the environment it was started with; an autouse fixture
+  sets it again for these tests. If triton was already imported compiled, the module is skipped
+  with the reason (run it in its own process: pytest tests/test_triton_attention.py).
+- a CUDA GPU: the same tests on CUDA tensors with larger shapes and bfloat16 too, plus
+  torch.compile(fullgraph=True) and opcheck, which cannot run under the interpreter (fake-tensor
+  tracing touches storage the interpreter copies).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
+if not ON_GPU:
+    if "triton" in sys.modules and _ENV_BEFORE != "1":
+        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1; run this file in its own "
+                    "pytest process", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton_attention = pytest.importorskip("bmkernels.triton.attention", reason="triton is not installed")
+finally:
+    if _ENV_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
+
+from conftest import check_against_reference, make_qkv  # noqa: E402
+
+import bmkernels  # noqa: E402
+from bmkernels import _backend, _extension  # noqa: E402
+from bmkernels.reference import attention as reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)")))
+INTERPRETER_ONLY_SKIP = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
+GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton "
+                                                 "interpreter")
+# lengths and head dims: small awkward ones under the interpreter, GPU-sized ones on a GPU
+SIZE = {"short": 97 if ON_GPU else 17, "mid": 333 if ON_GPU else 33, "long": 1029 if ON_GPU else 97}
+
+
+@pytest.fixture(autouse=True)
+def interpreter_env(monkeypatch):
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def triton_fn(**options):
+    return lambda q, k, v, **tensors: bmkernels.attention(q, k, v, backend="triton", **options, **tensors)
+
+
+def reference_fn(**options):
+    return lambda q, k, v, **tensors: reference.attention(q, k, v, **options, **tensors)
+
+
+def qkv(dtype=torch.float32, **shape):
+    return [t.detach().to(DEVICE).requires_grad_() for t in make_qkv(dtype=dtype, **shape)]
+
+
+def rand(*shape, dtype=torch.float32, seed=7, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE).requires_grad_(requires_grad)
+
+
+def bool_mask(*shape, keep=0.7, seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=gen) < keep).to(DEVICE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every feature, forward and backward, against the float64 reference.
+
+S, M, L = SIZE["short"], SIZE["mid"], SIZE["long"]
+FEATURES = {
+    # name: (shape of make_qkv, options, extra tensors (built from the shape), lse gradient)
+    "plain": ({"q_len": M, "head_dim": 40}, {}, {}, False),
+    "lq_ne_lk": ({"q_len": S, "k_len": L, "head_dim": 16}, {}, {}, False),
+    "causal": ({"q_len": L, "head_dim": 16}, {"causal": True}, {}, False),
+    "causal_bottom_right": ({"q_len": S, "k_len": M, "head_dim": 40},
+                            {"causal": True, "causal_alignment": "bottom_right"}, {}, False),
+    "causal_top_left_lq_gt_lk": ({"q_len": M, "k_len": S, "head_dim": 16}, {"causal": True}, {}, False),
+    "window": ({"q_len": L, "head_dim": 16}, {"window": (9, 4)}, {}, False),
+    "window_narrow": ({"q_len": L, "k_len": M + 2, "head_dim": 16}, {"window": (1, 1)}, {}, False),  # band edges
+    "window_causal_bottom_right": ({"q_len": M, "k_len": L, "head_dim": 16},
+                                   {"window": (21, -1), "causal": True, "causal_alignment": "bottom_right"}, {},
+                                   False),
+    "softcap": ({"q_len": M, "head_dim": 64}, {"softcap": 2.0}, {}, False),
+    "alibi": ({"q_len": M, "head_dim": 16, "q_heads": 4, "kv_heads": 2},
+              {"alibi_slopes": "heads", "causal": True}, {}, False),
+    "alibi_per_batch": ({"q_len": S, "k_len": M, "head_dim": 16}, {"alibi_slopes": "batch_heads"}, {}, False),
+    "bias_grad": ({"q_len": S, "k_len": M, "head_dim": 40}, {}, {"bias": "full"}, False),
+    "bias_broadcast_grad": ({"q_len": M, "head_dim": 16}, {"causal": True}, {"bias": "broadcast"}, False),
+    "mask": ({"q_len": M, "k_len": S, "head_dim": 16}, {}, {"mask": "broadcast"}, False),
+    "key_padding_mask": ({"q_len": S, "k_len": M, "head_dim": 16}, {}, {"key_padding_mask": True}, False),
+    "gqa": ({"q_len": M, "head_dim": 40, "q_heads": 6, "kv_heads": 2}, {"causal": True}, {}, False),
+    "mqa_bias": ({"q_len": S, "k_len": M, "head_dim": 16, "q_heads": 3, "kv_heads": 1}, {}, {"bias": "full"}, False),
+    "v_head_dim": ({"q_len": S, "k_len": M, "head_dim": 40, "v_head_dim": 24}, {}, {}, False),
+    "lse_grad": ({"q_len": M, "head_dim": 16}, {"window": (5, 5), "return_lse": True}, {}, True),
+    "empty_rows": ({"q_len": S, "head_dim": 16}, {"return_lse": True}, {"mask": "empty_rows"}, False),
+    "everything": ({"q_len": M, "k_len": L, "head_dim": 40, "v_head_dim": 16, "q_heads": 4, "kv_heads": 2},
+                   {"causal": True, "causal_alignment": "bottom_right", "window": (40, -1), "softcap": 3.0,
+                    "alibi_slopes": "heads", "scale": 0.3, "return_lse": True},
+                   {"bias": "broadcast", "mask": "broadcast", "key_padding_mask": True}, True),
+}
+
+
+def build_case(shape, options, extras, dtype):
+    q, k, v = qkv(dtype, **shape)
+    batch, q_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    options = dict(options)
+    if options.get("alibi_slopes") == "heads":
+        options["alibi_slopes"] = torch.linspace(0.05, 0.5, q_heads, device=DEVICE)
+    elif options.get("alibi_slopes") == "batch_heads":
+        options["alibi_slopes"] = torch.rand(batch, q_heads, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    tensors = {"q": q, "k": k, "v": v}
+    bias = extras.get("bias")
+    if bias == "full":
+        tensors["bias"] = rand(batch, q_heads, q_len, k_len, dtype=dtype, requires_grad=True)
+    elif bias == "broadcast":
+        tensors["bias"] = rand(1, q_heads, q_len, 1, dtype=dtype, requires_grad=True)
+    mask = extras.get("mask")
+    if mask == "broadcast":
+        tensors["mask"] = bool_mask(batch, 1, q_len, k_len)
+    elif mask == "empty_rows":
+        m = bool_mask(batch, q_heads, q_len, k_len)
+        m[:, :, ::3] = False  # every third query sees no key: zeros, lse = -inf
+        tensors["mask"] = m
+    if extras.get("key_padding_mask"):
+        kpm = torch.zeros(batch, k_len, dtype=torch.bool, device=DEVICE)
+        kpm[0, k_len // 2:] = True
+        tensors["key_padding_mask"] = kpm
+    return options, tensors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_matches_reference(feature, dtype):
+    shape, options, extras, lse_grad = FEATURES[feature]
+    options, tensors = build_case(shape, options, extras, dtype)
+    check_against_reference(triton_fn(**options), reference_fn(**options), tensors, dtype, lse_grad=lse_grad)
+
+
+@pytest.mark.parametrize("head_dim,v_head_dim", [(16, 16), (40, 40), (64, 64), (100, 72), (256, 256)])
+def test_head_dims(head_dim, v_head_dim):
+    """Non-powers of two are padded inside the kernel; 256 is the largest."""
+    q, k, v = qkv(q_len=S, k_len=M, head_dim=head_dim, v_head_dim=v_head_dim, q_heads=1)
+    options = {"causal": True, "causal_alignment": "bottom_right"}
+    check_against_reference(triton_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous_inputs(layout):
+    q, k, v = qkv(q_len=M, k_len=S, head_dim=16, layout=layout)
+    bias = rand(2, 2, S, M, requires_grad=True).transpose(-2, -1)  # (B, H, Lq, Lk) view, strided
+    tensors = {"q": q, "k": k, "v": v, "bias": bias}
+    check_against_reference(triton_fn(causal=True), reference_fn(causal=True), tensors, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout: the Triton kernel draws the CPU kernel's Philox mask, bit for bit.
+
+needs_extension = pytest.mark.skipif(not _extension.loaded(), reason="the CPU dropout_keep_mask op needs the "
+                                                                     "compiled extension")
+
+
+def draw_seed(manual_seed):
+    """The Philox seed bmkernels.attention draws after torch.manual_seed(manual_seed)."""
+    torch.manual_seed(manual_seed)
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+
+
+@needs_extension
+@pytest.mark.parametrize("manual_seed,p", [(0, 0.5), (123, 0.1), (77, 0.875)])
+def test_dropout_mask_is_the_cpu_kernels(manual_seed, p):
+    """With scale 0 every probability is 1/Lk and v = I gives out = keep / (Lk (1 - p)): the Triton
+    kernel's keep-mask read off exactly, compared with the CPU op's for the same seed."""
+    batch, heads, q_len, k_len = 2, 3, S, 45
+    q = torch.zeros(batch, heads, q_len, 16, device=DEVICE)
+    k = torch.zeros(batch, heads, k_len, 16, device=DEVICE)
+    v = torch.eye(k_len, device=DEVICE).expand(batch, heads, k_len, k_len)
+    torch.manual_seed(manual_seed)
+    out = bmkernels.attention(q, k, v, dropout_p=p, scale=0.0, backend="triton")
+    keep = bmkernels.dropout_keep_mask(draw_seed(manual_seed), batch, heads, q_len, k_len, p)
+    assert torch.equal(out.cpu() != 0, keep)
+    assert 0 < keep.float().mean().item() < 1
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_forward_backward(dtype):
+    p = 0.25
+    q, k, v = qkv(dtype, q_len=M, k_len=S, head_dim=16, q_heads=4, kv_heads=2)
+    bias = rand(1, 4, M, S, dtype=dtype, requires_grad=True)
+    keep = bmkernels.dropout_keep_mask(draw_seed(5), 2, 4, M, S, p).to(DEVICE)
+
+    def kern(q, k, v, bias):
+        torch.manual_seed(5)
+        return bmkernels.attention(q, k, v, bias=bias, causal=True, dropout_p=p, return_lse=True, backend="triton")
+
+    def ref(q, k, v, bias):
+        return reference.attention(q, k, v, bias=bias, causal=True, dropout_p=p, dropout_mask=keep, return_lse=True)
+
+    check_against_reference(kern, ref, {"q": q, "k": k, "v": v, "bias": bias}, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism, empty inputs, selection, errors.
+
+
+def test_backward_is_deterministic():
+    """No atomics: dK/dV sum a GQA group's heads in order and dQ has its own pass."""
+    q, k, v = qkv(q_len=M, k_len=S, head_dim=16, q_heads=4, kv_heads=1)
+    bias = rand(2, 4, M, S, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = bmkernels.attention(q, k, v, bias=bias, softcap=4.0, backend="triton")
+        runs.append(torch.autograd.grad(out.square().sum(), (q, k, v, bias)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 3), (2, 2, 0, 3), (2, 2, 5, 0)], ids=["batch0", "lq0", "lk0"])
+def test_empty_inputs(shape):
+    batch, heads, q_len, k_len = shape
+    q = torch.randn(batch, heads, q_len, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(batch, heads, k_len, 8, device=DEVICE, requires_grad=True)
+    v = torch.randn(batch, heads, k_len, 8, device=DEVICE, requires_grad=True)
+    out, lse = bmkernels.attention(q, k, v, return_lse=True, backend="triton")
+    want, want_lse = reference.attention(q, k, v, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse.float())
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("via", ["argument", "env"])
+def test_sdpa_runs_the_triton_kernel(via, monkeypatch):
+    calls = []
+    kernel = triton_attention.attention_fwd
+    monkeypatch.setattr(triton_attention, "attention_fwd", lambda *a: calls.append(1) or kernel(*a))
+    kwargs = {"backend": "triton"} if via == "argument" else {}
+    if via == "env":
+        monkeypatch.setenv("BMK_BACKEND", "triton")
+    q, k, v = qkv(q_len=S, k_len=M, head_dim=16, q_heads=4, kv_heads=2)
+    mask = bool_mask(S, M)
+    out = bmkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+
+
+def test_build_info_lists_the_kernel():
+    assert "attention" in bmkernels.build_info()["triton_kernels"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU auto picks the CUDA C++ kernel if compiled, else Triton")
+def test_auto_on_cpu_is_the_cpu_kernel():
+    assert _backend.choose("attention", torch.device("cpu")) == "cpu"
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = make_qkv(requires_grad=False)
+    with pytest.raises(RuntimeError, match="runs only under the Triton interpreter"):
+        bmkernels.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "what,make,error,match",
+    [
+        ("float64", lambda: make_qkv(dtype=torch.float64), TypeError, "float64 runs on backend='cpu'"),
+        ("head_dim", lambda: make_qkv(head_dim=264), ValueError, "head dims must be <= 256"),
+        ("v_head_dim", lambda: make_qkv(head_dim=8, v_head_dim=300), ValueError, "head dims must be <= 256"),
+    ],
+)
+def test_unsupported_inputs(what, make, error, match):
+    q, k, v = (t.detach().to(DEVICE) for t in make())
+    with pytest.raises(error, match=match):
+        bmkernels.attention(q, k, v, backend="triton")
+
+
+@INTERPRETER_ONLY_SKIP
+def test_interpreter_refuses_bfloat16():
+    q, k, v = make_qkv(dtype=torch.bfloat16, requires_grad=False)
+    with pytest.raises(TypeError, match="interpreter .* cannot compute in bfloat16"):
+        bmkernels.attention(q, k, v, backend="triton")
+
+
+def test_argument_errors_are_the_ops():
+    """Argument checks are shared with the CPU backend (bmkernels/ops/attention.py)."""
+    q, k, v = qkv(head_dim=16)
+    with pytest.raises(ValueError, match="window bounds must be >= -1"):
+        bmkernels.attention(q, k, v, window=(-2, 0), backend="triton")
+
+
+@INTERPRETER_ONLY_SKIP
+def test_interpreter_uses_one_small_config():
+    assert triton_attention.INTERPRETED
+    for kernel in (triton_attention._fwd_kernel, triton_attention._bwd_dkdv_kernel, triton_attention._bwd_dq_kernel):
+        assert len(kernel.configs) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Without a GPU, the GPU path is at least compiled: triton lowers each kernel to a cubin for a GPU
+# target (no device needed), in a subprocess because this one interprets.
+
+_COMPILE_FOR_GPU = textwrap.dedent("""
+    import inspect, json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from bmkernels.triton import attention as ta
+
+    dtype, arch = sys.argv[1], int(sys.argv[2])
+    pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "dBias": "*fp32", "Slopes": "*fp32", "Mask": "*u8",
+                     "Seed": "*i64"}
+    data_pointers = ("Q", "K", "V", "Bias", "Out", "dO", "dK", "dV", "dQ")
+    floats = ("scale", "softcap", "dropout_p", "dropout_scale")
+    flags = {"HAS_BIAS": True, "HAS_MASK": True, "HAS_ALIBI": True, "HAS_SOFTCAP": True, "HAS_DROPOUT": True,
+             "BIAS_GRAD": True, "BLOCK_D": 128, "BLOCK_DV": 64}
+    report = {}
+    for kernel in (ta._fwd_kernel, ta._bwd_dkdv_kernel, ta._bwd_dq_kernel):
+        config = kernel.configs[0]  # the first A100/H100 autotune config
+        constexprs = {**flags, **config.kwargs}
+        signature, consts = {}, {}
+        for name in inspect.signature(kernel.fn.fn).parameters:
+            if name in constexprs:
+                signature[name], consts[name] = "constexpr", constexprs[name]
+            elif name in pointer_types or name in data_pointers:
+                signature[name] = pointer_types.get(name, "*" + dtype)
+            else:
+                signature[name] = "fp32" if name in floats else "i32"
+        compiled = triton.compile(ASTSource(fn=kernel.fn, signature=signature, constexprs=consts),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        report[kernel.fn.__name__] = {"cubin_bytes": len(compiled.asm["cubin"]), "shared": compiled.metadata.shared}
+    print(json.dumps(report))
+""")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels run")
+def test_kernels_compile_for_gpu():
+    """Every kernel, every feature on, bfloat16, the first autotune config: lowered to an sm_90 cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, "bf16", "90"], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for name, kernel in report.items():
+        assert kernel["cubin_bytes"] > 0 and 0 < kernel["shared"] <= 228 * 1024, (name, kernel)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile and opcheck; GPU only: large shapes.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compile_fullgraph(dtype):
+    """Dynamo traces the triton_op without a graph break. Under the interpreter only with the 'eager'
+    backend: AOT autograd and inductor functionalize the kernel call on fake tensors, which the
+    interpreter cannot run; on a GPU the default inductor backend compiles into the kernel."""
+    q, k, v = qkv(dtype, q_len=M, k_len=L, head_dim=64 if ON_GPU else 16, q_heads=4, kv_heads=2)
+    bias = rand(1, 4, M, L, dtype=dtype, requires_grad=True)
+
+    options = {"causal": True, "softcap": 5.0, "return_lse": True}
+    compiled = torch.compile(triton_fn(**options), fullgraph=True, backend="inductor" if ON_GPU else "eager")
+    check_against_reference(compiled, reference_fn(**options), {"q": q, "k": k, "v": v, "bias": bias}, dtype,
+                            lse_grad=True)
+
+
+# the interpreter cannot run the kernels inside AOT dispatch's functionalized fake tracing
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
+
+
+@pytest.mark.parametrize("what", ["fwd", "bwd"])
+def test_opcheck(what):
+    q, k, v = (t.detach().requires_grad_() for t in qkv(q_len=M, k_len=S, head_dim=40, q_heads=4, kv_heads=2))
+    bias = rand(1, 4, M, S, requires_grad=True)
+    params = (0.2, 3.0, -1, -1, 0, 0.0)
+    if what == "fwd":
+        op, args = torch.ops.bmkernels.attention_triton_fwd.default, (q, k, v, bias, None, None, None, *params)
+    else:
+        out, lse = torch.ops.bmkernels.attention_triton_fwd(q, k, v, bias, None, None, None, *params)
+        grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+        op = torch.ops.bmkernels.attention_triton_bwd.default
+        args = tuple(t.detach() for t in (grad_out, q, k, v, out, lse, grad_lse, bias)) + (None, None, None, *params,
+                                                                                            True)
+    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_causal_gqa(dtype):
+    q, k, v = qkv(dtype, batch=2, q_len=2048, head_dim=128, q_heads=8, kv_heads=2)
+    options = {"causal": True, "return_lse": True}
+    check_against_reference(triton_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, dtype,
+                            lse_grad=True)
