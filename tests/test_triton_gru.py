@@ -258,13 +258,14 @@ def test_compile_fullgraph():
     break. Under the interpreter only with the 'eager' backend (see tests/test_triton_attention.py)."""
     torch._dynamo.reset()
     x, h0 = sequence(4, 3, 3, 5, directions=2)
-    weights = [w.requires_grad_() for w in on_device(gru_weights(3, 5, 1, True, seed=12))]
+    # the layer's 8 weights, then a cell's 4 taking the layer's output (2H = 10 features)
+    weights = [w.requires_grad_() for w in on_device(gru_weights(3, 5, 1, True, seed=12) + gru_weights(10, 5))]
     lengths = torch.tensor([4, 2, 3], device=DEVICE)
 
     def fn(x, h0, *weights):
-        out, h_n = bmkernels.gru(x, h0, list(weights), num_layers=1, bidirectional=True, batch_first=False,
+        out, h_n = bmkernels.gru(x, h0, list(weights[:8]), num_layers=1, bidirectional=True, batch_first=False,
                                  dropout=0.0, training=True, lengths=lengths, backend="triton")
-        return out, bmkernels.gru_cell(out[-1], h_n[0], *weights[4:8], backend="triton")
+        return out, bmkernels.gru_cell(out[-1], h_n[0], *weights[8:], backend="triton")
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor" if ON_GPU else "eager")
     x.requires_grad_()
