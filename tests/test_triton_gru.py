@@ -1,6 +1,7 @@
 """The Triton GRU kernels (bmkernels/triton/gru.py) against the reference: cell and layer forward and
 every gradient on small awkward sizes (hidden 1, 3, 17; T = 1 and 7; batch 1, 3 and 20; 1-2 layers;
-bidirectional; no bias; lengths), backend routing, bad inputs. Tolerance rule: tests/conftest.py.
+bidirectional; no bias; lengths), each through the persistent and the per-step kernels; backend
+routing, torch.compile, opcheck, bad inputs. Tolerance rule: tests/conftest.py.
 
 Where it runs:
 - no GPU (CI): under the Triton interpreter on CPU tensors, float32 through bmkernels.gru /
@@ -50,6 +51,13 @@ def interpreter_env(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(params=("persistent", "per_step"))
+def kernel_path(request, monkeypatch):
+    """The test runs through the persistent kernels (a loop over time inside the kernel) and through
+    the per-step kernels (one launch per step)."""
+    monkeypatch.setattr(triton_gru, "PERSISTENT_MAX_HIDDEN", 1 << 30 if request.param == "persistent" else 0)
+
+
 def on_device(tensors):
     return [t if t is None else t.to(DEVICE) for t in tensors]
 
@@ -70,7 +78,7 @@ CELL_SHAPES = ((1, 5, 1), (3, 4, 3), (3, 7, 17), (20, 6, 17))  # (B, I, H): 17 a
 
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
 @pytest.mark.parametrize("shape", CELL_SHAPES, ids=str)
-def test_cell_matches_reference(shape, bias):
+def test_cell_matches_reference(shape, bias, kernel_path):
     batch, input_size, hidden = shape
     x, h = sequence(1, batch, input_size, hidden)
     weights = on_device(gru_weights(input_size, hidden, bias=bias, seed=3))
@@ -110,7 +118,7 @@ def seq_case(name, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", list(SEQ_CASES))
-def test_gru_matches_reference(case):
+def test_gru_matches_reference(case, kernel_path):
     x, h0, weights, layers, bi, lengths = seq_case(case)
     check_rule(gru_fn(lambda *a, **k: bmkernels.gru(*a, **k, backend="triton"), layers, bi, lengths=lengths),
                gru_fn(reference.gru, layers, bi, lengths=lengths), [x, h0, *weights], torch.float32)
@@ -160,7 +168,7 @@ def layer_op_fn(bias):
 
 @pytest.mark.parametrize("dtype", (torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)), ids=str)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
-def test_layer_op_low_precision(dtype, bias):
+def test_layer_op_low_precision(dtype, bias, kernel_path):
     x, h0 = sequence(7, 3, 5, 17, dtype=dtype)
     weights = on_device(gru_weights(5, 17, bias=bias, dtype=dtype, seed=9))
     check_rule(layer_op_fn(bias), gru_fn(reference.gru, 1, False), [x, h0, *weights], dtype)
@@ -245,7 +253,8 @@ def test_argument_errors_are_the_ops():
 @INTERPRETER_ONLY
 def test_interpreter_uses_one_small_config():
     assert triton_gru.INTERPRETED
-    for kernel in (triton_gru._step_fwd_kernel, triton_gru._step_bwd_kernel):
+    for kernel in (triton_gru._step_fwd_kernel, triton_gru._step_bwd_kernel, triton_gru._seq_fwd_kernel,
+                   triton_gru._seq_bwd_kernel):
         assert len(kernel.configs) == 1
 
 
@@ -313,7 +322,7 @@ def test_opcheck_cell():
 
 @GPU_ONLY
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_large_bidirectional_lengths(dtype):
+def test_large_bidirectional_lengths(dtype, kernel_path):
     steps, batch, input_size, hidden = 64, 37, 96, 257
     gen = torch.Generator().manual_seed(13)
     x = rand(steps, batch, input_size, gen=gen, dtype=dtype).to(DEVICE)

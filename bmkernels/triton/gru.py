@@ -57,7 +57,13 @@ def _configs(blocks):
 # small unit blocks spread one step of a small batch over more SMs; larger ones reuse W better
 _STEP_CONFIGS = _configs([(16, 16, 64, 2), (16, 32, 64, 4), (32, 32, 64, 4), (16, 64, 64, 4), (32, 64, 32, 4),
                           (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8)])
+# persistent kernels: one program per (batch block, direction) loops over all units of every step
+_SEQ_CONFIGS = _configs([(16, 32, 64, 4), (16, 64, 64, 4), (32, 32, 64, 4), (32, 64, 32, 4), (64, 64, 32, 8)])
 _TUNE_KEY = ["B", "H", "D"]
+# Up to this hidden size a layer runs the persistent kernels (no launch per step; parallel over batch
+# blocks and directions only), above it one launch per step (parallel over unit blocks too). A guess
+# for A100/H100 that was never timed on a GPU: benchmarks/bench_triton_gru.py is there to tune it.
+PERSISTENT_MAX_HIDDEN = 256
 
 
 @triton.jit
@@ -65,31 +71,35 @@ def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
-@triton.autotune(configs=_STEP_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _step_fwd_kernel(GI, WT, Bias, Lengths, State, Out, WS, s, T, B, H, D,
-                     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Step s of both directions (direction d = program_id(2) is at time t = s, or T-1-s backwards).
-    GI (T, B, D*3H): input projections with biases folded in; WT (D, H, 3H): W_hh transposed;
-    Bias (D, 3H): b_hh (only b_hn is read); State (D, 2, B, H) float32, read from buffer s % 2;
-    Out (T, B, D*H); WS (D, T, B, 5H) float32."""
-    d = tl.program_id(2)
+def _load_state(First, cur, offsets, mask, s):
+    """A tile of the state (or its gradient) entering step s: from First (D, B, H) at step 0, else from
+    the float32 double buffer (First stays read-only, so a kernel can be rerun by the autotuner)."""
+    first = tl.load(First + offsets, mask=mask & (s == 0), other=0.0).to(tl.float32)
+    return first + tl.load(cur + offsets, mask=mask & (s > 0), other=0.0)
+
+
+@triton.jit
+def _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, d, rows, cols, T, B, H, D,
+              HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step s of direction d (time t = s, or T-1-s backwards) for the (rows x cols) tile. GI (T, B, D*3H):
+    input projections with biases folded in; WT (D, H, 3H): W_hh transposed; Bias (D, 3H): b_hh (only
+    b_hn is read); H0 (D, B, H); State (D, 2, B, H) float32, read from buffer s % 2 (H0 at s = 0),
+    written to the other; Out (T, B, D*H); WS (D, T, B, 5H) float32."""
     t = tl.where(d == 0, s, T - 1 - s)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_rows = rows < B
     tile = in_rows[:, None] & (cols[None, :] < H)
+    H0 += d * B * H
     cur = State + (d * 2 + s % 2) * B * H
     nxt = State + (d * 2 + (s + 1) % 2) * B * H
     WT += d * H * 3 * H
 
-    acc_r = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    acc_z = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    acc_n = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    acc_r = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    acc_z = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    acc_n = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        h = tl.load(cur + rows[:, None] * H + k[None, :], mask=in_rows[:, None] & (k[None, :] < H), other=0.0)
+        h = _load_state(H0, cur, rows[:, None] * H + k[None, :], in_rows[:, None] & (k[None, :] < H), s)
         h = h.to(WT.dtype.element_ty)
         w_mask = (k[:, None] < H) & (cols[None, :] < H)
         w = WT + k[:, None] * 3 * H + cols[None, :]
@@ -104,7 +114,7 @@ def _step_fwd_kernel(GI, WT, Bias, Lengths, State, Out, WS, s, T, B, H, D,
     hn = acc_n
     if HAS_BIAS:
         hn += tl.load(Bias + d * 3 * H + 2 * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-    h_old = tl.load(cur + rows[:, None] * H + cols[None, :], mask=tile, other=0.0)
+    h_old = _load_state(H0, cur, rows[:, None] * H + cols[None, :], tile, s)
     # gru_gates_forward of csrc/common/gru_math.h
     r = _sigmoid(gi_r + acc_r)
     z = _sigmoid(gi_z + acc_z)
@@ -133,12 +143,40 @@ def _step_fwd_kernel(GI, WT, Bias, Lengths, State, Out, WS, s, T, B, H, D,
         tl.store(ws + 4 * H, h_saved, mask=tile)
 
 
+@triton.autotune(configs=_STEP_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _gate_grads(GradOut, WS, dh_cur, rows, units, valid, t, d, T, B, H, D):
+def _step_fwd_kernel(GI, WT, Bias, Lengths, H0, State, Out, WS, s, T, B, H, D,
+                     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of both directions: program (batch block, unit block, direction)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, tl.program_id(2), rows, cols, T, B, H, D,
+              HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_K)
+
+
+@triton.autotune(configs=_SEQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _seq_fwd_kernel(GI, WT, Bias, Lengths, H0, State, Out, WS, T, B, H, D,
+                    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Persistent over time: program (batch block, direction) runs every step for all units of its
+    rows, which depend on nothing outside them; a barrier per step makes the step's state writes
+    visible to the whole program before the next step reads them."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    for s in range(0, T):
+        for j0 in range(0, H, BLOCK_H):
+            _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, tl.program_id(2), rows,
+                      j0 + tl.arange(0, BLOCK_H), T, B, H, D, HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_K)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _gate_grads(GradOut, WS, dh_first, dh_cur, rows, units, valid, s, t, d, T, B, H, D):
     """gru_gates_backward of csrc/common/gru_math.h for a (rows x units) tile from the saved
     workspace: (d_r, d_z, d_in, d_hn, d_h_direct), all 0 outside the tile and where not valid."""
     tile = valid & (units[None, :] < H)
-    g = tl.load(dh_cur + rows[:, None] * H + units[None, :], mask=tile, other=0.0)
+    g = _load_state(dh_first, dh_cur, rows[:, None] * H + units[None, :], tile, s)
     g += tl.load(GradOut + (t * B + rows[:, None]).to(tl.int64) * D * H + d * H + units[None, :], mask=tile,
                  other=0.0).to(tl.float32)
     ws = WS + ((d * T + t) * B + rows[:, None]).to(tl.int64) * 5 * H + units[None, :]
@@ -157,29 +195,26 @@ def _gate_grads(GradOut, WS, dh_cur, rows, units, valid, t, d, T, B, H, D):
             d_h)
 
 
-@triton.autotune(configs=_STEP_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _step_bwd_kernel(GradOut, WS, W, Lengths, dState, dGI, dGH, s, T, B, H, D,
-                     HAS_LENGTHS: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Backward step s of both directions (direction d at time t = T-1-s, or s backwards). GradOut
-    (T, B, D*H); WS (D, T, B, 5H) float32; W (D, 3H, H): W_hh; dState (D, 2, B, H) float32 holds
-    dL/dh' in buffer s % 2 and gets dL/dh in the other; dGI (T, B, D, 3H) = [d_r, d_z, d_in] and
-    dGH (D, T, B, 3H) = [d_r, d_z, d_hn], in the input dtype, for the weight GEMMs."""
-    d = tl.program_id(2)
+def _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, d, rows, cols, T, B, H, D,
+              HAS_LENGTHS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward step s of direction d (time t = T-1-s, or s backwards) for the (rows x cols) tile.
+    GradOut (T, B, D*H); WS (D, T, B, 5H) float32; W (D, 3H, H): W_hh; GradHn (D, B, H); dState
+    (D, 2, B, H) float32: dL/dh' in buffer s % 2 (GradHn at s = 0), dL/dh written to the other;
+    dGI (T, B, D, 3H) = [d_r, d_z, d_in] and dGH (D, T, B, 3H) = [d_r, d_z, d_hn], in the input
+    dtype, for the weight GEMMs."""
     t = tl.where(d == 0, T - 1 - s, s)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_rows = rows < B
     valid = in_rows[:, None]
     if HAS_LENGTHS:
         valid = valid & (t < tl.load(Lengths + rows, mask=in_rows, other=0))[:, None]
     tile = in_rows[:, None] & (cols[None, :] < H)
+    GradHn += d * B * H
     cur = dState + (d * 2 + s % 2) * B * H
     nxt = dState + (d * 2 + (s + 1) % 2) * B * H
     W += d * 3 * H * H
 
-    d_r, d_z, d_in, d_hn, d_h = _gate_grads(GradOut, WS, cur, rows, cols, valid, t, d, T, B, H, D)
+    d_r, d_z, d_in, d_hn, d_h = _gate_grads(GradOut, WS, GradHn, cur, rows, cols, valid, s, t, d, T, B, H, D)
     dgi = dGI + ((t * B + rows[:, None]).to(tl.int64) * D + d) * 3 * H + cols[None, :]
     tl.store(dgi, d_r.to(dGI.dtype.element_ty), mask=tile)
     tl.store(dgi + H, d_z.to(dGI.dtype.element_ty), mask=tile)
@@ -193,7 +228,7 @@ def _step_bwd_kernel(GradOut, WS, W, Lengths, dState, dGI, dGH, s, T, B, H, D,
     acc = d_h
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_r, k_z, _, k_hn, _ = _gate_grads(GradOut, WS, cur, rows, k, valid, t, d, T, B, H, D)
+        k_r, k_z, _, k_hn, _ = _gate_grads(GradOut, WS, GradHn, cur, rows, k, valid, s, t, d, T, B, H, D)
         w_mask = (k[:, None] < H) & (cols[None, :] < H)
         w = W + k[:, None] * H + cols[None, :]
         dt = W.dtype.element_ty
@@ -201,8 +236,34 @@ def _step_bwd_kernel(GradOut, WS, W, Lengths, dState, dGI, dGH, s, T, B, H, D,
         acc += tl.dot(k_z.to(dt), tl.load(w + H * H, mask=w_mask, other=0.0), input_precision="ieee")
         acc += tl.dot(k_hn.to(dt), tl.load(w + 2 * H * H, mask=w_mask, other=0.0), input_precision="ieee")
     if HAS_LENGTHS:  # past the end: the state's gradient passes through
-        acc = tl.where(valid, acc, tl.load(cur + rows[:, None] * H + cols[None, :], mask=tile, other=0.0))
+        acc = tl.where(valid, acc, _load_state(GradHn, cur, rows[:, None] * H + cols[None, :], tile, s))
     tl.store(nxt + rows[:, None] * H + cols[None, :], acc, mask=tile)
+
+
+@triton.autotune(configs=_STEP_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _step_bwd_kernel(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, T, B, H, D,
+                     HAS_LENGTHS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One backward step of both directions: program (batch block, unit block, direction)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, tl.program_id(2), rows, cols, T, B, H, D,
+              HAS_LENGTHS, BLOCK_K)
+
+
+@triton.autotune(configs=_SEQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _seq_bwd_kernel(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, T, B, H, D,
+                    HAS_LENGTHS: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Persistent backward over time: program (batch block, direction), as _seq_fwd_kernel."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    for s in range(0, T):
+        for j0 in range(0, H, BLOCK_H):
+            _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, tl.program_id(2), rows,
+                      j0 + tl.arange(0, BLOCK_H), T, B, H, D, HAS_LENGTHS, BLOCK_K)
+        tl.debug_barrier()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,9 +279,13 @@ def _check(x, what):
                         "bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors")
 
 
-def _grid(batch, hidden, directions):
+def _step_grid(batch, hidden, directions):
     return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(hidden, meta["BLOCK_H"]),  # noqa: E731
                          directions)
+
+
+def _seq_grid(batch, directions):
+    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), 1, directions)  # noqa: E731
 
 
 def _input_projection(x, w_ih, b_ih, b_hh):
@@ -243,17 +308,21 @@ def _layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
     out = x.new_empty(steps, batch, directions * hidden)
     ws = x.new_empty((directions, steps, batch, WORKSPACE_GATES * hidden) if save_workspace else (0,),
                      dtype=torch.float32)
-    state = x.new_empty(directions, 2, batch, hidden, dtype=torch.float32)
-    state[:, 0] = h0
+    state = x.new_empty(directions, 2, batch, hidden, dtype=torch.float32)  # step s reads h0 or state[:, s % 2]
     if batch > 0:
         gi = _input_projection(x, w_ih, b_ih, b_hh)
         w_t = w_hh.transpose(1, 2).contiguous()  # (D, H, 3H): the kernel's W tiles load along units
         bias = b_hh.contiguous() if b_hh is not None else x
         lens = lengths.contiguous() if lengths is not None else x
-        for s in range(steps):
-            wrap_triton(_step_fwd_kernel)[_grid(batch, hidden, directions)](
-                gi, w_t, bias, lens, state, out, ws, s, steps, batch, hidden, directions,
-                HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, SAVE=save_workspace)
+        args = (gi, w_t, bias, lens, h0.contiguous(), state, out, ws)
+        flags = {"HAS_BIAS": b_hh is not None, "HAS_LENGTHS": lengths is not None, "SAVE": save_workspace}
+        if hidden <= PERSISTENT_MAX_HIDDEN:
+            wrap_triton(_seq_fwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions,
+                                                                        **flags)
+        else:
+            for s in range(steps):
+                wrap_triton(_step_fwd_kernel)[_step_grid(batch, hidden, directions)](
+                    *args, s, steps, batch, hidden, directions, **flags)
     return out, state[:, steps % 2].to(h0.dtype).contiguous(), ws
 
 
@@ -292,16 +361,17 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
     dtype = x.dtype
     dgi = x.new_empty(steps, batch, directions, 3 * hidden)  # every element is written by the kernel
     dgh = x.new_empty(directions, steps, batch, 3 * hidden)
-    dstate = x.new_empty(directions, 2, batch, hidden, dtype=torch.float32)
-    dstate[:, 0] = grad_h_n
+    dstate = x.new_empty(directions, 2, batch, hidden, dtype=torch.float32)  # step s reads grad_h_n or dstate[:, s % 2]
     if batch > 0:
-        grad_out = grad_out.contiguous()
-        w = w_hh.contiguous()
         lens = lengths.contiguous() if lengths is not None else x
-        for s in range(steps):
-            wrap_triton(_step_bwd_kernel)[_grid(batch, hidden, directions)](
-                grad_out, workspace, w, lens, dstate, dgi, dgh, s, steps, batch, hidden, directions,
-                HAS_LENGTHS=lengths is not None)
+        args = (grad_out.contiguous(), workspace, w_hh.contiguous(), lens, grad_h_n.contiguous(), dstate, dgi, dgh)
+        if hidden <= PERSISTENT_MAX_HIDDEN:
+            wrap_triton(_seq_bwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions,
+                                                                        HAS_LENGTHS=lengths is not None)
+        else:
+            for s in range(steps):
+                wrap_triton(_step_bwd_kernel)[_step_grid(batch, hidden, directions)](
+                    *args, s, steps, batch, hidden, directions, HAS_LENGTHS=lengths is not None)
     dgi2 = dgi.view(steps * batch, directions * 3 * hidden)
     dx = torch.mm(dgi2, w_ih.reshape(directions * 3 * hidden, input_size)).view(steps, batch, input_size)
     dw_ih = torch.mm(dgi2.t(), x.reshape(steps * batch, input_size)).view(directions, 3 * hidden, input_size)
