@@ -76,12 +76,14 @@ def _load_state(First, cur, offsets, mask, s):
     """A tile of the state (or its gradient) entering step s: from First (D, B, H) at step 0, else from
     the float32 double buffer (First stays read-only, so a kernel can be rerun by the autotuner)."""
     first = tl.load(First + offsets, mask=mask & (s == 0), other=0.0).to(tl.float32)
-    return first + tl.load(cur + offsets, mask=mask & (s > 0), other=0.0)
+    # .cg (L2, not L1): in the persistent kernels other warps of the program wrote this in the last step
+    return first + tl.load(cur + offsets, mask=mask & (s > 0), other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
 def _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, d, rows, cols, T, B, H, D,
-              HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Step s of direction d (time t = s, or T-1-s backwards) for the (rows x cols) tile. GI (T, B, D*3H):
     input projections with biases folded in; WT (D, H, 3H): W_hh transposed; Bias (D, 3H): b_hh (only
     b_hn is read); H0 (D, B, H); State (D, 2, B, H) float32, read from buffer s % 2 (H0 at s = 0),
@@ -94,9 +96,9 @@ def _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, d, rows, cols, T, B,
     nxt = State + (d * 2 + (s + 1) % 2) * B * H
     WT += d * H * 3 * H
 
-    acc_r = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
-    acc_z = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
-    acc_n = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    acc_r = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    acc_z = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    acc_n = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         h = _load_state(H0, cur, rows[:, None] * H + k[None, :], in_rows[:, None] & (k[None, :] < H), s)
@@ -152,7 +154,7 @@ def _step_fwd_kernel(GI, WT, Bias, Lengths, H0, State, Out, WS, s, T, B, H, D,
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, tl.program_id(2), rows, cols, T, B, H, D,
-              HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_K)
+              HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_B, BLOCK_H, BLOCK_K)
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=_TUNE_KEY)
@@ -167,7 +169,8 @@ def _seq_fwd_kernel(GI, WT, Bias, Lengths, H0, State, Out, WS, T, B, H, D,
     for s in range(0, T):
         for j0 in range(0, H, BLOCK_H):
             _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, tl.program_id(2), rows,
-                      j0 + tl.arange(0, BLOCK_H), T, B, H, D, HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_K)
+                      j0 + tl.arange(0, BLOCK_H), T, B, H, D, HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_B, BLOCK_H,
+                      BLOCK_K)
         tl.debug_barrier()
 
 
