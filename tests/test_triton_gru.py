@@ -13,7 +13,9 @@ Where it runs:
 """
 
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -314,6 +316,49 @@ def test_opcheck_cell():
     args = on_device([rand(3, 5, gen=gen), rand(3, 7, gen=gen), *gru_weights(5, 7)])
     args = [a.requires_grad_() for a in args]
     torch.library.opcheck(torch.ops.bmkernels.gru_triton_cell_fwd.default, [*args, True], test_utils=OPCHECK_UTILS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled for a GPU without one: the kernels lower to cubin for sm_80 and sm_90
+
+
+# runs in a fresh process without TRITON_INTERPRET: triton.compile for an explicit target needs no GPU
+AOT_COMPILE = textwrap.dedent("""
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from bmkernels.triton import gru
+
+    dtype, arch = sys.argv[1], int(sys.argv[2])
+    pointers = {"Lengths": "*i64", "State": "*fp32", "WS": "*fp32", "dState": "*fp32"}
+    tiles = {"BLOCK_B": 32, "BLOCK_H": 64, "BLOCK_K": 32}
+    flags = {"HAS_BIAS": True, "HAS_LENGTHS": True, "SAVE": True}
+    for kernel in (gru._seq_fwd_kernel, gru._step_fwd_kernel, gru._seq_bwd_kernel, gru._step_bwd_kernel):
+        fn = kernel.fn
+        constexprs = {k: v for k, v in {**flags, **tiles}.items() if k in fn.arg_names}
+        signature = {n: "constexpr" if n in constexprs else "i32" if n in ("s", "T", "B", "H", "D")
+                     else pointers.get(n, "*" + dtype) for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
+        assert compiled.asm["cubin"], fn.__name__
+        print(fn.__name__, "ok")
+""")
+
+
+@pytest.mark.parametrize("dtype, arch", (("fp32", 80), ("bf16", 90)))
+def test_kernels_compile_for_gpus(dtype, arch):
+    """The interpreter does not type-check the GPU lowering (tl.dot shapes and dtypes, layouts): compile
+    every kernel for A100 (sm_80) / H100 (sm_90) here too."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    result = subprocess.run([sys.executable, "-c", AOT_COMPILE, dtype, str(arch)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == 4
 
 
 # ------------------------------------------------------------------------------------------------
