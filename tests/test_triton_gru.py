@@ -213,6 +213,18 @@ def test_inference_saves_no_workspace():
         out.sum().backward()
 
 
+def test_empty_batch():
+    """B = 0: empty outputs and zero gradients, no launch (a saved workspace of zero elements is still one)."""
+    x, h0 = sequence(3, 0, 4, 5, directions=2)
+    weights = [w.requires_grad_() for w in on_device(gru_weights(4, 5, 1, True))]
+    out, h_n = bmkernels.gru(x.requires_grad_(), h0, weights, num_layers=1, bidirectional=True, batch_first=False,
+                             dropout=0.0, training=False, backend="triton")
+    assert out.shape == (3, 0, 10) and h_n.shape == (2, 0, 5)
+    grads = torch.autograd.grad(out.sum(), [x, *weights])
+    assert grads[0].shape == x.shape and all(not g.any() for g in grads[1:])
+    assert bmkernels.gru_cell(x[0], h0[0], *weights[:4], backend="triton").shape == (0, 5)
+
+
 def test_env_routes_to_triton(monkeypatch):
     """BMK_BACKEND=triton runs the Triton layer (its workspace is float32 (D, T, B, 5H), the operator
     called is the Triton one)."""

@@ -392,8 +392,8 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
 # Autograd (the C++ ops' equivalent is csrc/autograd/gru.cpp)
 
 
-def _require_workspace(workspace):
-    if workspace.numel() == 0:
+def _require_workspace(saved):
+    if not saved:
         raise RuntimeError("bmkernels gru: backward needs the forward's workspace, which was not saved (the forward "
                            "ran with save_workspace=False)")
 
@@ -406,7 +406,7 @@ def _setup_layer(ctx, inputs, output):
 
 def _layer_backward(ctx, grad_out, grad_h_n, _):
     x, h0, w_ih, w_hh, lengths, workspace = ctx.saved_tensors
-    _require_workspace(workspace)
+    _require_workspace(workspace.dim() == 4)  # (D, T, B, 5H) when saved, (0,) when not
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.bmkernels.gru_triton_layer_bwd(
         grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, ctx.has_bias)
     bias_grads = (db_ih, db_hh) if ctx.has_bias else (None, None)
@@ -421,7 +421,7 @@ def _setup_cell(ctx, inputs, output):
 
 def _cell_backward(ctx, grad_h_next, _):
     x, h, w_ih, w_hh, workspace = ctx.saved_tensors
-    _require_workspace(workspace)
+    _require_workspace(workspace.shape[0] == h.shape[0])  # (B, 5H) when saved, (0, 5H) when not
     batch, hidden = h.shape
     grads = torch.ops.bmkernels.gru_triton_layer_bwd(
         grad_h_next.unsqueeze(0), torch.zeros_like(h).unsqueeze(0), x.unsqueeze(0), h.unsqueeze(0),
