@@ -7,19 +7,24 @@ gru_layer_fwd / gru_layer_bwd and return the same tensors, so bmkernels/ops/gru.
 once for both; their autograd is registered here in Python (the C++ ops' is csrc/autograd/gru.cpp).
 
 - forward of a layer: the input projections of every step and direction as one GEMM (torch), b_ih
-  and b_hr, b_hz folded in; then one launch per time step for both directions: each program owns a
-  (batch block x unit block) tile, runs the recurrent matmul h W_hh^T for the r, z, n rows of its
-  units and applies the gate math to the three accumulators before anything leaves registers. The
-  state is float32, double-buffered (a step reads one buffer whole, writes its tile of the other).
-  Not a persistent kernel over time: a step needs every unit of the previous state, and Triton has
-  no grid-wide barrier that is safe without cooperative launch.
+  and b_hr, b_hz folded in; then the recurrence, whose tile (_fwd_tile: a batch block x unit block)
+  runs the recurrent matmul h W_hh^T for the r, z, n rows of its units and applies the gate math to
+  the three accumulators before anything leaves registers. The state is float32, double-buffered (a
+  step reads one buffer whole, writes its tile of the other; step 0 reads h0, which stays read-only
+  so the autotuner may rerun a kernel). Two kernels run that tile:
+  - persistent (hidden <= PERSISTENT_MAX_HIDDEN): one program per (batch block, direction) loops
+    over every step and every unit block of its rows, a barrier per step. Rows of different batch
+    blocks never depend on each other, so no grid-wide barrier is needed (Triton has none that is
+    safe without cooperative launch). No launch per step, but parallel over batch blocks only.
+  - per step (larger hidden sizes): one launch per time step for both directions, one program per
+    (batch block, unit block, direction).
 - workspace for backward: the C++ op's layout, (D, T, B, 5H) float32 of r, z, n, hn = W_hn h + b_hn
-  and the previous state; nothing is recomputed in backward.
-- backward of a layer: one launch per step, in reverse. A program computes the gate gradients of
-  its own tile (stored for the weight GEMMs) and, for dh_prev = dh' z + [d_r, d_z, d_hn] W_hh, the
-  gate gradients of every unit of its batch rows block by block, fused into that matmul's loop (the
-  elementwise work is redone per unit block instead of a second launch per step). Then dx, dW_ih,
-  dW_hh and the bias gradients are GEMMs / sums over all steps (torch).
+  and the previous state; nothing is recomputed from x in backward.
+- backward of a layer: the same two variants, in reverse time. A tile (_bwd_tile) computes the gate
+  gradients of its own units (stored for the weight GEMMs) and, for dh_prev = dh' z + [d_r, d_z,
+  d_hn] W_hh, the gate gradients of every unit of its rows block by block, fused into that matmul's
+  loop (the cheap elementwise work is redone per unit block instead of a second pass per step).
+  Then dx, dW_ih, dW_hh and the bias gradients are GEMMs / sums over all steps (torch).
 - a cell step is a one-step, one-direction layer (same kernels).
 - lengths: steps t >= lengths[b] keep the state, output 0, zero workspace; backward passes the state
   gradient through them.
