@@ -71,7 +71,8 @@ def case_params():
 
 
 def measure(run, contender, reps=3):
-    return [triton.testing.do_bench(lambda: run(contender), warmup=25, rep=100) for _ in range(reps)]
+    return [triton.testing.do_bench(lambda: run(contender), warmup=25, rep=100, return_mode="median")
+            for _ in range(reps)]
 
 
 CASES = list(case_params())

@@ -104,9 +104,9 @@ def _backward(inputs, out, lse, grad_out, grad_lse):
     names = [n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad]
     if not names:
         return {}
-    loss = (out * grad_out.to(out.dtype)).sum()
+    loss = (out * grad_out.to(out.device, out.dtype)).sum()
     if grad_lse is not None:
-        loss = loss + (lse * grad_lse.to(lse.dtype)).sum()
+        loss = loss + (lse * grad_lse.to(lse.device, lse.dtype)).sum()
     return dict(zip(names, torch.autograd.grad(loss, [inputs[n] for n in names]), strict=True))
 
 

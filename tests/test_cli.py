@@ -12,6 +12,7 @@ import pytest
 import bmkernels
 from bmkernels import bench, cli
 from bmkernels.bench import attention as attention_bench
+from bmkernels.bench import gru as gru_bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,3 +237,33 @@ def test_saved_activation_bytes_sees_the_score_matrix():
     eager = bench.saved_activation_bytes(lambda i: attention_bench.eager_attention(i["q"], i["k"], i["v"]), inp)
     # q, k, v (3 x 64 x 8 floats) and the 64 x 64 probabilities.
     assert eager == (3 * 64 * 8 + 64 * 64) * 4
+
+
+# -- GRU cases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+def test_gru_bench_quick():
+    proc = run_cli("bench", "--quick", "--op", "gru", "--reps", "3", "--no-memory", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    header, rows = table_rows(proc.stdout)
+    assert list(rows) == [c.name for c in gru_bench.cases("quick")]
+    for col in ("bmkernels ms", "torch.nn ms", "bmkernels GFLOP/s", "vs torch.nn", "vs best"):
+        assert col in header, header
+    for name, row in rows.items():
+        r = parse_ratio(row["vs torch.nn"])
+        assert math.isfinite(r) and r > 0 and float(row["bmkernels ms"]) > 0, (name, row)
+
+
+def test_gru_presets_and_flops():
+    default = [c.name for c in gru_bench.cases("default")]
+    for shape in ("128x32x256x256 L1", "64x64x512x512 L1", "256x8x128x128 L1", "64x32x256x256 L2 bi"):
+        assert f"fwd layer {shape}" in default and f"fwd+bwd layer {shape}" in default, shape
+    assert "fwd cell 1x256x256" in default and "fwd cell 32x256x256" in default
+    assert set(default) < {c.name for c in gru_bench.cases("full")}
+    assert gru_bench.gru_flops(128, 32, 256, 256) == 2 * 128 * 32 * 3 * 256 * (256 + 256)
+    # layer 2 of a bidirectional GRU reads 2H inputs; fwd+bwd is 3x forward
+    assert gru_bench.gru_flops(1, 1, 4, 2, 2, True) == 2 * (2 * 6 * (4 + 2) + 2 * 6 * (4 + 2))
+    assert gru_bench.gru_flops(1, 1, 4, 2, backward=True) == 3 * 2 * 6 * 6
+    with pytest.raises(ValueError, match="preset"):
+        gru_bench.cases("huge")

@@ -131,7 +131,7 @@ GRU_CASES = {  # (T, B, I, H, num_layers, bidirectional, bias, batch_first)
     "3layers_bi_nobias": (5, 2, 3, 4, 3, True, False, False),
     "thread_per_direction": (6, 5, 8, 70, 1, True, True, False),  # two hidden blocks per direction
     "hidden_blocks": (4, 6, 5, 80, 1, False, True, False),  # threads split one direction's hidden units
-    "batch_blocks": (3, 120, 4, 17, 1, False, True, False),  # one hidden block: the batch is split
+    "batch_blocks": (2, 1400, 3, 5, 1, False, True, False),  # one hidden block: the batch is split
 }
 
 
@@ -423,6 +423,12 @@ BAD_CELL = {
                      "w_ih must have the input's dtype"),
     "mixed devices": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5, device="meta"), *w),
                       ValueError, "h must be on the input's device"),
+    "not a tensor": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), w[0].tolist(), *w[1:]),
+                     TypeError, "w_ih must be a torch.Tensor"),
+    "hot path dtype": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5).double(), *w), TypeError,
+                       "h must have the input's dtype torch.float32; got torch.float64"),
+    "hot path bias shape": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), *w[:3], w[3][:7]),
+                            ValueError, r"b_hh must have shape \(15,\); got \(7,\)"),
 }
 
 

@@ -43,8 +43,9 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# The backend of the last argument-free CPU call: BMK_BACKEND is read once per change of the environment
-# value, so a GRUCell in a Python loop does not pay the full backend decision on every step.
+# Backend decisions for CPU tensors and no backend= argument, per BMK_BACKEND value: the environment is read
+# on every call, the rest of the decision (validation, extension check) once, so a GRUCell stepped from
+# Python does not pay it on every step.
 _cpu_backend_cache = {}
 
 
@@ -62,12 +63,17 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     """One GRU step, as torch.nn.GRUCell: x (B, I) or (I,), h (B, H) or (H,) (None: zeros),
     w_ih (3H, I), w_hh (3H, H), b_ih and b_hh (3H,) or None. Returns h' in x's dtype.
     float32, float64, bfloat16 (bfloat16 computes in float32)."""
-    if (backend is None and h is not None and (b_ih is None) == (b_hh is None) and isinstance(x, torch.Tensor)
-            and x.is_cpu and h.is_cpu and w_ih.is_cpu and w_hh.is_cpu and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu)
-            and x.dim() == 2 and _choose("gru", x.device, None) == "cpu"):
+    try:
+        hot = (backend is None and h is not None and (b_ih is None) == (b_hh is None) and x.is_cpu and h.is_cpu
+               and w_ih.is_cpu and w_hh.is_cpu and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu) and x.dim() == 2
+               and _choose("gru", x.device, None) == "cpu")
+    except AttributeError:  # an argument is not a tensor: the checks below say which
+        hot = False
+    if hot:
         # hot path (a GRUCell stepped from Python): the kernel checks shapes and dtypes itself
-        save = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or w_ih.requires_grad
-                                            or w_hh.requires_grad or b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
+        save = torch.is_grad_enabled() and (
+            x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+            or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)))
         return _cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save)[0]
     op = "gru_cell"
     _check_tensor(op, "x", x)

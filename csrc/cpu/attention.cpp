@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/attention_math.h"
@@ -51,42 +52,40 @@ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// Partial vectors cover the last n % width elements (short causal rows would otherwise go scalar).
 template <typename T>
 T row_max(const T* x, int64_t n) {
-  T best = neg_inf<T>();
+  Vec<T> acc(neg_inf<T>());
   int64_t c = 0;
-  if (n >= Vec<T>::size()) {
-    Vec<T> acc(neg_inf<T>());
-    for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
-    T lanes[Vec<T>::size()];
-    acc.store(lanes);
-    for (int64_t l = 0; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
-  }
-  for (; c < n; ++c) best = std::max(best, x[c]);
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
+  if (c < n) acc = at::vec::maximum(acc, Vec<T>::set(Vec<T>(neg_inf<T>()), Vec<T>::loadu(x + c, n - c), n - c));
+  T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  T best = neg_inf<T>();
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
   return best;
 }
 
 // x <- exp(x - shift) in place; returns the sum.
 template <typename T>
 T exp_shift_sum(T* x, int64_t n, T shift) {
-  T sum = 0;
+  const Vec<T> shift_vec(shift);
+  Vec<T> acc(T(0));
   int64_t c = 0;
-  if (n >= Vec<T>::size()) {
-    const Vec<T> shift_vec(shift);
-    Vec<T> acc(T(0));
-    for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-      const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
-      e.store(x + c);
-      acc = acc + e;
-    }
-    T lanes[Vec<T>::size()];
-    acc.store(lanes);
-    for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+    e.store(x + c);
+    acc = acc + e;
   }
-  for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - shift);
-    sum += x[c];
+  if (c < n) {
+    const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
+    e.store(x + c, n - c);
+    acc = acc + Vec<T>::set(Vec<T>(T(0)), e, n - c);
   }
+  T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  T sum = 0;
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
   return sum;
 }
 
@@ -172,34 +171,50 @@ struct Dropout {
 };
 
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const acc_t* kt, const acc_t* vv,
+void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scalar_t* k, const scalar_t* v,
                     const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& win, const Dropout& drop,
                     scalar_t* out, acc_t* lse) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const int64_t q_blocks = ceil_div(Lq, kFwdQueryBlock);
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
+  // Short keys need a smaller score tile: a 128 KiB scratch is mmap'ed (and page-faulted) per call.
+  const int64_t key_block = tile_width(Lk, kFwdKeyBlock, kFwdKeyBlock);
   at::parallel_for(0, sh.batch * sh.q_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores(kFwdQueryBlock * kFwdKeyBlock), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
+    std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
+    // This thread's copy of its current kv head: K transposed (D x k_ld) and, for reduced precision,
+    // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
+    // with no full-size temporary and no extra parallel region.
+    std::vector<acc_t> kt_head(D * sh.k_ld), v_acc(std::is_same_v<scalar_t, acc_t> ? 0 : Lk * Dv);
+    int64_t packed_head = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
       const int64_t kv_head = b * sh.kv_heads + h / group;
       const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
       pack_rows(q + (bh * Lq + i0) * D, rows * D, scale, q_tile.data());  // scaled once, not per score
-      const acc_t* kt_head = kt + kv_head * D * sh.k_ld;
-      const acc_t* v_head = vv + kv_head * Lk * Dv;
+      if (kv_head != packed_head) {
+        pack_transposed(k + kv_head * Lk * D, Lk, D, sh.k_ld, acc_t(1), kt_head.data());
+        if (!v_acc.empty()) pack_rows(v + kv_head * Lk * Dv, Lk * Dv, acc_t(1), v_acc.data());
+        packed_head = kv_head;
+      }
+      const acc_t* v_head;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        v_head = v + kv_head * Lk * Dv;
+      } else {
+        v_head = v_acc.data();
+      }
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
       const int64_t kv_begin = win.first_key(i0) / kTileGranule * kTileGranule;
       const int64_t kv_end = win.end_key(i0 + rows - 1);
-      for (int64_t j0 = kv_begin; j0 < kv_end; j0 += kFwdKeyBlock) {
-        const int64_t cols = tile_width(kv_end - j0, kFwdKeyBlock, Lk - j0);
-        tile_gemm(rows, cols, D, q_tile.data(), D, kt_head + j0, sh.k_ld, scores.data(), kFwdKeyBlock, false);
+      for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
+        const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
+        tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, sh.k_ld, scores.data(), key_block, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          acc_t* row = scores.data() + r * kFwdKeyBlock;
+          acc_t* row = scores.data() + r * key_block;
           const int64_t lo = std::clamp<int64_t>(win.first_key(i) - j0, 0, cols);
           const int64_t hi = std::clamp<int64_t>(win.end_key(i) - j0, lo, cols);
           std::fill(row, row + lo, acc_t(0));
@@ -223,7 +238,7 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const acc_
             }
           }
         }
-        tile_gemm(rows, Dv, cols, scores.data(), kFwdKeyBlock, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
+        tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* out_row = out + (bh * Lq + i0 + r) * Dv;
@@ -267,7 +282,9 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   const int64_t group = sh.q_heads / sh.kv_heads;
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
   const bool plain = !terms.any() && !drop.on();
-  constexpr int64_t BK = kBwdKeyBlock, BQ = kBwdQueryBlock;
+  // Short queries need a narrower tile (a 128 KiB scratch is mmap'ed and page-faulted per call).
+  constexpr int64_t BK = kBwdKeyBlock;
+  const int64_t BQ = tile_width(Lq, kBwdQueryBlock, kBwdQueryBlock);
   // A task owns one kv head and every split-th key block of it, so dK/dV (summed over the head's
   // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
   const int64_t key_blocks = ceil_div(Lk, BK);
@@ -466,30 +483,14 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
   if (lse.numel() == 0) return {out, lse};
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  // K transposed (and V converted, for reduced precision) in one parallel pass: each parallel region
-  // is a barrier, and on a busy machine every barrier waits for a descheduled thread.
-  at::Tensor kt = at::empty({sh.batch, sh.kv_heads, sh.head_dim, sh.k_ld}, q.options().dtype(acc));
-  const bool convert_v = v.scalar_type() != acc;
-  const at::Tensor vv = convert_v ? at::empty(vc.sizes(), vc.options().dtype(acc)) : vc;
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
   const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* k_in = kc.const_data_ptr<scalar_t>();
-    const scalar_t* v_in = vc.const_data_ptr<scalar_t>();
-    acc_t* kt_out = kt.data_ptr<acc_t>();
-    acc_t* v_out = convert_v ? vv.data_ptr<acc_t>() : nullptr;
-    const int64_t Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
-    at::parallel_for(0, sh.batch * sh.kv_heads, grain_for(Lk * (D + Dv)), [&](int64_t begin, int64_t end) {
-      for (int64_t h = begin; h < end; ++h) {
-        pack_transposed(k_in + h * Lk * D, Lk, D, sh.k_ld, acc_t(1), kt_out + h * D * sh.k_ld);
-        if (v_out) pack_rows(v_in + h * Lk * Dv, Lk * Dv, acc_t(1), v_out + h * Lk * Dv);
-      }
-    });
     const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
     forward_kernel<scalar_t, acc_t>(sh, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
-                                    kt.const_data_ptr<acc_t>(), vv.const_data_ptr<acc_t>(), terms, win, drop,
+                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win, drop,
                                     out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
   return {out, lse};
