@@ -289,7 +289,7 @@ def test_interpreter_uses_one_small_config():
 # torch.compile and opcheck
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(kernel_path):
     """Dynamo traces the Triton ops (a bidirectional layer with lengths and a cell) without a graph
     break. Under the interpreter only with the 'eager' backend (see tests/test_triton_attention.py)."""
     torch._dynamo.reset()

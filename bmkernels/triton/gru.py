@@ -321,16 +321,16 @@ def _layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
         gi = _input_projection(x, w_ih, b_ih, b_hh)
         w_t = w_hh.transpose(1, 2).contiguous()  # (D, H, 3H): the kernel's W tiles load along units
         bias = b_hh.contiguous() if b_hh is not None else x
-        lens = lengths.contiguous() if lengths is not None else x
+        lens = lengths.to(x.device).contiguous() if lengths is not None else x
         args = (gi, w_t, bias, lens, h0.contiguous(), state, out, ws)
         flags = {"HAS_BIAS": b_hh is not None, "HAS_LENGTHS": lengths is not None, "SAVE": save_workspace}
         if hidden <= PERSISTENT_MAX_HIDDEN:
             wrap_triton(_seq_fwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions,
                                                                         **flags)
         else:
+            step_fwd = wrap_triton(_step_fwd_kernel)[_step_grid(batch, hidden, directions)]
             for s in range(steps):
-                wrap_triton(_step_fwd_kernel)[_step_grid(batch, hidden, directions)](
-                    *args, s, steps, batch, hidden, directions, **flags)
+                step_fwd(*args, s, steps, batch, hidden, directions, **flags)
     return out, state[:, steps % 2].to(h0.dtype).contiguous(), ws
 
 
@@ -371,15 +371,15 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
     dgh = x.new_empty(directions, steps, batch, 3 * hidden)
     dstate = x.new_empty(directions, 2, batch, hidden, dtype=torch.float32)  # step s reads grad_h_n or dstate[:, s % 2]
     if batch > 0:
-        lens = lengths.contiguous() if lengths is not None else x
+        lens = lengths.to(x.device).contiguous() if lengths is not None else x
         args = (grad_out.contiguous(), workspace, w_hh.contiguous(), lens, grad_h_n.contiguous(), dstate, dgi, dgh)
         if hidden <= PERSISTENT_MAX_HIDDEN:
             wrap_triton(_seq_bwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions,
                                                                         HAS_LENGTHS=lengths is not None)
         else:
+            step_bwd = wrap_triton(_step_bwd_kernel)[_step_grid(batch, hidden, directions)]
             for s in range(steps):
-                wrap_triton(_step_bwd_kernel)[_step_grid(batch, hidden, directions)](
-                    *args, s, steps, batch, hidden, directions, HAS_LENGTHS=lengths is not None)
+                step_bwd(*args, s, steps, batch, hidden, directions, HAS_LENGTHS=lengths is not None)
     dgi2 = dgi.view(steps * batch, directions * 3 * hidden)
     dx = torch.mm(dgi2, w_ih.reshape(directions * 3 * hidden, input_size)).view(steps, batch, input_size)
     dw_ih = torch.mm(dgi2.t(), x.reshape(steps * batch, input_size)).view(directions, 3 * hidden, input_size)
