@@ -212,6 +212,9 @@ def test_inference_saves_no_workspace():
         out, _, _ = torch.ops.bmkernels.gru_triton_layer_fwd(x, h0, w[0][None], w[1][None], w[2][None], w[3][None],
                                                              None, False)
         out.sum().backward()
+    with pytest.raises(ValueError, match=r"workspace must be .* = \(1, 3, 2, 25\); got \(0,\)"):
+        torch.ops.bmkernels.gru_triton_layer_bwd(torch.ones(3, 2, 5), torch.ones(1, 2, 5), x.detach(), h0, w[0][None],
+                                                 w[1][None], None, ws, True)
 
 
 def test_empty_batch():

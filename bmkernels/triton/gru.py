@@ -366,6 +366,10 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
     _check(x, "gru_layer_bwd")
     steps, batch, input_size = x.shape
     directions, _, hidden = h0.shape
+    if workspace.shape != (directions, steps, batch, WORKSPACE_GATES * hidden):
+        raise ValueError(f"bmkernels gru_layer_bwd: workspace must be the forward's (D, T, B, 5H) = "
+                         f"{(directions, steps, batch, WORKSPACE_GATES * hidden)}; got {tuple(workspace.shape)}")
+    workspace = workspace.contiguous()
     dtype = x.dtype
     dgi = x.new_empty(steps, batch, directions, 3 * hidden)  # every element is written by the kernel
     dgh = x.new_empty(directions, steps, batch, 3 * hidden)
