@@ -70,7 +70,8 @@ def case_params():
 
 
 def measure(run, contender, reps=3):
-    return [triton.testing.do_bench(lambda: run(contender), warmup=10, rep=50) for _ in range(reps)]
+    return [triton.testing.do_bench(lambda: run(contender), warmup=10, rep=50, return_mode="median")
+            for _ in range(reps)]
 
 
 CASES = list(case_params())
