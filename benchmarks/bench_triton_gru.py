@@ -6,7 +6,7 @@ the table shows where bmkernels.triton.gru.PERSISTENT_MAX_HIDDEN should sit.
     python -m pytest benchmarks/bench_triton_gru.py --benchmark-only
     python benchmarks/bench_triton_gru.py          # one interleaved table, medians
 
-Timing: triton.testing.do_bench (CUDA events, L2 flushed between calls), the two contenders of a
+Timing: triton.testing.do_bench (CUDA events, L2 flushed between calls), the three contenders of a
 case measured alternately three times each, median kept. FLOPs as bmkernels.bench.gru counts them
 (2 T B 3H (I + H) per layer and direction; fwd+bwd 3x forward).
 """
