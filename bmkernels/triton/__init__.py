@@ -4,4 +4,4 @@ One module per op family (bmkernels/triton/<op>.py); each is imported only when 
 first asked for, so that TRITON_INTERPRET can still be set before triton is imported."""
 
 # Op families with a Triton kernel; each lands with its module here (bmkernels/triton/<op>.py).
-OPS = frozenset({"attention"})
+OPS = frozenset({"attention", "gru"})
