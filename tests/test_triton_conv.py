@@ -212,6 +212,20 @@ def test_argument_errors_are_the_ops():
         bmkernels.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 2, 3, 3), backend="triton")
 
 
+def test_direct_operator_calls_check_shapes():
+    """The operators, called directly, refuse shapes that would make a kernel read or write outside a tensor."""
+    x, w, bias, res = _fwd_inputs()
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 6, 4, 4\); got \(2, 6, 4, 3\)"):
+        torch.ops.bmkernels.conv2d_triton_fwd(x, w, bias, res[..., :3], *FWD_ARGS, False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.bmkernels.conv2d_triton_fwd(x, w, bias[:5], res, *FWD_ARGS, False)
+    with pytest.raises(ValueError, match="do not make a conv2d"):
+        torch.ops.bmkernels.conv2d_triton_fwd(x, w[:, :1], bias, res, *FWD_ARGS, False)
+    out, preact = torch.ops.bmkernels.conv2d_triton_fwd(x, w, bias, res, *FWD_ARGS, True)
+    with pytest.raises(ValueError, match="act_saved must have the output's shape"):
+        torch.ops.bmkernels.conv2d_triton_bwd(out, x, w, preact[:1], *FWD_ARGS, False, [True] * 4)
+
+
 @INTERPRETER_ONLY_SKIP
 def test_interpreter_uses_one_small_config():
     assert triton_conv.INTERPRETED
@@ -252,7 +266,7 @@ FWD_ARGS = ((2, 1), [1, 2, 0, 1], (1, 2), 2, 3, 0.01)
 
 
 def _fwd_inputs():
-    inputs = on_device(make_inputs(2, 4, 7, 6, 3, groups=2, residual=True, out_size=(4, 3), channels_last=True))
+    inputs = on_device(make_inputs(2, 4, 7, 6, 3, groups=2, residual=True, out_size=(4, 4), channels_last=True))
     return inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"]
 
 

@@ -191,7 +191,8 @@ def fold_batchnorm(conv, bn):
 def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
     out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
               zip(x.shape[-2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True)]
-    out = x.new_empty((x.shape[0], weight.shape[0], *out_hw)).contiguous(memory_format=_memory_format(x))
+    out = torch.empty((x.shape[0], weight.shape[0], *out_hw), dtype=x.dtype, device=x.device,
+                      memory_format=_memory_format(x))
     preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
     return out, preact
 
@@ -201,7 +202,8 @@ def _fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups,
     fmt = _memory_format(x)
     out_shape = (x.shape[0], weight.shape[0], *grad_out.shape[2:])
     wanted = (torch.empty_like(x, memory_format=fmt), weight.new_empty(weight.shape),
-              weight.new_empty((weight.shape[0],)), x.new_empty(out_shape).contiguous(memory_format=fmt))
+              weight.new_empty((weight.shape[0],)),
+              torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt))
     return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, output_mask, strict=True))
 
 

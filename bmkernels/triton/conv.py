@@ -355,13 +355,26 @@ def _depthwise_dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh,
 # Operators
 
 
-def _check(x, what):
+def _check(what, x, weight, groups, stride, padding, dilation, out_sized):
+    """The dtype, and the shapes a direct operator call could get wrong (bmkernels.conv2d has checked
+    everything with clearer messages): kernels must never read or write outside a tensor.
+    out_sized: (name, tensor or None) pairs that must have the output's shape (N, C_out, H_out, W_out)."""
     if x.dtype not in DTYPES:
         raise TypeError(f"bmkernels conv2d backend 'triton': x must be float16, bfloat16 or float32; got {x.dtype} "
                         "(float64 runs on backend='cpu' or 'reference')")
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError("bmkernels conv2d backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
                         f"bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors ({what})")
+    if not (x.dim() == 4 and weight.dim() == 4 and len(stride) == 2 and len(padding) == 4 and len(dilation) == 2
+            and groups > 0 and weight.shape[0] % groups == 0 and weight.shape[1] * groups == x.shape[1]):
+        raise ValueError(f"{what}: x {tuple(x.shape)} and weight {tuple(weight.shape)} (groups {groups}, stride "
+                         f"{stride}, padding {padding}, dilation {dilation}) do not make a conv2d")
+    out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
+              zip(x.shape[2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True)]
+    out_shape = (x.shape[0], weight.shape[0], *out_hw)
+    for name, t in out_sized:
+        if t is not None and tuple(t.shape) != out_shape:
+            raise ValueError(f"{what}: {name} must have the output's shape {out_shape}; got {tuple(t.shape)}")
 
 
 def _geometry(x, weight, out_hw, groups):
@@ -391,7 +404,9 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                stride: list[int], padding: list[int], dilation: list[int], groups: int, activation: int,
                slope: float, save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.conv2d_fwd: (out in x's memory format, pre-activation or empty)."""
-    _check(x, "conv2d_fwd")
+    _check("conv2d_fwd", x, weight, groups, stride, padding, dilation, [("residual", residual)])
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv2d_fwd: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
     # the C++ op's output allocation (its fake kernel): out in x's memory format, preact like out or empty
     out, preact = ops_conv._fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
                                      save_preact)
@@ -418,7 +433,8 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
                output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.conv2d_bwd: (dx, dweight, dbias, dresidual), each empty unless
     output_mask asks for it."""
-    _check(x, "conv2d_bwd")
+    _check("conv2d_bwd", x, weight, groups, stride, padding, dilation, [("grad_out", grad_out),
+                                                                        ("act_saved", act_saved)])
     # every gradient is allocated (dresidual holds dZ, which dx and dweight read); the ones not asked for are dropped
     dx, dw, db, dres = ops_conv._fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups,
                                           activation, slope, saved_is_output, [True] * 4)
