@@ -6,10 +6,12 @@ inputs, routing, determinism, bad inputs. Tolerance rule: tests/conftest.py.
 
 Where it runs:
 - no GPU (CI): under the Triton interpreter on CPU tensors, small shapes, float32 and float16 (the
-  interpreter cannot do bfloat16 arithmetic). triton decides at import time whether it interprets,
-  so this module sets TRITON_INTERPRET=1 before it imports triton, then restores the variable; an
-  autouse fixture sets it again for these tests. If triton was already imported compiled, the
-  module is skipped with the reason (run it in its own process: pytest tests/test_triton_conv.py).
+  interpreter cannot do bfloat16 arithmetic). triton.jit decides when a kernel is decorated whether
+  it interprets, so this module sets TRITON_INTERPRET=1 before it imports bmkernels.triton.conv
+  (triton itself may have been imported before: other Triton test files import it in the same
+  pytest process), then restores the variable; an autouse fixture sets it again for these tests.
+  If bmkernels.triton.conv was already imported compiled, the module is skipped with the reason
+  (run it in its own process: pytest tests/test_triton_conv.py).
 - a CUDA GPU: the same tests on CUDA tensors plus bfloat16, larger shapes, inductor and full opcheck.
 """
 
@@ -22,9 +24,9 @@ import torch
 ON_GPU = torch.cuda.is_available()
 _ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
 if not ON_GPU:
-    if "triton" in sys.modules and _ENV_BEFORE != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1; run this file in its own "
-                    "pytest process", allow_module_level=True)
+    if not getattr(sys.modules.get("bmkernels.triton.conv"), "INTERPRETED", True):
+        pytest.skip("bmkernels.triton.conv was imported compiled before this module could set TRITON_INTERPRET=1; "
+                    "run this file in its own pytest process", allow_module_level=True)
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton_conv = pytest.importorskip("bmkernels.triton.conv", reason="triton is not installed")
