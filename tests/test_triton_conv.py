@@ -111,6 +111,12 @@ def test_single_gradient(wanted):
     check(inputs, torch.float32, stride=2, padding=1, activation="gelu")
 
 
+def test_single_input_channel():
+    """C_in = 1 with groups = 1 is a depthwise conv with multiplier C_out (the direct kernels)."""
+    check(make_inputs(2, 1, 7, 5, 3, residual=True, out_size=(4, 4)), torch.float32, stride=2, padding=1,
+          activation="gelu")
+
+
 def test_unbatched():
     inputs = make_inputs(1, 3, 7, 5, 3, residual=True, out_size=(7, 7), unbatched=True)
     check(inputs, torch.float32, padding=1, activation="silu")

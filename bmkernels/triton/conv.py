@@ -8,7 +8,9 @@ and math mirror csrc/common/activations.h.
 - forward: one program per (block of output pixels (n, oh, ow), block of output channels, group);
   the reduction runs over the kernel taps (kh, kw) and, inside each tap, over input-channel blocks,
   so no im2col buffer exists. Epilogue in float32: + bias, + residual, (pre-activation stored when
-  asked), activation, one store in x's dtype.
+  asked), activation, one store in x's dtype. Depthwise convs (one input channel per group, any
+  channel multiplier) have direct multiply-add kernels instead, forward and backward: a GEMM over
+  one channel would waste the tensor cores.
 - backward: one elementwise pass over grad_out computes dZ = grad_out * act'(saved) (the output or
   the pre-activation), which is also the residual gradient, plus per-block partial column sums for
   the bias gradient; then dX as an implicit GEMM over (taps, output-channel blocks) per input pixel
@@ -36,7 +38,7 @@ from bmkernels.triton.attention import _tanh
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 # output pixels per weight-gradient slice: enough slices to fill a GPU when channels are few
-PIXELS_PER_SPLIT = 64 if INTERPRETED else 8192
+PIXELS_PER_SPLIT = 64 if INTERPRETED else 2048
 MAX_SPLIT = 64
 
 
@@ -287,8 +289,9 @@ def _depthwise_dx_kernel(DZ, W, DX, sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn,
 def _dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
                     H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                     PIXELS_PER_SLICE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial[slice, g, o, (c, kh, kw)] = sum over this slice's output pixels of dZ[n, o, oh, ow] x[n, c, ih, iw]
-    (M = N * OH * OW output pixels); the slices are summed afterwards."""
+    """Partial[slice, g, o, (kh, kw, c)] = sum over this slice's output pixels of dZ[n, o, oh, ow] x[n, c, ih, iw]
+    (M = N * OH * OW output pixels); the slices are summed afterwards. Columns run over c fastest, so
+    channels_last x tiles are read along contiguous channels."""
     g = tl.program_id(2) % GROUPS
     piece = tl.program_id(2) // GROUPS
     o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -296,9 +299,9 @@ def _dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
     k_total = CIN_G * KH * KW
     in_o = o < COUT_G
     in_cols = cols < k_total
-    c = cols // (KH * KW)
-    kh = (cols // KW) % KH
-    kw = cols % KW
+    kh = cols // (KW * CIN_G)
+    kw = (cols // CIN_G) % KW
+    c = cols % CIN_G
     oc = (g * COUT_G + o).to(tl.int64)
     x_cols = X + (g * CIN_G + c).to(tl.int64) * sxc
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -324,8 +327,8 @@ def _dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
 def _depthwise_dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
                               H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l,
                               dil_h, dil_w, PIXELS_PER_SLICE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Partial[slice, oc, tap] = sum over this slice's output pixels of dZ[n, oc, oh, ow] x[n, oc // COUT_G, ih, iw]
-    for one tap (program axis 1) and a block of output channels."""
+    """Partial[slice, oc, (kh, kw)] = sum over this slice's output pixels of dZ[n, oc, oh, ow]
+    x[n, oc // COUT_G, ih, iw] for one tap (program axis 1) and a block of output channels."""
     oc = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tap = tl.program_id(1)
     piece = tl.program_id(2)
@@ -387,6 +390,12 @@ def _conv_params(stride, padding, dilation):
     return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
 
 
+def _tap_major(weight):
+    """The same (C_out, C_in / groups, kH, kW) weight stored as (kH, kW, C_in / groups, C_out): the kernels'
+    weight tiles then read consecutive output channels (a small copy; weights are small)."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
 def _is_depthwise(weight):
     """One input channel per group: the direct kernels (a GEMM over one channel wastes the tensor cores)."""
     return weight.shape[1] == 1
@@ -417,6 +426,7 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     pixels = batch * out_h * out_w
     depthwise = _is_depthwise(weight)
     kernel = _depthwise_fwd_kernel if depthwise else _fwd_kernel
+    weight = _tap_major(weight)
     wrap_triton(kernel)[_channel_grid(pixels, out_c // groups, groups, depthwise)](
         x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
         preact if save_preact else out, *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
@@ -456,8 +466,9 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
         depthwise = _is_depthwise(weight)
         if output_mask[0]:
             kernel = _depthwise_dx_kernel if depthwise else _dx_kernel
+            weight_t = _tap_major(weight)
             wrap_triton(kernel)[_channel_grid(sizes[4], geometry[5], groups, depthwise)](
-                dres, weight, dx, *dres.stride(), *weight.stride(), *dx.stride(), *sizes)
+                dres, weight_t, dx, *dres.stride(), *weight_t.stride(), *dx.stride(), *sizes)
         if output_mask[1]:
             split = max(1, min(MAX_SPLIT, triton.cdiv(pixels, PIXELS_PER_SPLIT)))
             partial = torch.empty(split, weight.numel(), dtype=torch.float32, device=x.device)
@@ -470,7 +481,8 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
                 grid = lambda meta: (triton.cdiv(geometry[6], meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(weight[0].numel(), meta["BLOCK_N"]), groups * split)
             wrap_triton(kernel)[grid](dres, x, partial, *dres.stride(), *x.stride(), *sizes)
-            dw = partial.sum(0).view(weight.shape).to(weight.dtype)
+            dw = partial.sum(0).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2).to(
+                weight.dtype, memory_format=torch.contiguous_format)
     return tuple(g if wanted else x.new_empty((0,)) for g, wanted in zip((dx, dw, db, dres), output_mask,
                                                                            strict=True))
 
