@@ -91,7 +91,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     """act(conv2d(x, weight) + bias + residual) in one pass.
 
     x: (N, C_in, H, W) or unbatched (C_in, H, W), float32 / float64 / bfloat16 (float32 accumulation
-    for bfloat16), NCHW or channels_last: the output keeps x's memory format.
+    for bfloat16; float16 too on backend="triton"), NCHW or channels_last: the output keeps x's memory format.
     weight: (C_out, C_in / groups, kH, kW); bias: (C_out,) or None; stride, padding, dilation,
     groups as in torch.nn.functional.conv2d (padding also "same" / "valid").
     residual: a tensor of the output's shape, added before the activation (a ResNet block).
