@@ -111,6 +111,21 @@ def test_single_gradient(wanted):
     check(inputs, torch.float32, stride=2, padding=1, activation="gelu")
 
 
+# (batch, c_in, size, c_out, groups, stride, dtype, channels_last): channel counts above the kernels' channel
+# blocks (16 under the interpreter), so every channel loop and channel-block grid axis runs more than once
+MANY_CHANNELS = [(2, 37, 6, 35, 1, 1, torch.float32, False), (2, 40, 6, 36, 2, 2, torch.float16, True),
+                 (1, 40, 6, 40, 40, 1, torch.float32, True)]
+
+
+@pytest.mark.parametrize("batch,c_in,size,c_out,groups,stride,dtype,channels_last", MANY_CHANNELS,
+                         ids=["dense", "grouped", "depthwise"])
+def test_many_channels(batch, c_in, size, c_out, groups, stride, dtype, channels_last):
+    out_size = (size - 1) // stride + 1
+    inputs = make_inputs(batch, c_in, size, c_out, 3, groups=groups, residual=True, dtype=dtype,
+                         channels_last=channels_last, out_size=(out_size, out_size))
+    check(inputs, dtype, stride=stride, padding=1, groups=groups, activation="gelu")
+
+
 def test_single_input_channel():
     """C_in = 1 with groups = 1 is a depthwise conv with multiplier C_out (the direct kernels)."""
     check(make_inputs(2, 1, 7, 5, 3, residual=True, out_size=(4, 4)), torch.float32, stride=2, padding=1,
