@@ -481,8 +481,7 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
                 grid = lambda meta: (triton.cdiv(geometry[6], meta["BLOCK_M"]),  # noqa: E731
                                      triton.cdiv(weight[0].numel(), meta["BLOCK_N"]), groups * split)
             wrap_triton(kernel)[grid](dres, x, partial, *dres.stride(), *x.stride(), *sizes)
-            dw = partial.sum(0).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2).to(
-                weight.dtype, memory_format=torch.contiguous_format)
+            dw = partial.sum(0).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2).contiguous().to(weight.dtype)
     return tuple(g if wanted else x.new_empty((0,)) for g, wanted in zip((dx, dw, db, dres), output_mask,
                                                                            strict=True))
 
