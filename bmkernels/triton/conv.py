@@ -13,9 +13,10 @@ and math mirror csrc/common/activations.h.
   one channel would waste the tensor cores.
 - backward: one elementwise pass over grad_out computes dZ = grad_out * act'(saved) (the output or
   the pre-activation), which is also the residual gradient, plus per-block partial column sums for
-  the bias gradient; then dX as an implicit GEMM over (taps, output-channel blocks) per input pixel
-  block (taps that a stride skips are masked), and dW as a GEMM over output pixels, split into
-  slices whose float32 partial sums are added afterwards. No atomics: deterministic.
+  the bias gradient; then dX as an implicit GEMM over (taps, output-channel blocks) per block of
+  input pixels of one stride residue class (taps that cannot reach the class are skipped), and dW
+  as a GEMM over output pixels, split into slices whose float32 partial sums are added afterwards.
+  No atomics: deterministic.
 - any strides: NCHW, channels_last and non-contiguous tensors go through the same kernels; outputs
   keep x's memory format. Padding is (top, bottom, left, right), so "same" with even kernels works.
 - float16, bfloat16, float32 (GEMMs in the input dtype with float32 accumulation; float32 GEMMs in
@@ -229,28 +230,38 @@ def _dx_kernel(DZ, W, DX, sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn, sxc, sxh,
                H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dX[n, c, ih, iw] = sum over taps and this group's output channels o of dZ[n, o, oh, ow] W[o, c, kh, kw]
-    where ih = oh * stride - pad + kh * dil (M = N * H * W input pixels)."""
-    g = tl.program_id(2)
+    where ih = oh * stride - pad + kh * dil. A program takes input pixels of one stride residue class
+    (ih % stride_h, iw % stride_w: program axis 2 with the group), which the same taps reach, so taps
+    that reach none are skipped rather than masked (M = N * ceil(H / stride_h) * ceil(W / stride_w))."""
+    g = tl.program_id(2) // (stride_h * stride_w)
+    residue = tl.program_id(2) % (stride_h * stride_w)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_rows = rows < M
+    n, qh, qw = _pixels(rows, tl.cdiv(H, stride_h), tl.cdiv(WIDTH, stride_w))
+    ih = qh * stride_h + residue // stride_w
+    iw = qw * stride_w + residue % stride_w
+    in_rows = (rows < M) & (ih < H) & (iw < WIDTH)
     in_c = c < CIN_G
-    n, ih, iw = _pixels(rows, H, WIDTH)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kh in range(KH):
-        oh, ok_h = _source_pixel(ih, pad_t, kh, dil_h, stride_h, OH)
-        for kw in range(KW):
-            ow, ok_w = _source_pixel(iw, pad_l, kw, dil_w, stride_w, OW)
-            ok = in_rows & ok_h & ok_w
-            dz_tap = DZ + n * sdn + oh * sdh + ow * sdw
-            w_tap = W + c * swc + kh * swh + kw * sww
-            for o0 in range(0, COUT_G, BLOCK_K):
-                o = o0 + tl.arange(0, BLOCK_K)
-                in_o = o < COUT_G
-                oc = (g * COUT_G + o).to(tl.int64)
-                dzt = tl.load(dz_tap[:, None] + oc[None, :] * sdc, mask=ok[:, None] & in_o[None, :], other=0.0)
-                wt = tl.load(w_tap[None, :] + oc[:, None] * swo, mask=in_o[:, None] & in_c[None, :], other=0.0)
-                acc += tl.dot(dzt, wt, input_precision="ieee")
+        # exact multiples of the stride (the residue test holds for the whole class): // is exact, even below 0
+        if ((residue // stride_w + pad_t - kh * dil_h) % stride_h + stride_h) % stride_h == 0:
+            oh = (ih + pad_t - kh * dil_h) // stride_h
+            for kw in range(KW):
+                if ((residue % stride_w + pad_l - kw * dil_w) % stride_w + stride_w) % stride_w == 0:
+                    ow = (iw + pad_l - kw * dil_w) // stride_w
+                    ok = in_rows & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+                    dz_tap = DZ + n * sdn + oh * sdh + ow * sdw
+                    w_tap = W + c * swc + kh * swh + kw * sww
+                    for o0 in range(0, COUT_G, BLOCK_K):
+                        o = o0 + tl.arange(0, BLOCK_K)
+                        in_o = o < COUT_G
+                        oc = (g * COUT_G + o).to(tl.int64)
+                        dzt = tl.load(dz_tap[:, None] + oc[None, :] * sdc, mask=ok[:, None] & in_o[None, :],
+                                      other=0.0)
+                        wt = tl.load(w_tap[None, :] + oc[:, None] * swo, mask=in_o[:, None] & in_c[None, :],
+                                     other=0.0)
+                        acc += tl.dot(dzt, wt, input_precision="ieee")
     cin = (g * CIN_G + c).to(tl.int64)
     tl.store(DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + cin[None, :] * sxc, acc.to(DX.dtype.element_ty),
              mask=in_rows[:, None] & in_c[None, :])
@@ -465,10 +476,17 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
                                                                                                  dilation))
         depthwise = _is_depthwise(weight)
         if output_mask[0]:
-            kernel = _depthwise_dx_kernel if depthwise else _dx_kernel
             weight_t = _tap_major(weight)
-            wrap_triton(kernel)[_channel_grid(sizes[4], geometry[5], groups, depthwise)](
-                dres, weight_t, dx, *dres.stride(), *weight_t.stride(), *dx.stride(), *sizes)
+            if depthwise:
+                kernel, grid = _depthwise_dx_kernel, _channel_grid(sizes[4], 1, groups, True)
+            else:  # input pixels grouped by stride residue class (see _dx_kernel)
+                classes = stride[0] * stride[1]
+                class_pixels = batch * triton.cdiv(sizes[0], stride[0]) * triton.cdiv(sizes[1], stride[1])
+                kernel = _dx_kernel
+                grid = lambda meta: (triton.cdiv(class_pixels, meta["BLOCK_M"]),  # noqa: E731
+                                     triton.cdiv(geometry[5], meta["BLOCK_N"]), groups * classes)
+            dx_sizes = sizes if depthwise else (*sizes[:4], class_pixels, *sizes[5:])
+            wrap_triton(kernel)[grid](dres, weight_t, dx, *dres.stride(), *weight_t.stride(), *dx.stride(), *dx_sizes)
         if output_mask[1]:
             split = max(1, min(MAX_SPLIT, triton.cdiv(pixels, PIXELS_PER_SPLIT)))
             partial = torch.empty(split, weight.numel(), dtype=torch.float32, device=x.device)
