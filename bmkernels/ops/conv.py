@@ -1,5 +1,6 @@
 """bmkernels.conv2d and bmkernels.fold_batchnorm: argument checks, backend choice, and the fake
-kernel and autograd of the torch.ops.bmkernels.conv2d_* operators.
+kernels of the torch.ops.bmkernels.conv2d_* operators. Autograd of conv2d_fwd is registered in C++
+(csrc/autograd/conv.cpp); the Python backward below serves the Triton operator.
 
 Memory: the forward saves x, weight and one output-sized tensor for the activation's derivative:
 the output itself for None / relu / leaky_relu with a positive slope (the derivative can be read off
@@ -218,7 +219,7 @@ def _setup_context(ctx, inputs, output):
 
 def backward_with(bwd_op):
     """The autograd backward of a conv2d_fwd-shaped operator whose gradients come from bwd_op
-    (conv2d_bwd's signature): the C++ operator's and its Triton twin's."""
+    (conv2d_bwd's signature): the Triton operator's (the C++ operator's is csrc/autograd/conv.cpp)."""
 
     def backward(ctx, grad_out, grad_preact):
         x, weight, act_saved = ctx.saved_tensors
@@ -239,5 +240,3 @@ def backward_with(bwd_op):
 if _extension.loaded():
     torch.library.register_fake("bmkernels::conv2d_fwd")(_fake_fwd)
     torch.library.register_fake("bmkernels::conv2d_bwd")(_fake_bwd)
-    torch.library.register_autograd("bmkernels::conv2d_fwd", backward_with(torch.ops.bmkernels.conv2d_bwd),
-                                    setup_context=_setup_context)
