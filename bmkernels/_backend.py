@@ -77,7 +77,9 @@ def choose(op, device, backend=None):
         if kind == "cpu" and not triton_interpreted():
             raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors runs only under the Triton "
                                "interpreter (set TRITON_INTERPRET=1 before importing triton)")
-        if kind == "cpu" and not getattr(sys.modules.get(f"bmkernels.triton.{op}"), "INTERPRETED", True):
+        from bmkernels import triton as bmk_triton
+
+        if kind == "cpu" and not getattr(sys.modules.get(bmk_triton.module_name(op)), "INTERPRETED", True):
             raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
                                "the Triton kernels were compiled for the GPU; set it before importing triton")
         if kind not in ("cpu", "cuda"):

@@ -160,8 +160,9 @@ def test_triton_backend_on_cpu_needs_the_interpreter(via, monkeypatch, ran):
 
 @pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
 def test_triton_kernels_listed(monkeypatch):
-    assert "attention" in _backend.triton_ops()
+    assert {"attention", "conv2d"} <= _backend.triton_ops()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "triton_ops", lambda: frozenset({"attention"}))
     with pytest.raises(RuntimeError, match="has no Triton kernel for conv2d yet"):
         _backend.choose("conv2d", CPU, "triton")
 
@@ -175,12 +176,13 @@ def test_auto_on_cuda_without_cuda_kernel_is_triton(monkeypatch):
 
 
 @pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
-def test_triton_kernels_compiled_before_the_interpreter_was_asked_for(monkeypatch):
+@pytest.mark.parametrize("op,module", [("attention", "attention"), ("conv2d", "conv")])
+def test_triton_kernels_compiled_before_the_interpreter_was_asked_for(op, module, monkeypatch):
     """TRITON_INTERPRET=1 set after the kernels were built for the GPU: a clear error, not a crash."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setitem(sys.modules, "bmkernels.triton.attention", types.SimpleNamespace(INTERPRETED=False))
+    monkeypatch.setitem(sys.modules, f"bmkernels.triton.{module}", types.SimpleNamespace(INTERPRETED=False))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after the Triton kernels were compiled"):
-        _backend.choose("attention", CPU, "triton")
+        _backend.choose(op, CPU, "triton")
 
 
 def test_no_fallback_for_other_devices(ran):

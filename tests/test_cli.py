@@ -267,3 +267,31 @@ def test_gru_presets_and_flops():
     assert gru_bench.gru_flops(1, 1, 4, 2, backward=True) == 3 * 2 * 6 * 6
     with pytest.raises(ValueError, match="preset"):
         gru_bench.cases("huge")
+
+
+# -- conv cases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+def test_bench_quick_conv():
+    from bmkernels.bench import conv as conv_bench
+
+    proc = run_cli("bench", "--quick", "--op", "conv", "--reps", "5", "--no-memory", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    header, rows = table_rows(proc.stdout)
+    assert list(rows) == [c.name for c in conv_bench.cases("quick")]
+    for name, row in rows.items():
+        for col in ("vs eager", "vs best"):
+            r = parse_ratio(row[col])
+            assert math.isfinite(r) and r > 0, (name, col, row[col])
+
+
+def test_conv_presets_and_flops():
+    from bmkernels.bench import conv as conv_bench
+
+    default = conv_bench.cases("default")
+    # 11 ResNet-18 layers + 1 depthwise, x 2 layouts x fwd / fwd+bwd
+    assert len(default) == 48 and len(conv_bench.cases("full")) == 48
+    assert {c.name for c in conv_bench.cases("small")} < {c.name for c in default}
+    assert conv_bench.conv_flops(16, 512, 512, 7, 3, 1) == 2 * 16 * 512 * 49 * 512 * 9
+    assert conv_bench.conv_flops(2, 8, 8, 5, 3, 8, backward=True) == 3 * 2 * 2 * 8 * 25 * 9

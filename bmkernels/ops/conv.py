@@ -1,5 +1,6 @@
 """bmkernels.conv2d and bmkernels.fold_batchnorm: argument checks, backend choice, and the fake
-kernel and autograd of the torch.ops.bmkernels.conv2d_* operators.
+kernels of the torch.ops.bmkernels.conv2d_* operators. Autograd of conv2d_fwd is registered in C++
+(csrc/autograd/conv.cpp); the Python backward below serves the Triton operator.
 
 Memory: the forward saves x, weight and one output-sized tensor for the activation's derivative:
 the output itself for None / relu / leaky_relu with a positive slope (the derivative can be read off
@@ -91,7 +92,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     """act(conv2d(x, weight) + bias + residual) in one pass.
 
     x: (N, C_in, H, W) or unbatched (C_in, H, W), float32 / float64 / bfloat16 (float32 accumulation
-    for bfloat16), NCHW or channels_last: the output keeps x's memory format.
+    for bfloat16; float16 too on backend="triton"), NCHW or channels_last: the output keeps x's memory format.
     weight: (C_out, C_in / groups, kH, kW); bias: (C_out,) or None; stride, padding, dilation,
     groups as in torch.nn.functional.conv2d (padding also "same" / "valid").
     residual: a tensor of the output's shape, added before the activation (a ResNet block).
@@ -102,8 +103,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         _fail(TypeError, f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() not in (3, 4):
         _fail(ValueError, f"x must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W); got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        _fail(TypeError, f"x must be float32, float64 or bfloat16; got {x.dtype}")
+    if x.dtype not in _DTYPES and not (x.dtype == torch.float16 and _backend.choose("conv2d", x.device, backend)
+                                       == "triton"):
+        _fail(TypeError, f"x must be float32, float64 or bfloat16 (float16 on backend='triton'); got {x.dtype}")
     _check_tensor("weight", weight, x)
     if weight.dim() != 4:
         _fail(ValueError, f"weight must be 4-D (C_out, C_in / groups, kH, kW); got shape {tuple(weight.shape)}")
@@ -147,9 +149,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     save_preact = needs_grad and not _derivative_from_output(code, slope)
-    out, _ = torch.ops.bmkernels.conv2d_fwd(x, weight, bias, residual, stride, pads, dilation, groups, code, slope,
-                                            save_preact)
+    out, _ = _forward_op(name)(x, weight, bias, residual, stride, pads, dilation, groups, code, slope, save_preact)
     return out.squeeze(0) if unbatched else out
+
+
+def _forward_op(backend):
+    """The conv2d_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin)."""
+    if backend == "triton":
+        from bmkernels.triton import conv as triton_conv  # imports triton: only when asked for
+
+        return triton_conv.conv2d_fwd
+    return torch.ops.bmkernels.conv2d_fwd
 
 
 def fold_batchnorm(conv, bn):
@@ -182,7 +192,8 @@ def fold_batchnorm(conv, bn):
 def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
     out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
               zip(x.shape[-2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True)]
-    out = x.new_empty((x.shape[0], weight.shape[0], *out_hw)).contiguous(memory_format=_memory_format(x))
+    out = torch.empty((x.shape[0], weight.shape[0], *out_hw), dtype=x.dtype, device=x.device,
+                      memory_format=_memory_format(x))
     preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
     return out, preact
 
@@ -192,7 +203,8 @@ def _fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups,
     fmt = _memory_format(x)
     out_shape = (x.shape[0], weight.shape[0], *grad_out.shape[2:])
     wanted = (torch.empty_like(x, memory_format=fmt), weight.new_empty(weight.shape),
-              weight.new_empty((weight.shape[0],)), x.new_empty(out_shape).contiguous(memory_format=fmt))
+              weight.new_empty((weight.shape[0],)),
+              torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt))
     return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, output_mask, strict=True))
 
 
@@ -205,21 +217,26 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
 
 
-def _backward(ctx, grad_out, grad_preact):
-    x, weight, act_saved = ctx.saved_tensors
-    stride, padding, dilation, groups, activation, slope, from_output = ctx.params
-    if not from_output and act_saved.numel() == 0:
-        raise RuntimeError("conv2d: backward needs the pre-activation, which the forward did not save (it ran "
-                           "without any input requiring grad)")
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
-            ctx.has_residual and ctx.needs_input_grad[3]]
-    dx, dw, db, dres = torch.ops.bmkernels.conv2d_bwd(grad_out, x, weight, act_saved, stride, padding, dilation,
-                                                      groups, activation, slope, from_output, mask)
-    grads = [g if m else None for g, m in zip((dx, dw, db, dres), mask, strict=True)]
-    return (*grads, None, None, None, None, None, None, None)
+def backward_with(bwd_op):
+    """The autograd backward of a conv2d_fwd-shaped operator whose gradients come from bwd_op
+    (conv2d_bwd's signature): the Triton operator's (the C++ operator's is csrc/autograd/conv.cpp)."""
+
+    def backward(ctx, grad_out, grad_preact):
+        x, weight, act_saved = ctx.saved_tensors
+        stride, padding, dilation, groups, activation, slope, from_output = ctx.params
+        if not from_output and act_saved.shape != grad_out.shape:  # an empty batch's saved pre-activation is empty too
+            raise RuntimeError("conv2d: backward needs the pre-activation, which the forward did not save (it ran "
+                               "without any input requiring grad)")
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
+                ctx.has_residual and ctx.needs_input_grad[3]]
+        dx, dw, db, dres = bwd_op(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
+                                  from_output, mask)
+        grads = [g if m else None for g, m in zip((dx, dw, db, dres), mask, strict=True)]
+        return (*grads, None, None, None, None, None, None, None)
+
+    return backward
 
 
 if _extension.loaded():
     torch.library.register_fake("bmkernels::conv2d_fwd")(_fake_fwd)
     torch.library.register_fake("bmkernels::conv2d_bwd")(_fake_bwd)
-    torch.library.register_autograd("bmkernels::conv2d_fwd", _backward, setup_context=_setup_context)

@@ -100,12 +100,12 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
         _check_tensor(op, "b_hh", b_hh, dtype, device)
         _check_shape(op, "b_ih", b_ih, (3 * hidden,))
         _check_shape(op, "b_hh", b_hh, (3 * hidden,))
-    if _choose("gru", device, backend) == "reference":
+    name = _choose("gru", device, backend)
+    if name == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if unbatched:
         x, h = x.unsqueeze(0), h.unsqueeze(0)
-    h_next, _ = torch.ops.bmkernels.gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh,
-                                                 _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh))
+    h_next, _ = _forward_op(name, "cell_fwd")(x, h, w_ih, w_hh, b_ih, b_hh, _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh))
     return h_next.squeeze(0) if unbatched else h_next
 
 
@@ -183,11 +183,13 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
     if lengths is not None:
         lengths = _check_lengths(lengths, batch, steps, device)
 
-    if _choose(op, device, backend) == "reference":
+    name = _choose(op, device, backend)
+    if name == "reference":
         out, h_n = reference.gru(seq, h0, weights, num_layers=num_layers, bidirectional=bidirectional,
                                  batch_first=False, dropout=dropout, training=training, lengths=lengths)
     else:
-        out, h_n = _gru_layers(seq, h0, weights, num_layers, directions, dropout if training else 0.0, lengths)
+        out, h_n = _gru_layers(seq, h0, weights, num_layers, directions, dropout if training else 0.0, lengths,
+                               _forward_op(name, "layer_fwd"))
     if unbatched:
         return out.squeeze(1), h_n.squeeze(1)
     return (out.transpose(0, 1) if batch_first else out), h_n
@@ -197,8 +199,18 @@ def _stacked(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths):
-    """The layers through torch.ops.bmkernels.gru_layer_fwd (both directions of a layer in one call)."""
+def _forward_op(backend, which):
+    """The gru_<which> operator ('cell_fwd' / 'layer_fwd') of a compiled backend ('cpu'/'cuda': the C++
+    op; 'triton': its twin, same arguments)."""
+    if backend == "triton":
+        from bmkernels.triton import gru as triton_gru  # imports triton: only when asked for
+
+        return getattr(triton_gru, f"gru_{which}")
+    return getattr(torch.ops.bmkernels, f"gru_{which}")
+
+
+def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_fwd):
+    """The layers through layer_fwd (gru_layer_fwd's signature; both directions of a layer in one call)."""
     per_direction = len(weights) // (num_layers * directions)
     h_n = []
     for layer in range(num_layers):
@@ -208,7 +220,7 @@ def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths):
         b_ih, b_hh = biases if biases else (None, None)
         h_layer = h0[layer * directions:(layer + 1) * directions]
         save = _needs_grad(x, h_layer, w_ih, w_hh, b_ih, b_hh)
-        x, h, _ = torch.ops.bmkernels.gru_layer_fwd(x, h_layer, w_ih, w_hh, b_ih, b_hh, lengths, save)
+        x, h, _ = layer_fwd(x, h_layer, w_ih, w_hh, b_ih, b_hh, lengths, save)
         h_n.append(h)
         if dropout > 0 and layer < num_layers - 1:
             x = x * reference.dropout_keep(x.shape, dropout, x.device) / (1 - dropout)

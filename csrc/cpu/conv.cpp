@@ -23,7 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cstdlib>
+#include <utility>
 #include <vector>
 
 #include "common/activations.h"
@@ -33,17 +33,15 @@
 namespace bmk::cpu::CPU_CAPABILITY {
 namespace {
 
-static int64_t tune(const char* n, int64_t d) { const char* v = std::getenv(n); return v ? std::atoll(v) : d; }
-static const int64_t kPixelTile = tune("T_M", 64);      // forward: output pixels per tile (GEMM M)
-constexpr int64_t kChannelTile = 64;    // forward: output channels per tile_gemm call (GEMM N)
-static const int64_t kDepthChunk = tune("T_K", 512);    // forward: im2col columns packed at a time (GEMM K)
+constexpr int64_t kPixelTile = 128;      // forward: output pixels per tile (GEMM M)
+constexpr int64_t kChannelTile = 64;     // forward: output channels per tile_gemm call (GEMM N)
+constexpr int64_t kDepthChunk = 512;     // forward: most im2col columns packed at a time (GEMM K)
 constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
 constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
 constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
 constexpr int64_t kDgradPixels = 128;   // input gradient: output pixels per tile
 constexpr int64_t kDepthwisePixels = 16;  // depthwise: output pixels per tile
-constexpr int64_t kPassPixels = 256;    // grad_output pass: pixels per block
-constexpr int64_t kPassChannels = 16;   // grad_output pass: channels per work item
+constexpr int64_t kPassPixels = 64;     // grad_output pass: pixels per block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -181,17 +179,22 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
 
 // im2col rows of pixels p0 .. p0 + rows of one group, columns k0 .. k1 (k = (tap, ci)), from the
 // NHWC input: a[m * ld + k - k0]; zeros where a tap falls in the padding.
-template <typename scalar_t, typename acc_t>
-void pack_im2col(const ConvGeometry& g, const scalar_t* x, int64_t group, int64_t p0, int64_t rows, int64_t k0,
+template <typename in_t, typename acc_t>
+void pack_im2col(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0, int64_t rows, int64_t k0,
                  int64_t k1, acc_t* a, int64_t ld) {
   const int64_t cg = g.in_cg();
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
     acc_t* dst = a + m * ld;
     for (int64_t k = k0; k < k1;) {
-      const int64_t tap = k / cg, ci = k % cg, len = std::min(cg - ci, k1 - k);
+      const int64_t tap = k / cg, ci = k % cg;
       const int64_t ih = oh * g.stride_h - g.pad_h + (tap / g.k_w) * g.dil_h;
       const int64_t iw = ow * g.stride_w - g.pad_w + (tap % g.k_w) * g.dil_w;
+      int64_t len = std::min(cg - ci, k1 - k);
+      // a whole kernel row inside the image is one contiguous run of NHWC input (all channels, unit dilation)
+      if (cg == g.in_c && g.dil_w == 1 && ci == 0 && tap % g.k_w == 0 && k + g.k_w * cg <= k1 && iw >= 0 &&
+          iw + g.k_w <= g.in_w)
+        len = g.k_w * cg;
       if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
         convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * g.in_c + group * cg + ci, dst, len);
       } else {
@@ -203,16 +206,17 @@ void pack_im2col(const ConvGeometry& g, const scalar_t* x, int64_t group, int64_
   }
 }
 
-// Forward through implicit GEMM; wp: packed weights [G][channel tiles][K][kChannelTile].
-template <typename scalar_t, typename acc_t>
-void forward_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
+// Forward through implicit GEMM; x: NHWC; wp: packed weights [G][channel tiles][K][kChannelTile].
+template <typename in_t, typename scalar_t, typename acc_t>
+void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
   const int64_t pixel_tiles = ceil_div(P, kPixelTile), channel_tiles = ceil_div(cout_g, kChannelTile);
   // split the channels only as far as needed to give every thread a few work items
   const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pixel_tiles * g.groups), 1,
                                              channel_tiles);
   const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
-  const int64_t depth = std::min(K, kDepthChunk), lda = padded_ld(depth);
+  // K in equal chunks of at most kDepthChunk (no short tail chunk)
+  const int64_t depth = std::min(K, ceil_div(ceil_div(K, ceil_div(K, kDepthChunk)), 16) * 16), lda = padded_ld(depth);
   const int64_t ldc = padded_ld(std::min(split_width, cout_g));
   at::parallel_for(0, g.groups * pixel_tiles * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> a(kPixelTile * lda), c(kPixelTile * ldc);
@@ -306,8 +310,8 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) 
   return wp;
 }
 
-// grad_output pass: dZ = grad_out * act'(.) into dz[p * pixel_stride + c * channel_stride], the bias
-// gradient (sums over pixels) and the residual gradient (= dZ, in out's layout).
+// grad_output pass: dZ = grad_out * act'(.) into dz_pixels [P][Cout] and/or dz_channels [Cout][ldz], the
+// bias gradient (sums over pixels) and the residual gradient (= dZ, in out's layout).
 template <typename scalar_t, typename acc_t>
 struct GradPass {
   const scalar_t* grad_out;
@@ -317,43 +321,51 @@ struct GradPass {
   Activation act;
   acc_t slope;
   bool saved_is_output;
-  acc_t* dz;
-  int64_t dz_pixel_stride, dz_channel_stride;
+  acc_t* dz_pixels;    // or null
+  acc_t* dz_channels;  // or null
+  int64_t ldz;
   acc_t* dbias;         // or null
   scalar_t* dresidual;  // or null
 
+  // Parallel over pixel blocks; each block is a [pixels x channels] tile, read and written in each
+  // tensor's contiguous direction (for_tile), with per-thread partial bias sums.
   void run(int64_t pixels, int64_t channels) const {
-    at::parallel_for(0, ceil_div(channels, kPassChannels), 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> g_off(kPassPixels), o_off(kPassPixels);
-      for (int64_t cb = begin; cb < end; ++cb) {
-        const int64_t c0 = cb * kPassChannels, c1 = std::min(channels, c0 + kPassChannels);
-        std::vector<acc_t> sums(c1 - c0, acc_t(0));
-        for (int64_t p0 = 0; p0 < pixels; p0 += kPassPixels) {
-          const int64_t rows = std::min(kPassPixels, pixels - p0);
-          for (int64_t m = 0; m < rows; ++m) {
-            g_off[m] = grad_layout.offset(p0 + m);
-            o_off[m] = out_layout.offset(p0 + m);
-          }
-          for (int64_t c = c0; c < c1; ++c) {
-            acc_t sum = 0;
-            for (int64_t m = 0; m < rows; ++m) {
-              acc_t v = static_cast<acc_t>(grad_out[g_off[m] + c * grad_layout.channel_stride]);
-              if (act != Activation::none) {
-                const acc_t s = static_cast<acc_t>(saved[o_off[m] + c * out_layout.channel_stride]);
-                v *= saved_is_output ? activation_derivative_from_output(act, s, slope)
-                                     : activation_derivative(act, s, slope);
-              }
-              dz[(p0 + m) * dz_pixel_stride + c * dz_channel_stride] = v;
-              if (dresidual != nullptr)
-                dresidual[o_off[m] + c * out_layout.channel_stride] = static_cast<scalar_t>(v);
-              sum += v;
-            }
-            sums[c - c0] += sum;
-          }
+    const int64_t blocks = ceil_div(pixels, kPassPixels), threads = at::get_num_threads();
+    std::vector<acc_t> partial(dbias != nullptr ? threads * channels : 0, acc_t(0));
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tile(kPassPixels * channels);
+      std::vector<int64_t> offsets(kPassPixels);
+      acc_t* sums = dbias != nullptr ? partial.data() + at::get_thread_num() * channels : nullptr;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t p0 = b * kPassPixels, rows = std::min(kPassPixels, pixels - p0);
+        acc_t* t = tile.data();
+        for_tile<acc_t>(grad_layout, p0, rows, 0, channels, channels, offsets.data(),
+                        [&](int64_t i, int64_t o) { t[i] = static_cast<acc_t>(grad_out[o]); });
+        if (act != Activation::none && saved_is_output) {
+          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(), [&](int64_t i, int64_t o) {
+            t[i] *= activation_derivative_from_output(act, static_cast<acc_t>(saved[o]), slope);
+          });
+        } else if (act != Activation::none) {
+          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(), [&](int64_t i, int64_t o) {
+            t[i] *= activation_derivative(act, static_cast<acc_t>(saved[o]), slope);
+          });
         }
-        if (dbias != nullptr) std::copy(sums.begin(), sums.end(), dbias + c0);
+        if (dresidual != nullptr)
+          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(),
+                          [&](int64_t i, int64_t o) { dresidual[o] = static_cast<scalar_t>(t[i]); });
+        if (sums != nullptr)
+          for (int64_t m = 0; m < rows; ++m)
+            for (int64_t c = 0; c < channels; ++c) sums[c] += t[m * channels + c];
+        if (dz_pixels != nullptr) std::copy(t, t + rows * channels, dz_pixels + p0 * channels);
+        if (dz_channels != nullptr)
+          for (int64_t c = 0; c < channels; ++c)
+            for (int64_t m = 0; m < rows; ++m) dz_channels[c * ldz + p0 + m] = t[m * channels + c];
       }
     });
+    if (dbias == nullptr) return;
+    std::fill(dbias, dbias + channels, acc_t(0));
+    for (int64_t th = 0; th < threads; ++th)
+      for (int64_t c = 0; c < channels; ++c) dbias[c] += partial[th * channels + c];
   }
 };
 
@@ -388,7 +400,26 @@ void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz,
   });
 }
 
-// Input gradient, GEMM path: per tap, dcol^T = W_tap^T . dZ, scatter-added into dx (acc, NCHW);
+// The input gradient of a stride-1 conv is itself a stride-1 conv: of dZ (as input, NHWC) with the weights
+// transposed (Cin <-> Cout per group) and flipped, padding d * (k - 1) - p (negative padding just crops).
+ConvGeometry transposed_geometry(const ConvGeometry& g) {
+  ConvGeometry t = g;
+  std::swap(t.in_c, t.out_c);
+  std::swap(t.in_h, t.out_h);
+  std::swap(t.in_w, t.out_w);
+  t.pad_h = g.dil_h * (g.k_h - 1) - g.pad_h;
+  t.pad_w = g.dil_w * (g.k_w - 1) - g.pad_w;
+  return t;
+}
+
+at::Tensor transposed_weight(const ConvGeometry& g, const at::Tensor& weight) {
+  return weight.reshape({g.groups, g.out_cg(), g.in_cg(), g.k_h, g.k_w})
+      .transpose(1, 2)
+      .flip({3, 4})
+      .reshape({g.in_c, g.out_cg(), g.k_h, g.k_w});
+}
+
+// Input gradient of a strided conv, GEMM path: per tap, dcol^T = W_tap^T . dZ, scatter-added into dx (acc, NCHW);
 // wp [G][K][padded_ld(Cout_g)], dz [Cout][ldz].
 template <typename acc_t>
 void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, int64_t ldz, acc_t* dx) {
@@ -398,7 +429,7 @@ void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, in
   const int64_t c_width = ceil_div(cin_g, c_blocks);
   at::parallel_for(0, images * c_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dcol(c_width * kDgradPixels);
-    std::vector<int64_t> oh(kDgradPixels), ow(kDgradPixels);
+    std::vector<int64_t> oh(kDgradPixels), ow(kDgradPixels), target(kDgradPixels);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (g.groups * c_blocks), group = (item / c_blocks) % g.groups;
       const int64_t c0 = (item % c_blocks) * c_width, c1 = std::min(cin_g, c0 + c_width);
@@ -409,16 +440,19 @@ void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, in
         for (int64_t m = 0; m < rows; ++m) oh[m] = (q0 + m) / g.out_w, ow[m] = (q0 + m) % g.out_w;
         for (int64_t tap = 0; tap < g.taps(); ++tap) {
           const int64_t r = tap / g.k_w, s = tap % g.k_w;
+          // where each pixel's column lands in an input plane (-1: in the padding), shared by all channels
+          for (int64_t m = 0; m < rows; ++m) {
+            const int64_t ih = oh[m] * g.stride_h - g.pad_h + r * g.dil_h;
+            const int64_t iw = ow[m] * g.stride_w - g.pad_w + s * g.dil_w;
+            target[m] = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w ? ih * g.in_w + iw : -1;
+          }
           tile_gemm<acc_t>(cc, rows, cout_g, wp + (group * K + tap * cin_g + c0) * ldw, ldw,
                            dz + group * cout_g * ldz + n * HW + q0, ldz, dcol.data(), rows, false);
           for (int64_t ci = 0; ci < cc; ++ci) {
             acc_t* plane = dx + ((n * g.in_c + group * cin_g + c0 + ci) * g.in_h) * g.in_w;
             const acc_t* src = dcol.data() + ci * rows;
-            for (int64_t m = 0; m < rows; ++m) {
-              const int64_t ih = oh[m] * g.stride_h - g.pad_h + r * g.dil_h;
-              const int64_t iw = ow[m] * g.stride_w - g.pad_w + s * g.dil_w;
-              if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) plane[ih * g.in_w + iw] += src[m];
-            }
+            for (int64_t m = 0; m < rows; ++m)
+              if (target[m] >= 0) plane[target[m]] += src[m];
           }
         }
       }
@@ -551,14 +585,17 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
-  // dZ is channel-major [Cout][ldz] for the GEMMs, pixel-major [P][C] for the depthwise loops
-  at::Tensor dz = at::empty({g.depthwise() ? P * g.out_c : g.out_c * ldz}, x.options().dtype(acc));
+  const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
+  // dZ pixel-major [P][Cout] feeds the depthwise loops and the stride-1 input gradient (a conv of dZ);
+  // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the strided input gradient
+  const bool want_pixels = g.depthwise() || (need_dx && unit_stride);
+  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !unit_stride));
+  at::Tensor dz_pixels = at::empty({want_pixels ? P * g.out_c : 0}, x.options().dtype(acc));
+  at::Tensor dz_channels = at::empty({want_channels ? g.out_c * ldz : 0}, x.options().dtype(acc));
   at::Tensor dx_acc;
   at::Tensor dwp = at::empty({g.depthwise() ? g.taps() * g.out_c : g.out_c * ldw}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(weight, 1, g.out_c)
-                                        : pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
     const GradPass<scalar_t, acc_t> pass{
         grad_out.const_data_ptr<scalar_t>(),
         layout_of(g.out_c, g.out_h, g.out_w, format_of(grad_out)),
@@ -567,26 +604,36 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
         act,
         static_cast<acc_t>(slope),
         saved_is_output,
-        dz.data_ptr<acc_t>(),
-        g.depthwise() ? g.out_c : 1,
-        g.depthwise() ? 1 : ldz,
+        want_pixels ? dz_pixels.data_ptr<acc_t>() : nullptr,
+        want_channels ? dz_channels.data_ptr<acc_t>() : nullptr,
+        ldz,
         need_db ? db.data_ptr<acc_t>() : nullptr,
         need_dres ? dres.data_ptr<scalar_t>() : nullptr};
     pass.run(P, g.out_c);
     if (!need_dx && !need_dw) return;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const PixelLayout dx_layout = layout_of(g.in_c, g.in_h, g.in_w, fmt);
     if (g.depthwise()) {
+      const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, 1, g.out_c);
       if (need_dx)
-        input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
-                             layout_of(g.in_c, g.in_h, g.in_w, fmt));
-      if (need_dw) weight_grad_depthwise(g, xp, dz.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+        input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(),
+                             dx.data_ptr<scalar_t>(), dx_layout);
+      if (need_dw) weight_grad_depthwise(g, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
-    if (need_dx) {
+    if (need_dx && unit_stride) {
+      const ConvGeometry t = transposed_geometry(g);
+      const at::Tensor wp = pack_weight<scalar_t, acc_t>(transposed_weight(g, weight), g.groups, kChannelTile);
+      const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, dx.data_ptr<scalar_t>(), nullptr, dx_layout,
+                                            Activation::none, acc_t(0)};
+      forward_gemm(t, dz_pixels.const_data_ptr<acc_t>(), wp.const_data_ptr<acc_t>(), store);
+    } else if (need_dx) {
+      const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
       dx_acc = at::zeros({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc));
-      input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz.const_data_ptr<acc_t>(), ldz, dx_acc.data_ptr<acc_t>());
+      input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
+                      dx_acc.data_ptr<acc_t>());
     }
-    if (need_dw) weight_grad_gemm(g, xp, dz.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
+    if (need_dw) weight_grad_gemm(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
   });
   if (need_dx && dx_acc.defined()) dx.copy_(dx_acc);
   if (need_dw) {

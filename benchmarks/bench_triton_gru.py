@@ -1,0 +1,117 @@
+"""GPU benchmark of the Triton GRU kernels (bmkernels/triton/gru.py) against cuDNN (torch.nn.GRU on
+CUDA), reporting TFLOP/s. Skipped without a CUDA GPU (the Triton interpreter's timings mean nothing).
+Both Triton paths are measured on every shape (the persistent kernels and the per-step kernels), so
+the table shows where bmkernels.triton.gru.PERSISTENT_MAX_HIDDEN should sit.
+
+    python -m pytest benchmarks/bench_triton_gru.py --benchmark-only
+    python benchmarks/bench_triton_gru.py          # one interleaved table, medians
+
+Timing: triton.testing.do_bench (CUDA events, L2 flushed between calls), the three contenders of a
+case measured alternately three times each, median kept. FLOPs as bmkernels.bench.gru counts them
+(2 T B 3H (I + H) per layer and direction; fwd+bwd 3x forward).
+"""
+
+import statistics
+import sys
+
+import pytest
+import torch
+
+from bmkernels.bench.gru import gru_flops
+
+NO_GPU = "the Triton GRU benchmark needs a CUDA GPU"
+if not torch.cuda.is_available():
+    if __name__ == "__main__":
+        sys.exit(NO_GPU)
+    pytest.skip(NO_GPU, allow_module_level=True)
+
+import triton  # noqa: E402
+
+import bmkernels  # noqa: E402
+from bmkernels.triton import gru as triton_gru  # noqa: E402
+
+# (T, B, I, H, num_layers, bidirectional)
+SHAPES = ((128, 32, 256, 256, 1, False), (128, 64, 512, 512, 1, False), (256, 16, 1024, 1024, 1, False),
+          (64, 128, 256, 256, 2, True), (512, 8, 128, 128, 1, False))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONTENDERS = ("persistent", "per_step", "cudnn")
+
+
+def make_case(shape, dtype, backward):
+    steps, batch, input_size, hidden, layers, bi = shape
+    torch.manual_seed(0)
+    module = torch.nn.GRU(input_size, hidden, layers, bidirectional=bi).to("cuda", dtype)
+    module.requires_grad_(backward)
+    x = torch.randn(steps, batch, input_size, device="cuda", dtype=dtype, requires_grad=backward)
+    grad = torch.randn(steps, batch, (2 if bi else 1) * hidden, device="cuda", dtype=dtype)
+    params = [x, *module._flat_weights]
+
+    def run(contender):
+        if contender != "cudnn":
+            triton_gru.PERSISTENT_MAX_HIDDEN = 1 << 30 if contender == "persistent" else 0
+            out, _ = bmkernels.gru(x, None, module._flat_weights, num_layers=layers, bidirectional=bi,
+                                   batch_first=False, dropout=0.0, training=False, backend="triton")
+        else:
+            out, _ = module(x)
+        if backward:
+            torch.autograd.grad(out, params, grad)
+
+    return run, gru_flops(steps, batch, input_size, hidden, layers, bi, backward)
+
+
+def case_params():
+    for shape in SHAPES:
+        for dtype_name in DTYPES:
+            for backward in (False, True):
+                steps, batch, input_size, hidden, layers, bi = shape
+                name = (f"T{steps} B{batch} I{input_size} H{hidden} L{layers}{' bi' if bi else ''} {dtype_name} "
+                        f"{'fwd+bwd' if backward else 'fwd'}")
+                yield name, (shape, DTYPES[dtype_name], backward)
+
+
+def measure(run, contender, reps=3):
+    return [triton.testing.do_bench(lambda: run(contender), warmup=10, rep=50, return_mode="median")
+            for _ in range(reps)]
+
+
+CASES = list(case_params())
+
+
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("case", [c for _, c in CASES], ids=[n.replace(" ", "-") for n, _ in CASES])
+def test_triton_gru(benchmark, case, contender):
+    run, flops = make_case(*case)
+    run(contender)  # autotune outside the timing
+    torch.cuda.synchronize()
+
+    def target():
+        run(contender)
+        torch.cuda.synchronize()
+
+    benchmark.group = str(case)
+    benchmark.pedantic(target, rounds=10, iterations=1, warmup_rounds=2)
+    ms = statistics.median(measure(run, contender))
+    benchmark.extra_info.update(contender=contender, median_ms=ms, tflops=flops / ms / 1e9)
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"{'case':<44} " + " ".join(f"{c + ' ms':>14} {'TFLOP/s':>8}" for c in CONTENDERS)
+          + f" {'cudnn/best triton':>17}")
+    for name, case in CASES:
+        run, flops = make_case(*case)
+        for contender in CONTENDERS:
+            run(contender)
+        times = {c: [] for c in CONTENDERS}
+        for _ in range(3):  # interleaved
+            for contender in CONTENDERS:
+                times[contender] += measure(run, contender, reps=1)
+        med = {c: statistics.median(t) for c, t in times.items()}
+        best = min(med["persistent"], med["per_step"])
+        print(f"{name:<44} " + " ".join(f"{med[c]:>14.3f} {flops / med[c] / 1e9:>8.2f}" for c in CONTENDERS)
+              + f" {med['cudnn'] / best:>17.2f}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
