@@ -2,7 +2,7 @@
 
     bmkernels bench [--quick | --full] [--op OP] [--filter TEXT] [--reps N] [--json PATH] [--list]
     bmkernels info [--json]
-    bmkernels train MODEL [options]      (MODEL: transformer; `bmkernels train MODEL --help`)
+    bmkernels train MODEL [options]      (MODEL: transformer, cnn, autoencoder, gru; see --help)
 
 Exit status: 0 on success, 1 when the run fails (e.g. the compiled extension is missing, no case
 matches --filter, the JSON file cannot be written), 2 for a bad command line.
