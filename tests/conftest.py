@@ -16,10 +16,18 @@ head dim instead of a magic atol. Float64 kernels are held to a plain tight tole
 (the float64 reference *is* the truth, so PyTorch's error there is 0).
 """
 
+import os
 import pathlib
 
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels can run only under the interpreter, and triton decides that when it
+# is first imported (its standard library, tl.rand among it, is built then): switch the interpreter on
+# before anything of the suite (torchvision, torch.compile, a Triton test file) imports triton, so that
+# every Triton test file runs in the one pytest process of `pytest tests`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
