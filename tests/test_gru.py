@@ -178,6 +178,26 @@ def test_gru_unbatched_and_default_state():
 
 
 @pytest.mark.parametrize("bi", (False, True), ids=("uni", "bi"))
+def test_empty_batch(bi):
+    """Batch 0 gives nn.GRU's (empty) shapes and zero weight gradients, forward and backward (it once
+    divided by zero in the work split)."""
+    weights = [w.requires_grad_() for w in gru_weights(4, 5, 2, bi)]
+    module = nn_gru(4, 5, 2, bi, True, weights)
+    x = torch.randn(3, 0, 4, requires_grad=True)
+    out, h_n = bmkernels.gru(x, None, weights, num_layers=2, bidirectional=bi, batch_first=False, dropout=0.0,
+                             training=False)
+    ref_out, ref_h_n = module(x)
+    assert out.shape == ref_out.shape and h_n.shape == ref_h_n.shape
+    grads = torch.autograd.grad(out.sum() + h_n.sum(), [x, *weights])
+    assert grads[0].shape == x.shape
+    assert all(g.shape == w.shape and not g.any() for g, w in zip(grads[1:], weights, strict=True))
+    cell_x, cell_h = torch.randn(0, 4, requires_grad=True), torch.randn(0, 5)
+    h_next = bmkernels.gru_cell(cell_x, cell_h, *weights[:4])
+    assert h_next.shape == (0, 5)
+    assert not torch.autograd.grad(h_next.sum(), weights[0])[0].any()
+
+
+@pytest.mark.parametrize("bi", (False, True), ids=("uni", "bi"))
 def test_gru_packed_unsorted_lengths_match_nn_gru(bi):
     """lengths as a PackedSequence carries them, unsorted: equals nn.GRU on the packed sequence (outputs
     past a sequence's end are 0, h_n is each sequence's last state) and so do all gradients."""

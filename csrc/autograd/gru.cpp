@@ -52,8 +52,9 @@ LayerGrads layer_bwd_op(const at::Tensor& grad_out, const at::Tensor& grad_h_n, 
   return op.call(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
 }
 
-void check_workspace(const at::Tensor& workspace) {
-  TORCH_CHECK(workspace.sym_numel() != 0,
+// state: the saved h / h0; an empty batch has an empty workspace even when it was saved.
+void check_workspace(const at::Tensor& workspace, const at::Tensor& state) {
+  TORCH_CHECK(workspace.sym_numel() != 0 || state.sym_numel() == 0,
               "bmkernels gru: backward needs the forward's workspace, which was not saved (the forward ran with "
               "save_workspace=False)");
 }
@@ -77,7 +78,7 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &workspace = saved[4];
-    check_workspace(workspace);
+    check_workspace(workspace, h);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     auto [dx, dh, dw_ih, dw_hh, db_ih, db_hh] =
         layer_bwd_op(grad_or_zeros(grads[0], h).unsqueeze(0), at::zeros_like(h).unsqueeze(0), x.unsqueeze(0),
@@ -110,7 +111,7 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &h0 = saved[1], &w_ih = saved[2], &w_hh = saved[3], &workspace = saved[4];
-    check_workspace(workspace);
+    check_workspace(workspace, h0);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const c10::IValue& lengths_value = ctx->saved_data["lengths"];
     const OptTensor lengths = lengths_value.isTensor() ? OptTensor(lengths_value.toTensor()) : std::nullopt;

@@ -71,9 +71,11 @@ struct StepPartition {
     const int64_t per_direction = parallel ? std::max<int64_t>(1, available / D) : 1;
     hidden_block = std::min(H, ceil_div(ceil_div(H, std::max(per_direction, ceil_div(H, kMaxHiddenBlock))), 16) * 16);
     hidden_blocks = ceil_div(H, hidden_block);
-    batch_blocks = std::min(B, hidden_blocks >= per_direction ? 1 : ceil_div(per_direction, hidden_blocks));
-    batch_block = ceil_div(B, batch_blocks);
-    batch_blocks = ceil_div(B, batch_block);
+    // an empty batch still gets one (empty) block: the blocks' row ranges clamp to the batch
+    const int64_t rows = std::max<int64_t>(B, 1);
+    batch_blocks = std::min(rows, hidden_blocks >= per_direction ? 1 : ceil_div(per_direction, hidden_blocks));
+    batch_block = ceil_div(rows, batch_blocks);
+    batch_blocks = ceil_div(rows, batch_block);
     // a step too small to split runs on the calling thread: waking another costs more than the work
     threads = parallel ? std::min(available, workers()) : 1;
   }
