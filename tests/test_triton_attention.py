@@ -5,11 +5,8 @@ determinism, non-contiguous and empty inputs, bad inputs. Tolerance rule: tests/
 Where it runs:
 - no GPU (CI): under the Triton interpreter on CPU tensors, small awkward shapes, float32 and
   float16 (the interpreter cannot do bfloat16 arithmetic). triton decides at import time whether
-  it interprets, so this module sets TRITON_INTERPRET=1 before it imports triton (nothing imports
-  triton before test collection reaches this file in one pytest process), then restores the
-  variable so the rest of the suite sees the environment it was started with; an autouse fixture
-  sets it again for these tests. If triton was already imported compiled, the module is skipped
-  with the reason (run it in its own process: pytest tests/test_triton_attention.py).
+  it interprets: tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton, and an
+  autouse fixture here keeps it set for these tests.
 - a CUDA GPU: the same tests on CUDA tensors with larger shapes and bfloat16 too, plus
   torch.compile(fullgraph=True) and opcheck, which cannot run under the interpreter (fake-tensor
   tracing touches storage the interpreter copies).
@@ -25,19 +22,8 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    if "triton" in sys.modules and _ENV_BEFORE != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1; run this file in its own "
-                    "pytest process", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton_attention = pytest.importorskip("bmkernels.triton.attention", reason="triton is not installed")
-finally:
-    if _ENV_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
+# Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
+triton_attention = pytest.importorskip("bmkernels.triton.attention", reason="triton is not installed")
 
 from conftest import check_against_reference, make_qkv  # noqa: E402
 

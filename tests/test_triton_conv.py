@@ -6,35 +6,18 @@ inputs, routing, determinism, bad inputs. Tolerance rule: tests/conftest.py.
 
 Where it runs:
 - no GPU (CI): under the Triton interpreter on CPU tensors, small shapes, float32 and float16 (the
-  interpreter cannot do bfloat16 arithmetic). triton.jit decides when a kernel is decorated whether
-  it interprets, so this module sets TRITON_INTERPRET=1 before it imports bmkernels.triton.conv
-  (triton itself may have been imported before: other Triton test files import it in the same
-  pytest process), then restores the variable; an autouse fixture sets it again for these tests.
-  If bmkernels.triton.conv was already imported compiled, the module is skipped with the reason
-  (run it in its own process: pytest tests/test_triton_conv.py).
+  interpreter cannot do bfloat16 arithmetic). tests/conftest.py sets TRITON_INTERPRET=1 before
+  anything imports triton; an autouse fixture keeps it set for these tests.
 - a CUDA GPU: the same tests on CUDA tensors plus bfloat16, larger shapes, inductor and full opcheck.
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    if not getattr(sys.modules.get("bmkernels.triton.conv"), "INTERPRETED", True):
-        pytest.skip("bmkernels.triton.conv was imported compiled before this module could set TRITON_INTERPRET=1; "
-                    "run this file in its own pytest process", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton_conv = pytest.importorskip("bmkernels.triton.conv", reason="triton is not installed")
-finally:
-    if _ENV_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
+# Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
+triton_conv = pytest.importorskip("bmkernels.triton.conv", reason="triton is not installed")
 
 from conftest import check_against_reference  # noqa: E402
 from test_conv import CASES, _case_inputs, make_inputs, reference_fn  # noqa: E402  (the CPU op's cases)

@@ -6,10 +6,8 @@ routing, torch.compile, opcheck, bad inputs. Tolerance rule: tests/conftest.py.
 Where it runs:
 - no GPU (CI): under the Triton interpreter on CPU tensors, float32 through bmkernels.gru /
   gru_cell and float16 through the Triton operators themselves (the public GRU API accepts float32,
-  float64 and bfloat16, and the interpreter cannot do bfloat16 arithmetic). Set-up of
-  TRITON_INTERPRET as in tests/test_triton_attention.py (this module sets it before it imports
-  triton and restores it afterwards; if triton was already imported, it must have been under the
-  interpreter, as test_triton_attention.py does when both run in one process).
+  float64 and bfloat16, and the interpreter cannot do bfloat16 arithmetic). TRITON_INTERPRET is set
+  by tests/conftest.py before anything imports triton.
 - a CUDA GPU: the same tests on CUDA tensors plus larger shapes and bfloat16.
 """
 
@@ -22,31 +20,9 @@ import textwrap
 import pytest
 import torch
 
-
-def _triton_imported_compiled():
-    """triton was already imported without the interpreter (it decides at import): then this module cannot
-    switch it on. Imported under the interpreter (tests/test_triton_attention.py, collected first, does
-    that) is fine: its own jit functions are then interpreter functions."""
-    triton = sys.modules.get("triton")
-    if triton is None:
-        return False
-    return type(triton.language.standard.sigmoid).__name__ != "InterpretedFunction"
-
-
 ON_GPU = torch.cuda.is_available()
-_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    if _triton_imported_compiled():
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1; run this file in its own "
-                    "pytest process", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton_gru = pytest.importorskip("bmkernels.triton.gru", reason="triton is not installed")
-finally:
-    if _ENV_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
+# Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
+triton_gru = pytest.importorskip("bmkernels.triton.gru", reason="triton is not installed")
 
 from test_gru import check_rule, gru_fn, gru_weights, rand  # noqa: E402
 
