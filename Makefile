@@ -29,7 +29,7 @@ bench-full:
 
 # pytest-benchmark suites; BMK_BENCH_PRESET=quick|small|default|full (default: small).
 bench-pytest:
-	$(BIN)/python -m pytest benchmarks/bench_attention.py --benchmark-only $(PYTEST_ARGS)
+	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
 
 lint:
 	$(BIN)/ruff check .

@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import bmkernels  # noqa: E402
+from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
 
 # (batch, q_heads, kv_heads, length, head_dim)
 SHAPES = ((4, 16, 16, 1024, 64), (2, 16, 16, 4096, 64), (2, 16, 16, 4096, 128), (1, 32, 8, 8192, 128),
@@ -82,17 +83,7 @@ CASES = list(case_params())
 @pytest.mark.parametrize("case", [c for _, c in CASES], ids=[n.replace(" ", "-") for n, _ in CASES])
 def test_triton_attention(benchmark, case, contender):
     run, flops = make_case(*case)
-    run(contender)  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-
-    def target():
-        run(contender)
-        torch.cuda.synchronize()
-
-    benchmark.group = str(case)
-    benchmark.pedantic(target, rounds=20, iterations=1, warmup_rounds=3)
-    ms = statistics.median(measure(run, contender))
-    benchmark.extra_info.update(contender=contender, median_ms=ms, tflops=flops / ms / 1e9)
+    run_gpu_benchmark(benchmark, run, flops, case, contender, measure, rounds=20, warmup_rounds=3)
 
 
 def main():

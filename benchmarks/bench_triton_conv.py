@@ -33,6 +33,7 @@ import triton  # noqa: E402
 
 import bmkernels  # noqa: E402
 from benchmarks.bench_triton_attention import measure  # noqa: E402  (do_bench, L2 flushed)
+from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
 
 BATCH = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -85,17 +86,7 @@ CASES = list(case_params())
 @pytest.mark.parametrize("case", [c for _, c in CASES], ids=[n.replace(" ", "-") for n, _ in CASES])
 def test_triton_conv(benchmark, case, contender):
     run, flops = make_case(*case)
-    run(contender)  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-
-    def target():
-        run(contender)
-        torch.cuda.synchronize()
-
-    benchmark.group = str(case)
-    benchmark.pedantic(target, rounds=20, iterations=1, warmup_rounds=3)
-    ms = statistics.median(measure(run, contender))
-    benchmark.extra_info.update(contender=contender, median_ms=ms, tflops=flops / ms / 1e9)
+    run_gpu_benchmark(benchmark, run, flops, case, contender, measure, rounds=20, warmup_rounds=3)
 
 
 def main():

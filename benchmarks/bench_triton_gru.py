@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import bmkernels  # noqa: E402
+from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
 from bmkernels.triton import gru as triton_gru  # noqa: E402
 
 # (T, B, I, H, num_layers, bidirectional)
@@ -81,17 +82,7 @@ CASES = list(case_params())
 @pytest.mark.parametrize("case", [c for _, c in CASES], ids=[n.replace(" ", "-") for n, _ in CASES])
 def test_triton_gru(benchmark, case, contender):
     run, flops = make_case(*case)
-    run(contender)  # autotune outside the timing
-    torch.cuda.synchronize()
-
-    def target():
-        run(contender)
-        torch.cuda.synchronize()
-
-    benchmark.group = str(case)
-    benchmark.pedantic(target, rounds=10, iterations=1, warmup_rounds=2)
-    ms = statistics.median(measure(run, contender))
-    benchmark.extra_info.update(contender=contender, median_ms=ms, tflops=flops / ms / 1e9)
+    run_gpu_benchmark(benchmark, run, flops, case, contender, measure, rounds=10, warmup_rounds=2)
 
 
 def main():

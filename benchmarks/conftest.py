@@ -11,6 +11,7 @@ interleaved numbers of record come from `bmkernels bench`.
 
 import math
 import os
+import statistics
 import time
 
 import pytest
@@ -128,3 +129,19 @@ def run_benchmark(benchmark, bmk_record, case, contender, suite):
         bmk_record(case, contender, median)
     if case.backward and contender in case.forward:
         benchmark.extra_info["saved_activation_bytes"] = bench.saved_activation_bytes(case.forward[contender], inp)
+
+
+def run_gpu_benchmark(benchmark, run, flops, case, contender, measure, rounds, warmup_rounds):
+    """Shared body of the GPU suites (benchmarks/bench_triton_*.py): compile/autotune outside the timing,
+    time synchronized calls, then record the triton.testing.do_bench median (`measure`) and TFLOP/s."""
+    run(contender)
+    torch.cuda.synchronize()
+
+    def target():
+        run(contender)
+        torch.cuda.synchronize()
+
+    benchmark.group = str(case)
+    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    ms = statistics.median(measure(run, contender))
+    benchmark.extra_info.update(contender=contender, median_ms=ms, tflops=flops / ms / 1e9)
