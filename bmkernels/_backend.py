@@ -10,6 +10,8 @@ import importlib.util
 import os
 import sys
 
+import torch
+
 from bmkernels import _extension
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
@@ -41,6 +43,9 @@ def requested(backend):
     return name
 
 
+# The choice is a plain function of its arguments, the environment and the build: torch.compile calls it
+# while tracing and keeps the name, instead of tracing the probes inside (find_spec, dispatcher queries).
+@torch.compiler.assume_constant_result
 def choose(op, device, backend=None):
     """Backend to run op family `op` ('attention', 'conv2d', 'gru') on tensors on `device`."""
     name = requested(backend)

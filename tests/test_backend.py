@@ -176,6 +176,19 @@ def test_auto_on_cuda_without_cuda_kernel_is_triton(monkeypatch):
 
 
 @pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_choice_for_cuda_traces_without_graph_break(backend):
+    """torch.compile(fullgraph=True) of an op on CUDA tensors traces the backend choice (it broke the
+    graph on a GPU: find_spec and the dispatcher query cannot be traced); checkable without a GPU."""
+    def f(x):
+        name = _backend.choose("attention", torch.device("cuda"), backend)
+        return x + len(name)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)), f(torch.zeros(2)))
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("op,module", [("attention", "attention"), ("conv2d", "conv")])
 def test_triton_kernels_compiled_before_the_interpreter_was_asked_for(op, module, monkeypatch):
     """TRITON_INTERPRET=1 set after the kernels were built for the GPU: a clear error, not a crash."""

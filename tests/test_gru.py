@@ -39,7 +39,7 @@ def leaves(tensors, dtype=None):
 def outputs_and_grads(fn, tensors, grad_outs):
     outs = fn(*tensors)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grad_outs, strict=True))
+    loss = sum((o * g.to(o.device, o.dtype)).sum() for o, g in zip(outs, grad_outs, strict=True))
     return list(outs) + list(torch.autograd.grad(loss, tensors))
 
 

@@ -313,16 +313,16 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
     from triton.compiler import ASTSource
     from bmkernels.triton import attention as ta
 
-    dtype, arch = sys.argv[1], int(sys.argv[2])
+    dtype, arch, block_d, block_dv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "dBias": "*fp32", "Slopes": "*fp32", "Mask": "*u8",
                      "Seed": "*i64"}
     data_pointers = ("Q", "K", "V", "Bias", "Out", "dO", "dK", "dV", "dQ")
     floats = ("scale", "softcap", "dropout_p", "dropout_scale")
     flags = {"HAS_BIAS": True, "HAS_MASK": True, "HAS_ALIBI": True, "HAS_SOFTCAP": True, "HAS_DROPOUT": True,
-             "BIAS_GRAD": True, "BLOCK_D": 128, "BLOCK_DV": 64}
+             "BIAS_GRAD": True, "BLOCK_D": block_d, "BLOCK_DV": block_dv}
     report = {}
     for kernel in (ta._fwd_kernel, ta._bwd_dkdv_kernel, ta._bwd_dq_kernel):
-        config = kernel.configs[0]  # the first A100/H100 autotune config
+        config = kernel.configs[0]  # the first A100/H100 autotune config (the only one when untuned)
         constexprs = {**flags, **config.kwargs}
         signature, consts = {}, {}
         for name in inspect.signature(kernel.fn.fn).parameters:
@@ -340,18 +340,35 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
 """)
 
 
+# H100/H200 shared memory per block (the limit in triton's OutOfResources message there)
+SHARED_MEMORY_LIMIT = 232448
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels run")
-def test_kernels_compile_for_gpu():
-    """Every kernel, every feature on, bfloat16, the first autotune config: lowered to an sm_90 cubin."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+@pytest.mark.parametrize("dtype,block_d,block_dv,autotune", [("bf16", 128, 64, "1"), ("fp32", 256, 256, "0")],
+                         ids=["first-config-bf16-d128", "untuned-fp32-d256"])
+def test_kernels_compile_for_gpu(dtype, block_d, block_dv, autotune):
+    """Every kernel, every feature on, lowered to an sm_90 cubin that fits shared memory: the first
+    autotune config in bfloat16, and the config used without tuning (BMK_TRITON_AUTOTUNE=0) at the
+    largest tiles, float32 head dim 256 (the first autotune config needs 426 KB there: on an H200 it
+    failed with OutOfResources)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"BMK_TRITON_AUTOTUNE": autotune}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, "bf16", "90"], env=env, capture_output=True,
-                            text=True, timeout=600, cwd=root)
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, dtype, "90", str(block_d), str(block_dv)],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     for name, kernel in report.items():
-        assert kernel["cubin_bytes"] > 0 and 0 < kernel["shared"] <= 228 * 1024, (name, kernel)
+        assert kernel["cubin_bytes"] > 0 and 0 < kernel["shared"] <= SHARED_MEMORY_LIMIT, (name, kernel)
+
+
+def test_autotune_switch(monkeypatch):
+    blocks = [(128, 64, 4, 3), (64, 32, 4, 2)]
+    assert triton_attention.tuned(blocks) == blocks
+    monkeypatch.setenv("BMK_TRITON_AUTOTUNE", "0")
+    assert triton_attention.tuned(blocks) == [blocks[0]]
+    assert triton_attention.tuned(blocks, untuned=(16, 32, 4, 1)) == [(16, 32, 4, 1)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_opcheck_fwd():
 def test_opcheck_bwd(mask):
     x, w, bias, res = _fwd_inputs()
     out, preact = torch.ops.bmkernels.conv2d_triton_fwd(x, w, bias, res, *FWD_ARGS, True)
-    args = (torch.randn_like(out), x.detach(), w.detach(), preact, *FWD_ARGS, False, mask)
+    # plain tensors: opcheck would otherwise differentiate through the backward op, which has no autograd
+    args = (torch.randn_like(out), x.detach(), w.detach(), preact.detach(), *FWD_ARGS, False, mask)
     torch.library.opcheck(torch.ops.bmkernels.conv2d_triton_bwd.default, args, test_utils=OPCHECK_UTILS)
     grads = torch.ops.bmkernels.conv2d_triton_bwd(*args)
     for g, wanted, shape in zip(grads, mask, (x.shape, w.shape, bias.shape, out.shape), strict=True):

@@ -36,19 +36,29 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _configs(blocks, interpreted_block):
+def tuned(blocks, untuned=None):
+    """Autotune candidates: all of `blocks`, or with BMK_TRITON_AUTOTUNE=0 only `untuned` (default: the
+    first), so that nothing is tuned -- for test suites that compile many kernel variants."""
+    if os.environ.get("BMK_TRITON_AUTOTUNE", "1") == "0":
+        return [untuned or blocks[0]]
+    return blocks
+
+
+def _configs(blocks, interpreted_block, untuned):
     """Autotune configs (block_m, block_n, warps, stages) for A100/H100; one small fixed config
-    under the interpreter, which runs programs one after another."""
+    under the interpreter, which runs programs one after another. `untuned`: the config used without
+    tuning, one that fits shared memory at every head dim (<= 256) in float32."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": interpreted_block, "BLOCK_N": interpreted_block}, num_warps=1,
                               num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in tuned(blocks, untuned)]
 
 
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2),
-                         (32, 32, 4, 2)], 32)
+                         (32, 32, 4, 2)], 32, untuned=(64, 32, 4, 2))
 _BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (32, 32, 4, 2),
-                         (16, 32, 4, 1)], 32)
+                         (16, 32, 4, 1)], 32, untuned=(16, 32, 4, 1))
 _TUNE_KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT"]
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from bmkernels.ops import conv as ops_conv
-from bmkernels.triton.attention import _tanh
+from bmkernels.triton.attention import _tanh, tuned
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -46,8 +46,7 @@ MAX_SPLIT = 64
 def _configs(blocks, interpreted, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
     """Autotune configs (blocks..., warps, stages) for A100/H100; one small fixed config under the
     interpreter, which runs programs one after another."""
-    if INTERPRETED:
-        blocks = [interpreted]
+    blocks = [interpreted] if INTERPRETED else tuned(blocks)
     return [triton.Config(dict(zip(names, b[:-2], strict=True)), num_warps=b[-2], num_stages=b[-1]) for b in blocks]
 
 

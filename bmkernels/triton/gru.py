@@ -43,7 +43,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from bmkernels.ops import gru as ops_gru
-from bmkernels.triton.attention import _tanh
+from bmkernels.triton.attention import _tanh, tuned
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WORKSPACE_GATES = 5  # r, z, n, hn, h_prev per unit (the C++ op's kWorkspaceGates)
@@ -56,7 +56,7 @@ def _configs(blocks):
     if INTERPRETED:
         return [triton.Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w, num_stages=2)
-            for b, h, k, w in blocks]
+            for b, h, k, w in tuned(blocks)]
 
 
 # small unit blocks spread one step of a small batch over more SMs; larger ones reuse W better
