@@ -132,6 +132,8 @@ GRU_CASES = {  # (T, B, I, H, num_layers, bidirectional, bias, batch_first)
     "thread_per_direction": (6, 5, 8, 70, 1, True, True, False),  # two hidden blocks per direction
     "hidden_blocks": (4, 6, 5, 80, 1, False, True, False),  # threads split one direction's hidden units
     "batch_blocks": (2, 1400, 3, 5, 1, False, True, False),  # one hidden block: the batch is split
+    # >= 2^24 multiply-adds per step: the backward's dh_prev runs as one library GEMM per direction
+    "library_steps": (3, 224, 6, 160, 1, True, True, False),
 }
 
 
@@ -230,6 +232,16 @@ def test_gru_lengths_match_reference(dtype):
     lengths = torch.tensor([6, 2, 4, 1])
     check_rule(gru_fn(bmkernels.gru, 1, True, lengths=lengths), gru_fn(reference.gru, 1, True, lengths=lengths),
                [x, h0, *weights], dtype)
+
+
+def test_gru_lengths_library_steps():
+    """Past-the-end rows on the backward's library-GEMM path (steps of >= 2^24 multiply-adds)."""
+    gen = torch.Generator().manual_seed(5)
+    x, h0 = rand(4, 224, 6, gen=gen), rand(2, 224, 160, gen=gen)
+    weights = gru_weights(6, 160, 1, True)
+    lengths = torch.randint(1, 5, (224,), generator=gen)
+    check_rule(gru_fn(bmkernels.gru, 1, True, lengths=lengths), gru_fn(reference.gru, 1, True, lengths=lengths),
+               [x, h0, *weights], torch.float32)
 
 
 def test_gru_dropout_reproducible_and_matches_reference():

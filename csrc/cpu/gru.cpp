@@ -12,6 +12,7 @@
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -50,6 +51,10 @@ constexpr int64_t kWorkspaceGates = 5;
 constexpr int64_t kMaxHiddenBlock = 256;
 // Below this many multiply-adds per step, one thread per direction is faster than any barrier.
 constexpr int64_t kParallelStepMacs = 100000;
+// From this many multiply-adds per step (all directions), the backward's dh_prev GEMM of a step runs as one
+// library GEMM over all threads instead of a brgemm per worker block (at B = 64, H = 512 the per-block
+// brgemm with K = 3H reached half the library's rate; at B = 32, H = 256 the two were even).
+constexpr int64_t kLibraryStepMacs = 1 << 24;
 // The cell's dot-product path (no GEMM call, weights read once per row of units) up to this batch.
 constexpr int64_t kCellDotMaxBatch = 8;
 
@@ -253,13 +258,10 @@ GruLayerFwdResult layer_forward(const at::Tensor& x, const at::Tensor& h0, const
   return {out, h_n, save ? ws : at::empty({0}, x.options())};
 }
 
+// Sum of a vector's lanes by shuffles (a store and a scalar loop cost more than the unit's FMAs here).
 template <typename T>
 T lane_sum(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T sum(0);
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
-  return sum;
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
 }
 
 // The three gate pre-activations of one unit: dot products of v (length n) with rows 0, H and 2H of w
@@ -268,50 +270,54 @@ template <typename T>
 void gate_dots(const T* v, const T* w, int64_t H, int64_t n, T out[3]) {
   const T* rows[3] = {w, w + H * n, w + 2 * H * n};
   constexpr int64_t V = Vec<T>::size();
-  Vec<T> acc[2][3] = {{Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))}, {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))}};
+  Vec<T> acc[4][3];
+  for (auto& a : acc)
+    for (auto& g : a) g = Vec<T>(T(0));
   int64_t k = 0;
-  for (; k + 2 * V <= n; k += 2 * V) {
-    const Vec<T> v0 = Vec<T>::loadu(v + k), v1 = Vec<T>::loadu(v + k + V);
-    for (int g = 0; g < 3; ++g) {
-      acc[0][g] = at::vec::fmadd(v0, Vec<T>::loadu(rows[g] + k), acc[0][g]);
-      acc[1][g] = at::vec::fmadd(v1, Vec<T>::loadu(rows[g] + k + V), acc[1][g]);
+  for (; k + 4 * V <= n; k += 4 * V) {
+    for (int u = 0; u < 4; ++u) {
+      const Vec<T> vu = Vec<T>::loadu(v + k + u * V);
+      for (int g = 0; g < 3; ++g) acc[u][g] = at::vec::fmadd(vu, Vec<T>::loadu(rows[g] + k + u * V), acc[u][g]);
     }
   }
+  for (; k + V <= n; k += V) {
+    const Vec<T> v0 = Vec<T>::loadu(v + k);
+    for (int g = 0; g < 3; ++g) acc[0][g] = at::vec::fmadd(v0, Vec<T>::loadu(rows[g] + k), acc[0][g]);
+  }
   for (int g = 0; g < 3; ++g) {
-    out[g] = lane_sum(acc[0][g] + acc[1][g]);
+    out[g] = lane_sum((acc[0][g] + acc[1][g]) + (acc[2][g] + acc[3][g]));
     for (int64_t kk = k; kk < n; ++kk) out[g] += v[kk] * rows[g][kk];
   }
 }
 
 // Small batches: each unit's gate pre-activations straight from the weight rows (the rows stay in L1
-// across the batch), gate math on the spot. Units are split over threads in fixed halves, so each core
-// keeps reading the same part of the weights from its own cache from call to call.
+// across the batch), then the vectorized gate math over the thread's units. Units are split over threads
+// in fixed halves, so each core keeps reading the same part of the weights from its own cache from call
+// to call.
 template <typename T>
 void cell_forward_dots(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
                        int64_t B, int64_t I, int64_t H, T* h_next, T* ws) {
   const int64_t grain = std::max<int64_t>(16, kParallelStepMacs / std::max<int64_t>(1, 3 * B * (I + H)));
+  std::vector<T> projections(2 * B * 3 * H);  // gi and gh with biases, (B, 3H) each
+  T* gi = projections.data();
+  T* gh = gi + B * 3 * H;
   at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t b = 0; b < B; ++b) {
-        const T* hb = h + b * H;
-        T gi[3], gh[3];
-        gate_dots(x + b * I, w_ih + j * I, H, I, gi);
-        gate_dots(hb, w_hh + j * H, H, H, gh);
+        T dots_i[3], dots_h[3];
+        gate_dots(x + b * I, w_ih + j * I, H, I, dots_i);
+        gate_dots(h + b * H, w_hh + j * H, H, H, dots_h);
         for (int64_t g = 0; g < 3; ++g) {
-          gi[g] += b_ih != nullptr ? b_ih[g * H + j] : T(0);
-          gh[g] += b_hh != nullptr ? b_hh[g * H + j] : T(0);
-        }
-        T r, z, n;
-        gru_gates_forward<ScalarMath>(gi[0], gi[1], gi[2], gh[0], gh[1], gh[2], hb[j], r, z, n, h_next[b * H + j]);
-        if (ws != nullptr) {
-          T* row = ws + b * kWorkspaceGates * H + j;
-          row[0] = r;
-          row[H] = z;
-          row[2 * H] = n;
-          row[3 * H] = gh[2];
-          row[4 * H] = hb[j];
+          gi[b * 3 * H + g * H + j] = dots_i[g] + (b_ih != nullptr ? b_ih[g * H + j] : T(0));
+          gh[b * 3 * H + g * H + j] = dots_h[g] + (b_hh != nullptr ? b_hh[g * H + j] : T(0));
         }
       }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const T* gh_row = gh + b * 3 * H + j0;
+      gates_forward_row<T>(gi + b * 3 * H + j0, H, gh_row, gh_row + H, gh_row + 2 * H, nullptr, h + b * H + j0,
+                           j1 - j0, h_next + b * H + j0, nullptr,
+                           ws == nullptr ? nullptr : ws + b * kWorkspaceGates * H + j0);
     }
   });
 }
@@ -386,39 +392,59 @@ GruLayerBwdResult layer_backward(const at::Tensor& grad_out, const at::Tensor& g
   T* dgh_p = dgh.data_ptr<T>();
   T* dh_p = dh.data_ptr<T>();
 
-  run_steps(part, 2 * T_len, [&](int64_t d, int64_t task, int64_t phase) {
-    // two phases per step: gate gradients of the block, then (after the barrier) dh_prev for it
-    const int64_t s = phase / 2, t = d == 0 ? T_len - 1 - s : s;
-    const Block blk = block_of(part, task);
-    const int64_t w = blk.j1 - blk.j0;
-    T* cur = dh_p + (d * 2 + (s & 1)) * B * H;
+  // gate gradients of rows [b0, b1), units [j0, j1) of direction d at reverse step s: reads dL/dh' from the
+  // `cur` half of dh, writes the direct part of dL/dh_prev to the `next` half
+  auto gate_grads = [&](int64_t d, int64_t s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+    const int64_t t = d == 0 ? T_len - 1 - s : s, w = j1 - j0;
+    const T* cur = dh_p + (d * 2 + (s & 1)) * B * H;
     T* next = dh_p + (d * 2 + ((s + 1) & 1)) * B * H;
     T* dgh_t = dgh_p + (d * T_len + t) * B * 3 * H;
-    if (phase % 2 == 0) {
-      for (int64_t b = blk.b0; b < blk.b1; ++b) {
-        T* dgi_row = dgi_p + ((t * B + b) * D + d) * 3 * H + blk.j0;
-        T* dgh_row = dgh_t + b * 3 * H + blk.j0;
-        T* next_row = next + b * H + blk.j0;
-        const T* cur_row = cur + b * H + blk.j0;
-        if (lengths != nullptr && t >= lengths[b]) {  // past the end: the state (and its gradient) passes through
-          std::copy(cur_row, cur_row + w, next_row);
-          for (int64_t g = 0; g < 3; ++g) {
-            std::fill(dgi_row + g * H, dgi_row + g * H + w, T(0));
-            std::fill(dgh_row + g * H, dgh_row + g * H + w, T(0));
-          }
-          continue;
+    for (int64_t b = b0; b < b1; ++b) {
+      T* dgi_row = dgi_p + ((t * B + b) * D + d) * 3 * H + j0;
+      T* dgh_row = dgh_t + b * 3 * H + j0;
+      T* next_row = next + b * H + j0;
+      const T* cur_row = cur + b * H + j0;
+      std::copy(cur_row, cur_row + w, next_row);
+      if (lengths != nullptr && t >= lengths[b]) {  // past the end: the state (and its gradient) passes through
+        for (int64_t g = 0; g < 3; ++g) {
+          std::fill(dgi_row + g * H, dgi_row + g * H + w, T(0));
+          std::fill(dgh_row + g * H, dgh_row + g * H + w, T(0));
         }
-        std::copy(cur_row, cur_row + w, next_row);
-        gates_backward_row<T>(ws_p + ((d * T_len + t) * B + b) * kWorkspaceGates * H + blk.j0, H,
-                              go_p + (t * B + b) * D * H + d * H + blk.j0, next_row, w, dgi_row, dgh_row);
+        continue;
       }
-    } else {
-      tile_gemm<T>(blk.b1 - blk.b0, w, 3 * H, dgh_t + blk.b0 * 3 * H, 3 * H, w_hh_p + d * 3 * H * H + blk.j0, H,
-                   next + blk.b0 * H + blk.j0, H, true);
+      gates_backward_row<T>(ws_p + ((d * T_len + t) * B + b) * kWorkspaceGates * H + j0, H,
+                            go_p + (t * B + b) * D * H + d * H + j0, next_row, w, dgi_row, dgh_row);
     }
-    // a block's dh_prev GEMM reads the gate gradients of all blocks of its rows; the next step's gate
-    // gradients read only the block's own dh_prev, so no barrier after the GEMM
-  }, [](int64_t phase) { return phase % 2 == 0; });
+  };
+  if (part.threads > 1 && D * B * 3 * H * H >= kLibraryStepMacs) {
+    // large steps: the gate pass split over rows, then dh_prev += dgh_t @ W_hh as one library GEMM per
+    // direction over all threads (brgemm on a worker's W_hh column block ran at half that rate)
+    const int64_t rows = D * B;
+    for (int64_t s = 0; s < T_len; ++s) {
+      at::parallel_for(0, rows, ceil_div(rows, part.threads), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) gate_grads(r / B, s, r % B, r % B + 1, 0, H);
+      });
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t t = d == 0 ? T_len - 1 - s : s;
+        dh[d][(s + 1) & 1].addmm_(dgh[d][t], w_hh[d]);
+      }
+    }
+  } else {
+    run_steps(part, 2 * T_len, [&](int64_t d, int64_t task, int64_t phase) {
+      // two phases per step: gate gradients of the block, then (after the barrier) dh_prev for it
+      const int64_t s = phase / 2, t = d == 0 ? T_len - 1 - s : s;
+      const Block blk = block_of(part, task);
+      if (phase % 2 == 0) {
+        gate_grads(d, s, blk.b0, blk.b1, blk.j0, blk.j1);
+      } else {
+        T* next = dh_p + (d * 2 + ((s + 1) & 1)) * B * H;
+        tile_gemm<T>(blk.b1 - blk.b0, blk.j1 - blk.j0, 3 * H, dgh_p + ((d * T_len + t) * B + blk.b0) * 3 * H, 3 * H,
+                     w_hh_p + d * 3 * H * H + blk.j0, H, next + blk.b0 * H + blk.j0, H, true);
+      }
+      // a block's dh_prev GEMM reads the gate gradients of all blocks of its rows; the next step's gate
+      // gradients read only the block's own dh_prev, so no barrier after the GEMM
+    }, [](int64_t phase) { return phase % 2 == 0; });
+  }
 
   const at::Tensor dgi2 = dgi.view({T_len * B, D * 3 * H});
   at::Tensor dx = at::mm(dgi2, w_ih.reshape({D * 3 * H, I})).view({T_len, B, I});
