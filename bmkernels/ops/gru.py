@@ -66,7 +66,7 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     try:
         hot = (backend is None and h is not None and (b_ih is None) == (b_hh is None) and x.is_cpu and h.is_cpu
                and w_ih.is_cpu and w_hh.is_cpu and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu) and x.dim() == 2
-               and _choose("gru", x.device, None) == "cpu")
+               and not torch.compiler.is_compiling() and _choose("gru", x.device, None) == "cpu")
     except AttributeError:  # an argument is not a tensor: the checks below say which
         hot = False
     if hot:
@@ -74,7 +74,7 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
         save = torch.is_grad_enabled() and (
             x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
             or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)))
-        return _cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save)[0]
+        return _extension._C.gru_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, save)
     op = "gru_cell"
     _check_tensor(op, "x", x)
     dtype, device = x.dtype, x.device
@@ -248,7 +248,6 @@ def _fake_layer_bwd(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, h
 
 
 if _extension.loaded():
-    _cell_fwd = torch.ops.bmkernels.gru_cell_fwd.default
     torch.library.register_fake("bmkernels::gru_cell_fwd")(_fake_cell_fwd)
     torch.library.register_fake("bmkernels::gru_layer_fwd")(_fake_layer_fwd)
     torch.library.register_fake("bmkernels::gru_layer_bwd")(_fake_layer_bwd)
