@@ -67,6 +67,8 @@ CASES = {
     "7x7 stem c_in 3 stride 2": (1, 3, 15, 8, 7, {"stride": 2, "padding": 3, "activation": "relu"}),
     "stride 2 odd": (2, 4, 11, 6, 3, {"stride": 2, "padding": 1, "activation": "gelu"}),
     "1x1 stride 2": (2, 8, 9, 5, 1, {"stride": 2, "activation": "silu"}),
+    # NCHW input: the strided pixels are picked before the layout change; rows/columns left over at the end
+    "1x1 stride (3, 2) grouped": (2, 6, (10, 7), 4, 1, {"stride": (3, 2), "groups": 2, "activation": "relu"}),
     "dilation 2": (2, 4, 13, 5, 3, {"dilation": 2, "padding": 2, "activation": "gelu_tanh"}),
     "padding larger than kernel": (1, 3, 5, 4, 3, {"padding": 4, "activation": ("leaky_relu", 0.2)}),
     "input smaller than kernel": (2, 3, 2, 4, 5, {"padding": 2, "activation": "leaky_relu"}),

@@ -536,7 +536,20 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   at::Tensor preact = save_preact ? at::empty_like(out) : at::empty({0}, x_in.options());
   if (out.numel() == 0) return {out, preact};
   const at::ScalarType acc = acc_type_of(x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor x;
+  ConvGeometry gx = g;
+  const bool unpadded = padding[0] == 0 && padding[1] == 0 && padding[2] == 0 && padding[3] == 0;
+  if (g.k_h == 1 && g.k_w == 1 && (g.stride_h > 1 || g.stride_w > 1) && unpadded &&
+      fmt != at::MemoryFormat::ChannelsLast) {
+    // a strided 1x1 conv reads every stride-th pixel: pick those before the NCHW -> NHWC copy (a quarter
+    // of the input at stride 2), then run it as a stride-1 conv
+    x = x_in.slice(2, 0, (g.out_h - 1) * g.stride_h + 1, g.stride_h)
+            .slice(3, 0, (g.out_w - 1) * g.stride_w + 1, g.stride_w)
+            .contiguous(at::MemoryFormat::ChannelsLast);
+    gx.in_h = g.out_h, gx.in_w = g.out_w, gx.stride_h = 1, gx.stride_w = 1;
+  } else {
+    x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  }
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
@@ -554,7 +567,7 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
     if (g.depthwise()) {
       forward_depthwise(g, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     } else {
-      forward_gemm(g, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
+      forward_gemm(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     }
   });
   return {out, preact};
