@@ -400,6 +400,59 @@ void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz,
   });
 }
 
+// Weight gradient split over pixels: each thread sums dZ^T . im2col over its own pixel range into its own
+// [Cout][ldw] partial (the first into dwp), so x and dZ are read once; the (Cout, K) split above rereads
+// both for every K block, which costs more than adding the partials when pixels are many and Cout x K small.
+template <typename scalar_t, typename acc_t>
+void weight_grad_by_pixels(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, int64_t ldz, acc_t* dwp,
+                           int64_t ldw, int64_t chunks) {
+  const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
+  const int64_t lda = padded_ld(std::min(K, kWgradDepth));
+  std::vector<acc_t> partials((chunks - 1) * g.out_c * ldw);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> a(kWgradPixels * lda);
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t* dw_chunk = c == 0 ? dwp : partials.data() + (c - 1) * g.out_c * ldw;
+      const int64_t p_begin = P * c / chunks, p_end = P * (c + 1) / chunks;
+      for (int64_t group = 0; group < g.groups; ++group) {
+        for (int64_t p0 = p_begin; p0 < p_end; p0 += kWgradPixels) {
+          const int64_t rows = std::min(kWgradPixels, p_end - p0);
+          for (int64_t k0 = 0; k0 < K; k0 += kWgradDepth) {
+            const int64_t k1 = std::min(K, k0 + kWgradDepth);
+            pack_im2col(g, x, group, p0, rows, k0, k1, a.data(), lda);
+            tile_gemm<acc_t>(cout_g, k1 - k0, rows, dz + group * cout_g * ldz + p0, ldz, a.data(), lda,
+                             dw_chunk + group * cout_g * ldw + k0, ldw, p0 > p_begin);
+          }
+        }
+      }
+    }
+    tile_gemm_done();
+  });
+  using Vec = at::vec::Vectorized<acc_t>;
+  at::parallel_for(0, g.out_c, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t c = 1; c < chunks; ++c) {
+      for (int64_t n = n0; n < n1; ++n) {
+        acc_t* dst = dwp + n * ldw;
+        const acc_t* src = partials.data() + ((c - 1) * g.out_c + n) * ldw;
+        int64_t k = 0;
+        for (; k + Vec::size() <= K; k += Vec::size()) (Vec::loadu(dst + k) + Vec::loadu(src + k)).store(dst + k);
+        for (; k < K; ++k) dst[k] += src[k];
+      }
+    }
+  });
+}
+
+// Which weight-gradient split moves less memory: by pixels, `chunks` partials of Cout x K written and
+// added, against the (Cout, K)-block split, which reads x and dZ again per K block.
+int64_t weight_grad_chunks(const ConvGeometry& g) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::min(threads, ceil_div(g.pixels(), kWgradPixels));
+  if (chunks < 2) return 0;
+  const int64_t reread = ceil_div(g.gemm_k(), kWgradDepth) * g.pixels() * (g.in_c + g.out_c);
+  const int64_t partials = 2 * chunks * g.out_c * g.gemm_k();
+  return partials < reread ? chunks : 0;
+}
+
 // The input gradient of a stride-1 conv is itself a stride-1 conv: of dZ (as input, NHWC) with the weights
 // transposed (Cin <-> Cout per group) and flipped, padding d * (k - 1) - p (negative padding just crops).
 ConvGeometry transposed_geometry(const ConvGeometry& g) {
@@ -646,7 +699,13 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
                       dx_acc.data_ptr<acc_t>());
     }
-    if (need_dw) weight_grad_gemm(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
+    if (need_dw) {
+      if (const int64_t chunks = weight_grad_chunks(g); chunks > 0) {
+        weight_grad_by_pixels(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw, chunks);
+      } else {
+        weight_grad_gemm(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
+      }
+    }
   });
   if (need_dx && dx_acc.defined()) dx.copy_(dx_acc);
   if (need_dw) {
