@@ -82,6 +82,11 @@ CASES = {
     "same dilated": (1, 3, 9, 4, 3, {"padding": "same", "dilation": 2, "activation": "relu"}),
     "valid": (2, 3, 8, 4, 3, {"padding": "valid", "activation": ("leaky_relu", -0.3)}),
     "no bias, no activation": (2, 3, 6, 4, 3, {"padding": 1, "bias": False}),
+    # >= 32 input channels per group and output rows >= 28 wide: the forward without im2col (one GEMM per
+    # tap over a row's pixels), its padding clipped per tap; also the stride-1 input gradient (a conv of dZ)
+    "direct 3x3": (1, 32, 30, 32, 3, {"padding": 1, "activation": "relu"}),
+    "direct grouped strided dilated": (1, 66, (5, 61), 6, 3, {"groups": 2, "stride": (1, 2), "padding": 2,
+                                                              "dilation": 2, "activation": "gelu"}),
 }
 
 

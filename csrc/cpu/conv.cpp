@@ -4,7 +4,8 @@
 // Forward (implicit GEMM): per (group, tile of output pixels, range of output channels) a thread
 // packs the tile's im2col rows from the NHWC input into a thread-local buffer (K in chunks, so it
 // stays in L2) and multiplies them with the weights, packed once per call as [K x Cout] with
-// K = (kh, kw, ci), through tile_gemm (torch's brgemm). Bias, residual and activation are applied
+// K = (kh, kw, ci), through tile_gemm (torch's brgemm). With many input channels and long output rows
+// there is no im2col: per output row each tap is one GEMM straight on the input (forward_direct). Bias, residual and activation are applied
 // to the accumulator tile while it is in cache, and the tile is stored once, in the output's memory
 // format. Pixel tiles and channel ranges are both parallel, so small batches keep every core busy.
 // Depthwise convolutions (one input and one output channel per group) use a direct loop,
@@ -13,8 +14,10 @@
 // Backward: one pass over grad_output applies the activation's derivative (read off the output for
 // relu / leaky_relu, else off the saved pre-activation) and yields dZ, the bias gradient and the
 // residual gradient. The weight gradient is the GEMM dZ^T (Cout x pixels) . im2col (pixels x K),
-// parallel over (Cout, K) blocks so no partial sums need reducing; the input gradient is, per tap,
-// the GEMM W_tap^T . dZ followed by a scatter-add (col2im), parallel over (image, input channels).
+// parallel over pixel ranges with per-thread partial sums, or over (Cout, K) blocks when the partials
+// would move more memory than rereading x and dZ per block; the input gradient of a stride-1 conv is a
+// conv of dZ, else per tap the GEMM W_tap^T . dZ followed by a scatter-add (col2im), parallel over
+// (image, input channels).
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,6 +39,8 @@ namespace {
 constexpr int64_t kPixelTile = 128;      // forward: output pixels per tile (GEMM M)
 constexpr int64_t kChannelTile = 64;     // forward: output channels per tile_gemm call (GEMM N)
 constexpr int64_t kDepthChunk = 512;     // forward: most im2col columns packed at a time (GEMM K)
+constexpr int64_t kDirectMinChannels = 32;  // forward without im2col: least input channels per group (GEMM K)
+constexpr int64_t kDirectMinWidth = 28;     // forward without im2col: least output row width (GEMM M)
 constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
 constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
 constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
@@ -206,9 +211,63 @@ void pack_im2col(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0
   }
 }
 
+// Whether forward_direct runs this conv: enough channels per tap for a GEMM of depth C_in, and output
+// rows long enough to be the GEMM's M.
+bool direct_applies(const ConvGeometry& g) {
+  return g.in_cg() >= kDirectMinChannels && g.out_w >= kDirectMinWidth && !g.depthwise();
+}
+
+// Forward without im2col: for one output row of one image, the A operand of tap (kh, kw) is the NHWC input
+// itself (pixel rows stride_w * C_in apart, C_in wide), so each tap is one tile_gemm over the row's pixels
+// whose tap lands inside the image, accumulated in the row's C tile; the epilogue then runs on the tile.
+// x: NHWC in the accumulation type; wp: as forward_gemm.
+template <typename scalar_t, typename acc_t>
+void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
+  const int64_t K = g.gemm_k(), cg = g.in_cg(), cout_g = g.out_cg(), rows_total = g.batch * g.out_h;
+  const int64_t channel_tiles = ceil_div(cout_g, kChannelTile);
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), rows_total * g.groups), 1,
+                                             channel_tiles);
+  const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
+  const int64_t ldc = padded_ld(std::min(split_width, cout_g));
+  at::parallel_for(0, g.groups * rows_total * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> c(g.out_w * ldc);
+    std::vector<int64_t> offsets(g.out_w);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / (rows_total * splits), row = (item / splits) % rows_total;
+      const int64_t c0 = (item % splits) * split_width, c1 = std::min(cout_g, c0 + split_width);
+      if (c0 >= c1) continue;
+      const int64_t n = row / g.out_h, oh = row % g.out_h;
+      for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
+      for (int64_t kh = 0; kh < g.k_h; ++kh) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
+        if (ih < 0 || ih >= g.in_h) continue;  // the whole kernel row falls in the padding
+        for (int64_t kw = 0; kw < g.k_w; ++kw) {
+          // output columns m whose input column m * stride - pad + kw * dil lies in [0, in_w)
+          const int64_t shift = kw * g.dil_w - g.pad_w;
+          const int64_t m_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(0, -shift), g.stride_w));
+          const int64_t m_hi = std::min(g.out_w, g.in_w - 1 - shift < 0 ? 0 : (g.in_w - 1 - shift) / g.stride_w + 1);
+          if (m_lo >= m_hi) continue;
+          const acc_t* a = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + shift) * g.in_c + group * cg;
+          const int64_t k0 = (kh * g.k_w + kw) * cg;
+          for (int64_t n0 = c0; n0 < c1; n0 += kChannelTile) {
+            const acc_t* b = wp + ((group * channel_tiles + n0 / kChannelTile) * K + k0) * kChannelTile;
+            tile_gemm<acc_t>(m_hi - m_lo, std::min(kChannelTile, c1 - n0), cg, a, g.stride_w * g.in_c, b,
+                             kChannelTile, c.data() + m_lo * ldc + (n0 - c0), ldc, true);
+          }
+        }
+      }
+      ep.apply(c.data(), g.out_w, c1 - c0, ldc, row * g.out_w, group * cout_g + c0, offsets.data());
+    }
+    tile_gemm_done();
+  });
+}
+
 // Forward through implicit GEMM; x: NHWC; wp: packed weights [G][channel tiles][K][kChannelTile].
 template <typename in_t, typename scalar_t, typename acc_t>
 void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    if (direct_applies(g)) return forward_direct(g, x, wp, ep);
+  }
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
   const int64_t pixel_tiles = ceil_div(P, kPixelTile), channel_tiles = ceil_div(cout_g, kChannelTile);
   // split the channels only as far as needed to give every thread a few work items
