@@ -182,6 +182,18 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
   }
 }
 
+// n values of the input at src in the accumulation type: src itself when the types agree, else converted
+// into scratch.
+template <typename scalar_t, typename acc_t>
+const acc_t* input_row(const scalar_t* src, acc_t* scratch, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    convert_row(src, scratch, n);
+    return scratch;
+  }
+}
+
 // im2col rows of pixels p0 .. p0 + rows of one group, columns k0 .. k1 (k = (tap, ci)), from the
 // NHWC input: a[m * ld + k - k0]; zeros where a tap falls in the padding.
 template <typename in_t, typename acc_t>
@@ -320,9 +332,9 @@ void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp
           for (int64_t s = 0; s < g.k_w; ++s) {
             const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
             if (iw < 0 || iw >= g.in_w) continue;
-            convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
+            const acc_t* xr = input_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
             const acc_t* w = wp + (r * g.k_w + s) * C;
-            for (int64_t c = 0; c < C; ++c) acc[c] += x_row[c] * w[c];
+            for (int64_t c = 0; c < C; ++c) acc[c] += xr[c] * w[c];
           }
         }
       }
@@ -620,9 +632,9 @@ void weight_grad_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t
           for (int64_t s = 0; s < g.k_w; ++s) {
             const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
             if (iw < 0 || iw >= g.in_w) continue;
-            convert_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
+            const acc_t* xr = input_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
             acc_t* w = part + (r * g.k_w + s) * C;
-            for (int64_t c = 0; c < C; ++c) w[c] += d[c] * x_row[c];
+            for (int64_t c = 0; c < C; ++c) w[c] += d[c] * xr[c];
           }
         }
       }
