@@ -723,10 +723,13 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
   const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
+  const bool unpadded = padding[0] == 0 && padding[1] == 0 && padding[2] == 0 && padding[3] == 0;
+  // a strided 1x1 conv's input gradient is the stride-1 one at the strided pixels and zero elsewhere
+  const bool strided_1x1 = !unit_stride && g.k_h == 1 && g.k_w == 1 && unpadded && !g.depthwise();
   // dZ pixel-major [P][Cout] feeds the depthwise loops and the stride-1 input gradient (a conv of dZ);
   // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the strided input gradient
-  const bool want_pixels = g.depthwise() || (need_dx && unit_stride);
-  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !unit_stride));
+  const bool want_pixels = g.depthwise() || (need_dx && (unit_stride || strided_1x1));
+  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !unit_stride && !strided_1x1));
   at::Tensor dz_pixels = at::empty({want_pixels ? P * g.out_c : 0}, x.options().dtype(acc));
   at::Tensor dz_channels = at::empty({want_channels ? g.out_c * ldz : 0}, x.options().dtype(acc));
   at::Tensor dx_acc;
@@ -758,12 +761,24 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       if (need_dw) weight_grad_depthwise(g, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
-    if (need_dx && unit_stride) {
-      const ConvGeometry t = transposed_geometry(g);
-      const at::Tensor wp = pack_weight<scalar_t, acc_t>(transposed_weight(g, weight), g.groups, kChannelTile);
-      const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, dx.data_ptr<scalar_t>(), nullptr, dx_layout,
-                                            Activation::none, acc_t(0)};
+    if (need_dx && (unit_stride || strided_1x1)) {
+      ConvGeometry unit = g;  // the stride-1 conv whose input gradient this is (over the strided pixels)
+      unit.in_h = strided_1x1 ? g.out_h : g.in_h, unit.in_w = strided_1x1 ? g.out_w : g.in_w;
+      unit.stride_h = 1, unit.stride_w = 1;
+      const ConvGeometry t = transposed_geometry(unit);
+      const at::Tensor wp = pack_weight<scalar_t, acc_t>(transposed_weight(unit, weight), g.groups, kChannelTile);
+      const at::Tensor target =
+          strided_1x1 ? at::empty({g.batch, g.in_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt)) : dx;
+      const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, target.data_ptr<scalar_t>(), nullptr,
+                                            layout_of(g.in_c, unit.in_h, unit.in_w, fmt), Activation::none,
+                                            acc_t(0)};
       forward_gemm(t, dz_pixels.const_data_ptr<acc_t>(), wp.const_data_ptr<acc_t>(), store);
+      if (strided_1x1) {
+        dx.zero_();
+        dx.slice(2, 0, (g.out_h - 1) * g.stride_h + 1, g.stride_h)
+            .slice(3, 0, (g.out_w - 1) * g.stride_w + 1, g.stride_w)
+            .copy_(target);
+      }
     } else if (need_dx) {
       const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
       dx_acc = at::zeros({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc));
