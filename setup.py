@@ -92,8 +92,12 @@ def cuda_arch_list():
     return archs
 
 
+# CPU sources compiled once rather than per ISA: the dispatch and the process-wide buffer pool
+CPU_ONCE = ("registration.cpp", "scratch.cpp")
+
+
 def isa_kernel_sources():
-    return sorted(p for p in (CSRC / "cpu").glob("*.cpp") if p.name != "registration.cpp")
+    return sorted(p for p in (CSRC / "cpu").glob("*.cpp") if p.name not in CPU_ONCE)
 
 
 class BuildExtension(cpp_extension.BuildExtension):
@@ -137,7 +141,8 @@ class BuildExtension(cpp_extension.BuildExtension):
 def make_extension():
     cuda_home = cuda_plan()
     # Schemas, the CPU dispatch and the device-independent autograd kernels; compiled once.
-    sources = [CSRC / "registration.cpp", CSRC / "cpu" / "registration.cpp", *sorted((CSRC / "autograd").glob("*.cpp"))]
+    sources = [CSRC / "registration.cpp", *(CSRC / "cpu" / name for name in CPU_ONCE),
+               *sorted((CSRC / "autograd").glob("*.cpp"))]
     sources = [str(p.relative_to(ROOT)) for p in sources]
     isa_names = ",".join("scalar" if isa == "DEFAULT" else isa.lower() for isa in CPU_ISAS)
     cxx = CXX_FLAGS + [f"-DBMK_CPU_ISAS={isa_names}"]

@@ -8,7 +8,8 @@ from bmkernels.ops.conv import conv2d, fold_batchnorm
 from bmkernels.ops.gru import gru, gru_cell
 
 __version__ = "0.1.0"
-__all__ = ["attention", "build_info", "dropout_keep_mask", "scaled_dot_product_attention"]
+__all__ = ["attention", "build_info", "cpu_cache_bytes", "dropout_keep_mask", "empty_cache",
+           "scaled_dot_product_attention"]
 __all__ += ["conv2d", "fold_batchnorm"]
 __all__ += ["gru", "gru_cell"]
 
@@ -29,6 +30,18 @@ def build_info():
         "torch_cuda": torch.version.cuda,
         "cuda_device_available": torch.cuda.is_available(),
     }
+
+def cpu_cache_bytes():
+    """Bytes the CPU kernels' buffer pool holds in freed blocks (kept for the next call of the same size:
+    a fresh multi-megabyte buffer page-faults in on every call; cap BMK_CPU_CACHE_MB, default 1024)."""
+    return _extension._C.cpu_cache_bytes() if _extension.loaded() else 0
+
+
+def empty_cache():
+    """Frees the blocks the CPU kernels' buffer pool holds (as torch.cuda.empty_cache does for CUDA)."""
+    if _extension.loaded():
+        _extension._C.empty_cpu_cache()
+
 
 # Drop-in modules (bmkernels.nn) and swapping them into existing models (bmkernels.swap).
 from bmkernels import nn  # noqa: E402

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/scratch.h"
 
 // setup.py passes the compiled ISAs and CUDA archs as bare comma lists (shell-safe); quote them here.
 #define BMK_STRINGIFY_(...) #__VA_ARGS__
@@ -115,10 +116,19 @@ PyObject* gru_cell_step(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(bmk::cpu::cached_bytes()); }
+
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  bmk::cpu::release_cached_blocks();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this extension was compiled with."},
     {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The CPU instruction set the kernels run with now."},
     {"gru_cell_step", gru_cell_step, METH_VARARGS, "gru_cell_fwd's h_next, called without torch.ops' parsing."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "Bytes held in freed blocks of the CPU buffer pool."},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the blocks the CPU buffer pool holds."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "bmkernels compiled kernels", -1, methods};

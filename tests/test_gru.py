@@ -2,6 +2,10 @@
 tolerance rule of tests/conftest.py, against torch.nn.GRU / torch.nn.GRUCell with the same weights,
 packed sequences, dropout, gradcheck, opcheck, torch.compile, each ISA path, non-contiguous and bad inputs."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import assert_within_rule, cpu_supports, magnitude
@@ -469,3 +473,43 @@ def test_cell_bad_input(case):
     fn, error, match = BAD_CELL[case]
     with pytest.raises(error, match=match):
         fn(gru_weights(3, 5))
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU buffer pool (csrc/cpu/scratch.h) the GRU layer takes its workspace and temporaries from
+
+
+def _train_step(weights, x, h0):
+    out, h_n = bmkernels.gru(x, h0, weights, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0,
+                             training=True)
+    return [out, h_n, *torch.autograd.grad(out.sum() + h_n.sum(), [x, *weights])]
+
+
+def test_buffer_pool_reuses_blocks_and_empties():
+    """Blocks of >= 4 MB (here the 5.2 MB workspace) go back to the pool when freed and serve the next call
+    of the same size, with the same results; empty_cache() frees them."""
+    gen = torch.Generator().manual_seed(0)
+    x, h0 = rand(16, 64, 32, gen=gen).requires_grad_(), rand(1, 64, 256, gen=gen)
+    weights = [w.requires_grad_() for w in gru_weights(32, 256, 1, False)]
+    bmkernels.empty_cache()
+    assert bmkernels.cpu_cache_bytes() == 0
+    first = _train_step(weights, x, h0)
+    held = bmkernels.cpu_cache_bytes()
+    assert held >= 16 * 64 * 5 * 256 * 4, "the freed workspace is kept"
+    second = _train_step(weights, x, h0)
+    assert bmkernels.cpu_cache_bytes() == held, "the second call reused the blocks instead of adding new ones"
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    bmkernels.empty_cache()
+    assert bmkernels.cpu_cache_bytes() == 0
+
+
+def test_buffer_pool_can_be_turned_off():
+    code = ("import torch, bmkernels; x = torch.randn(16, 64, 32, requires_grad=True); "
+            "g = torch.nn.GRU(32, 256); out, _ = bmkernels.gru(x, None, g._flat_weights, num_layers=1, "
+            "bidirectional=False, batch_first=False, dropout=0.0, training=True); out.sum().backward(); "
+            "print(bmkernels.cpu_cache_bytes())")
+    env = {**os.environ, "BMK_CPU_CACHE_MB": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "0"

@@ -31,6 +31,7 @@
 
 #include "common/activations.h"
 #include "cpu/conv.h"
+#include "cpu/scratch.h"
 #include "cpu/gemm.h"
 
 namespace bmk::cpu::CPU_CAPABILITY {
@@ -730,8 +731,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the strided input gradient
   const bool want_pixels = g.depthwise() || (need_dx && (unit_stride || strided_1x1));
   const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !unit_stride && !strided_1x1));
-  at::Tensor dz_pixels = at::empty({want_pixels ? P * g.out_c : 0}, x.options().dtype(acc));
-  at::Tensor dz_channels = at::empty({want_channels ? g.out_c * ldz : 0}, x.options().dtype(acc));
+  at::Tensor dz_pixels = cached_empty({want_pixels ? P * g.out_c : 0}, x.options().dtype(acc));
+  at::Tensor dz_channels = cached_empty({want_channels ? g.out_c * ldz : 0}, x.options().dtype(acc));
   at::Tensor dx_acc;
   at::Tensor dwp = at::empty({g.depthwise() ? g.taps() * g.out_c : g.out_c * ldw}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_bwd", [&] {
@@ -781,7 +782,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       }
     } else if (need_dx) {
       const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
-      dx_acc = at::zeros({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc));
+      dx_acc = cached_empty({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc)).zero_();
       input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
                       dx_acc.data_ptr<acc_t>());
     }

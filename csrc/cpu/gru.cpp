@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/gru_math.h"
+#include "cpu/scratch.h"
 #include "cpu/gemm.h"
 #include "cpu/gru.h"
 
@@ -204,7 +205,8 @@ GruLayerFwdResult layer_forward(const at::Tensor& x, const at::Tensor& h0, const
                                 const std::optional<at::Tensor>& b_hh, const int64_t* lengths, bool save) {
   const int64_t T_len = x.size(0), B = x.size(1), D = w_ih.size(0), H = w_hh.size(2);
   // input projections of every step and direction, one GEMM: (T*B, D*3H)
-  const at::Tensor gi = at::mm(x.reshape({T_len * B, x.size(2)}), w_ih.reshape({D * 3 * H, x.size(2)}).t());
+  at::Tensor gi = cached_empty({T_len * B, D * 3 * H}, x.options());
+  at::mm_out(gi, x.reshape({T_len * B, x.size(2)}), w_ih.reshape({D * 3 * H, x.size(2)}).t());
   const auto bias = gate_bias(b_ih, b_hh, H);
   const StepPartition part(B, H, D);
   at::Tensor packed = at::empty({D, H * 3 * H}, x.options());
@@ -215,7 +217,7 @@ GruLayerFwdResult layer_forward(const at::Tensor& x, const at::Tensor& h0, const
   at::Tensor out = at::empty({T_len, B, D * H}, x.options());
   at::Tensor state = at::empty({D, 2, B, H}, x.options());
   state.select(1, 0).copy_(h0);
-  at::Tensor ws = save ? at::empty({D, T_len, B, kWorkspaceGates * H}, x.options()) : at::Tensor();
+  at::Tensor ws = save ? cached_empty({D, T_len, B, kWorkspaceGates * H}, x.options()) : at::Tensor();
   const T* gi_p = gi.data_ptr<T>();
   const T* packed_p = packed.data_ptr<T>();
   const T* bias_p = bias.has_value() ? bias->data_ptr<T>() : nullptr;
@@ -381,8 +383,8 @@ GruLayerBwdResult layer_backward(const at::Tensor& grad_out, const at::Tensor& g
                                  const at::Tensor& ws, bool has_bias) {
   const int64_t T_len = x.size(0), B = x.size(1), I = x.size(2), D = w_ih.size(0), H = w_hh.size(2);
   const StepPartition part(B, H, D);
-  at::Tensor dgi = at::empty({T_len, B, D, 3 * H}, x.options());
-  at::Tensor dgh = at::empty({D, T_len, B, 3 * H}, x.options());
+  at::Tensor dgi = cached_empty({T_len, B, D, 3 * H}, x.options());
+  at::Tensor dgh = cached_empty({D, T_len, B, 3 * H}, x.options());
   at::Tensor dh = at::empty({D, 2, B, H}, x.options());
   dh.select(1, 0).copy_(grad_h_n);
   const T* go_p = grad_out.data_ptr<T>();
