@@ -46,6 +46,9 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     ctx->saved_data["from_output"] = from_output;
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_residual"] = residual.has_value();
+    ctx->mark_non_differentiable({preact});
+    // no zero-filled gradient for an unused output (the pre-activation is one, as large as the output)
+    ctx->set_materialize_grads(false);
     return {out, preact};
   }
 
@@ -59,6 +62,8 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &act_saved = saved[2];
     const at::Tensor& grad_out = grads[0];
+    const at::Tensor none;
+    if (!grad_out.defined()) return variable_list(11, none);  // the output was not used: no gradient flows
     const bool from_output = ctx->saved_data["from_output"].toBool();
     // an empty batch's saved pre-activation is empty too
     TORCH_CHECK(from_output || act_saved.sizes() == grad_out.sizes(),
@@ -75,7 +80,6 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     auto [dx, dw, db, dres] =
         op.call(grad_out, x, weight, act_saved, stride, padding, dilation, ctx->saved_data["groups"].toInt(),
                 ctx->saved_data["activation"].toInt(), ctx->saved_data["slope"].toDouble(), from_output, mask);
-    const at::Tensor none;
     return {mask[0] ? dx : none, mask[1] ? dw : none, mask[2] ? db : none, mask[3] ? dres : none, none, none, none,
             none, none, none, none};
   }
