@@ -407,3 +407,12 @@ def test_empty_batch():
     assert out.shape == (0, 4, 5, 5)
     gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
     assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_preactivation_output_is_not_differentiable():
+    """The saved pre-activation is an internal output: no gradient flows into it (and autograd allocates
+    no zero-filled gradient for it)."""
+    x, w, bias, res, stride, padding, dilation, groups, act, slope, _ = _fwd_args(False)
+    x.requires_grad_()
+    out, preact = torch.ops.bmkernels.conv2d_fwd(x, w, bias, res, stride, padding, dilation, groups, act, slope, True)
+    assert out.requires_grad and not preact.requires_grad

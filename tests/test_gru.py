@@ -513,3 +513,19 @@ def test_buffer_pool_can_be_turned_off():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_backward_allocates_no_zero_gradient_for_the_workspace():
+    """The workspace output is non-differentiable and unused: autograd must not materialize a zero gradient
+    for it (a (T, B, 5H) fill, 42 MB at T = B = 64, H = 512)."""
+    steps, batch, hidden = 6, 8, 32
+    x = torch.randn(steps, batch, 16, requires_grad=True)
+    weights = [w.requires_grad_() for w in gru_weights(16, hidden, 1, False)]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out, _ = bmkernels.gru(x, None, weights, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0,
+                               training=True)
+        out.sum().backward()
+    workspace_shape = [1, steps, batch, 5 * hidden]
+    fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros_like")
+             and e.input_shapes and list(e.input_shapes[0]) == workspace_shape]
+    assert not fills, [e.name for e in fills]
