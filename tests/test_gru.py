@@ -529,3 +529,24 @@ def test_backward_allocates_no_zero_gradient_for_the_workspace():
     fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros_like")
              and e.input_shapes and list(e.input_shapes[0]) == workspace_shape]
     assert not fills, [e.name for e in fills]
+
+
+def test_inference_path_matches_the_recording_path():
+    """Without anything to record (no_grad, or no input requiring grad) the autograd kernel calls the CPU
+    kernel directly, without an autograd node; the results are those of the recording path."""
+    gen = torch.Generator().manual_seed(11)
+    x, h0 = rand(5, 3, 4, gen=gen).requires_grad_(), rand(1, 3, 6, gen=gen)
+    weights = [w.requires_grad_() for w in gru_weights(4, 6, 1, False)]
+    kwargs = dict(num_layers=1, bidirectional=False, batch_first=False, dropout=0.0, training=False)
+    recorded = bmkernels.gru(x, h0, weights, **kwargs)
+    cell_recorded = bmkernels.gru_cell(x[0], h0[0], *weights)
+    assert recorded[0].grad_fn is not None and cell_recorded.grad_fn is not None
+    with torch.no_grad():
+        plain = bmkernels.gru(x, h0, weights, **kwargs)
+        cell_plain = bmkernels.gru_cell(x[0], h0[0], *weights)
+    detached = bmkernels.gru(x.detach(), h0, [w.detach() for w in weights], **kwargs)
+    for got in (plain, detached):
+        assert got[0].grad_fn is None and not got[0].requires_grad
+        for a, b in zip(got, recorded, strict=True):
+            assert torch.equal(a, b)
+    assert cell_plain.grad_fn is None and torch.equal(cell_plain, cell_recorded)

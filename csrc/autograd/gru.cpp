@@ -134,9 +134,24 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
   }
 };
 
+// Whether autograd has anything to record: grad mode on and some input requiring grad.
+bool records_grad(std::initializer_list<const at::Tensor*> tensors, std::initializer_list<const OptTensor*> optional) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors)
+    if (t->requires_grad()) return true;
+  for (const OptTensor* t : optional)
+    if (t->has_value() && (*t)->requires_grad()) return true;
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor> gru_cell_fwd_autograd(const at::Tensor& x, const at::Tensor& h,
                                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                          const OptTensor& b_ih, const OptTensor& b_hh, bool save) {
+  if (!records_grad({&x, &h, &w_ih, &w_hh}, {&b_ih, &b_hh})) {
+    // nothing to record (inference, a decoder step under no_grad): skip building an autograd node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cell_fwd_op(x, h, w_ih, w_hh, b_ih, b_hh, save);
+  }
   auto result = GruCellFunction::apply(x, h, w_ih, w_hh, b_ih, b_hh, save);
   return {result[0], result[1]};
 }
@@ -145,6 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd_autograd(const at::
                                                                       const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                                       const OptTensor& b_ih, const OptTensor& b_hh,
                                                                       const OptTensor& lengths, bool save) {
+  if (!records_grad({&x, &h0, &w_ih, &w_hh}, {&b_ih, &b_hh})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return layer_fwd_op(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+  }
   auto result = GruLayerFunction::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
   return {result[0], result[1], result[2]};
 }
