@@ -314,6 +314,21 @@ void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const E
   });
 }
 
+// Calls fn(tap, pixel) for every kernel tap of output pixel p that lands inside the image: tap =
+// kh * k_w + kw, pixel = (n * in_h + ih) * in_w + iw, the input pixel it reads (NHWC offset / channels).
+template <typename Fn>
+void for_each_tap(const ConvGeometry& g, int64_t p, const Fn& fn) {
+  const int64_t n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
+  for (int64_t r = 0; r < g.k_h; ++r) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+    if (ih < 0 || ih >= g.in_h) continue;
+    for (int64_t s = 0; s < g.k_w; ++s) {
+      const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+      if (iw >= 0 && iw < g.in_w) fn(r * g.k_w + s, (n * g.in_h + ih) * g.in_w + iw);
+    }
+  }
+}
+
 // Depthwise forward, direct: x NHWC, wp [taps][C].
 template <typename scalar_t, typename acc_t>
 void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
@@ -324,20 +339,13 @@ void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = t * kDepthwisePixels, rows = std::min(kDepthwisePixels, P - p0);
       for (int64_t m = 0; m < rows; ++m) {
-        const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
         acc_t* acc = tile.data() + m * C;
         std::fill(acc, acc + C, acc_t(0));
-        for (int64_t r = 0; r < g.k_h; ++r) {
-          const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
-          if (ih < 0 || ih >= g.in_h) continue;
-          for (int64_t s = 0; s < g.k_w; ++s) {
-            const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
-            if (iw < 0 || iw >= g.in_w) continue;
-            const acc_t* xr = input_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
-            const acc_t* w = wp + (r * g.k_w + s) * C;
-            for (int64_t c = 0; c < C; ++c) acc[c] += xr[c] * w[c];
-          }
-        }
+        for_each_tap(g, p0 + m, [&](int64_t tap, int64_t pixel) {
+          const acc_t* xr = input_row(x + pixel * C, x_row.data(), C);
+          const acc_t* w = wp + tap * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += xr[c] * w[c];
+        });
       }
       ep.apply(tile.data(), rows, C, C, p0, 0, offsets.data());
     }
@@ -625,19 +633,12 @@ void weight_grad_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       acc_t* part = partial.data() + chunk * taps * C;
       for (int64_t p = chunk * P / chunks; p < (chunk + 1) * P / chunks; ++p) {
-        const int64_t n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
         const acc_t* d = dz + p * C;
-        for (int64_t r = 0; r < g.k_h; ++r) {
-          const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
-          if (ih < 0 || ih >= g.in_h) continue;
-          for (int64_t s = 0; s < g.k_w; ++s) {
-            const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
-            if (iw < 0 || iw >= g.in_w) continue;
-            const acc_t* xr = input_row(x + ((n * g.in_h + ih) * g.in_w + iw) * C, x_row.data(), C);
-            acc_t* w = part + (r * g.k_w + s) * C;
-            for (int64_t c = 0; c < C; ++c) w[c] += d[c] * xr[c];
-          }
-        }
+        for_each_tap(g, p, [&](int64_t tap, int64_t pixel) {
+          const acc_t* xr = input_row(x + pixel * C, x_row.data(), C);
+          acc_t* w = part + tap * C;
+          for (int64_t c = 0; c < C; ++c) w[c] += d[c] * xr[c];
+        });
       }
     }
   });
