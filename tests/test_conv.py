@@ -87,6 +87,16 @@ CASES = {
     "direct 3x3": (1, 32, 30, 32, 3, {"padding": 1, "activation": "relu"}),
     "direct grouped strided dilated": (1, 66, (5, 61), 6, 3, {"groups": 2, "stride": (1, 2), "padding": 2,
                                                               "dilation": 2, "activation": "gelu"}),
+    # the input gradient by phases (>= 16 input channels per group; one stride-1 conv of dZ per input pixel
+    # phase; fewer channels take the scatter path, as in the cases above): strides that share a factor with
+    # the dilation or not, a kernel smaller than the stride (phases no tap reaches: zeros), a phase wide
+    # enough for the im2col-free path (32 dZ channels, rows of 29)
+    "phases stride 3 dilation 2": (2, 16, 13, 5, 3, {"stride": 3, "padding": 2, "dilation": 2, "activation": "relu"}),
+    "phases stride 2 dilation 2 grouped": (2, 32, 12, 4, 3, {"stride": 2, "padding": 1, "dilation": 2,
+                                                             "groups": 2}),
+    "phases kernel smaller than stride": (2, 16, (11, 10), 4, 2, {"stride": (3, 2), "padding": 1,
+                                                                  "activation": "silu"}),
+    "phases direct stride 2": (1, 16, (6, 58), 32, 3, {"stride": 2, "padding": 1, "activation": "relu"}),
 }
 
 

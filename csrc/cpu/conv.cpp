@@ -15,9 +15,10 @@
 // relu / leaky_relu, else off the saved pre-activation) and yields dZ, the bias gradient and the
 // residual gradient. The weight gradient is the GEMM dZ^T (Cout x pixels) . im2col (pixels x K),
 // parallel over pixel ranges with per-thread partial sums, or over (Cout, K) blocks when the partials
-// would move more memory than rereading x and dZ per block; the input gradient of a stride-1 conv is a
-// conv of dZ, else per tap the GEMM W_tap^T . dZ followed by a scatter-add (col2im), parallel over
-// (image, input channels).
+// would move more memory than rereading x and dZ per block. The input gradient is one stride-1 conv of dZ
+// per phase of the input pixels (S_h x S_w phases; one for stride 1), each storing into its own pixels
+// (input_grad_by_phases); with few input channels per group, per tap the GEMM W_tap^T . dZ followed by a
+// scatter-add (col2im), parallel over (image, input channels). NCHW tiles move by 16x16 vector transposes.
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,6 +27,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -37,7 +39,7 @@
 namespace bmk::cpu::CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kPixelTile = 128;      // forward: output pixels per tile (GEMM M)
+constexpr int64_t kPixelTile = 128;      // forward: most output pixels per tile (GEMM M)
 constexpr int64_t kChannelTile = 64;     // forward: output channels per tile_gemm call (GEMM N)
 constexpr int64_t kDepthChunk = 512;     // forward: most im2col columns packed at a time (GEMM K)
 constexpr int64_t kDirectMinChannels = 32;  // forward without im2col: least input channels per group (GEMM K)
@@ -45,7 +47,8 @@ constexpr int64_t kDirectMinWidth = 28;     // forward without im2col: least out
 constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
 constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
 constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
-constexpr int64_t kDgradPixels = 128;   // input gradient: output pixels per tile
+constexpr int64_t kDgradPixels = 128;   // input gradient, scatter path: output pixels per tile
+constexpr int64_t kPhaseMinChannels = 16;  // input gradient by phases: least input channels per group (GEMM N)
 constexpr int64_t kDepthwisePixels = 16;  // depthwise: output pixels per tile
 constexpr int64_t kPassPixels = 64;     // grad_output pass: pixels per block
 
@@ -89,11 +92,14 @@ ConvGeometry geometry_of(const at::Tensor& x, const at::Tensor& weight, at::IntA
   return g;
 }
 
-// Where pixel p (image-major, then row, then column) and channel c of a 4-D tensor live, for a
-// tensor contiguous in NCHW or NHWC: offset(p) + c * channel_stride.
+// Where pixel p (image-major, then row, then column; images hw pixels, rows width pixels) and channel c
+// of a 4-D tensor live: offset(p) + c * channel_stride. Dense NCHW or NHWC tensors have row_stride =
+// width * pixel_stride; a strided one describes every S-th row and column (an input-gradient phase).
 struct PixelLayout {
-  int64_t hw, image_stride, pixel_stride, channel_stride;
-  int64_t offset(int64_t p) const { return (p / hw) * image_stride + (p % hw) * pixel_stride; }
+  int64_t hw, width, image_stride, row_stride, pixel_stride, channel_stride;
+  int64_t offset(int64_t p) const {
+    return (p / hw) * image_stride + ((p % hw) / width) * row_stride + (p % width) * pixel_stride;
+  }
 };
 
 at::MemoryFormat format_of(const at::Tensor& t) {
@@ -102,8 +108,8 @@ at::MemoryFormat format_of(const at::Tensor& t) {
 }
 
 PixelLayout layout_of(int64_t channels, int64_t h, int64_t w, at::MemoryFormat fmt) {
-  if (fmt == at::MemoryFormat::ChannelsLast) return {h * w, h * w * channels, channels, 1};
-  return {h * w, h * w * channels, 1, h * w};
+  if (fmt == at::MemoryFormat::ChannelsLast) return {h * w, w, h * w * channels, w * channels, channels, 1};
+  return {h * w, w, h * w * channels, w, 1, h * w};
 }
 
 // t itself when it is contiguous in NCHW or NHWC (keeping that format), else an NCHW copy.
@@ -126,6 +132,48 @@ void for_tile(const PixelLayout& layout, int64_t p0, int64_t rows, int64_t c0, i
     for (int64_t c = 0; c < n; ++c)
       for (int64_t m = 0; m < rows; ++m) fn(m * ld + c, offsets[m] + c * cs);
   }
+}
+
+// Runs of consecutive tile rows whose pixels are adjacent in a channel-strided (NCHW) tensor: fn(m0, len).
+template <typename Fn>
+void for_pixel_runs(const int64_t* offsets, int64_t rows, Fn&& fn) {
+  for (int64_t m0 = 0, m = 1; m <= rows; ++m)
+    if (m == rows || offsets[m] != offsets[m - 1] + 1) fn(m0, m - m0), m0 = m;
+}
+
+// tile[m * ld + c] = src at (pixel p0 + m, channel c0 + c); a channel-strided tensor of the tile's own type
+// is read by 16x16 vector transposes, per run of adjacent pixels.
+template <typename scalar_t, typename acc_t>
+void load_tile(const PixelLayout& layout, const scalar_t* src, int64_t p0, int64_t rows, int64_t c0, int64_t n,
+               acc_t* tile, int64_t ld, int64_t* offsets) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (layout.channel_stride != 1) {
+      for (int64_t m = 0; m < rows; ++m) offsets[m] = layout.offset(p0 + m) + c0 * layout.channel_stride;
+      for_pixel_runs(offsets, rows, [&](int64_t m0, int64_t len) {
+        at::vec::transpose_mxn<acc_t>(src + offsets[m0], layout.channel_stride, tile + m0 * ld, ld, n, len);
+      });
+      return;
+    }
+  }
+  for_tile<acc_t>(layout, p0, rows, c0, n, ld, offsets,
+                  [&](int64_t i, int64_t o) { tile[i] = static_cast<acc_t>(src[o]); });
+}
+
+// The inverse of load_tile: dst at (pixel p0 + m, channel c0 + c) = tile[m * ld + c].
+template <typename scalar_t, typename acc_t>
+void store_tile(const PixelLayout& layout, scalar_t* dst, int64_t p0, int64_t rows, int64_t c0, int64_t n,
+                const acc_t* tile, int64_t ld, int64_t* offsets) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (layout.channel_stride != 1) {
+      for (int64_t m = 0; m < rows; ++m) offsets[m] = layout.offset(p0 + m) + c0 * layout.channel_stride;
+      for_pixel_runs(offsets, rows, [&](int64_t m0, int64_t len) {
+        at::vec::transpose_mxn<acc_t>(tile + m0 * ld, ld, dst + offsets[m0], layout.channel_stride, len, n);
+      });
+      return;
+    }
+  }
+  for_tile<acc_t>(layout, p0, rows, c0, n, ld, offsets,
+                  [&](int64_t i, int64_t o) { dst[o] = static_cast<scalar_t>(tile[i]); });
 }
 
 template <typename acc_t>
@@ -165,12 +213,9 @@ struct Epilogue {
     if (residual != nullptr)
       for_tile<acc_t>(out_layout, p0, rows, c0, n, ld, offsets,
                       [&](int64_t i, int64_t o) { tile[i] += static_cast<acc_t>(residual[o]); });
-    if (preact != nullptr)
-      for_tile<acc_t>(out_layout, p0, rows, c0, n, ld, offsets,
-                      [&](int64_t i, int64_t o) { preact[o] = static_cast<scalar_t>(tile[i]); });
+    if (preact != nullptr) store_tile(out_layout, preact, p0, rows, c0, n, tile, ld, offsets);
     for (int64_t m = 0; m < rows; ++m) activate(act, slope, tile + m * ld, n);
-    for_tile<acc_t>(out_layout, p0, rows, c0, n, ld, offsets,
-                    [&](int64_t i, int64_t o) { out[o] = static_cast<scalar_t>(tile[i]); });
+    store_tile(out_layout, out, p0, rows, c0, n, tile, ld, offsets);
   }
 };
 
@@ -281,23 +326,28 @@ void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const E
   if constexpr (std::is_same_v<in_t, acc_t>) {
     if (direct_applies(g)) return forward_direct(g, x, wp, ep);
   }
-  const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
-  const int64_t pixel_tiles = ceil_div(P, kPixelTile), channel_tiles = ceil_div(cout_g, kChannelTile);
+  const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg(), threads = at::get_num_threads();
+  const int64_t channel_tiles = ceil_div(cout_g, kChannelTile);
+  int64_t pixel_tiles = ceil_div(P, kPixelTile);
   // split the channels only as far as needed to give every thread a few work items
-  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pixel_tiles * g.groups), 1,
-                                             channel_tiles);
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * threads, pixel_tiles * g.groups), 1, channel_tiles);
+  // equal tiles, in a number the threads share evenly where that takes a few more: with few work items, one
+  // left over (or a short last tile) keeps the other threads waiting at the end
+  for (int64_t extra = 0; extra < threads && (g.groups * pixel_tiles * splits) % threads != 0; ++extra) ++pixel_tiles;
+  pixel_tiles = std::min(pixel_tiles, P);
+  const int64_t tile_rows = ceil_div(P, pixel_tiles);
   const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
   // K in equal chunks of at most kDepthChunk (no short tail chunk)
   const int64_t depth = std::min(K, ceil_div(ceil_div(K, ceil_div(K, kDepthChunk)), 16) * 16), lda = padded_ld(depth);
   const int64_t ldc = padded_ld(std::min(split_width, cout_g));
   at::parallel_for(0, g.groups * pixel_tiles * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a(kPixelTile * lda), c(kPixelTile * ldc);
-    std::vector<int64_t> offsets(kPixelTile);
+    std::vector<acc_t> a(tile_rows * lda), c(tile_rows * ldc);
+    std::vector<int64_t> offsets(tile_rows);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / (pixel_tiles * splits), tile = (item / splits) % pixel_tiles;
       const int64_t c0 = (item % splits) * split_width, c1 = std::min(cout_g, c0 + split_width);
-      if (c0 >= c1) continue;
-      const int64_t p0 = tile * kPixelTile, rows = std::min(kPixelTile, P - p0);
+      const int64_t p0 = tile * tile_rows, rows = std::min(tile_rows, P - p0);
+      if (c0 >= c1 || rows <= 0) continue;
       if (K == 0) std::fill(c.begin(), c.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < K; k0 += depth) {
         const int64_t kc = std::min(depth, K - k0);
@@ -390,6 +440,18 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) 
   return wp;
 }
 
+// t[i] *= act'(.) for i < n, read off v: the activation's output (from_output) or its input.
+template <typename acc_t>
+void scale_by_derivative(Activation act, acc_t slope, bool from_output, const acc_t* v, acc_t* t, int64_t n) {
+  if (from_output && act == Activation::relu) {  // a select, so the loop vectorizes
+    for (int64_t i = 0; i < n; ++i) t[i] = v[i] > acc_t(0) ? t[i] : acc_t(0);
+  } else if (from_output) {
+    for (int64_t i = 0; i < n; ++i) t[i] *= activation_derivative_from_output(act, v[i], slope);
+  } else {
+    for (int64_t i = 0; i < n; ++i) t[i] *= activation_derivative(act, v[i], slope);
+  }
+}
+
 // grad_output pass: dZ = grad_out * act'(.) into dz_pixels [P][Cout] and/or dz_channels [Cout][ldz], the
 // bias gradient (sums over pixels) and the residual gradient (= dZ, in out's layout).
 template <typename scalar_t, typename acc_t>
@@ -408,38 +470,28 @@ struct GradPass {
   scalar_t* dresidual;  // or null
 
   // Parallel over pixel blocks; each block is a [pixels x channels] tile, read and written in each
-  // tensor's contiguous direction (for_tile), with per-thread partial bias sums.
+  // tensor's contiguous direction (load_tile / store_tile), with per-thread partial bias sums.
   void run(int64_t pixels, int64_t channels) const {
     const int64_t blocks = ceil_div(pixels, kPassPixels), threads = at::get_num_threads();
     std::vector<acc_t> partial(dbias != nullptr ? threads * channels : 0, acc_t(0));
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tile(kPassPixels * channels);
+      std::vector<acc_t> tile(kPassPixels * channels), saved_tile(act != Activation::none ? kPassPixels * channels : 0);
       std::vector<int64_t> offsets(kPassPixels);
       acc_t* sums = dbias != nullptr ? partial.data() + at::get_thread_num() * channels : nullptr;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t p0 = b * kPassPixels, rows = std::min(kPassPixels, pixels - p0);
         acc_t* t = tile.data();
-        for_tile<acc_t>(grad_layout, p0, rows, 0, channels, channels, offsets.data(),
-                        [&](int64_t i, int64_t o) { t[i] = static_cast<acc_t>(grad_out[o]); });
-        if (act != Activation::none && saved_is_output) {
-          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(), [&](int64_t i, int64_t o) {
-            t[i] *= activation_derivative_from_output(act, static_cast<acc_t>(saved[o]), slope);
-          });
-        } else if (act != Activation::none) {
-          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(), [&](int64_t i, int64_t o) {
-            t[i] *= activation_derivative(act, static_cast<acc_t>(saved[o]), slope);
-          });
+        load_tile(grad_layout, grad_out, p0, rows, 0, channels, t, channels, offsets.data());
+        if (act != Activation::none) {
+          load_tile(out_layout, saved, p0, rows, 0, channels, saved_tile.data(), channels, offsets.data());
+          scale_by_derivative(act, slope, saved_is_output, saved_tile.data(), t, rows * channels);
         }
-        if (dresidual != nullptr)
-          for_tile<acc_t>(out_layout, p0, rows, 0, channels, channels, offsets.data(),
-                          [&](int64_t i, int64_t o) { dresidual[o] = static_cast<scalar_t>(t[i]); });
+        if (dresidual != nullptr) store_tile(out_layout, dresidual, p0, rows, 0, channels, t, channels, offsets.data());
         if (sums != nullptr)
           for (int64_t m = 0; m < rows; ++m)
             for (int64_t c = 0; c < channels; ++c) sums[c] += t[m * channels + c];
         if (dz_pixels != nullptr) std::copy(t, t + rows * channels, dz_pixels + p0 * channels);
-        if (dz_channels != nullptr)
-          for (int64_t c = 0; c < channels; ++c)
-            for (int64_t m = 0; m < rows; ++m) dz_channels[c * ldz + p0 + m] = t[m * channels + c];
+        if (dz_channels != nullptr) at::vec::transpose_mxn<acc_t>(t, channels, dz_channels + p0, ldz, rows, channels);
       }
     });
     if (dbias == nullptr) return;
@@ -533,29 +585,82 @@ int64_t weight_grad_chunks(const ConvGeometry& g) {
   return partials < reread ? chunks : 0;
 }
 
-// The input gradient of a stride-1 conv is itself a stride-1 conv: of dZ (as input, NHWC) with the weights
-// transposed (Cin <-> Cout per group) and flipped, padding d * (k - 1) - p (negative padding just crops).
-ConvGeometry transposed_geometry(const ConvGeometry& g) {
-  ConvGeometry t = g;
-  std::swap(t.in_c, t.out_c);
-  std::swap(t.in_h, t.out_h);
-  std::swap(t.in_w, t.out_w);
-  t.pad_h = g.dil_h * (g.k_h - 1) - g.pad_h;
-  t.pad_w = g.dil_w * (g.k_w - 1) - g.pad_w;
-  return t;
+// The input gradient by phases. The input pixels (ih, iw) with ih % S_h = a, iw % S_w = b (phase (a, b))
+// receive dZ only through the taps r with (a + pad - r * dil) % S == 0, which are every S / gcd(S, dil)-th
+// tap; over the phase's pixel grid that is a stride-1 conv of dZ (as input, NHWC) with those taps,
+// transposed (Cin <-> Cout per group) and flipped. So the input gradient is S_h * S_w stride-1 convs
+// (one when the stride is 1) that together do the forward's multiply-adds, each storing straight into
+// its own pixels of dx: no scatter-add, no multiplying by inserted zeros.
+struct PhaseAxis {
+  int64_t first_tap = 0, tap_step = 1, taps = 0;  // the taps r = first_tap + j * tap_step, j < taps
+  int64_t size = 0, pad = 0, dil = 1;             // the phase's pixels along the axis; its conv's padding, dilation
+};
+
+// Phase a along one axis of an input of `in` pixels, kernel k; taps == 0: no tap reaches the phase.
+PhaseAxis phase_axis(int64_t a, int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  PhaseAxis axis;
+  axis.tap_step = stride / std::gcd(stride, dil);
+  axis.dil = dil / std::gcd(stride, dil);
+  axis.size = a < in ? ceil_div(in - a, stride) : 0;
+  const auto reaches = [&](int64_t r) { return ((a + pad - r * dil) % stride + stride) % stride == 0; };
+  while (axis.first_tap < k && !reaches(axis.first_tap)) ++axis.first_tap;
+  if (axis.first_tap == k) return axis;
+  axis.taps = (k - 1 - axis.first_tap) / axis.tap_step + 1;
+  // phase pixel i reads dZ at i + (a + pad - r * dil) / S (exact) through tap r; the last tap, first in the
+  // flipped conv, has the smallest offset, which is minus that conv's padding
+  const int64_t last = axis.first_tap + (axis.taps - 1) * axis.tap_step;
+  axis.pad = -(a + pad - last * dil) / stride;
+  return axis;
 }
 
-at::Tensor transposed_weight(const ConvGeometry& g, const at::Tensor& weight) {
-  return weight.reshape({g.groups, g.out_cg(), g.in_cg(), g.k_h, g.k_w})
-      .transpose(1, 2)
-      .flip({3, 4})
-      .reshape({g.in_c, g.out_cg(), g.k_h, g.k_w});
+// dx (x's shape, memory format fmt) from dZ pixel-major [P][Cout].
+template <typename scalar_t, typename acc_t>
+void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const acc_t* dz, at::Tensor& dx,
+                          at::MemoryFormat fmt) {
+  std::vector<std::pair<PhaseAxis, PhaseAxis>> phases;
+  std::vector<std::pair<int64_t, int64_t>> origins;
+  bool every_pixel_reached = true;
+  for (int64_t a = 0; a < g.stride_h; ++a) {
+    for (int64_t b = 0; b < g.stride_w; ++b) {
+      const PhaseAxis rows = phase_axis(a, g.in_h, g.k_h, g.stride_h, g.pad_h, g.dil_h);
+      const PhaseAxis cols = phase_axis(b, g.in_w, g.k_w, g.stride_w, g.pad_w, g.dil_w);
+      if (rows.size == 0 || cols.size == 0) continue;
+      if (rows.taps == 0 || cols.taps == 0) {
+        every_pixel_reached = false;  // these pixels get no gradient: zero
+        continue;
+      }
+      phases.emplace_back(rows, cols);
+      origins.emplace_back(a, b);
+    }
+  }
+  if (!every_pixel_reached) dx.zero_();
+  const PixelLayout dense = layout_of(g.in_c, g.in_h, g.in_w, fmt);
+  for (size_t i = 0; i < phases.size(); ++i) {
+    const auto& [rows, cols] = phases[i];
+    ConvGeometry t = g;
+    t.in_c = g.out_c, t.in_h = g.out_h, t.in_w = g.out_w, t.out_c = g.in_c, t.out_h = rows.size, t.out_w = cols.size;
+    t.k_h = rows.taps, t.k_w = cols.taps, t.stride_h = 1, t.stride_w = 1;
+    t.pad_h = rows.pad, t.pad_w = cols.pad, t.dil_h = rows.dil, t.dil_w = cols.dil;
+    const at::Tensor w = weight.slice(2, rows.first_tap, g.k_h, rows.tap_step)
+                             .slice(3, cols.first_tap, g.k_w, cols.tap_step)
+                             .reshape({g.groups, g.out_cg(), g.in_cg(), t.k_h, t.k_w})
+                             .transpose(1, 2)
+                             .flip({3, 4})
+                             .reshape({g.in_c, g.out_cg(), t.k_h, t.k_w});
+    const at::Tensor wp = pack_weight<scalar_t, acc_t>(w, g.groups, kChannelTile);
+    const PixelLayout layout{t.out_h * t.out_w, t.out_w, dense.image_stride, g.stride_h * dense.row_stride,
+                             g.stride_w * dense.pixel_stride, dense.channel_stride};
+    scalar_t* origin = dx.data_ptr<scalar_t>() + origins[i].first * dense.row_stride + origins[i].second * dense.pixel_stride;
+    const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, origin, nullptr, layout, Activation::none, acc_t(0)};
+    forward_gemm(t, dz, wp.const_data_ptr<acc_t>(), store);
+  }
 }
 
-// Input gradient of a strided conv, GEMM path: per tap, dcol^T = W_tap^T . dZ, scatter-added into dx (acc, NCHW);
-// wp [G][K][padded_ld(Cout_g)], dz [Cout][ldz].
+// Input gradient with few input channels per group (below kPhaseMinChannels), where the phase convs' GEMMs
+// would be a few columns wide: per tap, dcol^T = W_tap^T . dZ (M = channels, N = pixels), scatter-added
+// into dx (acc, NCHW); wp [G][K][padded_ld(Cout_g)], dz [Cout][ldz].
 template <typename acc_t>
-void input_grad_gemm(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, int64_t ldz, acc_t* dx) {
+void input_grad_scatter(const ConvGeometry& g, const acc_t* wp, const acc_t* dz, int64_t ldz, acc_t* dx) {
   const int64_t ldw = padded_ld(g.out_cg()), K = g.gemm_k(), cin_g = g.in_cg(), cout_g = g.out_cg(), HW = g.out_hw();
   const int64_t images = g.batch * g.groups;
   const int64_t c_blocks = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), images), 1, ceil_div(cin_g, 16));
@@ -724,14 +829,11 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
-  const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
-  const bool unpadded = padding[0] == 0 && padding[1] == 0 && padding[2] == 0 && padding[3] == 0;
-  // a strided 1x1 conv's input gradient is the stride-1 one at the strided pixels and zero elsewhere
-  const bool strided_1x1 = !unit_stride && g.k_h == 1 && g.k_w == 1 && unpadded && !g.depthwise();
-  // dZ pixel-major [P][Cout] feeds the depthwise loops and the stride-1 input gradient (a conv of dZ);
-  // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the strided input gradient
-  const bool want_pixels = g.depthwise() || (need_dx && (unit_stride || strided_1x1));
-  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !unit_stride && !strided_1x1));
+  const bool phases = g.in_cg() >= kPhaseMinChannels;
+  // dZ pixel-major [P][Cout] feeds the depthwise loops and the input gradient by phases (convs of dZ);
+  // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the scatter input gradient
+  const bool want_pixels = g.depthwise() || (need_dx && phases);
+  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !phases));
   at::Tensor dz_pixels = cached_empty({want_pixels ? P * g.out_c : 0}, x.options().dtype(acc));
   at::Tensor dz_channels = cached_empty({want_channels ? g.out_c * ldz : 0}, x.options().dtype(acc));
   at::Tensor dx_acc;
@@ -763,29 +865,13 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       if (need_dw) weight_grad_depthwise(g, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
-    if (need_dx && (unit_stride || strided_1x1)) {
-      ConvGeometry unit = g;  // the stride-1 conv whose input gradient this is (over the strided pixels)
-      unit.in_h = strided_1x1 ? g.out_h : g.in_h, unit.in_w = strided_1x1 ? g.out_w : g.in_w;
-      unit.stride_h = 1, unit.stride_w = 1;
-      const ConvGeometry t = transposed_geometry(unit);
-      const at::Tensor wp = pack_weight<scalar_t, acc_t>(transposed_weight(unit, weight), g.groups, kChannelTile);
-      const at::Tensor target =
-          strided_1x1 ? at::empty({g.batch, g.in_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt)) : dx;
-      const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, target.data_ptr<scalar_t>(), nullptr,
-                                            layout_of(g.in_c, unit.in_h, unit.in_w, fmt), Activation::none,
-                                            acc_t(0)};
-      forward_gemm(t, dz_pixels.const_data_ptr<acc_t>(), wp.const_data_ptr<acc_t>(), store);
-      if (strided_1x1) {
-        dx.zero_();
-        dx.slice(2, 0, (g.out_h - 1) * g.stride_h + 1, g.stride_h)
-            .slice(3, 0, (g.out_w - 1) * g.stride_w + 1, g.stride_w)
-            .copy_(target);
-      }
+    if (need_dx && phases) {
+      input_grad_by_phases<scalar_t, acc_t>(g, weight, dz_pixels.const_data_ptr<acc_t>(), dx, fmt);
     } else if (need_dx) {
       const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
       dx_acc = cached_empty({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc)).zero_();
-      input_grad_gemm(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
-                      dx_acc.data_ptr<acc_t>());
+      input_grad_scatter(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
+                         dx_acc.data_ptr<acc_t>());
     }
     if (need_dw) {
       if (const int64_t chunks = weight_grad_chunks(g); chunks > 0) {
@@ -795,7 +881,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       }
     }
   });
-  if (need_dx && dx_acc.defined()) dx.copy_(dx_acc);
+  if (dx_acc.defined()) dx.copy_(dx_acc);
   if (need_dw) {
     if (g.depthwise()) {
       dw.copy_(dwp.view({g.k_h, g.k_w, g.out_c}).permute({2, 0, 1}).unsqueeze(1));
