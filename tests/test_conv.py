@@ -87,6 +87,8 @@ CASES = {
     "direct 3x3": (1, 32, 30, 32, 3, {"padding": 1, "activation": "relu"}),
     "direct grouped strided dilated": (1, 66, (5, 61), 6, 3, {"groups": 2, "stride": (1, 2), "padding": 2,
                                                               "dilation": 2, "activation": "gelu"}),
+    # no kernel column covers a whole output row (padding 3 > k - 1): the row's tile is zeroed first
+    "direct padding wider than the kernel": (1, 32, (5, 26), 8, 3, {"padding": 3, "activation": "relu"}),
     # the input gradient by phases (>= 16 input channels per group; one stride-1 conv of dZ per input pixel
     # phase; fewer channels take the scatter path, as in the cases above): strides that share a factor with
     # the dilation or not, a kernel smaller than the stride (phases no tap reaches: zeros), a phase wide

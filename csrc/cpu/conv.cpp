@@ -275,6 +275,19 @@ bool direct_applies(const ConvGeometry& g) {
   return g.in_cg() >= kDirectMinChannels && g.out_w >= kDirectMinWidth && !g.depthwise();
 }
 
+// Per kernel column kw, the output columns [m_lo, m_hi) whose input column m * stride - pad + kw * dil lies in
+// [0, in_w): the pixels of an output row for which that tap reads the image, not the padding.
+std::vector<std::pair<int64_t, int64_t>> tap_columns(const ConvGeometry& g) {
+  std::vector<std::pair<int64_t, int64_t>> columns(g.k_w);
+  for (int64_t kw = 0; kw < g.k_w; ++kw) {
+    const int64_t shift = kw * g.dil_w - g.pad_w;
+    const int64_t m_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(0, -shift), g.stride_w));
+    const int64_t m_hi = std::min(g.out_w, g.in_w - 1 - shift < 0 ? 0 : (g.in_w - 1 - shift) / g.stride_w + 1);
+    columns[kw] = {m_lo, m_hi};
+  }
+  return columns;
+}
+
 // Forward without im2col: for one output row of one image, the A operand of tap (kh, kw) is the NHWC input
 // itself (pixel rows stride_w * C_in apart, C_in wide), so each tap is one tile_gemm over the row's pixels
 // whose tap lands inside the image, accumulated in the row's C tile; the epilogue then runs on the tile.
@@ -287,6 +300,11 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
                                              channel_tiles);
   const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
   const int64_t ldc = padded_ld(std::min(split_width, cout_g));
+  // the taps start at the first that covers the whole row, so the tile needs no zeroing
+  const auto columns = tap_columns(g);
+  int64_t first_kw = 0;
+  for (int64_t kw = g.k_w - 1; kw >= 0; --kw)
+    if (columns[kw].first == 0 && columns[kw].second == g.out_w) first_kw = kw;
   at::parallel_for(0, g.groups * rows_total * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> c(g.out_w * ldc);
     std::vector<int64_t> offsets(g.out_w);
@@ -295,25 +313,29 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
       const int64_t c0 = (item % splits) * split_width, c1 = std::min(cout_g, c0 + split_width);
       if (c0 >= c1) continue;
       const int64_t n = row / g.out_h, oh = row % g.out_h;
-      for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
+      bool fresh = true;  // the tile holds nothing yet: a tap covering the whole row stores instead of adding
       for (int64_t kh = 0; kh < g.k_h; ++kh) {
         const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
         if (ih < 0 || ih >= g.in_h) continue;  // the whole kernel row falls in the padding
-        for (int64_t kw = 0; kw < g.k_w; ++kw) {
-          // output columns m whose input column m * stride - pad + kw * dil lies in [0, in_w)
-          const int64_t shift = kw * g.dil_w - g.pad_w;
-          const int64_t m_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(0, -shift), g.stride_w));
-          const int64_t m_hi = std::min(g.out_w, g.in_w - 1 - shift < 0 ? 0 : (g.in_w - 1 - shift) / g.stride_w + 1);
+        for (int64_t j = 0; j < g.k_w; ++j) {
+          const int64_t kw = (j + first_kw) % g.k_w;
+          const auto [m_lo, m_hi] = columns[kw];
           if (m_lo >= m_hi) continue;
-          const acc_t* a = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + shift) * g.in_c + group * cg;
+          if (fresh && (m_lo > 0 || m_hi < g.out_w))
+            for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
+          const acc_t* a = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + kw * g.dil_w - g.pad_w) * g.in_c +
+                           group * cg;
           const int64_t k0 = (kh * g.k_w + kw) * cg;
           for (int64_t n0 = c0; n0 < c1; n0 += kChannelTile) {
             const acc_t* b = wp + ((group * channel_tiles + n0 / kChannelTile) * K + k0) * kChannelTile;
             tile_gemm<acc_t>(m_hi - m_lo, std::min(kChannelTile, c1 - n0), cg, a, g.stride_w * g.in_c, b,
-                             kChannelTile, c.data() + m_lo * ldc + (n0 - c0), ldc, true);
+                             kChannelTile, c.data() + m_lo * ldc + (n0 - c0), ldc, !fresh);
           }
+          fresh = false;
         }
       }
+      if (fresh)  // every tap falls in the padding
+        for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
       ep.apply(c.data(), g.out_w, c1 - c0, ldc, row * g.out_w, group * cout_g + c0, offsets.data());
     }
     tile_gemm_done();
@@ -532,19 +554,54 @@ void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz,
   });
 }
 
+// Weight gradient without im2col (direct_applies, x in the accumulation type), for output rows [r0, r1):
+// per row and tap, dW_tap += dZ_row^T . x_row, the B operand being x's row itself (pixels stride_w * C_in
+// apart, as in forward_direct); dw [Cout][ldw] is zeroed first.
+template <typename acc_t>
+void weight_grad_rows(const ConvGeometry& g, const acc_t* x, const acc_t* dz, int64_t ldz, acc_t* dw, int64_t ldw,
+                      int64_t r0, int64_t r1) {
+  const int64_t cg = g.in_cg(), cout_g = g.out_cg();
+  const auto columns = tap_columns(g);
+  for (int64_t n = 0; n < g.out_c; ++n) std::fill(dw + n * ldw, dw + n * ldw + g.gemm_k(), acc_t(0));
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / g.out_h, oh = row % g.out_h;
+    for (int64_t kh = 0; kh < g.k_h; ++kh) {
+      const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
+      if (ih < 0 || ih >= g.in_h) continue;
+      for (int64_t kw = 0; kw < g.k_w; ++kw) {
+        const auto [m_lo, m_hi] = columns[kw];
+        if (m_lo >= m_hi) continue;
+        const acc_t* b = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + kw * g.dil_w - g.pad_w) * g.in_c;
+        for (int64_t group = 0; group < g.groups; ++group)
+          tile_gemm<acc_t>(cout_g, cg, m_hi - m_lo, dz + group * cout_g * ldz + row * g.out_w + m_lo, ldz,
+                           b + group * cg, g.stride_w * g.in_c, dw + group * cout_g * ldw + (kh * g.k_w + kw) * cg,
+                           ldw, true);
+      }
+    }
+  }
+}
+
 // Weight gradient split over pixels: each thread sums dZ^T . im2col over its own pixel range into its own
 // [Cout][ldw] partial (the first into dwp), so x and dZ are read once; the (Cout, K) split above rereads
 // both for every K block, which costs more than adding the partials when pixels are many and Cout x K small.
+// direct: ranges of whole output rows, through weight_grad_rows.
 template <typename scalar_t, typename acc_t>
 void weight_grad_by_pixels(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, int64_t ldz, acc_t* dwp,
-                           int64_t ldw, int64_t chunks) {
+                           int64_t ldw, int64_t chunks, bool direct) {
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
   const int64_t lda = padded_ld(std::min(K, kWgradDepth));
   std::vector<acc_t> partials((chunks - 1) * g.out_c * ldw);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a(kWgradPixels * lda);
+    std::vector<acc_t> a(direct ? 0 : kWgradPixels * lda);
     for (int64_t c = begin; c < end; ++c) {
       acc_t* dw_chunk = c == 0 ? dwp : partials.data() + (c - 1) * g.out_c * ldw;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (direct) {
+          const int64_t rows_total = g.batch * g.out_h;
+          weight_grad_rows(g, x, dz, ldz, dw_chunk, ldw, rows_total * c / chunks, rows_total * (c + 1) / chunks);
+          continue;
+        }
+      }
       const int64_t p_begin = P * c / chunks, p_end = P * (c + 1) / chunks;
       for (int64_t group = 0; group < g.groups; ++group) {
         for (int64_t p0 = p_begin; p0 < p_end; p0 += kWgradPixels) {
@@ -874,8 +931,12 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
                          dx_acc.data_ptr<acc_t>());
     }
     if (need_dw) {
-      if (const int64_t chunks = weight_grad_chunks(g); chunks > 0) {
-        weight_grad_by_pixels(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw, chunks);
+      const bool direct = std::is_same_v<scalar_t, acc_t> && direct_applies(g);
+      const int64_t chunks = direct ? std::clamp<int64_t>(at::get_num_threads(), 1, g.batch * g.out_h)
+                                    : weight_grad_chunks(g);
+      if (chunks > 0) {
+        weight_grad_by_pixels(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw, chunks,
+                              direct);
       } else {
         weight_grad_gemm(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
       }
