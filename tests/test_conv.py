@@ -77,6 +77,8 @@ CASES = {
     "depthwise": (2, 6, 9, 6, 3, {"groups": 6, "padding": 1, "activation": "relu"}),
     "depthwise stride 2 dilation 2": (2, 5, 10, 5, 3, {"groups": 5, "stride": 2, "padding": 2, "dilation": 2,
                                                       "activation": "silu"}),
+    # NCHW: the strided pixels are picked before the layout change, for the depthwise loops too
+    "depthwise 1x1 stride 2": (2, 8, 9, 8, 1, {"groups": 8, "stride": 2, "activation": "relu"}),
     "depthwise multiplier 2": (2, 4, 7, 8, 3, {"groups": 4, "padding": 1, "activation": "relu"}),
     "same even kernel": (2, 3, 8, 4, 4, {"padding": "same", "dilation": 1, "activation": "gelu"}),
     "same dilated": (1, 3, 9, 4, 3, {"padding": "same", "dilation": 2, "activation": "relu"}),

@@ -308,10 +308,28 @@ void pack_im2col(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0
   }
 }
 
+// A 1x1 conv with stride 1 and no padding: its im2col rows are the NHWC input's pixels themselves.
+bool pointwise(const ConvGeometry& g) {
+  return g.k_h == 1 && g.k_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
+         g.in_h == g.out_h && g.in_w == g.out_w;
+}
+
+// im2col rows p0 .. p0 + rows, columns k0 .. k1 of one group as a GEMM operand {pointer, leading dimension}:
+// the NHWC input itself for a pointwise conv in the accumulation type, else packed into buf (pack_im2col).
+template <typename in_t, typename acc_t>
+std::pair<const acc_t*, int64_t> im2col_operand(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0,
+                                                int64_t rows, int64_t k0, int64_t k1, acc_t* buf, int64_t ld) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    if (pointwise(g)) return {x + p0 * g.in_c + group * g.in_cg() + k0, g.in_c};
+  }
+  pack_im2col(g, x, group, p0, rows, k0, k1, buf, ld);
+  return {buf, ld};
+}
+
 // Whether forward_direct runs this conv: enough channels per tap for a GEMM of depth C_in, and output
 // rows long enough to be the GEMM's M.
 bool direct_applies(const ConvGeometry& g) {
-  return g.in_cg() >= kDirectMinChannels && g.out_w >= kDirectMinWidth && !g.depthwise();
+  return g.in_cg() >= kDirectMinChannels && g.out_w >= kDirectMinWidth && !g.depthwise() && !pointwise(g);
 }
 
 // Per kernel column kw, the output columns [m_lo, m_hi) whose input column m * stride - pad + kw * dil lies in
@@ -412,10 +430,10 @@ void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const E
       if (K == 0) std::fill(c.begin(), c.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < K; k0 += depth) {
         const int64_t kc = std::min(depth, K - k0);
-        pack_im2col(g, x, group, p0, rows, k0, k0 + kc, a.data(), lda);
+        const auto [a_tile, a_ld] = im2col_operand(g, x, group, p0, rows, k0, k0 + kc, a.data(), lda);
         for (int64_t n0 = c0; n0 < c1; n0 += kChannelTile) {
           const acc_t* b = wp + ((group * channel_tiles + n0 / kChannelTile) * K + k0) * kChannelTile;
-          tile_gemm<acc_t>(rows, std::min(kChannelTile, c1 - n0), kc, a.data(), lda, b, kChannelTile,
+          tile_gemm<acc_t>(rows, std::min(kChannelTile, c1 - n0), kc, a_tile, a_ld, b, kChannelTile,
                            c.data() + (n0 - c0), ldc, k0 > 0);
         }
       }
@@ -584,8 +602,8 @@ void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz,
         for (int64_t n = n0; n < n1; ++n) std::fill(dw + (n - n0) * ldw, dw + (n - n0) * ldw + (k1 - k0), acc_t(0));
       for (int64_t p0 = 0; p0 < P; p0 += kWgradPixels) {
         const int64_t rows = std::min(kWgradPixels, P - p0);
-        pack_im2col(g, x, group, p0, rows, k0, k1, a.data(), lda);
-        tile_gemm<acc_t>(n1 - n0, k1 - k0, rows, dz + (group * cout_g + n0) * ldz + p0, ldz, a.data(), lda, dw, ldw,
+        const auto [b_tile, b_ld] = im2col_operand(g, x, group, p0, rows, k0, k1, a.data(), lda);
+        tile_gemm<acc_t>(n1 - n0, k1 - k0, rows, dz + (group * cout_g + n0) * ldz + p0, ldz, b_tile, b_ld, dw, ldw,
                          p0 > 0);
       }
     }
@@ -647,8 +665,8 @@ void weight_grad_by_pixels(const ConvGeometry& g, const scalar_t* x, const acc_t
           const int64_t rows = std::min(kWgradPixels, p_end - p0);
           for (int64_t k0 = 0; k0 < K; k0 += kWgradDepth) {
             const int64_t k1 = std::min(K, k0 + kWgradDepth);
-            pack_im2col(g, x, group, p0, rows, k0, k1, a.data(), lda);
-            tile_gemm<acc_t>(cout_g, k1 - k0, rows, dz + group * cout_g * ldz + p0, ldz, a.data(), lda,
+            const auto [b_tile, b_ld] = im2col_operand(g, x, group, p0, rows, k0, k1, a.data(), lda);
+            tile_gemm<acc_t>(cout_g, k1 - k0, rows, dz + group * cout_g * ldz + p0, ldz, b_tile, b_ld,
                              dw_chunk + group * cout_g * ldw + k0, ldw, p0 > p_begin);
           }
         }
@@ -854,6 +872,21 @@ void weight_grad_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t
     for (int64_t i = 0; i < taps * C; ++i) dwp[i] += partial[chunk * taps * C + i];
 }
 
+// The input as the kernels read it, NHWC, and the geometry to read it with. A strided 1x1 conv without padding
+// on NCHW input reads every stride-th pixel: those are picked before the NHWC copy (a quarter of the input at
+// stride 2), and the conv runs as a stride-1 one on them.
+std::pair<at::Tensor, ConvGeometry> nhwc_input(const at::Tensor& x_in, const ConvGeometry& g, at::IntArrayRef padding) {
+  const bool unpadded = padding[0] == 0 && padding[1] == 0 && padding[2] == 0 && padding[3] == 0;
+  if (!(g.k_h == 1 && g.k_w == 1 && (g.stride_h > 1 || g.stride_w > 1) && unpadded &&
+        format_of(x_in) != at::MemoryFormat::ChannelsLast))
+    return {channels_last(x_in), g};
+  ConvGeometry gx = g;
+  gx.in_h = g.out_h, gx.in_w = g.out_w, gx.stride_h = 1, gx.stride_w = 1;
+  const at::Tensor picked = x_in.slice(2, 0, (g.out_h - 1) * g.stride_h + 1, g.stride_h)
+                                .slice(3, 0, (g.out_w - 1) * g.stride_w + 1, g.stride_w);
+  return {picked.contiguous(at::MemoryFormat::ChannelsLast), gx};  // strided: the generic copy
+}
+
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -869,20 +902,7 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   at::Tensor preact = save_preact ? at::empty_like(out) : at::empty({0}, x_in.options());
   if (out.numel() == 0) return {out, preact};
   const at::ScalarType acc = acc_type_of(x_in.scalar_type());
-  at::Tensor x;
-  ConvGeometry gx = g;
-  const bool unpadded = padding[0] == 0 && padding[1] == 0 && padding[2] == 0 && padding[3] == 0;
-  if (g.k_h == 1 && g.k_w == 1 && (g.stride_h > 1 || g.stride_w > 1) && unpadded &&
-      fmt != at::MemoryFormat::ChannelsLast) {
-    // a strided 1x1 conv reads every stride-th pixel: pick those before the NCHW -> NHWC copy (a quarter
-    // of the input at stride 2), then run it as a stride-1 conv
-    x = x_in.slice(2, 0, (g.out_h - 1) * g.stride_h + 1, g.stride_h)
-            .slice(3, 0, (g.out_w - 1) * g.stride_w + 1, g.stride_w)
-            .contiguous(at::MemoryFormat::ChannelsLast);  // strided: the generic copy
-    gx.in_h = g.out_h, gx.in_w = g.out_w, gx.stride_h = 1, gx.stride_w = 1;
-  } else {
-    x = channels_last(x_in);
-  }
+  const auto [x, gx] = nhwc_input(x_in, g, padding);
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
@@ -898,7 +918,7 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
                                        static_cast<Activation>(activation),
                                        static_cast<acc_t>(slope)};
     if (g.depthwise()) {
-      forward_depthwise(g, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
+      forward_depthwise(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     } else {
       forward_gemm(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     }
@@ -929,7 +949,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const Activation act = static_cast<Activation>(activation);
   const at::Tensor grad_out = dense(grad_out_in);
   const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
-  const at::Tensor x = channels_last(x_in);
+  const auto [x, gx] = nhwc_input(x_in, g, padding);  // gx: the geometry of the weight gradient's reads of x
   const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
   const bool phases = g.in_cg() >= kPhaseMinChannels;
   // dZ pixel-major [P][Cout] feeds the depthwise loops and the input gradient by phases (convs of dZ);
@@ -964,7 +984,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       if (need_dx)
         input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(),
                              dx.data_ptr<scalar_t>(), dx_layout);
-      if (need_dw) weight_grad_depthwise(g, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+      if (need_dw) weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
     if (need_dx && phases) {
@@ -976,14 +996,14 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
                          dx_acc.data_ptr<acc_t>());
     }
     if (need_dw) {
-      const bool direct = std::is_same_v<scalar_t, acc_t> && direct_applies(g);
-      const int64_t chunks = direct ? std::clamp<int64_t>(at::get_num_threads(), 1, g.batch * g.out_h)
-                                    : weight_grad_chunks(g);
+      const bool direct = std::is_same_v<scalar_t, acc_t> && direct_applies(gx);
+      const int64_t chunks = direct ? std::clamp<int64_t>(at::get_num_threads(), 1, gx.batch * gx.out_h)
+                                    : weight_grad_chunks(gx);
       if (chunks > 0) {
-        weight_grad_by_pixels(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw, chunks,
+        weight_grad_by_pixels(gx, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw, chunks,
                               direct);
       } else {
-        weight_grad_gemm(g, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
+        weight_grad_gemm(gx, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
       }
     }
   });
