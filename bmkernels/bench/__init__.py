@@ -282,7 +282,14 @@ def _cpu_model():
 def _cell(case, name, value, factor, spec):
     if name in case.skipped:
         return "skipped"
-    return "—" if value is None else format(value * factor, spec)
+    if value is None:
+        return "—"
+    return spec(value * factor) if callable(spec) else format(value * factor, spec)
+
+
+def _ms_text(ms):
+    """Milliseconds with two decimals, or three significant digits below 1 ms (a GRU cell step is ~0.005 ms)."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
 
 
 def _ratio_cell(x):
@@ -308,7 +315,7 @@ def format_table(results):
         for r in rs:
             c = r.case
             row = [c.name, str(r.reps)]
-            row += [_cell(c, n, r.median(n), 1e3, ".2f") for n in names]
+            row += [_cell(c, n, r.median(n), 1e3, _ms_text) for n in names]
             row += [_cell(c, n, r.gflops(n), 1, ".1f") for n in names]
             row += [_ratio_cell(r.ratio(b)) for b in baselines] + [_ratio_cell(r.best_ratio())]
             if any_mem:
@@ -340,6 +347,6 @@ def to_json(results, preset, total_s, env=None):
 
 
 def print_progress(i, n, case, res, stream=sys.stderr):
-    med = ", ".join(f"{k} {res.median(k) * 1e3:.2f} ms" for k in res.times_s)
+    med = ", ".join(f"{k} {_ms_text(res.median(k) * 1e3)} ms" for k in res.times_s)
     print(f"[{i + 1}/{n}] {case.op} {case.name}: {med} ({res.reps} reps, {res.elapsed_s:.1f} s)",
           file=stream, flush=True)
