@@ -500,29 +500,12 @@ at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) 
   at::parallel_for(0, groups * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(cout_g, co0 + width) - co0;
-      acc_t* dst = out + item * K * width;
-      const scalar_t* src = w + (group * cout_g + co0) * st[0];
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // 16x16 vector transposes of the [n x cin_g] block of each tap or the [n x taps] block of each input
-        // channel, whichever the weight keeps contiguous (the longer where both)
-        const bool taps_contiguous = st[3] == 1 && st[2] == k_w, channels_contiguous = st[1] == 1;
-        if (channels_contiguous && (cin_g >= taps || !taps_contiguous)) {
-          for (int64_t tap = 0; tap < taps; ++tap)
-            at::vec::transpose_mxn<acc_t>(src + tap_offset[tap], st[0], dst + tap * cin_g * width, width, n, cin_g);
-          continue;
-        }
-        if (taps_contiguous) {
-          for (int64_t ci = 0; ci < cin_g; ++ci)
-            at::vec::transpose_mxn<acc_t>(src + ci * st[1], st[0], dst + ci * width, cin_g * width, n, taps);
-          continue;
-        }
-      }
-      // else one contiguous output row of n channels per (ci, tap); the loop over the weight's
+      // one contiguous output row of n channels per (ci, tap); the loop over the weight's
       // fastest-moving of ci and tap goes inside, so each cache line read serves consecutive rows
       const auto copy_row = [&](int64_t ci, int64_t tap) {
-        const scalar_t* from = src + ci * st[1] + tap_offset[tap];
-        acc_t* to = dst + (tap * cin_g + ci) * width;
-        for (int64_t co = 0; co < n; ++co) to[co] = static_cast<acc_t>(from[co * st[0]]);
+        const scalar_t* src = w + (group * cout_g + co0) * st[0] + ci * st[1] + tap_offset[tap];
+        acc_t* dst = out + (item * K + tap * cin_g + ci) * width;
+        for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * st[0]]);
       };
       if (st[1] < st[3]) {
         for (int64_t tap = 0; tap < taps; ++tap)
