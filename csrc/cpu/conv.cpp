@@ -481,37 +481,54 @@ void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp
   });
 }
 
+// A conv weight as pack_weight reads it: element (group, out, in, r, s) of a kernel of k_h x k_w taps at
+// data + group * group_stride + out * out_stride + in * in_stride + r * r_stride + s * s_stride. A view of
+// the same memory can select every other tap, swap out and in, or flip the taps (negative strides), which
+// torch tensors cannot, so the input gradient's transposed and flipped kernels need no copy.
+template <typename scalar_t>
+struct WeightView {
+  const scalar_t* data;
+  int64_t groups, outs, ins, k_h, k_w;  // outs, ins: per group
+  int64_t group_stride, out_stride, in_stride, r_stride, s_stride;
+};
+
+// The weight [Cout, Cin / groups, kH, kW] of a conv with `groups` groups.
+template <typename scalar_t>
+WeightView<scalar_t> view_of(const at::Tensor& w, int64_t groups) {
+  const auto st = w.strides();
+  return {w.const_data_ptr<scalar_t>(), groups, w.size(0) / groups, w.size(1), w.size(2), w.size(3),
+          w.size(0) / groups * st[0], st[0], st[1], st[2], st[3]};
+}
+
 // Weights as GEMM operands, in one pass: wp[((group * tiles + co / width) * K + k) * width + co % width],
-// k = (kh, kw, ci), tiles = ceil(Cout_g / width); zero columns pad the last tile. The forward uses
-// width = kChannelTile (each tile_gemm reads one contiguous block), the input gradient one tile of
-// padded_ld(Cout_g); depthwise weights are packed as one group of C outputs: [taps][C].
+// k = (kh, kw, ci), tiles = ceil(outs / width); zero columns pad the last tile. The forward uses
+// width = kChannelTile (each tile_gemm reads one contiguous block), the scatter input gradient one tile
+// of padded_ld(Cout_g); depthwise weights are packed as one group of C outputs: [taps][C].
 template <typename scalar_t, typename acc_t>
-at::Tensor pack_weight(const at::Tensor& weight, int64_t groups, int64_t width) {
-  const int64_t cout_g = weight.size(0) / groups, cin_g = weight.size(1), k_w = weight.size(3);
-  const int64_t taps = weight.size(2) * k_w, K = taps * cin_g, tiles = ceil_div(cout_g, width);
-  const auto opts = weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor wp = cout_g % width == 0 ? at::empty({groups * tiles * K * width}, opts)
-                                      : at::zeros({groups * tiles * K * width}, opts);
-  const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  const auto st = weight.strides();
+at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::TensorOptions& options) {
+  const int64_t taps = v.k_h * v.k_w, K = taps * v.ins, tiles = ceil_div(v.outs, width);
+  const auto opts = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor wp = v.outs % width == 0 ? at::empty({v.groups * tiles * K * width}, opts)
+                                      : at::zeros({v.groups * tiles * K * width}, opts);
   acc_t* out = wp.data_ptr<acc_t>();
   std::vector<int64_t> tap_offset(taps);
-  for (int64_t tap = 0; tap < taps; ++tap) tap_offset[tap] = (tap / k_w) * st[2] + (tap % k_w) * st[3];
-  at::parallel_for(0, groups * tiles, 1, [&](int64_t begin, int64_t end) {
+  for (int64_t tap = 0; tap < taps; ++tap) tap_offset[tap] = (tap / v.k_w) * v.r_stride + (tap % v.k_w) * v.s_stride;
+  at::parallel_for(0, v.groups * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(cout_g, co0 + width) - co0;
+      const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(v.outs, co0 + width) - co0;
+      const scalar_t* base = v.data + group * v.group_stride + co0 * v.out_stride;
       // one contiguous output row of n channels per (ci, tap); the loop over the weight's
       // fastest-moving of ci and tap goes inside, so each cache line read serves consecutive rows
       const auto copy_row = [&](int64_t ci, int64_t tap) {
-        const scalar_t* src = w + (group * cout_g + co0) * st[0] + ci * st[1] + tap_offset[tap];
-        acc_t* dst = out + (item * K + tap * cin_g + ci) * width;
-        for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * st[0]]);
+        const scalar_t* src = base + ci * v.in_stride + tap_offset[tap];
+        acc_t* dst = out + (item * K + tap * v.ins + ci) * width;
+        for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * v.out_stride]);
       };
-      if (st[1] < st[3]) {
+      if (std::abs(v.in_stride) < std::abs(v.s_stride)) {
         for (int64_t tap = 0; tap < taps; ++tap)
-          for (int64_t ci = 0; ci < cin_g; ++ci) copy_row(ci, tap);
+          for (int64_t ci = 0; ci < v.ins; ++ci) copy_row(ci, tap);
       } else {
-        for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t ci = 0; ci < v.ins; ++ci)
           for (int64_t tap = 0; tap < taps; ++tap) copy_row(ci, tap);
       }
     }
@@ -759,13 +776,16 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
     t.in_c = g.out_c, t.in_h = g.out_h, t.in_w = g.out_w, t.out_c = g.in_c, t.out_h = rows.size, t.out_w = cols.size;
     t.k_h = rows.taps, t.k_w = cols.taps, t.stride_h = 1, t.stride_w = 1;
     t.pad_h = rows.pad, t.pad_w = cols.pad, t.dil_h = rows.dil, t.dil_w = cols.dil;
-    const at::Tensor w = weight.slice(2, rows.first_tap, g.k_h, rows.tap_step)
-                             .slice(3, cols.first_tap, g.k_w, cols.tap_step)
-                             .reshape({g.groups, g.out_cg(), g.in_cg(), t.k_h, t.k_w})
-                             .transpose(1, 2)
-                             .flip({3, 4})
-                             .reshape({g.in_c, g.out_cg(), t.k_h, t.k_w});
-    const at::Tensor wp = pack_weight<scalar_t, acc_t>(w, g.groups, kChannelTile);
+    // the phase's taps of the weight, in and out swapped, flipped: tap (th, tw) is the original
+    // (last_r - th * step, last_s - tw * step)
+    WeightView<scalar_t> w = view_of<scalar_t>(weight, g.groups);
+    const int64_t last_r = rows.first_tap + (rows.taps - 1) * rows.tap_step;
+    const int64_t last_s = cols.first_tap + (cols.taps - 1) * cols.tap_step;
+    w.data += last_r * w.r_stride + last_s * w.s_stride;
+    std::swap(w.outs, w.ins);
+    std::swap(w.out_stride, w.in_stride);
+    w.k_h = rows.taps, w.k_w = cols.taps, w.r_stride *= -rows.tap_step, w.s_stride *= -cols.tap_step;
+    const at::Tensor wp = pack_weight<scalar_t, acc_t>(w, kChannelTile, weight.options());
     const PixelLayout layout{t.out_h * t.out_w, t.out_w, dense.image_stride, g.stride_h * dense.row_stride,
                              g.stride_w * dense.pixel_stride, dense.channel_stride};
     scalar_t* origin =
@@ -908,8 +928,9 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(weight, 1, g.out_c)
-                                        : pack_weight<scalar_t, acc_t>(weight, g.groups, kChannelTile);
+    const at::Tensor wp =
+        g.depthwise() ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
+                      : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
     const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
                                        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
                                        out.data_ptr<scalar_t>(),
@@ -980,7 +1001,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const PixelLayout dx_layout = layout_of(g.in_c, g.in_h, g.in_w, fmt);
     if (g.depthwise()) {
-      const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, 1, g.out_c);
+      const at::Tensor wp = pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options());
       if (need_dx)
         input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(),
                              dx.data_ptr<scalar_t>(), dx_layout);
@@ -990,7 +1011,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
     if (need_dx && phases) {
       input_grad_by_phases<scalar_t, acc_t>(g, weight, dz_pixels.const_data_ptr<acc_t>(), dx, fmt);
     } else if (need_dx) {
-      const at::Tensor wp = pack_weight<scalar_t, acc_t>(weight, g.groups, padded_ld(g.out_cg()));
+      const at::Tensor wp =
+          pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), padded_ld(g.out_cg()), weight.options());
       dx_acc = cached_empty({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc)).zero_();
       input_grad_scatter(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
                          dx_acc.data_ptr<acc_t>());
