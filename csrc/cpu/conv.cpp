@@ -5,20 +5,21 @@
 // packs the tile's im2col rows from the NHWC input into a thread-local buffer (K in chunks, so it
 // stays in L2) and multiplies them with the weights, packed once per call as [K x Cout] with
 // K = (kh, kw, ci), through tile_gemm (torch's brgemm). With many input channels and long output rows
-// there is no im2col: per output row each tap is one GEMM straight on the input (forward_direct). Bias, residual and activation are applied
-// to the accumulator tile while it is in cache, and the tile is stored once, in the output's memory
-// format. Pixel tiles and channel ranges are both parallel, so small batches keep every core busy.
-// Depthwise convolutions (one input and one output channel per group) use a direct loop,
-// vectorized over channels.
+// there is no im2col: per output row each tap is one GEMM straight on the input (forward_direct); a
+// pointwise conv's im2col rows are the input itself. Bias, residual and activation are applied to the
+// accumulator tile while it is in cache, and the tile is stored once, in the output's memory format.
+// Pixel tiles and channel ranges are both parallel, so small batches keep every core busy. Depthwise
+// convolutions (one input and one output channel per group) use a direct loop, vectorized over channels.
 //
 // Backward: one pass over grad_output applies the activation's derivative (read off the output for
 // relu / leaky_relu, else off the saved pre-activation) and yields dZ, the bias gradient and the
 // residual gradient. The weight gradient is the GEMM dZ^T (Cout x pixels) . im2col (pixels x K),
-// parallel over pixel ranges with per-thread partial sums, or over (Cout, K) blocks when the partials
-// would move more memory than rereading x and dZ per block. The input gradient is one stride-1 conv of dZ
-// per phase of the input pixels (S_h x S_w phases; one for stride 1), each storing into its own pixels
-// (input_grad_by_phases); with few input channels per group, per tap the GEMM W_tap^T . dZ followed by a
-// scatter-add (col2im), parallel over (image, input channels). NCHW tiles move by 16x16 vector transposes.
+// parallel over pixel ranges with per-thread partial sums (for long rows without im2col,
+// weight_grad_rows), or over (Cout, K) blocks when the partials would move more memory than rereading
+// x and dZ per block. The input gradient is one stride-1 conv of dZ per phase of the input pixels
+// (S_h x S_w phases; one for stride 1), each storing into its own pixels (input_grad_by_phases); with
+// few input channels per group, per tap the GEMM W_tap^T . dZ followed by a scatter-add (col2im),
+// parallel over (image, input channels). NCHW tiles and copies move by 16x16 vector transposes.
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
