@@ -371,6 +371,9 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
       const int64_t c0 = (item % splits) * split_width, c1 = std::min(cout_g, c0 + split_width);
       if (c0 >= c1) continue;
       const int64_t n = row / g.out_h, oh = row % g.out_h;
+      const auto zero_tile = [&] {
+        for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
+      };
       bool fresh = true;  // the tile holds nothing yet: a tap covering the whole row stores instead of adding
       for (int64_t kh = 0; kh < g.k_h; ++kh) {
         const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
@@ -379,8 +382,7 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
           const int64_t kw = (j + first_kw) % g.k_w;
           const auto [m_lo, m_hi] = columns[kw];
           if (m_lo >= m_hi) continue;
-          if (fresh && (m_lo > 0 || m_hi < g.out_w))
-            for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
+          if (fresh && (m_lo > 0 || m_hi < g.out_w)) zero_tile();
           const acc_t* a = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + kw * g.dil_w - g.pad_w) * g.in_c +
                            group * cg;
           const int64_t k0 = (kh * g.k_w + kw) * cg;
@@ -392,8 +394,7 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
           fresh = false;
         }
       }
-      if (fresh)  // every tap falls in the padding
-        for (int64_t m = 0; m < g.out_w; ++m) std::fill(c.data() + m * ldc, c.data() + m * ldc + (c1 - c0), acc_t(0));
+      if (fresh) zero_tile();  // every tap falls in the padding
       ep.apply(c.data(), g.out_w, c1 - c0, ldc, row * g.out_w, group * cout_g + c0, offsets.data());
     }
     tile_gemm_done();
@@ -749,8 +750,11 @@ PhaseAxis phase_axis(int64_t a, int64_t in, int64_t k, int64_t stride, int64_t p
 template <typename scalar_t, typename acc_t>
 void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const acc_t* dz, at::Tensor& dx,
                           at::MemoryFormat fmt) {
-  std::vector<std::pair<PhaseAxis, PhaseAxis>> phases;
-  std::vector<std::pair<int64_t, int64_t>> origins;
+  struct Phase {
+    int64_t a, b;  // the phase's first input row and column
+    PhaseAxis rows, cols;
+  };
+  std::vector<Phase> phases;
   bool every_pixel_reached = true;
   for (int64_t a = 0; a < g.stride_h; ++a) {
     for (int64_t b = 0; b < g.stride_w; ++b) {
@@ -761,8 +765,7 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
         every_pixel_reached = false;  // these pixels get no gradient: zero
         continue;
       }
-      phases.emplace_back(rows, cols);
-      origins.emplace_back(a, b);
+      phases.push_back({a, b, rows, cols});
     }
   }
   // with a stride, a phase writes every S-th pixel: into NCHW that is one cache line per value, so the phases
@@ -771,8 +774,7 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
   at::Tensor target = via_nhwc ? at::empty(dx.sizes(), dx.options().memory_format(at::MemoryFormat::ChannelsLast)) : dx;
   if (!every_pixel_reached) target.zero_();
   const PixelLayout dense = layout_of(g.in_c, g.in_h, g.in_w, via_nhwc ? at::MemoryFormat::ChannelsLast : fmt);
-  for (size_t i = 0; i < phases.size(); ++i) {
-    const auto& [rows, cols] = phases[i];
+  for (const auto& [a, b, rows, cols] : phases) {
     ConvGeometry t = g;
     t.in_c = g.out_c, t.in_h = g.out_h, t.in_w = g.out_w, t.out_c = g.in_c, t.out_h = rows.size, t.out_w = cols.size;
     t.k_h = rows.taps, t.k_w = cols.taps, t.stride_h = 1, t.stride_w = 1;
@@ -789,8 +791,7 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
     const at::Tensor wp = pack_weight<scalar_t, acc_t>(w, kChannelTile, weight.options());
     const PixelLayout layout{t.out_h * t.out_w, t.out_w, dense.image_stride, g.stride_h * dense.row_stride,
                              g.stride_w * dense.pixel_stride, dense.channel_stride};
-    scalar_t* origin =
-        target.data_ptr<scalar_t>() + origins[i].first * dense.row_stride + origins[i].second * dense.pixel_stride;
+    scalar_t* origin = target.data_ptr<scalar_t>() + a * dense.row_stride + b * dense.pixel_stride;
     const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, origin, nullptr, layout, Activation::none, acc_t(0)};
     forward_gemm(t, dz, wp.const_data_ptr<acc_t>(), store);
   }
@@ -971,13 +972,14 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   const Activation act = static_cast<Activation>(activation);
   const at::Tensor grad_out = dense(grad_out_in);
   const at::Tensor saved = act == Activation::none ? at::Tensor() : act_saved.contiguous(fmt);
-  const auto [x, gx] = nhwc_input(x_in, g, padding);  // gx: the geometry of the weight gradient's reads of x
+  // only the weight gradient reads x (NHWC, with the geometry gx)
+  const auto [x, gx] = need_dw ? nhwc_input(x_in, g, padding) : std::make_pair(x_in, g);
   const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
-  const bool phases = g.in_cg() >= kPhaseMinChannels;
+  const bool by_phases = g.in_cg() >= kPhaseMinChannels;
   // dZ pixel-major [P][Cout] feeds the depthwise loops and the input gradient by phases (convs of dZ);
   // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the scatter input gradient
-  const bool want_pixels = g.depthwise() || (need_dx && phases);
-  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !phases));
+  const bool want_pixels = g.depthwise() || (need_dx && by_phases);
+  const bool want_channels = !g.depthwise() && (need_dw || (need_dx && !by_phases));
   at::Tensor dz_pixels = cached_empty({want_pixels ? P * g.out_c : 0}, x.options().dtype(acc));
   at::Tensor dz_channels = cached_empty({want_channels ? g.out_c * ldz : 0}, x.options().dtype(acc));
   at::Tensor dx_acc;
@@ -1009,7 +1011,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       if (need_dw) weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
-    if (need_dx && phases) {
+    if (need_dx && by_phases) {
       input_grad_by_phases<scalar_t, acc_t>(g, weight, dz_pixels.const_data_ptr<acc_t>(), dx, fmt);
     } else if (need_dx) {
       const at::Tensor wp =
