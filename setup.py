@@ -80,8 +80,10 @@ def cuda_plan():
     home = find_cuda_home()
     if home is None:
         if force:
-            sys.exit("setup.py: BMK_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to a "
-                     "directory holding bin/nvcc and lib64/libcudart.so)")
+            sys.exit(
+                "setup.py: BMK_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to a "
+                "directory holding bin/nvcc and lib64/libcudart.so)"
+            )
         return None
     return home
 
@@ -141,16 +143,23 @@ class BuildExtension(cpp_extension.BuildExtension):
 def make_extension():
     cuda_home = cuda_plan()
     # Schemas, the CPU dispatch and the device-independent autograd kernels; compiled once.
-    sources = [CSRC / "registration.cpp", *(CSRC / "cpu" / name for name in CPU_ONCE),
-               *sorted((CSRC / "autograd").glob("*.cpp"))]
+    sources = [
+        CSRC / "registration.cpp",
+        *(CSRC / "cpu" / name for name in CPU_ONCE),
+        *sorted((CSRC / "autograd").glob("*.cpp")),
+    ]
     sources = [str(p.relative_to(ROOT)) for p in sources]
     isa_names = ",".join("scalar" if isa == "DEFAULT" else isa.lower() for isa in CPU_ISAS)
     cxx = CXX_FLAGS + [f"-DBMK_CPU_ISAS={isa_names}"]
     include_dirs = [str(CSRC)]
     if cuda_home is None:
         return cpp_extension.CppExtension(
-            "bmkernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+            "bmkernels._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
     # torch.utils.cpp_extension reads CUDA_HOME at import; point it at the real toolkit
     cpp_extension.CUDA_HOME = cuda_home
     os.environ["CUDA_HOME"] = cuda_home
@@ -159,10 +168,12 @@ def make_extension():
     arch_names = archs.replace(";", ",").replace(" ", ",")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
     return cpp_extension.CUDAExtension(
-        "bmkernels._C", sources + cu_sources,
+        "bmkernels._C",
+        sources + cu_sources,
         include_dirs=include_dirs + nvidia_pip_include_dirs(),
         extra_compile_args={"cxx": cxx + [f"-DBMK_CUDA_ARCHS={arch_names}"], "nvcc": nvcc},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=["-fopenmp"],
+    )
 
 
 setup(

@@ -31,8 +31,13 @@ import bmkernels  # noqa: E402
 from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
 
 # (batch, q_heads, kv_heads, length, head_dim)
-SHAPES = ((4, 16, 16, 1024, 64), (2, 16, 16, 4096, 64), (2, 16, 16, 4096, 128), (1, 32, 8, 8192, 128),
-          (2, 16, 16, 2048, 256))
+SHAPES = (
+    (4, 16, 16, 1024, 64),
+    (2, 16, 16, 4096, 64),
+    (2, 16, 16, 4096, 128),
+    (1, 32, 8, 8192, 128),
+    (2, 16, 16, 2048, 256),
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CONTENDERS = ("triton", "sdpa")
 
@@ -42,8 +47,9 @@ def make_case(shape, dtype, causal, backward):
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(heads):
-        return torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype, generator=gen,
-                           requires_grad=backward)
+        return torch.randn(
+            batch, heads, length, head_dim, device="cuda", dtype=dtype, generator=gen, requires_grad=backward
+        )
 
     q, k, v = rand(q_heads), rand(kv_heads), rand(kv_heads)
     grad = torch.randn(batch, q_heads, length, head_dim, device="cuda", dtype=dtype, generator=gen)
@@ -66,14 +72,17 @@ def case_params():
         for dtype_name in DTYPES:
             for causal in (False, True):
                 for backward in (False, True):
-                    name = (f"B{shape[0]} H{shape[1]}/{shape[2]} L{shape[3]} D{shape[4]} {dtype_name}"
-                            f"{' causal' if causal else ''} {'fwd+bwd' if backward else 'fwd'}")
+                    name = (
+                        f"B{shape[0]} H{shape[1]}/{shape[2]} L{shape[3]} D{shape[4]} {dtype_name}"
+                        f"{' causal' if causal else ''} {'fwd+bwd' if backward else 'fwd'}"
+                    )
                     yield name, (shape, DTYPES[dtype_name], causal, backward)
 
 
 def measure(run, contender, reps=3):
-    return [triton.testing.do_bench(lambda: run(contender), warmup=25, rep=100, return_mode="median")
-            for _ in range(reps)]
+    return [
+        triton.testing.do_bench(lambda: run(contender), warmup=25, rep=100, return_mode="median") for _ in range(reps)
+    ]
 
 
 CASES = list(case_params())
@@ -98,8 +107,10 @@ def main():
             for contender in CONTENDERS:
                 times[contender] += measure(run, contender, reps=1)
         med = {c: statistics.median(t) for c, t in times.items()}
-        print(f"{name:<52} {med['triton']:>10.3f} {flops / med['triton'] / 1e9:>8.1f} {med['sdpa']:>10.3f} "
-              f"{flops / med['sdpa'] / 1e9:>8.1f} {med['sdpa'] / med['triton']:>11.2f}")
+        print(
+            f"{name:<52} {med['triton']:>10.3f} {flops / med['triton'] / 1e9:>8.1f} {med['sdpa']:>10.3f} "
+            f"{flops / med['sdpa'] / 1e9:>8.1f} {med['sdpa'] / med['triton']:>11.2f}"
+        )
         sys.stdout.flush()
 
 

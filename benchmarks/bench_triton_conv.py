@@ -59,8 +59,9 @@ def make_case(layer, dtype, layout, backward):
 
     def run(contender):
         if contender == "triton":
-            out = bmkernels.conv2d(x, w, b, stride, padding, 1, groups, activation="relu", residual=residual,
-                                   backend="triton")
+            out = bmkernels.conv2d(
+                x, w, b, stride, padding, 1, groups, activation="relu", residual=residual, backend="triton"
+            )
         else:
             out = F.conv2d(x, w, b, stride, padding, 1, groups)
             out = F.relu(out + residual if residual is not None else out)
@@ -90,8 +91,10 @@ def test_triton_conv(benchmark, case, contender):
 
 
 def main():
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"batch {BATCH}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"batch {BATCH}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}"
+    )
     print(f"{'case':<40} {'triton ms':>10} {'TFLOP/s':>8} {'cudnn ms':>10} {'TFLOP/s':>8} {'cudnn/triton':>12}")
     for name, case in CASES:
         run, flops = make_case(*case)
@@ -102,8 +105,10 @@ def main():
             for contender in CONTENDERS:
                 times[contender] += measure(run, contender, reps=1)
         med = {c: statistics.median(t) for c, t in times.items()}
-        print(f"{name:<40} {med['triton']:>10.3f} {flops / med['triton'] / 1e9:>8.1f} {med['cudnn']:>10.3f} "
-              f"{flops / med['cudnn'] / 1e9:>8.1f} {med['cudnn'] / med['triton']:>12.2f}")
+        print(
+            f"{name:<40} {med['triton']:>10.3f} {flops / med['triton'] / 1e9:>8.1f} {med['cudnn']:>10.3f} "
+            f"{flops / med['cudnn'] / 1e9:>8.1f} {med['cudnn'] / med['triton']:>12.2f}"
+        )
         sys.stdout.flush()
 
 

@@ -32,8 +32,13 @@ from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
 from bmkernels.triton import gru as triton_gru  # noqa: E402
 
 # (T, B, I, H, num_layers, bidirectional)
-SHAPES = ((128, 32, 256, 256, 1, False), (128, 64, 512, 512, 1, False), (256, 16, 1024, 1024, 1, False),
-          (64, 128, 256, 256, 2, True), (512, 8, 128, 128, 1, False))
+SHAPES = (
+    (128, 32, 256, 256, 1, False),
+    (128, 64, 512, 512, 1, False),
+    (256, 16, 1024, 1024, 1, False),
+    (64, 128, 256, 256, 2, True),
+    (512, 8, 128, 128, 1, False),
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONTENDERS = ("persistent", "per_step", "cudnn")
 
@@ -50,8 +55,17 @@ def make_case(shape, dtype, backward):
     def run(contender):
         if contender != "cudnn":
             triton_gru.PERSISTENT_MAX_HIDDEN = 1 << 30 if contender == "persistent" else 0
-            out, _ = bmkernels.gru(x, None, module._flat_weights, num_layers=layers, bidirectional=bi,
-                                   batch_first=False, dropout=0.0, training=False, backend="triton")
+            out, _ = bmkernels.gru(
+                x,
+                None,
+                module._flat_weights,
+                num_layers=layers,
+                bidirectional=bi,
+                batch_first=False,
+                dropout=0.0,
+                training=False,
+                backend="triton",
+            )
         else:
             out, _ = module(x)
         if backward:
@@ -65,14 +79,17 @@ def case_params():
         for dtype_name in DTYPES:
             for backward in (False, True):
                 steps, batch, input_size, hidden, layers, bi = shape
-                name = (f"T{steps} B{batch} I{input_size} H{hidden} L{layers}{' bi' if bi else ''} {dtype_name} "
-                        f"{'fwd+bwd' if backward else 'fwd'}")
+                name = (
+                    f"T{steps} B{batch} I{input_size} H{hidden} L{layers}{' bi' if bi else ''} {dtype_name} "
+                    f"{'fwd+bwd' if backward else 'fwd'}"
+                )
                 yield name, (shape, DTYPES[dtype_name], backward)
 
 
 def measure(run, contender, reps=3):
-    return [triton.testing.do_bench(lambda: run(contender), warmup=10, rep=50, return_mode="median")
-            for _ in range(reps)]
+    return [
+        triton.testing.do_bench(lambda: run(contender), warmup=10, rep=50, return_mode="median") for _ in range(reps)
+    ]
 
 
 CASES = list(case_params())
@@ -87,8 +104,11 @@ def test_triton_gru(benchmark, case, contender):
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'case':<44} " + " ".join(f"{c + ' ms':>14} {'TFLOP/s':>8}" for c in CONTENDERS)
-          + f" {'cudnn/best triton':>17}")
+    print(
+        f"{'case':<44} "
+        + " ".join(f"{c + ' ms':>14} {'TFLOP/s':>8}" for c in CONTENDERS)
+        + f" {'cudnn/best triton':>17}"
+    )
     for name, case in CASES:
         run, flops = make_case(*case)
         for contender in CONTENDERS:
@@ -99,8 +119,11 @@ def main():
                 times[contender] += measure(run, contender, reps=1)
         med = {c: statistics.median(t) for c, t in times.items()}
         best = min(med["persistent"], med["per_step"])
-        print(f"{name:<44} " + " ".join(f"{med[c]:>14.3f} {flops / med[c] / 1e9:>8.2f}" for c in CONTENDERS)
-              + f" {med['cudnn'] / best:>17.2f}")
+        print(
+            f"{name:<44} "
+            + " ".join(f"{med[c]:>14.3f} {flops / med[c] / 1e9:>8.2f}" for c in CONTENDERS)
+            + f" {med['cudnn'] / best:>17.2f}"
+        )
         sys.stdout.flush()
 
 

@@ -24,8 +24,12 @@ _RESULTS = pytest.StashKey[dict]()
 
 def pytest_addoption(parser):
     group = parser.getgroup("bmkernels")
-    group.addoption("--bmk-preset", choices=bench.PRESETS, default=None,
-                    help="bmkernels benchmark preset (default: $BMK_BENCH_PRESET or 'small')")
+    group.addoption(
+        "--bmk-preset",
+        choices=bench.PRESETS,
+        default=None,
+        help="bmkernels benchmark preset (default: $BMK_BENCH_PRESET or 'small')",
+    )
 
 
 def preset(config):
@@ -71,8 +75,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("bmkernels ratios (baseline median / bmkernels median; > 1: bmkernels faster)")
-    tr.write_line("Not interleaved (pytest-benchmark runs contenders one after another); "
-                  "`bmkernels bench` gives the interleaved numbers.")
+    tr.write_line(
+        "Not interleaved (pytest-benchmark runs contenders one after another); "
+        "`bmkernels bench` gives the interleaved numbers."
+    )
     for (op, name), entry in results.items():
         case, med = entry["case"], entry["medians"]
         primary = med.get(case.primary)

@@ -8,8 +8,14 @@ from bmkernels.ops.conv import conv2d, fold_batchnorm
 from bmkernels.ops.gru import gru, gru_cell
 
 __version__ = "0.1.0"
-__all__ = ["attention", "build_info", "cpu_cache_bytes", "dropout_keep_mask", "empty_cache",
-           "scaled_dot_product_attention"]
+__all__ = [
+    "attention",
+    "build_info",
+    "cpu_cache_bytes",
+    "dropout_keep_mask",
+    "empty_cache",
+    "scaled_dot_product_attention",
+]
 __all__ += ["conv2d", "fold_batchnorm"]
 __all__ += ["gru", "gru_cell"]
 
@@ -30,6 +36,7 @@ def build_info():
         "torch_cuda": torch.version.cuda,
         "cuda_device_available": torch.cuda.is_available(),
     }
+
 
 def cpu_cache_bytes():
     """Bytes the CPU kernels' buffer pool holds in freed blocks (kept for the next call of the same size:

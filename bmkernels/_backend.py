@@ -61,7 +61,8 @@ def choose(op, device, backend=None):
             raise RuntimeError(
                 f"bmkernels {op}: no kernel for CUDA tensors in this build: the CUDA kernel was not compiled "
                 f"(rebuild with a CUDA toolkit, BMK_FORCE_CUDA=1) and no Triton kernel is available; "
-                "use backend='reference'")
+                "use backend='reference'"
+            )
     if name == "cpu":
         if kind != "cpu":
             raise RuntimeError(f"bmkernels {op}: backend 'cpu' needs CPU tensors; got {kind} tensors")
@@ -71,22 +72,29 @@ def choose(op, device, backend=None):
             raise RuntimeError(f"bmkernels {op}: backend 'cuda' needs CUDA tensors; got {kind} tensors")
         _extension.require(f"bmkernels {op} backend 'cuda'")
         if op not in _extension.cuda_kernels():
-            raise RuntimeError(f"bmkernels {op}: backend 'cuda' requested but this build has no CUDA kernel "
-                               f"for {op} (compiled CUDA archs: {_extension.compiled_cuda_archs() or 'none'})")
+            raise RuntimeError(
+                f"bmkernels {op}: backend 'cuda' requested but this build has no CUDA kernel "
+                f"for {op} (compiled CUDA archs: {_extension.compiled_cuda_archs() or 'none'})"
+            )
     elif name == "triton":
         if not triton_available():
             raise RuntimeError(f"bmkernels {op}: backend 'triton' requested but triton is not installed")
         if op not in triton_ops():
-            raise RuntimeError(f"bmkernels {op}: backend 'triton' requested but bmkernels has no Triton "
-                               f"kernel for {op} yet")
+            raise RuntimeError(
+                f"bmkernels {op}: backend 'triton' requested but bmkernels has no Triton kernel for {op} yet"
+            )
         if kind == "cpu" and not triton_interpreted():
-            raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors runs only under the Triton "
-                               "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+            raise RuntimeError(
+                f"bmkernels {op}: backend 'triton' on CPU tensors runs only under the Triton "
+                "interpreter (set TRITON_INTERPRET=1 before importing triton)"
+            )
         from bmkernels import triton as bmk_triton
 
         if kind == "cpu" and not getattr(sys.modules.get(bmk_triton.module_name(op)), "INTERPRETED", True):
-            raise RuntimeError(f"bmkernels {op}: backend 'triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
-                               "the Triton kernels were compiled for the GPU; set it before importing triton")
+            raise RuntimeError(
+                f"bmkernels {op}: backend 'triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
+                "the Triton kernels were compiled for the GPU; set it before importing triton"
+            )
         if kind not in ("cpu", "cuda"):
             raise RuntimeError(f"bmkernels {op}: backend 'triton' needs CUDA tensors; got {kind} tensors")
     return name

@@ -28,7 +28,8 @@ def require(what):
         raise RuntimeError(
             f"{what} needs the compiled bmkernels extension, which could not be loaded ({_LOAD_ERROR}). "
             "Build it with `pip install --no-build-isolation -e .` in an environment that has torch, "
-            "or use backend='reference'.")
+            "or use backend='reference'."
+        )
     return _C
 
 
@@ -48,9 +49,12 @@ def cuda_kernels():
         return []
     import torch
 
-    return [op for op in ("attention", "conv2d", "gru")
-            if hasattr(torch.ops.bmkernels, f"{op}_fwd")
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"bmkernels::{op}_fwd", "CUDA")]
+    return [
+        op
+        for op in ("attention", "conv2d", "gru")
+        if hasattr(torch.ops.bmkernels, f"{op}_fwd")
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"bmkernels::{op}_fwd", "CUDA")
+    ]
 
 
 def active_cpu_isa():

@@ -35,50 +35,70 @@ def build_parser():
     from bmkernels import bench
 
     parser = argparse.ArgumentParser(
-        prog="bmkernels", description="bmkernels: fused attention, conv2d and GRU kernels for PyTorch.")
+        prog="bmkernels", description="bmkernels: fused attention, conv2d and GRU kernels for PyTorch."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
-        "bench", help="benchmark bmkernels against PyTorch baselines (interleaved, same process)",
+        "bench",
+        help="benchmark bmkernels against PyTorch baselines (interleaved, same process)",
         description="Time bmkernels and its baselines interleaved in one process and print a table of "
-                    "medians, GFLOP/s, ratios (baseline time / bmkernels time; > 1 means bmkernels is "
-                    "faster) and saved activation memory. Presets: default (a few minutes on 2 cores), "
-                    "--full (every case), --quick (tiny shapes, a smoke run of seconds).")
+        "medians, GFLOP/s, ratios (baseline time / bmkernels time; > 1 means bmkernels is "
+        "faster) and saved activation memory. Presets: default (a few minutes on 2 cores), "
+        "--full (every case), --quick (tiny shapes, a smoke run of seconds).",
+    )
     preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--full", action="store_const", dest="preset", const="full",
-                        help="every case: all shapes x fp32/bf16 x causal/full x fwd/fwd+bwd (long)")
-    preset.add_argument("--quick", action="store_const", dest="preset", const="quick",
-                        help="tiny shapes, a smoke run of a few seconds")
+    preset.add_argument(
+        "--full",
+        action="store_const",
+        dest="preset",
+        const="full",
+        help="every case: all shapes x fp32/bf16 x causal/full x fwd/fwd+bwd (long)",
+    )
+    preset.add_argument(
+        "--quick", action="store_const", dest="preset", const="quick", help="tiny shapes, a smoke run of a few seconds"
+    )
     preset.add_argument("--preset", dest="preset", choices=bench.PRESETS, help=argparse.SUPPRESS)
     p.set_defaults(preset="default")
-    p.add_argument("--op", action="append", choices=sorted(bench.OPS), metavar="OP",
-                   help=f"op family to benchmark, repeatable (default: all: {', '.join(sorted(bench.OPS))})")
-    p.add_argument("--filter", metavar="TEXT",
-                   help="only cases whose name contains TEXT, e.g. 'fwd+bwd' or '2048'")
-    p.add_argument("--reps", type=_positive_int, metavar="N",
-                   help="measured repetitions per contender (default: at least 5, more for fast cases, "
-                        "within a time budget per case; fewer than 5 is below the benchmark protocol)")
-    p.add_argument("--json", metavar="PATH",
-                   help="also write the results, with every sample, as JSON to PATH")
+    p.add_argument(
+        "--op",
+        action="append",
+        choices=sorted(bench.OPS),
+        metavar="OP",
+        help=f"op family to benchmark, repeatable (default: all: {', '.join(sorted(bench.OPS))})",
+    )
+    p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT, e.g. 'fwd+bwd' or '2048'")
+    p.add_argument(
+        "--reps",
+        type=_positive_int,
+        metavar="N",
+        help="measured repetitions per contender (default: at least 5, more for fast cases, "
+        "within a time budget per case; fewer than 5 is below the benchmark protocol)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results, with every sample, as JSON to PATH")
     p.add_argument("--no-memory", action="store_true", help="skip the saved-activation-memory probe")
     p.add_argument("--list", action="store_true", help="list the cases of the preset and exit")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "info", help="what this installation was built with (CPU ISAs, CUDA archs, Triton)",
+        "info",
+        help="what this installation was built with (CPU ISAs, CUDA archs, Triton)",
         description="Print bmkernels.build_info(): compiled CPU instruction sets and the active one, "
-                    "CUDA archs and kernels, Triton, torch and CUDA versions.")
+        "CUDA archs and kernels, Triton, torch and CUDA versions.",
+    )
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_info)
 
     from bmkernels import train
 
     p = sub.add_parser(
-        "train", help="train a reference model on embedded data (Python standard library text)",
+        "train",
+        help="train a reference model on embedded data (Python standard library text)",
         description="Train a bmkernels reference model on data that ships with Python: a progress bar, "
-                    "evaluation and an atomic checkpoint every --eval-every steps, a loss-curve PNG, --resume, "
-                    "--kernels torch for A/B runs. Runs under `torchrun --nproc_per_node=N` with "
-                    "DistributedDataParallel.")
+        "evaluation and an atomic checkpoint every --eval-every steps, a loss-curve PNG, --resume, "
+        "--kernels torch for A/B runs. Runs under `torchrun --nproc_per_node=N` with "
+        "DistributedDataParallel.",
+    )
     train.add_parsers(p)
     p.set_defaults(func=cmd_train)
     return parser
@@ -120,8 +140,10 @@ def cmd_info(args):
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if not info.get("extension_loaded"):
-        print("\nThe compiled extension is not loaded: only backend='reference' works. Build it with "
-              "`pip install --no-build-isolation -e .`.")
+        print(
+            "\nThe compiled extension is not loaded: only backend='reference' works. Build it with "
+            "`pip install --no-build-isolation -e .`."
+        )
     return 0
 
 
@@ -130,8 +152,7 @@ def cmd_bench(args):
 
     cases = bench.cases_for(args.op, args.preset, args.filter)
     if not cases:
-        raise _Failure(f"no {args.preset} case matches --filter {args.filter!r}; "
-                       "see `bmkernels bench --list`")
+        raise _Failure(f"no {args.preset} case matches --filter {args.filter!r}; see `bmkernels bench --list`")
     if args.list:
         for c in cases:
             skipped = "".join(f"  [{n}: {why}]" for n, why in c.skipped.items())
@@ -148,9 +169,12 @@ def cmd_bench(args):
     env = bench.environment()
     backend = _backend.requested(None)
     print(f"# bmkernels bench: preset {args.preset}, {len(cases)} cases", flush=True)
-    print(f"# torch {env['torch']}, {env['threads']} threads, torch CPU capability {env['cpu_capability']}, "
-          f"bmkernels CPU ISA {env['bmkernels_cpu_isa']}, bmkernels backend {backend}, "
-          f"CPU {env['processor']} ({os.cpu_count()} CPUs), load average {env['load_average']}", flush=True)
+    print(
+        f"# torch {env['torch']}, {env['threads']} threads, torch CPU capability {env['cpu_capability']}, "
+        f"bmkernels CPU ISA {env['bmkernels_cpu_isa']}, bmkernels backend {backend}, "
+        f"CPU {env['processor']} ({os.cpu_count()} CPUs), load average {env['load_average']}",
+        flush=True,
+    )
     if args.reps is not None and args.reps < 5:
         print(f"# note: --reps {args.reps} is below the protocol's 5 repetitions", flush=True)
     start = time.perf_counter()

@@ -96,8 +96,9 @@ class StdlibModuleSnippets:
         sizes = {p: os.path.getsize(os.path.join(root, p)) for p in top_level}
         self.classes = sorted(top_level, key=lambda p: (-sizes[p], p))[:n_classes]
         if len(self.classes) < n_classes:
-            raise RuntimeError(f"the standard library has only {len(self.classes)} top-level modules; "
-                               f"asked for {n_classes} classes")
+            raise RuntimeError(
+                f"the standard library has only {len(self.classes)} top-level modules; asked for {n_classes} classes"
+            )
         self.train, self.val = [], []
         for relpath in self.classes:
             text = _read(root, relpath)
@@ -117,10 +118,11 @@ class StdlibModuleSnippets:
         for label in labels.tolist():
             text = texts[label]
             if text.numel() < length:
-                raise ValueError(f"module {self.classes[label]} has too little {split} text for snippets of "
-                                 f"{length} bytes")
+                raise ValueError(
+                    f"module {self.classes[label]} has too little {split} text for snippets of {length} bytes"
+                )
             start = int(torch.randint(0, text.numel() - length + 1, (1,), generator=generator))
-            rows.append(text[start:start + length])
+            rows.append(text[start : start + length])
         return torch.stack(rows).long(), labels
 
 
@@ -137,8 +139,10 @@ class Digits:
         try:
             from sklearn.datasets import load_digits
         except ImportError:
-            raise RuntimeError("the digits images come with scikit-learn: pip install 'bmkernels[images]' "
-                               "(or pip install scikit-learn)") from None
+            raise RuntimeError(
+                "the digits images come with scikit-learn: pip install 'bmkernels[images]' "
+                "(or pip install scikit-learn)"
+            ) from None
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.tensor(digits.target, dtype=torch.int64)

@@ -80,8 +80,9 @@ def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"swap_modules: model must be a torch.nn.Module; got {type(model).__name__}")
     enabled = {"attention": attention, "conv": conv, "gru": gru}
-    by_torch_class = {drop_in.torch_class: (family, drop_in)
-                      for family, drop_ins in bmk_nn.DROP_INS.items() for drop_in in drop_ins}
+    by_torch_class = {
+        drop_in.torch_class: (family, drop_in) for family, drop_ins in bmk_nn.DROP_INS.items() for drop_in in drop_ins
+    }
     report = SwapReport(model=model)
     drop_in_classes = _drop_in_classes()
     for name, module in list(model.named_modules()):
@@ -126,12 +127,17 @@ def _uncovered_leaves(model, by_torch_class):
 
 def _keep_encoders_on_layers(model, report):
     for name, module in model.named_modules():
-        if (isinstance(module, torch.nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False)
-                and any(isinstance(m, bmk_nn.MultiheadAttention) for m in module.modules())):
+        if (
+            isinstance(module, torch.nn.TransformerEncoder)
+            and getattr(module, "use_nested_tensor", False)
+            and any(isinstance(m, bmk_nn.MultiheadAttention) for m in module.modules())
+        ):
             setattr(module, _SAVED_NESTED_FLAG, True)
             module.use_nested_tensor = False
-            report.notes.append(f"{name or '<model>'}: TransformerEncoder.use_nested_tensor turned off (its "
-                                "nested-tensor inference fast path would bypass the swapped attention)")
+            report.notes.append(
+                f"{name or '<model>'}: TransformerEncoder.use_nested_tensor turned off (its "
+                "nested-tensor inference fast path would bypass the swapped attention)"
+            )
 
 
 def unswap(model):

@@ -66,8 +66,9 @@ def load_checkpoint(path, model_name=None):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds on a damaged file
-        raise TrainError(f"cannot read checkpoint {path!r} (damaged or not a bmkernels checkpoint): "
-                         f"{type(e).__name__}: {e}") from None
+        raise TrainError(
+            f"cannot read checkpoint {path!r} (damaged or not a bmkernels checkpoint): {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TrainError(f"{path!r} is not a bmkernels training checkpoint (format {FORMAT})")
     if model_name is not None and payload["model_name"] != model_name:
@@ -83,8 +84,9 @@ def plot_curves(history, path, title, ylabel="cross-entropy (nats)"):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise TrainError("the loss-curve plot needs matplotlib (pip install 'bmkernels[train]'); "
-                         "or pass --no-plot") from None
+        raise TrainError(
+            "the loss-curve plot needs matplotlib (pip install 'bmkernels[train]'); or pass --no-plot"
+        ) from None
     fig, ax = plt.subplots(figsize=(7, 4))
     if history["train"]:
         steps, losses = zip(*history["train"], strict=True)
@@ -157,8 +159,9 @@ class Distributed:
         if not self.active:
             return tensor
         if tensor.shape[0] % self.world:
-            raise TrainError(f"--batch-size {tensor.shape[0]} must be a multiple of the number of processes "
-                             f"({self.world})")
+            raise TrainError(
+                f"--batch-size {tensor.shape[0]} must be a multiple of the number of processes ({self.world})"
+            )
         return tensor.chunk(self.world)[self.rank]
 
     def mean(self, value):
@@ -226,23 +229,34 @@ class TransformerTrainer(Trainer):
 
     name = "transformer"
     summary = "Transformer LM, or classifier fine-tuned from one, on Python standard-library text"
-    ARCH_KEYS = ("task", "seq_len", "d_model", "n_heads", "n_layers", "positions", "dropout", "n_classes",
-                 "data_bytes")
+    ARCH_KEYS = ("task", "seq_len", "d_model", "n_heads", "n_layers", "positions", "dropout", "n_classes", "data_bytes")
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--task", choices=("lm", "classify"), default="lm",
-                            help="lm: next-byte language model; classify: which stdlib module a snippet is from")
+        parser.add_argument(
+            "--task",
+            choices=("lm", "classify"),
+            default="lm",
+            help="lm: next-byte language model; classify: which stdlib module a snippet is from",
+        )
         parser.add_argument("--seq-len", type=_positive_int, default=64, help="bytes per sequence (default 64)")
         parser.add_argument("--d-model", type=_positive_int, default=128, help="model width (default 128)")
         parser.add_argument("--n-heads", type=_positive_int, default=4, help="attention heads (default 4)")
         parser.add_argument("--n-layers", type=_positive_int, default=2, help="blocks (default 2)")
         parser.add_argument("--positions", choices=("sinusoidal", "learned"), default="sinusoidal")
         parser.add_argument("--dropout", type=_probability, default=0.0, help="dropout probability (default 0)")
-        parser.add_argument("--n-classes", type=_positive_int, default=8,
-                            help="classify: number of stdlib modules to tell apart (default 8)")
-        parser.add_argument("--data-bytes", type=_positive_int, default=2_000_000,
-                            help="lm: bytes of stdlib source to train on (default 2000000)")
+        parser.add_argument(
+            "--n-classes",
+            type=_positive_int,
+            default=8,
+            help="classify: number of stdlib modules to tell apart (default 8)",
+        )
+        parser.add_argument(
+            "--data-bytes",
+            type=_positive_int,
+            default=2_000_000,
+            help="lm: bytes of stdlib source to train on (default 2000000)",
+        )
 
     def __init__(self, config):
         super().__init__(config)
@@ -253,8 +267,15 @@ class TransformerTrainer(Trainer):
 
     def build_model(self, kernels):
         c = self.config
-        arch = dict(max_len=c["seq_len"], d_model=c["d_model"], n_heads=c["n_heads"], n_layers=c["n_layers"],
-                    dropout=c["dropout"], positions=c["positions"], kernels=kernels)
+        arch = dict(
+            max_len=c["seq_len"],
+            d_model=c["d_model"],
+            n_heads=c["n_heads"],
+            n_layers=c["n_layers"],
+            dropout=c["dropout"],
+            positions=c["positions"],
+            kernels=kernels,
+        )
         if c["task"] == "lm":
             return TransformerLM(vocab_size=self.data.vocab_size, **arch)
         return TransformerClassifier(self.data.n_classes, vocab_size=self.data.vocab_size, **arch)
@@ -280,12 +301,16 @@ class TransformerTrainer(Trainer):
         for key, value in source.items():
             if key not in target or target[key].shape != value.shape:
                 have = tuple(target[key].shape) if key in target else "missing"
-                raise TrainError(f"--init-from: parameter {key} of shape {tuple(value.shape)} does not fit this "
-                                 f"model ({have}); use the same architecture flags as the pretraining run")
+                raise TrainError(
+                    f"--init-from: parameter {key} of shape {tuple(value.shape)} does not fit this "
+                    f"model ({have}); use the same architecture flags as the pretraining run"
+                )
         missing = [k for k in target if k.startswith("backbone.") and k not in source]
         if missing:
-            raise TrainError(f"--init-from: the checkpoint lacks {', '.join(missing[:3])}; use the same "
-                             "architecture flags as the pretraining run")
+            raise TrainError(
+                f"--init-from: the checkpoint lacks {', '.join(missing[:3])}; use the same "
+                "architecture flags as the pretraining run"
+            )
         model.load_state_dict(source, strict=False)
         return sorted(source)
 
@@ -318,8 +343,12 @@ class CNNTrainer(_DigitsTrainer):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--widths", type=_widths, default=(16, 32, 64),
-                            help="channels per stage, comma-separated (default 16,32,64)")
+        parser.add_argument(
+            "--widths",
+            type=_widths,
+            default=(16, 32, 64),
+            help="channels per stage, comma-separated (default 16,32,64)",
+        )
         parser.add_argument("--blocks", type=_positive_int, default=1, help="residual blocks per stage (default 1)")
 
     def build_model(self, kernels):
@@ -343,14 +372,20 @@ class AutoencoderTrainer(_DigitsTrainer):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--widths", type=_widths, default=(16, 32),
-                            help="encoder channels per stride-2 stage, comma-separated (default 16,32; at most 3 "
-                                 "stages for 8x8 images)")
+        parser.add_argument(
+            "--widths",
+            type=_widths,
+            default=(16, 32),
+            help="encoder channels per stride-2 stage, comma-separated (default 16,32; at most 3 "
+            "stages for 8x8 images)",
+        )
 
     def build_model(self, kernels):
         if 2 ** len(self.config["widths"]) > self.data.shape[-1]:
-            raise TrainError(f"--widths: at most 3 stages for {self.data.shape[-1]}x{self.data.shape[-1]} images; "
-                             f"got {len(self.config['widths'])}")
+            raise TrainError(
+                f"--widths: at most 3 stages for {self.data.shape[-1]}x{self.data.shape[-1]} images; "
+                f"got {len(self.config['widths'])}"
+            )
         return ConvAutoencoder(self.data.shape[0], self.config["widths"], kernels)
 
     def loss(self, model, x, y):
@@ -370,10 +405,18 @@ class GRUTrainer(Trainer):
         parser.add_argument("--d-embed", type=_positive_int, default=64, help="byte embedding size (default 64)")
         parser.add_argument("--hidden-size", type=_positive_int, default=256, help="GRU state size (default 256)")
         parser.add_argument("--n-layers", type=_positive_int, default=2, help="GRU layers (default 2)")
-        parser.add_argument("--dropout", type=_probability, default=0.0,
-                            help="dropout between GRU layers and before the head (default 0)")
-        parser.add_argument("--data-bytes", type=_positive_int, default=2_000_000,
-                            help="bytes of stdlib source to train on (default 2000000)")
+        parser.add_argument(
+            "--dropout",
+            type=_probability,
+            default=0.0,
+            help="dropout between GRU layers and before the head (default 0)",
+        )
+        parser.add_argument(
+            "--data-bytes",
+            type=_positive_int,
+            default=2_000_000,
+            help="bytes of stdlib source to train on (default 2000000)",
+        )
 
     def __init__(self, config):
         super().__init__(config)
@@ -398,6 +441,7 @@ TRAINERS.update({"cnn": CNNTrainer, "autoencoder": AutoencoderTrainer, "gru": GR
 
 def _checked(convert, ok, expectation):
     """An argparse type: convert(text), which must satisfy ok(value)."""
+
     def parse(text):
         try:
             value = convert(text)
@@ -415,33 +459,51 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-_widths = _checked(lambda text: tuple(int(w) for w in text.split(",")), lambda v: len(v) >= 1 and min(v) >= 1,
-                   "comma-separated positive integers")
+_widths = _checked(
+    lambda text: tuple(int(w) for w in text.split(",")),
+    lambda v: len(v) >= 1 and min(v) >= 1,
+    "comma-separated positive integers",
+)
 
 
 def add_common_arguments(parser):
     """Options of every `bmkernels train MODEL`."""
     parser.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps in all (default 300)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32,
-                        help="global batch (split over processes under torchrun; default 32)")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="global batch (split over processes under torchrun; default 32)",
+    )
     parser.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
-    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
-                        help="AdamW weight decay (default 0.01)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=20,
-                        help="linear warm-up steps, then cosine (default 20)")
-    parser.add_argument("--eval-every", type=_positive_int, default=50,
-                        help="evaluate and checkpoint every N steps (default 50)")
-    parser.add_argument("--eval-batches", type=_positive_int, default=8,
-                        help="validation batches per evaluation (default 8)")
+    parser.add_argument(
+        "--weight-decay", type=_non_negative_float, default=0.01, help="AdamW weight decay (default 0.01)"
+    )
+    parser.add_argument(
+        "--warmup", type=_non_negative_int, default=20, help="linear warm-up steps, then cosine (default 20)"
+    )
+    parser.add_argument(
+        "--eval-every", type=_positive_int, default=50, help="evaluate and checkpoint every N steps (default 50)"
+    )
+    parser.add_argument(
+        "--eval-batches", type=_positive_int, default=8, help="validation batches per evaluation (default 8)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kernels", choices=("bmkernels", "torch"), default="bmkernels",
-                        help="bmkernels drop-ins or stock torch modules (same parameters; for A/B runs)")
+    parser.add_argument(
+        "--kernels",
+        choices=("bmkernels", "torch"),
+        default="bmkernels",
+        help="bmkernels drop-ins or stock torch modules (same parameters; for A/B runs)",
+    )
     parser.add_argument("--compile", action="store_true", help="train the torch.compile'd model")
     parser.add_argument("--out", metavar="DIR", help="output folder (default runs/MODEL-TASK)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if OUT has a checkpoint")
-    parser.add_argument("--init-from", metavar="CHECKPOINT",
-                        help="initialise from another run's checkpoint (e.g. an LM to fine-tune as a classifier)")
+    parser.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="initialise from another run's checkpoint (e.g. an LM to fine-tune as a classifier)",
+    )
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -469,8 +531,10 @@ def _lr_at(step, config):
 def _optimizer(model, config):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config["weight_decay"]},
-                              {"params": rest, "weight_decay": 0.0}], lr=config["lr"])
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+        lr=config["lr"],
+    )
 
 
 def _evaluate(trainer, model, config):
@@ -494,8 +558,9 @@ def _prepare(args):
     trainer_cls = TRAINERS[args.model]
     resume = init = None
     if args.resume and args.init_from:
-        raise TrainError("--resume and --init-from exclude each other: resume continues this run, "
-                         "--init-from starts a new one")
+        raise TrainError(
+            "--resume and --init-from exclude each other: resume continues this run, --init-from starts a new one"
+        )
     if args.resume:
         resume = load_checkpoint(path, args.model)
         for key in trainer_cls.ARCH_KEYS + ("seed", "batch_size", "kernels"):
@@ -503,8 +568,9 @@ def _prepare(args):
         if args.steps <= resume["step"]:
             raise TrainError(f"--steps {args.steps} is not beyond the checkpoint's step {resume['step']}")
     elif os.path.exists(path) and not args.overwrite:
-        raise TrainError(f"{path!r} exists; pass --resume to continue it, or --overwrite (or another --out) "
-                         "to start afresh")
+        raise TrainError(
+            f"{path!r} exists; pass --resume to continue it, or --overwrite (or another --out) to start afresh"
+        )
     if args.init_from:
         init = load_checkpoint(args.init_from, args.model)
         for key in trainer_cls.ARCH_KEYS:
@@ -553,10 +619,19 @@ def _train(config, out, resume, init, dist):
 
     def checkpoint(step):
         if dist.main:
-            save_checkpoint(os.path.join(out, CHECKPOINT), {
-                "format": FORMAT, "model_name": config["model"], "config": config, "step": step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                "rng": torch.get_rng_state()})
+            save_checkpoint(
+                os.path.join(out, CHECKPOINT),
+                {
+                    "format": FORMAT,
+                    "model_name": config["model"],
+                    "config": config,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "rng": torch.get_rng_state(),
+                },
+            )
         dist.barrier()
 
     items, train_time, last = 0, 0.0, {}
@@ -587,14 +662,23 @@ def _train(config, out, resume, init, dist):
         shown = " ".join(f"val {k} {v:.3f}" for k, v in last.items())
         progress.update(step + 1, f"loss {loss_value:.3f} {shown} {rate:,.0f} {trainer.unit}/s")
 
-    summary = {"steps": config["steps"], "kernels": config["kernels"], "out": out,
-               f"{trainer.unit}_per_s": items / train_time if train_time else float("nan"),
-               "first_loss": history["train"][0][1] if history["train"] else None,
-               "final_train_loss": history["train"][-1][1] if history["train"] else None,
-               "val": history["val"][-1][1] if history["val"] else None, "history": history}
+    summary = {
+        "steps": config["steps"],
+        "kernels": config["kernels"],
+        "out": out,
+        f"{trainer.unit}_per_s": items / train_time if train_time else float("nan"),
+        "first_loss": history["train"][0][1] if history["train"] else None,
+        "final_train_loss": history["train"][-1][1] if history["train"] else None,
+        "val": history["val"][-1][1] if history["val"] else None,
+        "history": history,
+    }
     if dist.main:
         if not config["no_plot"]:
-            plot_curves(history, os.path.join(out, CURVE),
-                        f"{config['model']} {config.get('task', '')} ({config['kernels']} kernels)", trainer.loss_label)
+            plot_curves(
+                history,
+                os.path.join(out, CURVE),
+                f"{config['model']} {config.get('task', '')} ({config['kernels']} kernels)",
+                trainer.loss_label,
+            )
         progress.message(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return summary

@@ -1,8 +1,8 @@
 // The bmkernels operator library: every op schema, defined once. Device kernels register their
 // implementations with TORCH_LIBRARY_IMPL next to them (csrc/cpu/registration.cpp, csrc/cuda/).
 // Also the bmkernels._C Python module, which loads this library and reports what was compiled.
-#include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
@@ -36,10 +36,12 @@ TORCH_LIBRARY(bmkernels, m) {
   // bias_grad, else empty.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
-      "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, int window_left, "
+      "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, int "
+      "window_left, "
       "int window_right, int diag_offset, float dropout_p, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // The keep-mask (B, H, Lq, Lk) that attention_fwd's dropout draws for rng_seed: for tests and debugging.
-  m.def("attention_dropout_mask(Tensor rng_seed, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor");
+  m.def(
+      "attention_dropout_mask(Tensor rng_seed, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor");
 
   // GRU (gate order r, z, n; b_hn inside the reset product, as torch.nn.GRU). One cell step: x (B, I),
   // h (B, H), w_ih (3H, I), w_hh (3H, H), biases (3H,). Returns h_next and, when save_workspace, the
@@ -104,12 +106,11 @@ PyObject* gru_cell_step(PyObject*, PyObject* args) {
   auto optional = [](PyObject* o, const char* name) {
     return o == Py_None ? std::optional<at::Tensor>() : std::optional<at::Tensor>(unpack_tensor(o, name));
   };
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("bmkernels::gru_cell_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const std::optional<at::Tensor>&,
-                                                    const std::optional<at::Tensor>&, bool)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bmkernels::gru_cell_fwd", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
   auto result = op.call(unpack_tensor(x, "x"), unpack_tensor(h, "h"), unpack_tensor(w_ih, "w_ih"),
                         unpack_tensor(w_hh, "w_hh"), optional(b_ih, "b_ih"), optional(b_hh, "b_hh"), save != 0);
   return THPVariable_Wrap(std::get<0>(std::move(result)));

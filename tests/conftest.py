@@ -192,11 +192,7 @@ def cpu_supports(isa):
         return True
     try:
         flags = set(
-            next(
-                line
-                for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            )
+            next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
             .split(":", 1)[1]
             .split()
         )

@@ -182,9 +182,7 @@ FEATURES = {
 @pytest.mark.parametrize("case", FEATURES)
 def test_feature_matches_reference(case, dtype):
     shape, options, extra = FEATURES[case]
-    q, k, v = make_qkv(
-        **{"batch": B, "q_heads": H, "q_len": LQ, "k_len": LK, "head_dim": D, **shape}, dtype=dtype
-    )
+    q, k, v = make_qkv(**{"batch": B, "q_heads": H, "q_len": LQ, "k_len": LK, "head_dim": D, **shape}, dtype=dtype)
     inputs = {"q": q, "k": k, "v": v, **(extra(dtype) if extra else {})}
     options = {**options, "return_lse": True}
     check_against_reference(kernel_fn(**options), reference_fn(**options), inputs, dtype)
@@ -198,9 +196,7 @@ def test_feature_matches_reference(case, dtype):
 def test_gradient_through_lse(case, dtype):
     """A loss that uses lse as well as out: the lse gradient folds into the backward."""
     shape, options, extra = FEATURES[case]
-    q, k, v = make_qkv(
-        **{"batch": B, "q_heads": H, "q_len": LQ, "k_len": LK, "head_dim": D, **shape}, dtype=dtype
-    )
+    q, k, v = make_qkv(**{"batch": B, "q_heads": H, "q_len": LQ, "k_len": LK, "head_dim": D, **shape}, dtype=dtype)
     inputs = {"q": q, "k": k, "v": v, **(extra(dtype) if extra else {})}
     options = {**options, "return_lse": True}
     check_against_reference(kernel_fn(**options), reference_fn(**options), inputs, dtype, lse_grad=True)
@@ -213,9 +209,7 @@ def test_lse_only_loss():
     got = torch.autograd.grad(
         bmkernels.attention(q, k, v, bias=bias, return_lse=True)[1].sum(), (q, k, bias), allow_unused=True
     )
-    want = torch.autograd.grad(
-        reference.attention(q, k, v, bias=bias, return_lse=True)[1].sum(), (q, k, bias)
-    )
+    want = torch.autograd.grad(reference.attention(q, k, v, bias=bias, return_lse=True)[1].sum(), (q, k, bias))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
@@ -246,9 +240,7 @@ def test_lse_only_loss():
 def test_head_dims(head_dim, v_head_dim):
     q, k, v = make_qkv(q_len=17, k_len=33, head_dim=head_dim, v_head_dim=v_head_dim)
     options = {"causal": True, "return_lse": True}
-    check_against_reference(
-        kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.float32
-    )
+    check_against_reference(kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.bfloat16, torch.float16), ids=str)
@@ -275,9 +267,7 @@ def test_head_dims_other_dtypes(head_dim, dtype):
 def test_awkward_lengths(q_len, k_len, options):
     q, k, v = make_qkv(batch=1, q_len=q_len, k_len=k_len, head_dim=24)
     options = {**options, "return_lse": True}
-    check_against_reference(
-        kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.float32
-    )
+    check_against_reference(kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -301,9 +291,7 @@ def test_length_1025(dtype, q_len, options):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("layout", ("transposed", "sliced"))
 def test_non_contiguous_inputs(layout, dtype):
-    q, k, v = make_qkv(
-        q_heads=4, kv_heads=2, q_len=17, k_len=23, head_dim=24, v_head_dim=8, dtype=dtype, layout=layout
-    )
+    q, k, v = make_qkv(q_heads=4, kv_heads=2, q_len=17, k_len=23, head_dim=24, v_head_dim=8, dtype=dtype, layout=layout)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     bias = rand_float(2, 4, 23, 17, dtype=dtype).transpose(-1, -2).requires_grad_()  # a transposed view
     mask = rand_bool(23, 1).expand(23, 17).t()  # stride-0 view
@@ -600,9 +588,7 @@ def test_gradcheck(case):
         v_head_dim=3,
         dtype=torch.float64,
     )
-    bias = (
-        rand_float(*tensors["bias"], dtype=torch.float64, requires_grad=True) if "bias" in tensors else None
-    )
+    bias = rand_float(*tensors["bias"], dtype=torch.float64, requires_grad=True) if "bias" in tensors else None
     mask = None
     if tensors.get("mask"):
         mask = rand_bool(5, 6, p_keep=0.7)
@@ -683,9 +669,7 @@ def _compare_compiled(fn, inputs):
     leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
     weights = [torch.randn_like(o) for o in eager]
     g_eager = torch.autograd.grad(sum((o * w).sum() for o, w in zip(eager, weights, strict=True)), leaves)
-    g_compiled = torch.autograd.grad(
-        sum((o * w).sum() for o, w in zip(compiled, weights, strict=True)), leaves
-    )
+    g_compiled = torch.autograd.grad(sum((o * w).sum() for o, w in zip(compiled, weights, strict=True)), leaves)
     for a, b in zip(eager + g_eager, compiled + g_compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
@@ -738,9 +722,7 @@ def test_compile_sdpa():
 
 def sdpa_pair(**options):
     return (
-        lambda query, key, value, **t: bmkernels.scaled_dot_product_attention(
-            query, key, value, **options, **t
-        ),
+        lambda query, key, value, **t: bmkernels.scaled_dot_product_attention(query, key, value, **options, **t),
         lambda query, key, value, **t: F.scaled_dot_product_attention(query, key, value, **options, **t),
     )
 

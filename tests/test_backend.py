@@ -102,9 +102,7 @@ def test_reference_backend_dropout():
     out = bmkernels.attention(q, k, v, dropout_p=0.3, backend="reference")
     torch.manual_seed(3)
     keep = torch.rand(2, 2, 9, 11) >= 0.3
-    torch.testing.assert_close(
-        out, reference.attention(q, k, v, dropout_p=0.3, dropout_mask=keep), rtol=0, atol=0
-    )
+    torch.testing.assert_close(out, reference.attention(q, k, v, dropout_p=0.3, dropout_mask=keep), rtol=0, atol=0)
 
 
 def test_reference_backend_works_anywhere():
@@ -180,6 +178,7 @@ def test_auto_on_cuda_without_cuda_kernel_is_triton(monkeypatch):
 def test_choice_for_cuda_traces_without_graph_break(backend):
     """torch.compile(fullgraph=True) of an op on CUDA tensors traces the backend choice (it broke the
     graph on a GPU: find_spec and the dispatcher query cannot be traced); checkable without a GPU."""
+
     def f(x):
         name = _backend.choose("attention", torch.device("cuda"), backend)
         return x + len(name)
@@ -216,8 +215,6 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
         bmkernels.attention(q, k, v)
     with pytest.raises(RuntimeError, match="dropout_keep_mask needs the compiled bmkernels extension"):
         bmkernels.dropout_keep_mask(torch.tensor([1]), 1, 1, 2, 2, 0.5)
-    torch.testing.assert_close(
-        bmkernels.attention(q, k, v, backend="reference"), reference.attention(q, k, v)
-    )
+    torch.testing.assert_close(bmkernels.attention(q, k, v, backend="reference"), reference.attention(q, k, v))
     info = bmkernels.build_info()
     assert info["extension_loaded"] is False and info["cpu_isas"] == [] and info["active_cpu_isa"] is None

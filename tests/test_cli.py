@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(*args, timeout=120):
     env = dict(os.environ)
     env.pop("BMK_BACKEND", None)
-    return subprocess.run([sys.executable, "-m", "bmkernels", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bmkernels", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
 
 
 def table_rows(stdout):
@@ -54,9 +55,20 @@ class TestBenchQuick:
         header, rows = table_rows(proc.stdout)
         expected = [c.name for c in attention_bench.cases("quick")]
         assert list(rows) == expected
-        for col in ("case", "reps", "bmkernels ms", "sdpa ms", "eager ms", "bmkernels GFLOP/s",
-                    "sdpa GFLOP/s", "eager GFLOP/s", "vs sdpa", "vs eager", "vs best",
-                    "saved MiB bmkernels / sdpa / eager"):
+        for col in (
+            "case",
+            "reps",
+            "bmkernels ms",
+            "sdpa ms",
+            "eager ms",
+            "bmkernels GFLOP/s",
+            "sdpa GFLOP/s",
+            "eager GFLOP/s",
+            "vs sdpa",
+            "vs eager",
+            "vs best",
+            "saved MiB bmkernels / sdpa / eager",
+        ):
             assert col in header, header
         assert "Total:" in proc.stdout
 
@@ -134,14 +146,17 @@ def run_main(capsys, *args):
     return code, out, err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["bench", "--bogus"], "unrecognized arguments: --bogus"),
-    (["bench", "--reps", "0"], "must be a positive integer"),
-    (["bench", "--reps", "many"], "must be a positive integer"),
-    (["bench", "--op", "fft"], "invalid choice: 'fft'"),
-    (["bench", "--quick", "--full"], "not allowed with"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--bogus"], "unrecognized arguments: --bogus"),
+        (["bench", "--reps", "0"], "must be a positive integer"),
+        (["bench", "--reps", "many"], "must be a positive integer"),
+        (["bench", "--op", "fft"], "invalid choice: 'fft'"),
+        (["bench", "--quick", "--full"], "not allowed with"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_bad_command_line(capsys, args, message):
     code, _, err = run_main(capsys, *args)
     assert code == 2
@@ -212,8 +227,9 @@ def test_run_case_interleaves_in_rotating_order():
     def contender(name):
         return lambda inp: calls.append(name)
 
-    case = bench.Case(op="toy", name="toy", make_inputs=dict, flops=1.0,
-                      contenders={n: contender(n) for n in ("a", "b", "c")})
+    case = bench.Case(
+        op="toy", name="toy", make_inputs=dict, flops=1.0, contenders={n: contender(n) for n in ("a", "b", "c")}
+    )
     res = bench.run_case(case, reps=4, warmup_s=0.0, min_sample_s=0.0)
     measured = calls[-12:]  # after the warm-up calls
     assert measured == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]

@@ -24,15 +24,32 @@ def rand(*shape, dtype=torch.float32, seed=0, scale=1.0, requires_grad=True, cha
     return t.requires_grad_(requires_grad)
 
 
-def make_inputs(batch, c_in, size, c_out, kernel, *, groups=1, bias=True, residual=False, dtype=torch.float32,
-                channels_last=False, out_size=None, unbatched=False, seed=0):
+def make_inputs(
+    batch,
+    c_in,
+    size,
+    c_out,
+    kernel,
+    *,
+    groups=1,
+    bias=True,
+    residual=False,
+    dtype=torch.float32,
+    channels_last=False,
+    out_size=None,
+    unbatched=False,
+    seed=0,
+):
     """x, weight, bias, residual as leaves requiring grad (residual: of shape (batch, c_out, *out_size))."""
     h, w = (size, size) if isinstance(size, int) else size
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     lead = () if unbatched else (batch,)
-    inputs = {"x": rand(*lead, c_in, h, w, dtype=dtype, seed=seed, channels_last=channels_last),
-              "weight": rand(c_out, c_in // groups, kh, kw, dtype=dtype, seed=seed + 1, scale=0.5,
-                             channels_last=channels_last)}
+    inputs = {
+        "x": rand(*lead, c_in, h, w, dtype=dtype, seed=seed, channels_last=channels_last),
+        "weight": rand(
+            c_out, c_in // groups, kh, kw, dtype=dtype, seed=seed + 1, scale=0.5, channels_last=channels_last
+        ),
+    }
     if bias:
         inputs["bias"] = rand(c_out, dtype=dtype, seed=seed + 2)
     if residual:
@@ -75,8 +92,14 @@ CASES = {
     "rectangular": (2, 3, (5, 9), 4, (3, 2), {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}),
     "grouped": (2, 6, 8, 9, 3, {"groups": 3, "padding": 1, "activation": "relu"}),
     "depthwise": (2, 6, 9, 6, 3, {"groups": 6, "padding": 1, "activation": "relu"}),
-    "depthwise stride 2 dilation 2": (2, 5, 10, 5, 3, {"groups": 5, "stride": 2, "padding": 2, "dilation": 2,
-                                                      "activation": "silu"}),
+    "depthwise stride 2 dilation 2": (
+        2,
+        5,
+        10,
+        5,
+        3,
+        {"groups": 5, "stride": 2, "padding": 2, "dilation": 2, "activation": "silu"},
+    ),
     # NCHW: the strided pixels are picked before the layout change, for the depthwise loops too
     "depthwise 1x1 stride 2": (2, 8, 9, 8, 1, {"groups": 8, "stride": 2, "activation": "relu"}),
     "depthwise multiplier 2": (2, 4, 7, 8, 3, {"groups": 4, "padding": 1, "activation": "relu"}),
@@ -87,8 +110,14 @@ CASES = {
     # >= 32 input channels per group and output rows >= 28 wide: the forward without im2col (one GEMM per
     # tap over a row's pixels), its padding clipped per tap; also the stride-1 input gradient (a conv of dZ)
     "direct 3x3": (1, 32, 30, 32, 3, {"padding": 1, "activation": "relu"}),
-    "direct grouped strided dilated": (1, 66, (5, 61), 6, 3, {"groups": 2, "stride": (1, 2), "padding": 2,
-                                                              "dilation": 2, "activation": "gelu"}),
+    "direct grouped strided dilated": (
+        1,
+        66,
+        (5, 61),
+        6,
+        3,
+        {"groups": 2, "stride": (1, 2), "padding": 2, "dilation": 2, "activation": "gelu"},
+    ),
     # no kernel column covers a whole output row (padding 3 > k - 1): the row's tile is zeroed first
     "direct padding wider than the kernel": (1, 32, (5, 26), 8, 3, {"padding": 3, "activation": "relu"}),
     # the input gradient by phases (>= 16 input channels per group; one stride-1 conv of dZ per input pixel
@@ -96,10 +125,15 @@ CASES = {
     # the dilation or not, a kernel smaller than the stride (phases no tap reaches: zeros), a phase wide
     # enough for the im2col-free path (32 dZ channels, rows of 29)
     "phases stride 3 dilation 2": (2, 16, 13, 5, 3, {"stride": 3, "padding": 2, "dilation": 2, "activation": "relu"}),
-    "phases stride 2 dilation 2 grouped": (2, 32, 12, 4, 3, {"stride": 2, "padding": 1, "dilation": 2,
-                                                             "groups": 2}),
-    "phases kernel smaller than stride": (2, 16, (11, 10), 4, 2, {"stride": (3, 2), "padding": 1,
-                                                                  "activation": "silu"}),
+    "phases stride 2 dilation 2 grouped": (2, 32, 12, 4, 3, {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
+    "phases kernel smaller than stride": (
+        2,
+        16,
+        (11, 10),
+        4,
+        2,
+        {"stride": (3, 2), "padding": 1, "activation": "silu"},
+    ),
     "phases direct stride 2": (1, 16, (6, 58), 32, 3, {"stride": 2, "padding": 1, "activation": "relu"}),
 }
 
@@ -110,14 +144,30 @@ def _case_inputs(case, dtype, channels_last, residual):
     bias = options.pop("bias", True)
     with warnings.catch_warnings():  # torch warns that padding="same" with an even kernel copies the input
         warnings.simplefilter("ignore")
-        probe = F.conv2d(torch.zeros(batch, c_in, *((size, size) if isinstance(size, int) else size)),
-                         torch.zeros(c_out, c_in // options.get("groups", 1),
-                                     *((kernel, kernel) if isinstance(kernel, int) else kernel)),
-                         None, options.get("stride", 1), options.get("padding", 0), options.get("dilation", 1),
-                         options.get("groups", 1))
-    inputs = make_inputs(batch, c_in, size, c_out, kernel, groups=options.get("groups", 1), bias=bias,
-                         residual=residual, dtype=dtype, channels_last=channels_last,
-                         out_size=tuple(probe.shape[-2:]))
+        probe = F.conv2d(
+            torch.zeros(batch, c_in, *((size, size) if isinstance(size, int) else size)),
+            torch.zeros(
+                c_out, c_in // options.get("groups", 1), *((kernel, kernel) if isinstance(kernel, int) else kernel)
+            ),
+            None,
+            options.get("stride", 1),
+            options.get("padding", 0),
+            options.get("dilation", 1),
+            options.get("groups", 1),
+        )
+    inputs = make_inputs(
+        batch,
+        c_in,
+        size,
+        c_out,
+        kernel,
+        groups=options.get("groups", 1),
+        bias=bias,
+        residual=residual,
+        dtype=dtype,
+        channels_last=channels_last,
+        out_size=tuple(probe.shape[-2:]),
+    )
     return inputs, options
 
 
@@ -143,11 +193,11 @@ def test_every_activation_every_gradient():
 def test_blocked_paths(channels_last, dtype):
     """Shapes that span several pixel tiles, channel tiles (a partial last one), K chunks, weight-gradient
     blocks and the channel split of a batch of 1."""
-    inputs = make_inputs(1, 72, 11, 290, 3, residual=True, out_size=(11, 11), dtype=dtype,
-                         channels_last=channels_last)
+    inputs = make_inputs(1, 72, 11, 290, 3, residual=True, out_size=(11, 11), dtype=dtype, channels_last=channels_last)
     check(inputs, dtype, padding=1, activation="relu")
-    inputs = make_inputs(3, 40, 13, 70, 3, groups=2, residual=True, out_size=(7, 7), dtype=dtype,
-                         channels_last=channels_last)
+    inputs = make_inputs(
+        3, 40, 13, 70, 3, groups=2, residual=True, out_size=(7, 7), dtype=dtype, channels_last=channels_last
+    )
     check(inputs, dtype, stride=2, padding=1, groups=2, activation="gelu")
 
 
@@ -181,12 +231,16 @@ def test_non_contiguous_inputs(dtype):
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 def test_non_contiguous_grad_output(channels_last):
     """grad_output sliced (neither NCHW nor NHWC) or in the other memory format than the output."""
-    inputs = make_inputs(2, 4, 7, 6, 3, residual=True, out_size=(7, 7), dtype=torch.float64,
-                         channels_last=channels_last)
+    inputs = make_inputs(
+        2, 4, 7, 6, 3, residual=True, out_size=(7, 7), dtype=torch.float64, channels_last=channels_last
+    )
     leaves = list(inputs.values())
-    for grad_out in (torch.randn(2, 6, 7, 14, dtype=torch.float64)[..., ::2],
-                     torch.randn(2, 6, 7, 7, dtype=torch.float64).contiguous(
-                         memory_format=torch.contiguous_format if channels_last else torch.channels_last)):
+    for grad_out in (
+        torch.randn(2, 6, 7, 14, dtype=torch.float64)[..., ::2],
+        torch.randn(2, 6, 7, 7, dtype=torch.float64).contiguous(
+            memory_format=torch.contiguous_format if channels_last else torch.channels_last
+        ),
+    ):
         got = torch.autograd.grad(bmkernels.conv2d(**inputs, padding=1, activation="gelu"), leaves, grad_out)
         want = torch.autograd.grad(reference.conv2d(**inputs, padding=1, activation="gelu"), leaves, grad_out)
         for a, b in zip(got, want, strict=True):
@@ -242,8 +296,15 @@ def test_isa_paths(isa, case, dtype, monkeypatch):
 GRADCHECK_CASES = {
     "3x3 gelu residual": (2, 3, 5, 4, 3, {"padding": 1, "stride": 2, "activation": "gelu"}, True),
     "grouped silu channels_last": (1, 4, 5, 6, 3, {"padding": 1, "groups": 2, "activation": "silu"}, False),
-    "depthwise leaky negative": (2, 3, 6, 3, 3, {"groups": 3, "dilation": 2, "padding": 2,
-                                                 "activation": ("leaky_relu", -0.4)}, True),
+    "depthwise leaky negative": (
+        2,
+        3,
+        6,
+        3,
+        3,
+        {"groups": 3, "dilation": 2, "padding": 2, "activation": ("leaky_relu", -0.4)},
+        True,
+    ),
     "1x1 relu": (2, 3, 4, 5, 1, {"activation": "relu"}, True),
 }
 
@@ -251,12 +312,27 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("case", GRADCHECK_CASES)
 def test_gradcheck(case):
     batch, c_in, size, c_out, kernel, options, nchw = GRADCHECK_CASES[case]
-    out_hw = F.conv2d(torch.zeros(batch, c_in, size, size), torch.zeros(c_out, c_in // options.get("groups", 1),
-                                                                          kernel, kernel),
-                      None, options.get("stride", 1), options.get("padding", 0), options.get("dilation", 1),
-                      options.get("groups", 1)).shape[-2:]
-    inputs = make_inputs(batch, c_in, size, c_out, kernel, groups=options.get("groups", 1), residual=True,
-                         out_size=tuple(out_hw), dtype=torch.float64, channels_last=not nchw)
+    out_hw = F.conv2d(
+        torch.zeros(batch, c_in, size, size),
+        torch.zeros(c_out, c_in // options.get("groups", 1), kernel, kernel),
+        None,
+        options.get("stride", 1),
+        options.get("padding", 0),
+        options.get("dilation", 1),
+        options.get("groups", 1),
+    ).shape[-2:]
+    inputs = make_inputs(
+        batch,
+        c_in,
+        size,
+        c_out,
+        kernel,
+        groups=options.get("groups", 1),
+        residual=True,
+        out_size=tuple(out_hw),
+        dtype=torch.float64,
+        channels_last=not nchw,
+    )
     if options.get("activation") == "relu":  # keep pre-activations away from relu's kink at 0
         inputs["bias"].data += 3.0
 
@@ -281,8 +357,9 @@ def test_opcheck_conv2d_fwd(optional, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
-@pytest.mark.parametrize("mask", ([True, True, True, True], [False, True, False, True], [True, False, True, False]),
-                         ids=str)
+@pytest.mark.parametrize(
+    "mask", ([True, True, True, True], [False, True, False, True], [True, False, True, False]), ids=str
+)
 def test_opcheck_conv2d_bwd(mask, channels_last):
     x, w, bias, res, stride, padding, dilation, groups, act, slope, _ = _fwd_args(channels_last)
     out, preact = torch.ops.bmkernels.conv2d_fwd(x, w, bias, res, stride, padding, dilation, groups, act, slope, True)
@@ -363,49 +440,105 @@ def _x(*shape, dtype=torch.float32):
 
 
 BAD_INPUTS = {
-    "channel mismatch": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 2, 3, 3)), ValueError,
-                         "expects 2 input channels"),
-    "groups not dividing in": (lambda: bmkernels.conv2d(_x(1, 5, 5, 5), _x(4, 1, 3, 3), groups=2), ValueError,
-                               "must divide the input channels"),
-    "groups not dividing out": (lambda: bmkernels.conv2d(_x(1, 4, 5, 5), _x(3, 2, 3, 3), groups=2), ValueError,
-                                "output channels"),
+    "channel mismatch": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 2, 3, 3)),
+        ValueError,
+        "expects 2 input channels",
+    ),
+    "groups not dividing in": (
+        lambda: bmkernels.conv2d(_x(1, 5, 5, 5), _x(4, 1, 3, 3), groups=2),
+        ValueError,
+        "must divide the input channels",
+    ),
+    "groups not dividing out": (
+        lambda: bmkernels.conv2d(_x(1, 4, 5, 5), _x(3, 2, 3, 3), groups=2),
+        ValueError,
+        "output channels",
+    ),
     "groups zero": (lambda: bmkernels.conv2d(_x(1, 4, 5, 5), _x(3, 4, 3, 3), groups=0), ValueError, "groups"),
-    "residual shape": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), residual=_x(1, 4, 5, 5)),
-                       ValueError, r"residual must have the output's shape \(1, 4, 3, 3\)"),
-    "unknown activation": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), activation="tanh"),
-                           ValueError, "activation must be one of"),
-    "bad leaky slope": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3),
-                                                 activation=("leaky_relu", float("nan"))), ValueError, "slope"),
-    "output size zero": (lambda: bmkernels.conv2d(_x(1, 3, 2, 2), _x(4, 3, 3, 3)), ValueError,
-                         "output size .* must be positive"),
-    "mixed dtypes": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3, dtype=torch.float64)), TypeError,
-                     "weight must have x's dtype"),
-    "bias dtype": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), _x(4, dtype=torch.bfloat16)),
-                   TypeError, "bias must have x's dtype"),
-    "mixed devices": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3).to("meta")), ValueError,
-                      "weight must be on x's device"),
-    "bias shape": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), _x(3)), ValueError,
-                   r"bias must have shape \(C_out,\) = \(4,\)"),
+    "residual shape": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), residual=_x(1, 4, 5, 5)),
+        ValueError,
+        r"residual must have the output's shape \(1, 4, 3, 3\)",
+    ),
+    "unknown activation": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), activation="tanh"),
+        ValueError,
+        "activation must be one of",
+    ),
+    "bad leaky slope": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), activation=("leaky_relu", float("nan"))),
+        ValueError,
+        "slope",
+    ),
+    "output size zero": (
+        lambda: bmkernels.conv2d(_x(1, 3, 2, 2), _x(4, 3, 3, 3)),
+        ValueError,
+        "output size .* must be positive",
+    ),
+    "mixed dtypes": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3, dtype=torch.float64)),
+        TypeError,
+        "weight must have x's dtype",
+    ),
+    "bias dtype": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), _x(4, dtype=torch.bfloat16)),
+        TypeError,
+        "bias must have x's dtype",
+    ),
+    "mixed devices": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3).to("meta")),
+        ValueError,
+        "weight must be on x's device",
+    ),
+    "bias shape": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), _x(3)),
+        ValueError,
+        r"bias must have shape \(C_out,\) = \(4,\)",
+    ),
     "x dims": (lambda: bmkernels.conv2d(_x(3, 5), _x(4, 3, 3, 3)), ValueError, "x must be 4-D"),
     "weight dims": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3)), ValueError, "weight must be 4-D"),
-    "integer dtype": (lambda: bmkernels.conv2d(torch.ones(1, 3, 5, 5, dtype=torch.int32),
-                                               torch.ones(4, 3, 3, 3, dtype=torch.int32)), TypeError,
-                      "float32, float64 or bfloat16"),
-    "float16": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5, dtype=torch.float16), _x(4, 3, 3, 3, dtype=torch.float16)),
-                TypeError, "float32, float64 or bfloat16"),
+    "integer dtype": (
+        lambda: bmkernels.conv2d(torch.ones(1, 3, 5, 5, dtype=torch.int32), torch.ones(4, 3, 3, 3, dtype=torch.int32)),
+        TypeError,
+        "float32, float64 or bfloat16",
+    ),
+    "float16": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5, dtype=torch.float16), _x(4, 3, 3, 3, dtype=torch.float16)),
+        TypeError,
+        "float32, float64 or bfloat16",
+    ),
     "not a tensor": (lambda: bmkernels.conv2d([1.0], _x(4, 3, 3, 3)), TypeError, "x must be a torch.Tensor"),
-    "stride zero": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=0), ValueError,
-                    "stride must be >= 1"),
-    "negative padding": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding=-1), ValueError,
-                         "padding must be >= 0"),
-    "padding string": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding="full"), ValueError,
-                       "'same' or 'valid'"),
-    "same with stride": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=2, padding="same"),
-                         ValueError, "needs stride 1"),
-    "dilation triple": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), dilation=(1, 1, 1)), TypeError,
-                        "dilation must be an int or a pair"),
-    "unknown backend": (lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), backend="gpu"), ValueError,
-                        "backend must be one of"),
+    "stride zero": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=0),
+        ValueError,
+        "stride must be >= 1",
+    ),
+    "negative padding": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding=-1),
+        ValueError,
+        "padding must be >= 0",
+    ),
+    "padding string": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding="full"),
+        ValueError,
+        "'same' or 'valid'",
+    ),
+    "same with stride": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=2, padding="same"),
+        ValueError,
+        "needs stride 1",
+    ),
+    "dilation triple": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), dilation=(1, 1, 1)),
+        TypeError,
+        "dilation must be an int or a pair",
+    ),
+    "unknown backend": (
+        lambda: bmkernels.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), backend="gpu"),
+        ValueError,
+        "backend must be one of",
+    ),
 }
 
 

@@ -66,16 +66,27 @@ def check_rule(kernel_fn, reference_fn, tensors, dtype, seed=7):
 
 def gru_fn(impl, num_layers, bidirectional, batch_first=False, n_weights=None, **kw):
     """(x, h0, *weights) -> (output, h_n) through impl (bmkernels.gru or reference.gru)."""
+
     def fn(x, h0, *weights):
-        return impl(x, h0, list(weights), num_layers=num_layers, bidirectional=bidirectional,
-                    batch_first=batch_first, dropout=kw.get("dropout", 0.0), training=kw.get("training", False),
-                    lengths=kw.get("lengths"))
+        return impl(
+            x,
+            h0,
+            list(weights),
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            batch_first=batch_first,
+            dropout=kw.get("dropout", 0.0),
+            training=kw.get("training", False),
+            lengths=kw.get("lengths"),
+        )
+
     return fn
 
 
 def nn_gru(input_size, hidden, num_layers, bidirectional, bias, weights, batch_first=False, dtype=torch.float32):
-    module = torch.nn.GRU(input_size, hidden, num_layers, bias=bias, batch_first=batch_first,
-                          bidirectional=bidirectional).to(dtype)
+    module = torch.nn.GRU(
+        input_size, hidden, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional
+    ).to(dtype)
     with torch.no_grad():
         for p, w in zip(module._flat_weights, weights, strict=True):
             p.copy_(w)
@@ -96,8 +107,13 @@ def test_cell_matches_reference(dtype, shape, bias):
     batch, input_size, hidden = shape
     gen = torch.Generator().manual_seed(batch * 100 + hidden)
     w_ih, w_hh, *biases = gru_weights(input_size, hidden, bias=bias, dtype=dtype, seed=hidden)
-    tensors = [rand(batch, input_size, dtype=dtype, gen=gen), rand(batch, hidden, dtype=dtype, gen=gen), w_ih, w_hh,
-               *biases]
+    tensors = [
+        rand(batch, input_size, dtype=dtype, gen=gen),
+        rand(batch, hidden, dtype=dtype, gen=gen),
+        w_ih,
+        w_hh,
+        *biases,
+    ]
     check_rule(bmkernels.gru_cell, reference.gru_cell, tensors, dtype)
 
 
@@ -110,8 +126,9 @@ def test_cell_matches_nn_grucell(batch):
     want = cell(x, h)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, [x, h] + params, g), torch.autograd.grad(want, [x, h] + params, g),
-                    strict=True):
+    for a, b in zip(
+        torch.autograd.grad(got, [x, h] + params, g), torch.autograd.grad(want, [x, h] + params, g), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -149,8 +166,12 @@ def test_gru_matches_reference(case, dtype):
     x = rand(*((batch, steps) if batch_first else (steps, batch)), input_size, dtype=dtype, gen=gen)
     h0 = rand(layers * (2 if bi else 1), batch, hidden, dtype=dtype, gen=gen)
     weights = gru_weights(input_size, hidden, layers, bi, bias, dtype=dtype)
-    check_rule(gru_fn(bmkernels.gru, layers, bi, batch_first), gru_fn(reference.gru, layers, bi, batch_first),
-               [x, h0, *weights], dtype)
+    check_rule(
+        gru_fn(bmkernels.gru, layers, bi, batch_first),
+        gru_fn(reference.gru, layers, bi, batch_first),
+        [x, h0, *weights],
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("layers", (1, 2, 3))
@@ -162,13 +183,17 @@ def test_gru_matches_nn_gru(layers, bi, bias):
     module = nn_gru(input_size, hidden, layers, bi, bias, weights, batch_first=True)
     x = torch.randn(batch, steps, input_size, requires_grad=True)
     h0 = torch.randn(layers * (2 if bi else 1), batch, hidden, requires_grad=True)
-    got = bmkernels.gru(x, h0, module._flat_weights, num_layers=layers, bidirectional=bi, batch_first=True,
-                        dropout=0.0, training=True)
+    got = bmkernels.gru(
+        x, h0, module._flat_weights, num_layers=layers, bidirectional=bi, batch_first=True, dropout=0.0, training=True
+    )
     want = module(x, h0)
     grads = [torch.randn_like(t) for t in want]
     inputs = [x, h0] + module._flat_weights
-    for a, b in zip(list(got) + list(torch.autograd.grad(got, inputs, grads)),
-                    list(want) + list(torch.autograd.grad(want, inputs, grads)), strict=True):
+    for a, b in zip(
+        list(got) + list(torch.autograd.grad(got, inputs, grads)),
+        list(want) + list(torch.autograd.grad(want, inputs, grads)),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -177,8 +202,9 @@ def test_gru_unbatched_and_default_state():
     module = nn_gru(4, 5, 2, True, True, weights)
     x = torch.randn(6, 4)
     for h0 in (None, torch.randn(4, 5)):
-        got = bmkernels.gru(x, h0, weights, num_layers=2, bidirectional=True, batch_first=False, dropout=0.0,
-                            training=False)
+        got = bmkernels.gru(
+            x, h0, weights, num_layers=2, bidirectional=True, batch_first=False, dropout=0.0, training=False
+        )
         for a, b in zip(got, module(x, h0), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -190,8 +216,9 @@ def test_empty_batch(bi):
     weights = [w.requires_grad_() for w in gru_weights(4, 5, 2, bi)]
     module = nn_gru(4, 5, 2, bi, True, weights)
     x = torch.randn(3, 0, 4, requires_grad=True)
-    out, h_n = bmkernels.gru(x, None, weights, num_layers=2, bidirectional=bi, batch_first=False, dropout=0.0,
-                             training=False)
+    out, h_n = bmkernels.gru(
+        x, None, weights, num_layers=2, bidirectional=bi, batch_first=False, dropout=0.0, training=False
+    )
     ref_out, ref_h_n = module(x)
     assert out.shape == ref_out.shape and h_n.shape == ref_h_n.shape
     grads = torch.autograd.grad(out.sum() + h_n.sum(), [x, *weights])
@@ -213,8 +240,17 @@ def test_gru_packed_unsorted_lengths_match_nn_gru(bi):
     module = nn_gru(input_size, hidden, layers, bi, True, weights, batch_first=True)
     x = torch.randn(batch, steps, input_size, requires_grad=True)
     h0 = torch.randn(layers * (2 if bi else 1), batch, hidden, requires_grad=True)
-    out, h_n = bmkernels.gru(x, h0, module._flat_weights, num_layers=layers, bidirectional=bi, batch_first=True,
-                             dropout=0.0, training=False, lengths=lengths)
+    out, h_n = bmkernels.gru(
+        x,
+        h0,
+        module._flat_weights,
+        num_layers=layers,
+        bidirectional=bi,
+        batch_first=True,
+        dropout=0.0,
+        training=False,
+        lengths=lengths,
+    )
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     packed_out, want_h_n = module(packed, h0)
     want_out, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=steps)
@@ -234,8 +270,12 @@ def test_gru_lengths_match_reference(dtype):
     x, h0 = rand(6, 4, 3, dtype=dtype, gen=gen), rand(2, 4, 9, dtype=dtype, gen=gen)
     weights = gru_weights(3, 9, 1, True, dtype=dtype)
     lengths = torch.tensor([6, 2, 4, 1])
-    check_rule(gru_fn(bmkernels.gru, 1, True, lengths=lengths), gru_fn(reference.gru, 1, True, lengths=lengths),
-               [x, h0, *weights], dtype)
+    check_rule(
+        gru_fn(bmkernels.gru, 1, True, lengths=lengths),
+        gru_fn(reference.gru, 1, True, lengths=lengths),
+        [x, h0, *weights],
+        dtype,
+    )
 
 
 def test_gru_lengths_library_steps():
@@ -244,8 +284,12 @@ def test_gru_lengths_library_steps():
     x, h0 = rand(4, 224, 6, gen=gen), rand(2, 224, 160, gen=gen)
     weights = gru_weights(6, 160, 1, True)
     lengths = torch.randint(1, 5, (224,), generator=gen)
-    check_rule(gru_fn(bmkernels.gru, 1, True, lengths=lengths), gru_fn(reference.gru, 1, True, lengths=lengths),
-               [x, h0, *weights], torch.float32)
+    check_rule(
+        gru_fn(bmkernels.gru, 1, True, lengths=lengths),
+        gru_fn(reference.gru, 1, True, lengths=lengths),
+        [x, h0, *weights],
+        torch.float32,
+    )
 
 
 def test_gru_dropout_reproducible_and_matches_reference():
@@ -277,15 +321,21 @@ def test_gru_dropout_reproducible_and_matches_reference():
 
 def test_gradcheck_cell():
     gen = torch.Generator().manual_seed(0)
-    tensors = [rand(2, 3, dtype=torch.float64, gen=gen), rand(2, 4, dtype=torch.float64, gen=gen),
-               *gru_weights(3, 4, dtype=torch.float64)]
+    tensors = [
+        rand(2, 3, dtype=torch.float64, gen=gen),
+        rand(2, 4, dtype=torch.float64, gen=gen),
+        *gru_weights(3, 4, dtype=torch.float64),
+    ]
     assert torch.autograd.gradcheck(bmkernels.gru_cell, leaves(tensors))
 
 
 def test_gradcheck_gru_bidirectional_lengths():
     gen = torch.Generator().manual_seed(1)
-    tensors = [rand(4, 3, 2, dtype=torch.float64, gen=gen), rand(4, 3, 3, dtype=torch.float64, gen=gen),
-               *gru_weights(2, 3, 2, True, dtype=torch.float64)]
+    tensors = [
+        rand(4, 3, 2, dtype=torch.float64, gen=gen),
+        rand(4, 3, 3, dtype=torch.float64, gen=gen),
+        *gru_weights(2, 3, 2, True, dtype=torch.float64),
+    ]
     fn = gru_fn(bmkernels.gru, 2, True, lengths=torch.tensor([4, 1, 3]))
     assert torch.autograd.gradcheck(fn, leaves(tensors))
 
@@ -293,9 +343,12 @@ def test_gradcheck_gru_bidirectional_lengths():
 def _layer_args(bias=True, lengths=False, directions=2, save=True, dtype=torch.float32):
     gen = torch.Generator().manual_seed(2)
     steps, batch, input_size, hidden = 4, 3, 5, 6
-    args = [rand(steps, batch, input_size, dtype=dtype, gen=gen), rand(directions, batch, hidden, dtype=dtype, gen=gen),
-            rand(directions, 3 * hidden, input_size, dtype=dtype, gen=gen),
-            rand(directions, 3 * hidden, hidden, dtype=dtype, gen=gen, scale=0.3)]
+    args = [
+        rand(steps, batch, input_size, dtype=dtype, gen=gen),
+        rand(directions, batch, hidden, dtype=dtype, gen=gen),
+        rand(directions, 3 * hidden, input_size, dtype=dtype, gen=gen),
+        rand(directions, 3 * hidden, hidden, dtype=dtype, gen=gen, scale=0.3),
+    ]
     args += [rand(directions, 3 * hidden, dtype=dtype, gen=gen) for _ in range(2)] if bias else [None, None]
     args += [torch.tensor([4, 2, 3]) if lengths else None, save]
     return args
@@ -304,16 +357,23 @@ def _layer_args(bias=True, lengths=False, directions=2, save=True, dtype=torch.f
 @pytest.mark.parametrize("variant", ("bias", "nobias_lengths", "one_direction_nosave"))
 def test_opcheck_layer(variant):
     nosave = variant == "one_direction_nosave"
-    args = _layer_args(bias=variant == "bias", lengths="lengths" in variant, directions=1 if nosave else 2,
-                       save=not nosave)
+    args = _layer_args(
+        bias=variant == "bias", lengths="lengths" in variant, directions=1 if nosave else 2, save=not nosave
+    )
     for i in range(6):
         if args[i] is not None and args[7]:  # without a saved workspace there is no backward
             args[i].requires_grad_(True)
     torch.library.opcheck(torch.ops.bmkernels.gru_layer_fwd.default, args)
     with torch.no_grad():
         out, h_n, ws = torch.ops.bmkernels.gru_layer_fwd(*args[:7], True)
-    bwd_args = [torch.randn_like(out), torch.randn_like(h_n), *[a.detach() for a in args[:4]], args[6], ws,
-                args[4] is not None]
+    bwd_args = [
+        torch.randn_like(out),
+        torch.randn_like(h_n),
+        *[a.detach() for a in args[:4]],
+        args[6],
+        ws,
+        args[4] is not None,
+    ]
     torch.library.opcheck(torch.ops.bmkernels.gru_layer_bwd.default, bwd_args)
 
 
@@ -339,8 +399,17 @@ class TinyGRUModel(torch.nn.Module):
         self.head = torch.nn.Linear(5, 2)
 
     def forward(self, x, lengths):
-        out, h_n = bmkernels.gru(self.embed(x), None, list(self.gru_weights), num_layers=2, bidirectional=True,
-                                 batch_first=True, dropout=0.0, training=self.training, lengths=lengths)
+        out, h_n = bmkernels.gru(
+            self.embed(x),
+            None,
+            list(self.gru_weights),
+            num_layers=2,
+            bidirectional=True,
+            batch_first=True,
+            dropout=0.0,
+            training=self.training,
+            lengths=lengths,
+        )
         h = bmkernels.gru_cell(out[:, -1], h_n[-1], *self.cell.parameters())
         return self.head(h), out
 
@@ -357,8 +426,11 @@ def test_compile_fullgraph():
     got = compiled(x, lengths)
     grads = [torch.randn_like(t) for t in eager]
     params = list(model.parameters())
-    for a, b in zip(list(got) + list(torch.autograd.grad(got, params, grads)),
-                    list(eager) + list(torch.autograd.grad(eager, params, grads)), strict=True):
+    for a, b in zip(
+        list(got) + list(torch.autograd.grad(got, params, grads)),
+        list(eager) + list(torch.autograd.grad(eager, params, grads)),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -367,8 +439,11 @@ def test_compile_fullgraph():
 def test_isa_paths(isa, dtype, monkeypatch):
     monkeypatch.setenv("BMK_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(5)
-    cell_tensors = [rand(3, 21, dtype=dtype, gen=gen), rand(3, 19, dtype=dtype, gen=gen),
-                    *gru_weights(21, 19, dtype=dtype)]
+    cell_tensors = [
+        rand(3, 21, dtype=dtype, gen=gen),
+        rand(3, 19, dtype=dtype, gen=gen),
+        *gru_weights(21, 19, dtype=dtype),
+    ]
     if not cpu_supports(isa):
         with pytest.raises(RuntimeError, match="does not support"):
             bmkernels.gru_cell(*cell_tensors)
@@ -377,8 +452,12 @@ def test_isa_paths(isa, dtype, monkeypatch):
     check_rule(bmkernels.gru_cell, reference.gru_cell, cell_tensors, dtype)
     x, h0 = rand(5, 6, 9, dtype=dtype, gen=gen), rand(2, 6, 70, dtype=dtype, gen=gen)
     lengths = torch.tensor([5, 3, 1, 5, 4, 2])
-    check_rule(gru_fn(bmkernels.gru, 1, True, lengths=lengths), gru_fn(reference.gru, 1, True, lengths=lengths),
-               [x, h0, *gru_weights(9, 70, 1, True, dtype=dtype)], dtype)
+    check_rule(
+        gru_fn(bmkernels.gru, 1, True, lengths=lengths),
+        gru_fn(reference.gru, 1, True, lengths=lengths),
+        [x, h0, *gru_weights(9, 70, 1, True, dtype=dtype)],
+        dtype,
+    )
 
 
 def test_non_contiguous_inputs():
@@ -387,8 +466,9 @@ def test_non_contiguous_inputs():
     h0 = rand(3, 2, 4, gen=gen).transpose(0, 1)  # (2, 3, 4), transposed storage
     weights = [w.t().contiguous().t() if w.dim() == 2 else w for w in gru_weights(5, 4, 1, True)]
     assert not x.is_contiguous() and not h0.is_contiguous() and not weights[0].is_contiguous()
-    check_rule(gru_fn(bmkernels.gru, 1, True), gru_fn(reference.gru, 1, True), [x.transpose(0, 1), h0, *weights],
-               torch.float32)
+    check_rule(
+        gru_fn(bmkernels.gru, 1, True), gru_fn(reference.gru, 1, True), [x.transpose(0, 1), h0, *weights], torch.float32
+    )
     cell = [rand(5, 2 * 5, gen=gen)[:, ::2], rand(4, 5, gen=gen).t(), *weights[:4]]
     check_rule(bmkernels.gru_cell, reference.gru_cell, cell, torch.float32)
 
@@ -400,8 +480,12 @@ def test_reference_backend():
     got = bmkernels.gru(x, h0, weights, backend="reference", **kwargs)
     for a, b in zip(got, bmkernels.gru(x, h0, weights, **kwargs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bmkernels.gru_cell(x[0], h0[0], *weights, backend="reference"),
-                               bmkernels.gru_cell(x[0], h0[0], *weights), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        bmkernels.gru_cell(x[0], h0[0], *weights, backend="reference"),
+        bmkernels.gru_cell(x[0], h0[0], *weights),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,19 +503,31 @@ def _gru_call(x=None, h0=None, weights=None, **overrides):
 BAD_GRU = {
     "input size": (lambda: _gru_call(x=torch.randn(4, 2, 7)), ValueError, r"weights\[0\].*\(15, 7\)"),
     "h0 shape": (lambda: _gru_call(h0=torch.randn(2, 2, 5)), ValueError, r"h0 must have shape \(1, 2, 5\)"),
-    "w_hh shape": (lambda: _gru_call(weights=gru_weights(3, 5)[:1] + [torch.randn(15, 4)] + gru_weights(3, 5)[2:]),
-                   ValueError, r"weights\[1\].*\(3H, H\)"),
-    "bias shape": (lambda: _gru_call(weights=gru_weights(3, 5)[:3] + [torch.randn(14)]), ValueError,
-                   r"weights\[3\] \(b_hh of layer 0\) must have shape \(15,\)"),
+    "w_hh shape": (
+        lambda: _gru_call(weights=gru_weights(3, 5)[:1] + [torch.randn(15, 4)] + gru_weights(3, 5)[2:]),
+        ValueError,
+        r"weights\[1\].*\(3H, H\)",
+    ),
+    "bias shape": (
+        lambda: _gru_call(weights=gru_weights(3, 5)[:3] + [torch.randn(14)]),
+        ValueError,
+        r"weights\[3\] \(b_hh of layer 0\) must have shape \(15,\)",
+    ),
     "weight count": (lambda: _gru_call(weights=gru_weights(3, 5)[:3]), ValueError, "list of 2 .* or 4"),
     "layer count": (lambda: _gru_call(num_layers=3), ValueError, "list of 6 .* or 12"),
     "T = 0": (lambda: _gru_call(x=torch.randn(0, 2, 3)), ValueError, "T must be >= 1"),
     "x dims": (lambda: _gru_call(x=torch.randn(4, 2, 3, 1)), ValueError, "x must be"),
-    "mixed dtypes": (lambda: _gru_call(x=torch.randn(4, 2, 3, dtype=torch.float64)), TypeError,
-                     r"weights\[0\] must have the input's dtype torch.float64; got torch.float32"),
+    "mixed dtypes": (
+        lambda: _gru_call(x=torch.randn(4, 2, 3, dtype=torch.float64)),
+        TypeError,
+        r"weights\[0\] must have the input's dtype torch.float64; got torch.float32",
+    ),
     "int dtype": (lambda: _gru_call(x=torch.ones(4, 2, 3, dtype=torch.int64)), TypeError, "x must be float32"),
-    "mixed devices": (lambda: _gru_call(h0=torch.randn(1, 2, 5, device="meta")), ValueError,
-                      "h0 must be on the input's device cpu; got meta"),
+    "mixed devices": (
+        lambda: _gru_call(h0=torch.randn(1, 2, 5, device="meta")),
+        ValueError,
+        "h0 must be on the input's device cpu; got meta",
+    ),
     "lengths range": (lambda: _gru_call(lengths=torch.tensor([5, 2])), ValueError, r"lengths must be in \[1, T\]"),
     "lengths dtype": (lambda: _gru_call(lengths=torch.tensor([3.0, 2.0])), ValueError, "lengths must be int64"),
     "dropout": (lambda: _gru_call(dropout=1.5), ValueError, "dropout must be"),
@@ -447,24 +543,51 @@ def test_gru_bad_input(case):
 
 
 BAD_CELL = {
-    "input size": (lambda w: bmkernels.gru_cell(torch.randn(2, 4), None, *w), ValueError,
-                   r"w_ih must have shape \(15, 4\)"),
-    "h shape": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(3, 5), *w), ValueError,
-                r"h must have shape \(2, 5\)"),
-    "w_hh shape": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), None, w[0], torch.randn(15, 4)), ValueError,
-                   r"w_hh must have shape \(3H, H\)"),
-    "one bias": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), None, w[0], w[1], w[2]), ValueError,
-                 "both b_ih and b_hh"),
-    "mixed dtypes": (lambda w: bmkernels.gru_cell(torch.randn(2, 3).double(), None, *w), TypeError,
-                     "w_ih must have the input's dtype"),
-    "mixed devices": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5, device="meta"), *w),
-                      ValueError, "h must be on the input's device"),
-    "not a tensor": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), w[0].tolist(), *w[1:]),
-                     TypeError, "w_ih must be a torch.Tensor"),
-    "hot path dtype": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5).double(), *w), TypeError,
-                       "h must have the input's dtype torch.float32; got torch.float64"),
-    "hot path bias shape": (lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), *w[:3], w[3][:7]),
-                            ValueError, r"b_hh must have shape \(15,\); got \(7,\)"),
+    "input size": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 4), None, *w),
+        ValueError,
+        r"w_ih must have shape \(15, 4\)",
+    ),
+    "h shape": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(3, 5), *w),
+        ValueError,
+        r"h must have shape \(2, 5\)",
+    ),
+    "w_hh shape": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), None, w[0], torch.randn(15, 4)),
+        ValueError,
+        r"w_hh must have shape \(3H, H\)",
+    ),
+    "one bias": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), None, w[0], w[1], w[2]),
+        ValueError,
+        "both b_ih and b_hh",
+    ),
+    "mixed dtypes": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3).double(), None, *w),
+        TypeError,
+        "w_ih must have the input's dtype",
+    ),
+    "mixed devices": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5, device="meta"), *w),
+        ValueError,
+        "h must be on the input's device",
+    ),
+    "not a tensor": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), w[0].tolist(), *w[1:]),
+        TypeError,
+        "w_ih must be a torch.Tensor",
+    ),
+    "hot path dtype": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5).double(), *w),
+        TypeError,
+        "h must have the input's dtype torch.float32; got torch.float64",
+    ),
+    "hot path bias shape": (
+        lambda w: bmkernels.gru_cell(torch.randn(2, 3), torch.randn(2, 5), *w[:3], w[3][:7]),
+        ValueError,
+        r"b_hh must have shape \(15,\); got \(7,\)",
+    ),
 }
 
 
@@ -480,8 +603,9 @@ def test_cell_bad_input(case):
 
 
 def _train_step(weights, x, h0):
-    out, h_n = bmkernels.gru(x, h0, weights, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0,
-                             training=True)
+    out, h_n = bmkernels.gru(
+        x, h0, weights, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0, training=True
+    )
     return [out, h_n, *torch.autograd.grad(out.sum() + h_n.sum(), [x, *weights])]
 
 
@@ -505,10 +629,12 @@ def test_buffer_pool_reuses_blocks_and_empties():
 
 
 def test_buffer_pool_can_be_turned_off():
-    code = ("import torch, bmkernels; x = torch.randn(16, 64, 32, requires_grad=True); "
-            "g = torch.nn.GRU(32, 256); out, _ = bmkernels.gru(x, None, g._flat_weights, num_layers=1, "
-            "bidirectional=False, batch_first=False, dropout=0.0, training=True); out.sum().backward(); "
-            "print(bmkernels.cpu_cache_bytes())")
+    code = (
+        "import torch, bmkernels; x = torch.randn(16, 64, 32, requires_grad=True); "
+        "g = torch.nn.GRU(32, 256); out, _ = bmkernels.gru(x, None, g._flat_weights, num_layers=1, "
+        "bidirectional=False, batch_first=False, dropout=0.0, training=True); out.sum().backward(); "
+        "print(bmkernels.cpu_cache_bytes())"
+    )
     env = {**os.environ, "BMK_CPU_CACHE_MB": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -522,12 +648,18 @@ def test_backward_allocates_no_zero_gradient_for_the_workspace():
     x = torch.randn(steps, batch, 16, requires_grad=True)
     weights = [w.requires_grad_() for w in gru_weights(16, hidden, 1, False)]
     with torch.profiler.profile(record_shapes=True) as prof:
-        out, _ = bmkernels.gru(x, None, weights, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0,
-                               training=True)
+        out, _ = bmkernels.gru(
+            x, None, weights, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0, training=True
+        )
         out.sum().backward()
     workspace_shape = [1, steps, batch, 5 * hidden]
-    fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros_like")
-             and e.input_shapes and list(e.input_shapes[0]) == workspace_shape]
+    fills = [
+        e
+        for e in prof.events()
+        if e.name in ("aten::fill_", "aten::zero_", "aten::zeros_like")
+        and e.input_shapes
+        and list(e.input_shapes[0]) == workspace_shape
+    ]
     assert not fills, [e.name for e in fills]
 
 

@@ -13,8 +13,10 @@ from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max
 E, H = 12, 3
 
 # torch's own warnings for inputs these tests pass on purpose (mixed mask types, nested tensors)
-pytestmark = [pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask and attn_mask"),
-              pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask and attn_mask"),
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage"),
+]
 
 
 def make_pair(dtype=torch.float64, seed=0, **kwargs):
@@ -29,8 +31,18 @@ def make_pair(dtype=torch.float64, seed=0, **kwargs):
     return ref, ours
 
 
-def make_inputs(batch_first, self_attention, kdim=None, vdim=None, batch=2, q_len=5, k_len=7, batched=True,
-                dtype=torch.float64, seed=1):
+def make_inputs(
+    batch_first,
+    self_attention,
+    kdim=None,
+    vdim=None,
+    batch=2,
+    q_len=5,
+    k_len=7,
+    batched=True,
+    dtype=torch.float64,
+    seed=1,
+):
     gen = torch.Generator().manual_seed(seed)
 
     def one(length, dim):
@@ -90,8 +102,10 @@ CASES = {
     "no_bias": (dict(bias=False), dict(self_attention=True)),
     "bias_kv": (dict(add_bias_kv=True), dict(self_attention=False)),
     "zero_attn": (dict(add_zero_attn=True), dict(self_attention=True)),
-    "bias_kv_zero_attn": (dict(add_bias_kv=True, add_zero_attn=True, kdim=5, vdim=7),
-                          dict(self_attention=False, kdim=5, vdim=7)),
+    "bias_kv_zero_attn": (
+        dict(add_bias_kv=True, add_zero_attn=True, kdim=5, vdim=7),
+        dict(self_attention=False, kdim=5, vdim=7),
+    ),
 }
 
 
@@ -101,7 +115,7 @@ def masks(kind, batch=2, q_len=5, k_len=7, batched=True):
     hidden = torch.rand(q_len, k_len, generator=gen) < 0.4
     hidden[:, 0] = False
     pad = torch.zeros(batch, k_len, dtype=torch.bool)
-    pad[-1, k_len - 2:] = True
+    pad[-1, k_len - 2 :] = True
     if not batched:
         pad = pad[0]
     if kind == "none":
@@ -117,8 +131,10 @@ def masks(kind, batch=2, q_len=5, k_len=7, batched=True):
         return {"attn_mask": m}
     if kind == "float3d_kpm_bool":
         b = batch if batched else 1
-        return {"attn_mask": torch.randn(b * H, q_len, k_len, generator=gen, dtype=torch.float64),
-                "key_padding_mask": pad}
+        return {
+            "attn_mask": torch.randn(b * H, q_len, k_len, generator=gen, dtype=torch.float64),
+            "key_padding_mask": pad,
+        }
     if kind == "kpm_bool":
         return {"key_padding_mask": pad}
     if kind == "kpm_float":
@@ -138,8 +154,9 @@ def test_matches_torch_layouts(case, batch_first, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("mask", ["none", "bool2d", "float2d", "bool3d", "float3d_kpm_bool", "kpm_bool",
-                                  "kpm_float", "both_bool"])
+@pytest.mark.parametrize(
+    "mask", ["none", "bool2d", "float2d", "bool3d", "float3d_kpm_bool", "kpm_bool", "kpm_float", "both_bool"]
+)
 @pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
 def test_matches_torch_masks_and_weights(mask, need_weights, average, dtype):
     inputs = make_inputs(True, self_attention=False)
@@ -199,8 +216,7 @@ def test_dropout_with_weights_matches_torch_exactly():
     expected = run(ref, inputs, {"need_weights": True}, torch.float64)
     torch.manual_seed(11)
     got = run(ours, inputs, {"need_weights": True}, torch.float64)
-    for a, b in zip([expected[0], expected[1], *expected[2].values()], [got[0], got[1], *got[2].values()],
-                    strict=True):
+    for a, b in zip([expected[0], expected[1], *expected[2].values()], [got[0], got[1], *got[2].values()], strict=True):
         assert max_abs_diff(b, a) <= float64_tolerance(magnitude(a))
 
 
@@ -248,8 +264,9 @@ def test_state_dict_both_ways_and_isinstance():
     sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
     assert list(sd_ref) == list(sd_ours)
     assert all(sd_ref[k].shape == sd_ours[k].shape for k in sd_ref)
-    fresh_torch = torch.nn.MultiheadAttention(E, H, kdim=5, vdim=7, add_bias_kv=True, batch_first=True,
-                                              dtype=torch.float64)
+    fresh_torch = torch.nn.MultiheadAttention(
+        E, H, kdim=5, vdim=7, add_bias_kv=True, batch_first=True, dtype=torch.float64
+    )
     fresh_torch.load_state_dict(sd_ours)
     fresh_ours = MultiheadAttention(E, H, kdim=5, vdim=7, add_bias_kv=True, batch_first=True, dtype=torch.float64)
     fresh_ours.load_state_dict(sd_ref)
@@ -294,7 +311,8 @@ def test_gradcheck():
     q, k, v = (t.requires_grad_() for t in inputs.values())
     pad = torch.tensor([[False, False, True, False]])
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ours(q, k, v, key_padding_mask=pad, need_weights=False)[0], (q, k, v))
+        lambda q, k, v: ours(q, k, v, key_padding_mask=pad, need_weights=False)[0], (q, k, v)
+    )
 
 
 def test_compile_fullgraph():

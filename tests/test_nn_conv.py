@@ -30,11 +30,19 @@ def assert_same64(model_a, model_b, x, **kwargs):
         assert max_abs_diff(grads_b[name], grads_a[name]) <= float64_tolerance(magnitude(grads_a[name])), name
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(padding=1), dict(padding=2, padding_mode="reflect"), dict(padding=(1, 2), padding_mode="replicate"),
-    dict(padding=1, padding_mode="circular", stride=2), dict(padding="same", padding_mode="reflect", dilation=2),
-    dict(padding="same"), dict(padding="valid", bias=False, groups=3), dict(padding=1, stride=(2, 1), groups=3),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(padding=1),
+        dict(padding=2, padding_mode="reflect"),
+        dict(padding=(1, 2), padding_mode="replicate"),
+        dict(padding=1, padding_mode="circular", stride=2),
+        dict(padding="same", padding_mode="reflect", dilation=2),
+        dict(padding="same"),
+        dict(padding="valid", bias=False, groups=3),
+        dict(padding=1, stride=(2, 1), groups=3),
+    ],
+)
 def test_conv2d_matches_torch_float64(kwargs):
     torch.manual_seed(0)
     original = torch.nn.Conv2d(6, 9, 3, dtype=torch.float64, **kwargs)
@@ -70,8 +78,9 @@ def test_conv2d_activation_state_dict_repr_and_twin():
     plain.load_state_dict(conv.state_dict())
     assert torch.allclose(conv(x), torch.nn.functional.silu(plain(x)), atol=1e-12)
     assert isinstance(conv, torch.nn.Conv2d) and list(conv.state_dict()) == ["weight", "bias"]
-    assert repr(conv) == ("Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), activation='silu', "
-                          "backend=cpu)")
+    assert repr(conv) == (
+        "Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), activation='silu', backend=cpu)"
+    )
     with pytest.raises(ValueError, match="has no torch.nn.Conv2d twin"):
         conv.to_torch()
     swapped = Conv2d.from_torch(plain)
@@ -114,8 +123,9 @@ class _Fused(_Unfused):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("act,bias,affine,momentum", [(torch.nn.ReLU(), False, True, 0.1),
-                                                      (torch.nn.SiLU(), True, False, None)])
+@pytest.mark.parametrize(
+    "act,bias,affine,momentum", [(torch.nn.ReLU(), False, True, 0.1), (torch.nn.SiLU(), True, False, None)]
+)
 def test_conv_bn_act_equals_torch_in_train_and_eval(training, act, bias, affine, momentum):
     """Outputs, every gradient and the BatchNorm statistics after the step (train mode: batch
     statistics, running averages updated, momentum=None included; eval: the folded path)."""

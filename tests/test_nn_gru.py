@@ -39,8 +39,15 @@ def _twins(cls, torch_cls, *args, dtype=torch.float64, **kwargs):
     return original, cls.from_torch(copy.deepcopy(original))
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True), dict(batch_first=True, bias=False),
-                                    dict(num_layers=3, batch_first=True, bidirectional=True, dropout=0.3)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(num_layers=2, bidirectional=True),
+        dict(batch_first=True, bias=False),
+        dict(num_layers=3, batch_first=True, bidirectional=True, dropout=0.3),
+    ],
+)
 def test_gru_matches_torch_float64(kwargs):
     original, ours = _twins(GRU, torch.nn.GRU, I, H, **kwargs)
     original.eval()
@@ -68,7 +75,7 @@ def test_gru_packed_sequence_in_and_out(enforce_sorted):
         assert (a is None and b is None) or torch.equal(a, b), name
     padded = torch.zeros(len(lengths), max(lengths), I, dtype=torch.float64)
     for i, s in enumerate(seqs):
-        padded[i, :len(s)] = s
+        padded[i, : len(s)] = s
     repacked = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=enforce_sorted)
     assert_same64(original, ours, repacked)
 

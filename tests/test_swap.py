@@ -16,14 +16,17 @@ from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max
 D, HEADS = 16, 4
 
 # torch's own warnings: its nested-tensor fast path (which the original encoder takes on purpose)
-pytestmark = [pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage"),
-              pytest.mark.filterwarnings("ignore:enable_nested_tensor is True, but self.use_nested_tensor is False")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage"),
+    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True, but self.use_nested_tensor is False"),
+]
 
 
 def encoder(dtype=torch.float64, batch_first=True, norm_first=False, layers=2):
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(D, HEADS, 32, dropout=0.0, batch_first=batch_first,
-                                             norm_first=norm_first, dtype=dtype)
+    layer = torch.nn.TransformerEncoderLayer(
+        D, HEADS, 32, dropout=0.0, batch_first=batch_first, norm_first=norm_first, dtype=dtype
+    )
     return torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=True)
 
 
@@ -115,8 +118,11 @@ def test_decoder_layer():
     x, memory = torch.randn(2, 7, D, dtype=torch.float64), torch.randn(2, 11, D, dtype=torch.float64)
     pad = torch.zeros(2, 11, dtype=torch.bool)
     pad[1, 8:] = True
-    kwargs = {"tgt_mask": torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64),
-              "tgt_is_causal": True, "memory_key_padding_mask": pad}
+    kwargs = {
+        "tgt_mask": torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64),
+        "tgt_is_causal": True,
+        "memory_key_padding_mask": pad,
+    }
     a = original(x, memory, **kwargs)
     b = swapped(x, memory, **kwargs)
     assert_close64(b, a, "decoder output")
@@ -134,8 +140,7 @@ class UserModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = torch.nn.Linear(D, D)
-        self.blocks = torch.nn.ModuleDict({"a": torch.nn.MultiheadAttention(D, HEADS),
-                                           "b": UserAttention(D, HEADS)})
+        self.blocks = torch.nn.ModuleDict({"a": torch.nn.MultiheadAttention(D, HEADS), "b": UserAttention(D, HEADS)})
 
     def forward(self, x):
         h = self.proj(x)
@@ -157,8 +162,11 @@ def test_user_model_report_and_unswap():
     assert all(a is b for a, b in zip(params_before, model.parameters(), strict=True))
     assert_close64(model(x), expected, "swapped user model")
     text = str(report)
-    assert "swapped blocks.a: torch.nn.modules.activation.MultiheadAttention -> " \
-           "bmkernels.nn.attention.MultiheadAttention" in text and "left    blocks.b (UserAttention)" in text
+    assert (
+        "swapped blocks.a: torch.nn.modules.activation.MultiheadAttention -> bmkernels.nn.attention.MultiheadAttention"
+        in text
+        and "left    blocks.b (UserAttention)" in text
+    )
     assert bmkernels.unswap(model) is model
     assert type(model.blocks["a"]) is torch.nn.MultiheadAttention
     assert all(a is b for a, b in zip(params_before, model.parameters(), strict=True))

@@ -119,8 +119,9 @@ def test_float32_within_rule_train_and_eval():
         o_out, o_grads = forward_backward(swapped, x.float())
         assert_within_rule(f"output (training={training})", o_out, t_out, s_out, torch.float32)
         for name in t_grads:
-            assert_within_rule(f"grad {name} (training={training})", o_grads[name], t_grads[name], s_grads[name],
-                               torch.float32)
+            assert_within_rule(
+                f"grad {name} (training={training})", o_grads[name], t_grads[name], s_grads[name], torch.float32
+            )
 
 
 def test_training_steps_stay_together_and_state_dict_round_trips():
@@ -174,8 +175,13 @@ class UserModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.BatchNorm2d(8), torch.nn.SiLU(),
-            torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+            torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+        )
         self.hooked = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
         self.hooked[1].calls = 0
         self.hooked[1].register_forward_hook(_count_call)
@@ -195,9 +201,16 @@ def test_user_model_swap_fuse_hooks_and_unswap():
     swapped = copy.deepcopy(original)
     report = bmkernels.swap_modules(swapped)
     assert {name: dst.rsplit(".", 1)[1] for name, _, dst in report.swapped} == {
-        "features.0": "Conv2d", "features.3": "Conv2d", "hooked.0": "Conv2d", "gru": "GRU", "cell": "GRUCell"}
-    assert [names for names, _ in report.fused] == [["features.0", "features.1", "features.2"],
-                                                   ["features.3", "features.4"]]
+        "features.0": "Conv2d",
+        "features.3": "Conv2d",
+        "hooked.0": "Conv2d",
+        "gru": "GRU",
+        "cell": "GRUCell",
+    }
+    assert [names for names, _ in report.fused] == [
+        ["features.0", "features.1", "features.2"],
+        ["features.3", "features.4"],
+    ]
     assert type(swapped.hooked) is torch.nn.Sequential, "a hooked layer is not fused away"
     assert isinstance(swapped.gru, GRU) and isinstance(swapped.cell, GRUCell)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -215,6 +228,7 @@ def test_user_model_swap_fuse_hooks_and_unswap():
 
 def test_bottleneck_block_with_downsample():
     from torchvision.models.resnet import Bottleneck
+
     torch.manual_seed(0)
     downsample = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))
     original = torch.nn.Sequential(Bottleneck(8, 4, stride=2, downsample=downsample), Bottleneck(16, 4)).double()

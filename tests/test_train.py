@@ -16,8 +16,25 @@ import torch
 from bmkernels import cli, data, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--seq-len", "16", "--batch-size", "8",
-        "--data-bytes", "100000", "--eval-batches", "2", "--threads", "1", "--quiet"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-heads",
+    "2",
+    "--n-layers",
+    "1",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "8",
+    "--data-bytes",
+    "100000",
+    "--eval-batches",
+    "2",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -75,15 +92,18 @@ def test_bad_input_never_loses_a_checkpoint(tmp_path, capsys):
     assert "--steps 2 is not beyond the checkpoint's step 2" in capsys.readouterr().err
     assert run_cli(*TINY, "--steps", "2", "--out", str(tmp_path / "nothing"), "--resume") == 1
     assert "does not exist" in capsys.readouterr().err
-    assert run_cli(*TINY, "--steps", "2", "--init-from", str(tmp_path / "missing.pt"), "--out",
-                   str(tmp_path / "x")) == 1
+    assert (
+        run_cli(*TINY, "--steps", "2", "--init-from", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")) == 1
+    )
     assert "missing.pt' does not exist" in capsys.readouterr().err
-    for argv, message in ((["--steps", "0"], "--steps: must be a positive integer; got 0"),
-                          (["--kernels", "cuda"], "--kernels: invalid choice: 'cuda'"),
-                          (["--dropout", "1.5"], "--dropout: must be a number in [0, 1); got 1.5"),
-                          (["--lr", "nan"], "--lr: must be a positive number; got nan"),
-                          (["--warmup", "-1"], "--warmup: must be an integer >= 0; got -1"),
-                          (["--frobnicate"], "unrecognized arguments: --frobnicate")):
+    for argv, message in (
+        (["--steps", "0"], "--steps: must be a positive integer; got 0"),
+        (["--kernels", "cuda"], "--kernels: invalid choice: 'cuda'"),
+        (["--dropout", "1.5"], "--dropout: must be a number in [0, 1); got 1.5"),
+        (["--lr", "nan"], "--lr: must be a positive number; got nan"),
+        (["--warmup", "-1"], "--warmup: must be an integer >= 0; got -1"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ):
         with pytest.raises(SystemExit) as exc:
             run_cli(*TINY, *argv, "--out", str(tmp_path))
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
@@ -122,9 +142,24 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_init_from_lm_fine_tunes_classifier(tmp_path):
     lm_dir, clf_dir = tmp_path / "lm", tmp_path / "clf"
     run_api(*TINY, "--steps", "3", "--out", str(lm_dir), "--no-plot")
-    summary = run_api(*TINY, "--task", "classify", "--n-classes", "4", "--steps", "2", "--lr", "1e-12",
-                      "--warmup", "1", "--init-from", str(lm_dir / train.CHECKPOINT), "--out", str(clf_dir),
-                      "--no-plot")
+    summary = run_api(
+        *TINY,
+        "--task",
+        "classify",
+        "--n-classes",
+        "4",
+        "--steps",
+        "2",
+        "--lr",
+        "1e-12",
+        "--warmup",
+        "1",
+        "--init-from",
+        str(lm_dir / train.CHECKPOINT),
+        "--out",
+        str(clf_dir),
+        "--no-plot",
+    )
     lm, clf = checkpoint(lm_dir)["model"], checkpoint(clf_dir)["model"]
     backbone = [k for k in lm if k.startswith("backbone.")]
     assert backbone and all(torch.allclose(clf[k], lm[k], atol=1e-9) for k in backbone)
@@ -132,8 +167,18 @@ def test_init_from_lm_fine_tunes_classifier(tmp_path):
     mismatched = tmp_path / "wide"
     run_api(*[a if a != "32" else "48" for a in TINY], "--steps", "1", "--out", str(mismatched), "--no-plot")
     # the architecture comes from the pretrained checkpoint, so a wider LM builds a wider classifier
-    summary = run_api(*TINY, "--task", "classify", "--steps", "1", "--init-from",
-                      str(mismatched / train.CHECKPOINT), "--out", str(tmp_path / "clf2"), "--no-plot")
+    summary = run_api(
+        *TINY,
+        "--task",
+        "classify",
+        "--steps",
+        "1",
+        "--init-from",
+        str(mismatched / train.CHECKPOINT),
+        "--out",
+        str(tmp_path / "clf2"),
+        "--no-plot",
+    )
     assert checkpoint(tmp_path / "clf2")["model"]["backbone.embed.weight"].shape == (256, 48)
 
 
@@ -166,12 +211,34 @@ def test_ddp_two_processes_match_one(tmp_path):
     args = [*TINY, "--steps", "3", "--eval-every", "3", "--no-plot"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, "-m", "bmkernels", "train", "transformer", *args, "--out",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "bmkernels", "train", "transformer", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "bmkernels", "train", "transformer", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bmkernels",
+            "train",
+            "transformer",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     a, b = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
     assert b["step"] == 3
@@ -187,9 +254,30 @@ CONVERGENCE_RTOL = 1e-3
 
 
 def test_convergence_bmkernels_vs_torch(tmp_path):
-    argv = ["--d-model", "64", "--n-heads", "4", "--n-layers", "2", "--seq-len", "32", "--batch-size", "16",
-            "--data-bytes", "300000", "--steps", "200", "--eval-every", "100", "--eval-batches", "4",
-            "--threads", "1", "--quiet", "--no-plot"]
+    argv = [
+        "--d-model",
+        "64",
+        "--n-heads",
+        "4",
+        "--n-layers",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "16",
+        "--data-bytes",
+        "300000",
+        "--steps",
+        "200",
+        "--eval-every",
+        "100",
+        "--eval-batches",
+        "4",
+        "--threads",
+        "1",
+        "--quiet",
+        "--no-plot",
+    ]
     runs = {k: run_api(*argv, "--kernels", k, "--out", str(tmp_path / k)) for k in ("bmkernels", "torch")}
     ours, ref = ([loss for _, loss in runs[k]["history"]["train"]] for k in ("bmkernels", "torch"))
     assert len(ours) == len(ref) == 200

@@ -12,8 +12,20 @@ from bmkernels import cli, data, train
 SMALL = {
     "cnn": ["--widths", "8,16", "--batch-size", "32"],
     "autoencoder": ["--widths", "8,16", "--batch-size", "32"],
-    "gru": ["--d-embed", "16", "--hidden-size", "48", "--n-layers", "1", "--seq-len", "32", "--batch-size", "16",
-            "--data-bytes", "200000"],
+    "gru": [
+        "--d-embed",
+        "16",
+        "--hidden-size",
+        "48",
+        "--n-layers",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "16",
+        "--data-bytes",
+        "200000",
+    ],
 }
 COMMON = ["--eval-batches", "4", "--threads", "1", "--quiet", "--no-plot"]
 
@@ -57,9 +69,11 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "cnn", *COMMON, "--steps", "1", "--out", str(tmp_path)]) == 1
     assert "pip install 'bmkernels[images]'" in capsys.readouterr().err
     monkeypatch.undo()
-    for argv, message in ((["cnn", "--widths", "8,x"], "--widths: must be comma-separated positive integers"),
-                          (["autoencoder", "--widths", "0"], "--widths: must be comma-separated positive integers"),
-                          (["gru", "--hidden-size", "0"], "--hidden-size: must be a positive integer; got 0")):
+    for argv, message in (
+        (["cnn", "--widths", "8,x"], "--widths: must be comma-separated positive integers"),
+        (["autoencoder", "--widths", "0"], "--widths: must be comma-separated positive integers"),
+        (["gru", "--hidden-size", "0"], "--hidden-size: must be a positive integer; got 0"),
+    ):
         with pytest.raises(SystemExit) as exc:
             cli.main(["train", *argv, "--out", str(tmp_path)])
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
@@ -77,8 +91,10 @@ LEARNED = {"cnn": 0.7, "autoencoder": 0.3, "gru": 0.7}
 
 @pytest.mark.parametrize("model", ["cnn", "autoencoder", "gru"])
 def test_convergence_bmkernels_vs_torch(model, tmp_path):
-    runs = {k: run_api(model, "--steps", "100", "--eval-every", "100", "--kernels", k, "--out", str(tmp_path / k))
-            for k in ("bmkernels", "torch")}
+    runs = {
+        k: run_api(model, "--steps", "100", "--eval-every", "100", "--kernels", k, "--out", str(tmp_path / k))
+        for k in ("bmkernels", "torch")
+    }
     ours, ref = ([loss for _, loss in runs[k]["history"]["train"]] for k in ("bmkernels", "torch"))
     assert len(ours) == len(ref) == 100
     worst = max(abs(a - b) / b for a, b in zip(ours, ref, strict=True))

@@ -32,11 +32,20 @@ from bmkernels import _backend, _extension  # noqa: E402
 from bmkernels.reference import attention as reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-DTYPES = (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)")))
+DTYPES = (
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"
+        ),
+    ),
+)
 INTERPRETER_ONLY_SKIP = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
-GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton "
-                                                 "interpreter")
+GPU_ONLY = pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton interpreter"
+)
 # lengths and head dims: small awkward ones under the interpreter, GPU-sized ones on a GPU
 SIZE = {"short": 97 if ON_GPU else 17, "mid": 333 if ON_GPU else 33, "long": 1029 if ON_GPU else 97}
 
@@ -78,17 +87,28 @@ FEATURES = {
     "plain": ({"q_len": M, "head_dim": 40}, {}, {}, False),
     "lq_ne_lk": ({"q_len": S, "k_len": L, "head_dim": 16}, {}, {}, False),
     "causal": ({"q_len": L, "head_dim": 16}, {"causal": True}, {}, False),
-    "causal_bottom_right": ({"q_len": S, "k_len": M, "head_dim": 40},
-                            {"causal": True, "causal_alignment": "bottom_right"}, {}, False),
+    "causal_bottom_right": (
+        {"q_len": S, "k_len": M, "head_dim": 40},
+        {"causal": True, "causal_alignment": "bottom_right"},
+        {},
+        False,
+    ),
     "causal_top_left_lq_gt_lk": ({"q_len": M, "k_len": S, "head_dim": 16}, {"causal": True}, {}, False),
     "window": ({"q_len": L, "head_dim": 16}, {"window": (9, 4)}, {}, False),
     "window_narrow": ({"q_len": L, "k_len": M + 2, "head_dim": 16}, {"window": (1, 1)}, {}, False),  # band edges
-    "window_causal_bottom_right": ({"q_len": M, "k_len": L, "head_dim": 16},
-                                   {"window": (21, -1), "causal": True, "causal_alignment": "bottom_right"}, {},
-                                   False),
+    "window_causal_bottom_right": (
+        {"q_len": M, "k_len": L, "head_dim": 16},
+        {"window": (21, -1), "causal": True, "causal_alignment": "bottom_right"},
+        {},
+        False,
+    ),
     "softcap": ({"q_len": M, "head_dim": 64}, {"softcap": 2.0}, {}, False),
-    "alibi": ({"q_len": M, "head_dim": 16, "q_heads": 4, "kv_heads": 2},
-              {"alibi_slopes": "heads", "causal": True}, {}, False),
+    "alibi": (
+        {"q_len": M, "head_dim": 16, "q_heads": 4, "kv_heads": 2},
+        {"alibi_slopes": "heads", "causal": True},
+        {},
+        False,
+    ),
     "alibi_per_batch": ({"q_len": S, "k_len": M, "head_dim": 16}, {"alibi_slopes": "batch_heads"}, {}, False),
     "bias_grad": ({"q_len": S, "k_len": M, "head_dim": 40}, {}, {"bias": "full"}, False),
     "bias_broadcast_grad": ({"q_len": M, "head_dim": 16}, {"causal": True}, {"bias": "broadcast"}, False),
@@ -99,10 +119,20 @@ FEATURES = {
     "v_head_dim": ({"q_len": S, "k_len": M, "head_dim": 40, "v_head_dim": 24}, {}, {}, False),
     "lse_grad": ({"q_len": M, "head_dim": 16}, {"window": (5, 5), "return_lse": True}, {}, True),
     "empty_rows": ({"q_len": S, "head_dim": 16}, {"return_lse": True}, {"mask": "empty_rows"}, False),
-    "everything": ({"q_len": M, "k_len": L, "head_dim": 40, "v_head_dim": 16, "q_heads": 4, "kv_heads": 2},
-                   {"causal": True, "causal_alignment": "bottom_right", "window": (40, -1), "softcap": 3.0,
-                    "alibi_slopes": "heads", "scale": 0.3, "return_lse": True},
-                   {"bias": "broadcast", "mask": "broadcast", "key_padding_mask": True}, True),
+    "everything": (
+        {"q_len": M, "k_len": L, "head_dim": 40, "v_head_dim": 16, "q_heads": 4, "kv_heads": 2},
+        {
+            "causal": True,
+            "causal_alignment": "bottom_right",
+            "window": (40, -1),
+            "softcap": 3.0,
+            "alibi_slopes": "heads",
+            "scale": 0.3,
+            "return_lse": True,
+        },
+        {"bias": "broadcast", "mask": "broadcast", "key_padding_mask": True},
+        True,
+    ),
 }
 
 
@@ -130,7 +160,7 @@ def build_case(shape, options, extras, dtype):
         tensors["mask"] = m
     if extras.get("key_padding_mask"):
         kpm = torch.zeros(batch, k_len, dtype=torch.bool, device=DEVICE)
-        kpm[0, k_len // 2:] = True
+        kpm[0, k_len // 2 :] = True
         tensors["key_padding_mask"] = kpm
     return options, tensors
 
@@ -162,8 +192,9 @@ def test_non_contiguous_inputs(layout):
 # ------------------------------------------------------------------------------------------------
 # Dropout: the Triton kernel draws the CPU kernel's Philox mask, bit for bit.
 
-needs_extension = pytest.mark.skipif(not _extension.loaded(), reason="the CPU dropout_keep_mask op needs the "
-                                                                     "compiled extension")
+needs_extension = pytest.mark.skipif(
+    not _extension.loaded(), reason="the CPU dropout_keep_mask op needs the compiled extension"
+)
 
 
 def draw_seed(manual_seed):
@@ -345,8 +376,11 @@ SHARED_MEMORY_LIMIT = 232448
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels run")
-@pytest.mark.parametrize("dtype,block_d,block_dv,autotune", [("bf16", 128, 64, "1"), ("fp32", 256, 256, "0")],
-                         ids=["first-config-bf16-d128", "untuned-fp32-d256"])
+@pytest.mark.parametrize(
+    "dtype,block_d,block_dv,autotune",
+    [("bf16", 128, 64, "1"), ("fp32", 256, 256, "0")],
+    ids=["first-config-bf16-d128", "untuned-fp32-d256"],
+)
 def test_kernels_compile_for_gpu(dtype, block_d, block_dv, autotune):
     """Every kernel, every feature on, lowered to an sm_90 cubin that fits shared memory: the first
     autotune config in bfloat16, and the config used without tuning (BMK_TRITON_AUTOTUNE=0) at the
@@ -354,8 +388,14 @@ def test_kernels_compile_for_gpu(dtype, block_d, block_dv, autotune):
     failed with OutOfResources)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"BMK_TRITON_AUTOTUNE": autotune}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, dtype, "90", str(block_d), str(block_dv)],
-                            env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_GPU, dtype, "90", str(block_d), str(block_dv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
@@ -385,13 +425,15 @@ def test_compile_fullgraph(dtype):
 
     options = {"causal": True, "softcap": 5.0, "return_lse": True}
     compiled = torch.compile(triton_fn(**options), fullgraph=True, backend="inductor" if ON_GPU else "eager")
-    check_against_reference(compiled, reference_fn(**options), {"q": q, "k": k, "v": v, "bias": bias}, dtype,
-                            lse_grad=True)
+    check_against_reference(
+        compiled, reference_fn(**options), {"q": q, "k": k, "v": v, "bias": bias}, dtype, lse_grad=True
+    )
 
 
 # the interpreter cannot run the kernels inside AOT dispatch's functionalized fake tracing
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
-    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ()
+)
 
 
 @pytest.mark.parametrize("what", ["fwd", "bwd"])
@@ -405,8 +447,13 @@ def test_opcheck(what):
         out, lse = torch.ops.bmkernels.attention_triton_fwd(q, k, v, bias, None, None, None, *params)
         grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
         op = torch.ops.bmkernels.attention_triton_bwd.default
-        args = tuple(t.detach() for t in (grad_out, q, k, v, out, lse, grad_lse, bias)) + (None, None, None, *params,
-                                                                                            True)
+        args = tuple(t.detach() for t in (grad_out, q, k, v, out, lse, grad_lse, bias)) + (
+            None,
+            None,
+            None,
+            *params,
+            True,
+        )
     torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
 
 
@@ -415,5 +462,6 @@ def test_opcheck(what):
 def test_large_causal_gqa(dtype):
     q, k, v = qkv(dtype, batch=2, q_len=2048, head_dim=128, q_heads=8, kv_heads=2)
     options = {"causal": True, "return_lse": True}
-    check_against_reference(triton_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, dtype,
-                            lse_grad=True)
+    check_against_reference(
+        triton_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, dtype, lse_grad=True
+    )

@@ -11,7 +11,6 @@ Where it runs:
 - a CUDA GPU: the same tests on CUDA tensors plus bfloat16, larger shapes, inductor and full opcheck.
 """
 
-
 import pytest
 import torch
 
@@ -29,11 +28,16 @@ from bmkernels.reference import conv as reference  # noqa: E402
 # tanh and sigmoid from exp saturate correctly where exp overflows to inf; numpy (the interpreter) warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"))
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(
+        not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"
+    ),
+)
 INTERPRETER_ONLY_SKIP = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
-GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton "
-                                                 "interpreter")
+GPU_ONLY = pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton interpreter"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -59,11 +63,13 @@ def check(inputs, dtype, **options):
 
 # under the interpreter each case runs once per (dtype, memory format) pair below; on a GPU every pair
 LAYOUTS = [(torch.float32, False), (torch.float16, True)] + (
-    [(torch.float32, True), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)] if ON_GPU else [])
+    [(torch.float32, True), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)] if ON_GPU else []
+)
 
 
-@pytest.mark.parametrize("dtype,channels_last", LAYOUTS,
-                         ids=[f"{str(d)[6:]}-{'channels_last' if c else 'nchw'}" for d, c in LAYOUTS])
+@pytest.mark.parametrize(
+    "dtype,channels_last", LAYOUTS, ids=[f"{str(d)[6:]}-{'channels_last' if c else 'nchw'}" for d, c in LAYOUTS]
+)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case, dtype, channels_last):
     inputs, options = _case_inputs(case, dtype, channels_last, residual=case not in ("1x1", "valid"))
@@ -96,23 +102,42 @@ def test_single_gradient(wanted):
 
 # (batch, c_in, size, c_out, groups, stride, dtype, channels_last): channel counts above the kernels' channel
 # blocks (16 under the interpreter), so every channel loop and channel-block grid axis runs more than once
-MANY_CHANNELS = [(2, 37, 6, 35, 1, 1, torch.float32, False), (2, 40, 6, 36, 2, 2, torch.float16, True),
-                 (1, 40, 6, 40, 40, 1, torch.float32, True)]
+MANY_CHANNELS = [
+    (2, 37, 6, 35, 1, 1, torch.float32, False),
+    (2, 40, 6, 36, 2, 2, torch.float16, True),
+    (1, 40, 6, 40, 40, 1, torch.float32, True),
+]
 
 
-@pytest.mark.parametrize("batch,c_in,size,c_out,groups,stride,dtype,channels_last", MANY_CHANNELS,
-                         ids=["dense", "grouped", "depthwise"])
+@pytest.mark.parametrize(
+    "batch,c_in,size,c_out,groups,stride,dtype,channels_last", MANY_CHANNELS, ids=["dense", "grouped", "depthwise"]
+)
 def test_many_channels(batch, c_in, size, c_out, groups, stride, dtype, channels_last):
     out_size = (size - 1) // stride + 1
-    inputs = make_inputs(batch, c_in, size, c_out, 3, groups=groups, residual=True, dtype=dtype,
-                         channels_last=channels_last, out_size=(out_size, out_size))
+    inputs = make_inputs(
+        batch,
+        c_in,
+        size,
+        c_out,
+        3,
+        groups=groups,
+        residual=True,
+        dtype=dtype,
+        channels_last=channels_last,
+        out_size=(out_size, out_size),
+    )
     check(inputs, dtype, stride=stride, padding=1, groups=groups, activation="gelu")
 
 
 def test_single_input_channel():
     """C_in = 1 with groups = 1 is a depthwise conv with multiplier C_out (the direct kernels)."""
-    check(make_inputs(2, 1, 7, 5, 3, residual=True, out_size=(4, 4)), torch.float32, stride=2, padding=1,
-          activation="gelu")
+    check(
+        make_inputs(2, 1, 7, 5, 3, residual=True, out_size=(4, 4)),
+        torch.float32,
+        stride=2,
+        padding=1,
+        activation="gelu",
+    )
 
 
 def test_unbatched():
@@ -235,9 +260,14 @@ def test_direct_operator_calls_check_shapes():
 @INTERPRETER_ONLY_SKIP
 def test_interpreter_uses_one_small_config():
     assert triton_conv.INTERPRETED
-    for kernel in (triton_conv._fwd_kernel, triton_conv._dx_kernel, triton_conv._dweight_kernel,
-                   triton_conv._depthwise_fwd_kernel, triton_conv._depthwise_dx_kernel,
-                   triton_conv._depthwise_dweight_kernel):
+    for kernel in (
+        triton_conv._fwd_kernel,
+        triton_conv._dx_kernel,
+        triton_conv._dweight_kernel,
+        triton_conv._depthwise_fwd_kernel,
+        triton_conv._depthwise_dx_kernel,
+        triton_conv._depthwise_dweight_kernel,
+    ):
         assert len(kernel.configs) == 1
 
 
@@ -252,8 +282,12 @@ def test_compile_fullgraph():
     inputs = on_device(make_inputs(2, 4, 7, 6, 3, residual=True, out_size=(4, 4), channels_last=True))
 
     def fn(x, weight, bias, residual):
-        return bmkernels.conv2d(x, weight, bias, stride=2, padding=1, activation="gelu", residual=residual,
-                                backend="triton") * 2
+        return (
+            bmkernels.conv2d(
+                x, weight, bias, stride=2, padding=1, activation="gelu", residual=residual, backend="triton"
+            )
+            * 2
+        )
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor" if ON_GPU else "eager")
     out = compiled(**inputs)
@@ -266,7 +300,8 @@ def test_compile_fullgraph():
 
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
-    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ()
+)
 # x, weight, bias, residual, stride, padding (top, bottom, left, right), dilation, groups, activation (gelu), slope
 FWD_ARGS = ((2, 1), [1, 2, 0, 1], (1, 2), 2, 3, 0.01)
 
@@ -277,8 +312,9 @@ def _fwd_inputs():
 
 
 def test_opcheck_fwd():
-    torch.library.opcheck(torch.ops.bmkernels.conv2d_triton_fwd.default, (*_fwd_inputs(), *FWD_ARGS, True),
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.bmkernels.conv2d_triton_fwd.default, (*_fwd_inputs(), *FWD_ARGS, True), test_utils=OPCHECK_UTILS
+    )
 
 
 @pytest.mark.parametrize("mask", ([True, True, True, True], [False, True, False, True]), ids=str)
@@ -296,10 +332,21 @@ def test_opcheck_bwd(mask):
 @GPU_ONLY
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, BF16), ids=str)
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
-@pytest.mark.parametrize("shape", [(8, 64, 56, 64, 3, 1), (4, 256, 28, 256, 3, 1), (8, 96, 56, 96, 3, 96),
-                                   (4, 128, 30, 256, 1, 1)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(8, 64, 56, 64, 3, 1), (4, 256, 28, 256, 3, 1), (8, 96, 56, 96, 3, 96), (4, 128, 30, 256, 1, 1)], ids=str
+)
 def test_large(shape, channels_last, dtype):
     batch, c_in, size, c_out, kernel, groups = shape
-    inputs = make_inputs(batch, c_in, size, c_out, kernel, groups=groups, residual=True, dtype=dtype,
-                         channels_last=channels_last, out_size=(size, size))
+    inputs = make_inputs(
+        batch,
+        c_in,
+        size,
+        c_out,
+        kernel,
+        groups=groups,
+        residual=True,
+        dtype=dtype,
+        channels_last=channels_last,
+        out_size=(size, size),
+    )
     check(inputs, dtype, padding=kernel // 2, groups=groups, activation="silu")

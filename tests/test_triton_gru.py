@@ -31,8 +31,9 @@ from bmkernels import _backend, _extension  # noqa: E402
 from bmkernels.reference import gru as reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: large shapes and bfloat16 are beyond the Triton "
-                                                 "interpreter")
+GPU_ONLY = pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA GPU: large shapes and bfloat16 are beyond the Triton interpreter"
+)
 INTERPRETER_ONLY = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
 
 
@@ -56,8 +57,12 @@ def on_device(tensors):
 def sequence(steps, batch, input_size, hidden, layers=1, directions=1, seed=1, dtype=torch.float32):
     """x (T, B, I) and h0 (L*D, B, H) on DEVICE."""
     gen = torch.Generator().manual_seed(seed)
-    return on_device([rand(steps, batch, input_size, dtype=dtype, gen=gen),
-                      rand(layers * directions, batch, hidden, dtype=dtype, gen=gen)])
+    return on_device(
+        [
+            rand(steps, batch, input_size, dtype=dtype, gen=gen),
+            rand(layers * directions, batch, hidden, dtype=dtype, gen=gen),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,8 +78,9 @@ def test_cell_matches_reference(shape, bias, kernel_path):
     batch, input_size, hidden = shape
     x, h = sequence(1, batch, input_size, hidden)
     weights = on_device(gru_weights(input_size, hidden, bias=bias, seed=3))
-    check_rule(lambda *t: bmkernels.gru_cell(*t, backend="triton"), reference.gru_cell, [x[0], h[0], *weights],
-               torch.float32)
+    check_rule(
+        lambda *t: bmkernels.gru_cell(*t, backend="triton"), reference.gru_cell, [x[0], h[0], *weights], torch.float32
+    )
 
 
 def test_cell_unbatched_and_default_state():
@@ -111,8 +117,12 @@ def seq_case(name, dtype=torch.float32):
 @pytest.mark.parametrize("case", list(SEQ_CASES))
 def test_gru_matches_reference(case, kernel_path):
     x, h0, weights, layers, bi, lengths = seq_case(case)
-    check_rule(gru_fn(lambda *a, **k: bmkernels.gru(*a, **k, backend="triton"), layers, bi, lengths=lengths),
-               gru_fn(reference.gru, layers, bi, lengths=lengths), [x, h0, *weights], torch.float32)
+    check_rule(
+        gru_fn(lambda *a, **k: bmkernels.gru(*a, **k, backend="triton"), layers, bi, lengths=lengths),
+        gru_fn(reference.gru, layers, bi, lengths=lengths),
+        [x, h0, *weights],
+        torch.float32,
+    )
 
 
 def test_gru_batch_first_unbatched_dropout():
@@ -151,9 +161,11 @@ def test_non_contiguous_inputs():
 def layer_op_fn(bias):
     def fn(x, h0, w_ih, w_hh, *biases):
         b_ih, b_hh = (b.unsqueeze(0) for b in biases) if bias else (None, None)
-        out, h_n, _ = torch.ops.bmkernels.gru_triton_layer_fwd(x, h0, w_ih.unsqueeze(0), w_hh.unsqueeze(0), b_ih, b_hh,
-                                                               None, True)
+        out, h_n, _ = torch.ops.bmkernels.gru_triton_layer_fwd(
+            x, h0, w_ih.unsqueeze(0), w_hh.unsqueeze(0), b_ih, b_hh, None, True
+        )
         return out, h_n
+
     return fn
 
 
@@ -169,8 +181,12 @@ def test_layer_op_low_precision(dtype, bias, kernel_path):
 def test_cell_op_low_precision(dtype):
     x, h = sequence(1, 3, 4, 17, dtype=dtype)
     weights = on_device(gru_weights(4, 17, dtype=dtype, seed=10))
-    check_rule(lambda *t: torch.ops.bmkernels.gru_triton_cell_fwd(*t, True)[0], reference.gru_cell,
-               [x[0], h[0], *weights], dtype)
+    check_rule(
+        lambda *t: torch.ops.bmkernels.gru_triton_cell_fwd(*t, True)[0],
+        reference.gru_cell,
+        [x[0], h[0], *weights],
+        dtype,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,25 +196,37 @@ def test_cell_op_low_precision(dtype):
 def test_inference_saves_no_workspace():
     x, h0 = sequence(3, 2, 4, 5)
     w = on_device(gru_weights(4, 5, seed=2))
-    _, _, ws = torch.ops.bmkernels.gru_triton_layer_fwd(x, h0, w[0][None], w[1][None], w[2][None], w[3][None], None,
-                                                       False)
+    _, _, ws = torch.ops.bmkernels.gru_triton_layer_fwd(
+        x, h0, w[0][None], w[1][None], w[2][None], w[3][None], None, False
+    )
     assert ws.numel() == 0
     with pytest.raises(RuntimeError, match="workspace, which was not saved"):
         x.requires_grad_(True)
-        out, _, _ = torch.ops.bmkernels.gru_triton_layer_fwd(x, h0, w[0][None], w[1][None], w[2][None], w[3][None],
-                                                             None, False)
+        out, _, _ = torch.ops.bmkernels.gru_triton_layer_fwd(
+            x, h0, w[0][None], w[1][None], w[2][None], w[3][None], None, False
+        )
         out.sum().backward()
     with pytest.raises(ValueError, match=r"workspace must be .* = \(1, 3, 2, 25\); got \(0,\)"):
-        torch.ops.bmkernels.gru_triton_layer_bwd(torch.ones(3, 2, 5), torch.ones(1, 2, 5), x.detach(), h0, w[0][None],
-                                                 w[1][None], None, ws, True)
+        torch.ops.bmkernels.gru_triton_layer_bwd(
+            torch.ones(3, 2, 5), torch.ones(1, 2, 5), x.detach(), h0, w[0][None], w[1][None], None, ws, True
+        )
 
 
 def test_empty_batch():
     """B = 0: empty outputs and zero gradients, no launch (a saved workspace of zero elements is still one)."""
     x, h0 = sequence(3, 0, 4, 5, directions=2)
     weights = [w.requires_grad_() for w in on_device(gru_weights(4, 5, 1, True))]
-    out, h_n = bmkernels.gru(x.requires_grad_(), h0, weights, num_layers=1, bidirectional=True, batch_first=False,
-                             dropout=0.0, training=False, backend="triton")
+    out, h_n = bmkernels.gru(
+        x.requires_grad_(),
+        h0,
+        weights,
+        num_layers=1,
+        bidirectional=True,
+        batch_first=False,
+        dropout=0.0,
+        training=False,
+        backend="triton",
+    )
     assert out.shape == (3, 0, 10) and h_n.shape == (2, 0, 5)
     grads = torch.autograd.grad(out.sum(), [x, *weights])
     assert grads[0].shape == x.shape and all(not g.any() for g in grads[1:])
@@ -213,8 +241,16 @@ def test_env_routes_to_triton(monkeypatch):
     monkeypatch.setattr(triton_gru, "gru_layer_fwd", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("BMK_BACKEND", "triton")
     x, h0 = sequence(2, 2, 3, 4)
-    bmkernels.gru(x, h0, on_device(gru_weights(3, 4)), num_layers=1, bidirectional=False, batch_first=False,
-                  dropout=0.0, training=False)
+    bmkernels.gru(
+        x,
+        h0,
+        on_device(gru_weights(3, 4)),
+        num_layers=1,
+        bidirectional=False,
+        batch_first=False,
+        dropout=0.0,
+        training=False,
+    )
     assert calls == [1]
 
 
@@ -238,8 +274,17 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 def test_interpreter_refuses_bfloat16():
     x, h0 = sequence(2, 2, 3, 4, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="cannot compute in bfloat16"):
-        bmkernels.gru(x, h0, gru_weights(3, 4, dtype=torch.bfloat16), num_layers=1, bidirectional=False,
-                      batch_first=False, dropout=0.0, training=False, backend="triton")
+        bmkernels.gru(
+            x,
+            h0,
+            gru_weights(3, 4, dtype=torch.bfloat16),
+            num_layers=1,
+            bidirectional=False,
+            batch_first=False,
+            dropout=0.0,
+            training=False,
+            backend="triton",
+        )
 
 
 def test_float64_is_refused_with_the_way_out():
@@ -252,15 +297,29 @@ def test_argument_errors_are_the_ops():
     """Argument checks are shared with the CPU backend (bmkernels/ops/gru.py)."""
     x, h0 = sequence(3, 2, 3, 4)
     with pytest.raises(ValueError, match="lengths must be in"):
-        bmkernels.gru(x, h0, on_device(gru_weights(3, 4)), num_layers=1, bidirectional=False, batch_first=False,
-                      dropout=0.0, training=False, lengths=torch.tensor([4, 1], device=DEVICE), backend="triton")
+        bmkernels.gru(
+            x,
+            h0,
+            on_device(gru_weights(3, 4)),
+            num_layers=1,
+            bidirectional=False,
+            batch_first=False,
+            dropout=0.0,
+            training=False,
+            lengths=torch.tensor([4, 1], device=DEVICE),
+            backend="triton",
+        )
 
 
 @INTERPRETER_ONLY
 def test_interpreter_uses_one_small_config():
     assert triton_gru.INTERPRETED
-    for kernel in (triton_gru._step_fwd_kernel, triton_gru._step_bwd_kernel, triton_gru._seq_fwd_kernel,
-                   triton_gru._seq_bwd_kernel):
+    for kernel in (
+        triton_gru._step_fwd_kernel,
+        triton_gru._step_bwd_kernel,
+        triton_gru._seq_fwd_kernel,
+        triton_gru._seq_bwd_kernel,
+    ):
         assert len(kernel.configs) == 1
 
 
@@ -278,22 +337,36 @@ def test_compile_fullgraph(kernel_path):
     lengths = torch.tensor([4, 2, 3], device=DEVICE)
 
     def fn(x, h0, *weights):
-        out, h_n = bmkernels.gru(x, h0, list(weights[:8]), num_layers=1, bidirectional=True, batch_first=False,
-                                 dropout=0.0, training=True, lengths=lengths, backend="triton")
+        out, h_n = bmkernels.gru(
+            x,
+            h0,
+            list(weights[:8]),
+            num_layers=1,
+            bidirectional=True,
+            batch_first=False,
+            dropout=0.0,
+            training=True,
+            lengths=lengths,
+            backend="triton",
+        )
         return out, bmkernels.gru_cell(out[-1], h_n[0], *weights[8:], backend="triton")
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor" if ON_GPU else "eager")
     x.requires_grad_()
     got, want = compiled(x, h0, *weights), fn(x, h0, *weights)
     grads = [torch.randn_like(t) for t in want]
-    for a, b in zip(list(got) + list(torch.autograd.grad(got, [x, *weights], grads)),
-                    list(want) + list(torch.autograd.grad(want, [x, *weights], grads)), strict=True):
+    for a, b in zip(
+        list(got) + list(torch.autograd.grad(got, [x, *weights], grads)),
+        list(want) + list(torch.autograd.grad(want, [x, *weights], grads)),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b)
 
 
 # the interpreter cannot run the kernels inside AOT dispatch's functionalized fake tracing
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
-    ("test_aot_dispatch_dynamic",) if ON_GPU else ())
+    ("test_aot_dispatch_dynamic",) if ON_GPU else ()
+)
 
 
 @pytest.mark.parametrize("variant", ("bias", "nobias_lengths"))
@@ -301,14 +374,20 @@ def test_opcheck_layer(variant):
     gen = torch.Generator().manual_seed(2)
     steps, batch, input_size, hidden, directions = 4, 3, 5, 6, 2
     bias = variant == "bias"
-    args = on_device([rand(steps, batch, input_size, gen=gen), rand(directions, batch, hidden, gen=gen),
-                      rand(directions, 3 * hidden, input_size, gen=gen),
-                      rand(directions, 3 * hidden, hidden, gen=gen, scale=0.3)]
-                     + ([rand(directions, 3 * hidden, gen=gen) for _ in range(2)] if bias else [None, None]))
+    args = on_device(
+        [
+            rand(steps, batch, input_size, gen=gen),
+            rand(directions, batch, hidden, gen=gen),
+            rand(directions, 3 * hidden, input_size, gen=gen),
+            rand(directions, 3 * hidden, hidden, gen=gen, scale=0.3),
+        ]
+        + ([rand(directions, 3 * hidden, gen=gen) for _ in range(2)] if bias else [None, None])
+    )
     args = [a if a is None else a.requires_grad_() for a in args]
     lengths = None if bias else torch.tensor([4, 2, 3], device=DEVICE)
-    torch.library.opcheck(torch.ops.bmkernels.gru_triton_layer_fwd.default, [*args, lengths, True],
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.bmkernels.gru_triton_layer_fwd.default, [*args, lengths, True], test_utils=OPCHECK_UTILS
+    )
     with torch.no_grad():
         out, h_n, ws = torch.ops.bmkernels.gru_triton_layer_fwd(*args, lengths, True)
     bwd_args = [torch.randn_like(out), torch.randn_like(h_n), *[a.detach() for a in args[:4]], lengths, ws, bias]
@@ -364,8 +443,14 @@ def test_kernels_compile_for_gpus(dtype, arch):
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", AOT_COMPILE, dtype, str(arch)], env=env, capture_output=True,
-                            text=True, timeout=600, cwd=root)
+    result = subprocess.run(
+        [sys.executable, "-c", AOT_COMPILE, dtype, str(arch)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"_seq_fwd_kernel", "_step_fwd_kernel", "_seq_bwd_kernel", "_step_bwd_kernel"}
@@ -388,5 +473,9 @@ def test_large_bidirectional_lengths(dtype, kernel_path):
     h0 = rand(4, batch, hidden, gen=gen, dtype=dtype).to(DEVICE)
     weights = on_device(gru_weights(input_size, hidden, 2, True, dtype=dtype, seed=14))
     lengths = torch.randint(1, steps + 1, (batch,), generator=gen).to(DEVICE)
-    check_rule(gru_fn(lambda *a, **k: bmkernels.gru(*a, **k, backend="triton"), 2, True, lengths=lengths),
-               gru_fn(reference.gru, 2, True, lengths=lengths), [x, h0, *weights], dtype)
+    check_rule(
+        gru_fn(lambda *a, **k: bmkernels.gru(*a, **k, backend="triton"), 2, True, lengths=lengths),
+        gru_fn(reference.gru, 2, True, lengths=lengths),
+        [x, h0, *weights],
+        dtype,
+    )

@@ -103,15 +103,27 @@ class Result:
         for n in c.contenders:
             d = {"skipped": c.skipped.get(n)}
             if n in self.times_s:
-                d.update(median_ms=self.median(n) * 1e3, min_ms=min(self.times_s[n]) * 1e3,
-                         times_ms=[t * 1e3 for t in self.times_s[n]], gflops=self.gflops(n))
+                d.update(
+                    median_ms=self.median(n) * 1e3,
+                    min_ms=min(self.times_s[n]) * 1e3,
+                    times_ms=[t * 1e3 for t in self.times_s[n]],
+                    gflops=self.gflops(n),
+                )
             if n in self.saved_bytes:
                 d["saved_bytes"] = self.saved_bytes[n]
             contenders[n] = d
-        return {"op": c.op, "name": c.name, "params": c.params, "backward": c.backward, "flops": c.flops,
-                "reps": self.reps, "calls_per_rep": self.number, "elapsed_s": self.elapsed_s,
-                "contenders": contenders,
-                "ratios": {f"vs_{b}": self.ratio(b) for b in c.baselines} | {"vs_best": self.best_ratio()}}
+        return {
+            "op": c.op,
+            "name": c.name,
+            "params": c.params,
+            "backward": c.backward,
+            "flops": c.flops,
+            "reps": self.reps,
+            "calls_per_rep": self.number,
+            "elapsed_s": self.elapsed_s,
+            "contenders": contenders,
+            "ratios": {f"vs_{b}": self.ratio(b) for b in c.baselines} | {"vs_best": self.best_ratio()},
+        }
 
 
 # op family -> module of its cases; each defines cases(preset) -> list[Case] and FOOTNOTE (how its
@@ -146,6 +158,7 @@ def cases_for(ops=None, preset="default", name_filter=None):
 
 def fwd_bwd(forward):
     """A contender that runs forward, then backward into inp['grad_inputs'] with inp['grad_out']."""
+
     def run(inp):
         out = forward(inp)
         torch.autograd.grad(out, inp["grad_inputs"], inp["grad_out"])
@@ -176,8 +189,7 @@ def saved_activation_bytes(forward, inp):
     return sum(storages.values())
 
 
-def run_case(case, *, reps=None, warmup_s=0.2, budget_s=3.0, min_reps=5, max_reps=50, min_sample_s=0.005,
-             memory=True):
+def run_case(case, *, reps=None, warmup_s=0.2, budget_s=3.0, min_reps=5, max_reps=50, min_sample_s=0.005, memory=True):
     """Time every contender of `case`, interleaved, and return a Result.
 
     Warm-up: each contender runs at least twice (once if a call takes over a second) and until
@@ -211,7 +223,7 @@ def run_case(case, *, reps=None, warmup_s=0.2, budget_s=3.0, min_reps=5, max_rep
     gc.disable()
     try:
         for r in range(reps):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 res.times_s[n].append(_call(case.contenders[n], inp, grad, number))
     finally:
@@ -307,8 +319,13 @@ def format_table(results):
         primary = rs[0].case.primary
         baselines = [n for n in names if n != primary]
         any_mem = any(r.case.backward for r in rs)
-        head = (["case", "reps"] + [f"{n} ms" for n in names] + [f"{n} GFLOP/s" for n in names]
-                + [f"vs {b}" for b in baselines] + ["vs best"])
+        head = (
+            ["case", "reps"]
+            + [f"{n} ms" for n in names]
+            + [f"{n} GFLOP/s" for n in names]
+            + [f"vs {b}" for b in baselines]
+            + ["vs best"]
+        )
         if any_mem:
             head.append("saved MiB " + " / ".join(names))
         lines += [f"### {op}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
@@ -342,11 +359,11 @@ def to_json(results, preset, total_s, env=None):
     """env: environment() taken at the start of the run (its load average then); the end's is added."""
     env = dict(env or environment())
     env["load_average_end"] = load_average()
-    return {"preset": preset, "total_s": total_s, "environment": env,
-            "results": [r.to_dict() for r in results]}
+    return {"preset": preset, "total_s": total_s, "environment": env, "results": [r.to_dict() for r in results]}
 
 
 def print_progress(i, n, case, res, stream=sys.stderr):
     med = ", ".join(f"{k} {_ms_text(res.median(k) * 1e3)} ms" for k in res.times_s)
-    print(f"[{i + 1}/{n}] {case.op} {case.name}: {med} ({res.reps} reps, {res.elapsed_s:.1f} s)",
-          file=stream, flush=True)
+    print(
+        f"[{i + 1}/{n}] {case.op} {case.name}: {med} ({res.reps} reps, {res.elapsed_s:.1f} s)", file=stream, flush=True
+    )

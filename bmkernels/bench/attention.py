@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from bmkernels.bench import BMK, Case, fwd_bwd
 
-FOOTNOTE = ("GFLOP/s: attention 4*B*H*L*L*D forward, halved for causal, x3.5 for fwd+bwd. saved MiB includes "
-            "q, k, v for every contender.")
+FOOTNOTE = (
+    "GFLOP/s: attention 4*B*H*L*L*D forward, halved for causal, x3.5 for fwd+bwd. saved MiB includes "
+    "q, k, v for every contender."
+)
 
 # Eager math attention is skipped where its L x L buffers would exceed this (estimated peak).
 EAGER_MEMORY_LIMIT_BYTES = 3 * 2**30
@@ -49,8 +51,7 @@ def _attention_case(shape, dtype_name, causal, backward, seed=0):
     def make_inputs():
         g = torch.Generator().manual_seed(seed)
         q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
-        inp = {"q": q, "k": k, "v": v,
-               "mask": torch.ones(length, length, dtype=torch.bool).triu(1) if causal else None}
+        inp = {"q": q, "k": k, "v": v, "mask": torch.ones(length, length, dtype=torch.bool).triu(1) if causal else None}
         if backward:
             for t in (q, k, v):
                 t.requires_grad_(True)
@@ -67,18 +68,31 @@ def _attention_case(shape, dtype_name, causal, backward, seed=0):
     itemsize = torch.empty((), dtype=dtype).element_size()
     peak = eager_attention_peak_bytes(batch, heads, length, itemsize, backward)
     if peak > EAGER_MEMORY_LIMIT_BYTES:
-        skipped["eager"] = (f"eager math skipped: its L x L buffers need ~{peak / 2**30:.0f} GiB "
-                            f"(limit {EAGER_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB)")
+        skipped["eager"] = (
+            f"eager math skipped: its L x L buffers need ~{peak / 2**30:.0f} GiB "
+            f"(limit {EAGER_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB)"
+        )
     pass_name = "fwd+bwd" if backward else "fwd"
     name = f"{pass_name} {dtype_name} {'causal' if causal else 'full'} {'x'.join(map(str, shape))}"
     return Case(
-        op="attention", name=name, make_inputs=make_inputs,
+        op="attention",
+        name=name,
+        make_inputs=make_inputs,
         contenders={n: (fwd_bwd(f) if backward else f) for n, f in forward.items()},
         forward=forward if backward else {},
         flops=attention_flops(batch, heads, length, length, head_dim, causal, backward),
-        backward=backward, skipped=skipped,
-        params={"B": batch, "H": heads, "L": length, "D": head_dim, "dtype": dtype_name, "causal": causal,
-                "pass": pass_name})
+        backward=backward,
+        skipped=skipped,
+        params={
+            "B": batch,
+            "H": heads,
+            "L": length,
+            "D": head_dim,
+            "dtype": dtype_name,
+            "causal": causal,
+            "pass": pass_name,
+        },
+    )
 
 
 def _in_preset(preset, shape, dtype_name, backward):

@@ -6,8 +6,10 @@ import torch.nn.functional as F
 
 from bmkernels.bench import BMK, Case, fwd_bwd
 
-FOOTNOTE = ("GFLOP/s: conv 2*N*Cout*Hout*Wout*(Cin/groups)*kH*kW forward, x3 for fwd+bwd (input and weight "
-            "gradients). Layout: both contenders get the same NCHW or channels_last input.")
+FOOTNOTE = (
+    "GFLOP/s: conv 2*N*Cout*Hout*Wout*(Cin/groups)*kH*kW forward, x3 for fwd+bwd (input and weight "
+    "gradients). Layout: both contenders get the same NCHW or channels_last input."
+)
 
 # (label, C_in, C_out, H (= W), kernel, stride, padding, groups): ResNet-18's distinct conv layers and
 # a MobileNetV2 depthwise 3x3.
@@ -66,12 +68,25 @@ def _conv_case(layer, batch, layout, backward, seed=0):
     }
     pass_name = "fwd+bwd" if backward else "fwd"
     return Case(
-        op="conv", name=f"{pass_name} {layout} {label}", make_inputs=make_inputs,
+        op="conv",
+        name=f"{pass_name} {layout} {label}",
+        make_inputs=make_inputs,
         contenders={n: (fwd_bwd(f) if backward else f) for n, f in forward.items()},
         forward=forward if backward else {},
-        flops=conv_flops(batch, c_in, c_out, out_hw, kernel, groups, backward), backward=backward,
-        params={"N": batch, "Cin": c_in, "Cout": c_out, "H": size, "k": kernel, "stride": stride, "groups": groups,
-                "layout": layout, "pass": pass_name})
+        flops=conv_flops(batch, c_in, c_out, out_hw, kernel, groups, backward),
+        backward=backward,
+        params={
+            "N": batch,
+            "Cin": c_in,
+            "Cout": c_out,
+            "H": size,
+            "k": kernel,
+            "stride": stride,
+            "groups": groups,
+            "layout": layout,
+            "pass": pass_name,
+        },
+    )
 
 
 def cases(preset="default"):
@@ -90,5 +105,4 @@ def cases(preset="default"):
     passes = (False,) if preset == "small" else (False, True)
     if preset == "small":
         layers = tuple(layer for layer in layers if layer[1] >= 256)
-    return [_conv_case(layer, batch, layout, backward)
-            for backward in passes for layer in layers for layout in LAYOUTS]
+    return [_conv_case(layer, batch, layout, backward) for backward in passes for layer in layers for layout in LAYOUTS]

@@ -4,12 +4,18 @@ import torch
 
 from bmkernels.bench import BMK, Case, fwd_bwd
 
-FOOTNOTE = ("GFLOP/s: GRU 2*T*B*3H*(I+H) per layer and direction (the two matmuls), x3 for fwd+bwd; "
-            "a cell step is T = 1. torch.nn: nn.GRU for the layer cases, nn.GRUCell for the cell cases (same weights).")
+FOOTNOTE = (
+    "GFLOP/s: GRU 2*T*B*3H*(I+H) per layer and direction (the two matmuls), x3 for fwd+bwd; "
+    "a cell step is T = 1. torch.nn: nn.GRU for the layer cases, nn.GRUCell for the cell cases (same weights)."
+)
 
 # (T, B, I, H, num_layers, bidirectional)
-LAYER_CASES = ((128, 32, 256, 256, 1, False), (64, 64, 512, 512, 1, False), (256, 8, 128, 128, 1, False),
-               (64, 32, 256, 256, 2, True))
+LAYER_CASES = (
+    (128, 32, 256, 256, 1, False),
+    (64, 64, 512, 512, 1, False),
+    (256, 8, 128, 128, 1, False),
+    (64, 32, 256, 256, 2, True),
+)
 QUICK_LAYER_CASES = ((16, 4, 32, 32, 1, False), (8, 4, 32, 32, 2, True))
 CELL_CASES = ((1, 256, 256), (32, 256, 256))  # (B, I, H)
 QUICK_CELL_CASES = ((1, 32, 32),)
@@ -43,19 +49,38 @@ def _layer_case(shape, backward, seed=0):
         return inp
 
     forward = {
-        BMK: lambda i: bmk_gru(i["x"], i["h0"], i["module"]._flat_weights, num_layers=layers, bidirectional=bi,
-                               batch_first=False, dropout=0.0, training=True)[0],
+        BMK: lambda i: bmk_gru(
+            i["x"],
+            i["h0"],
+            i["module"]._flat_weights,
+            num_layers=layers,
+            bidirectional=bi,
+            batch_first=False,
+            dropout=0.0,
+            training=True,
+        )[0],
         "torch.nn": lambda i: i["module"](i["x"], i["h0"])[0],
     }
     pass_name = "fwd+bwd" if backward else "fwd"
     name = f"{pass_name} layer {'x'.join(map(str, shape[:4]))}" + (f" L{layers}{' bi' if bi else ''}")
     return Case(
-        op="gru", name=name, make_inputs=make_inputs,
+        op="gru",
+        name=name,
+        make_inputs=make_inputs,
         contenders={n: (fwd_bwd(f) if backward else f) for n, f in forward.items()},
         forward=forward if backward else {},
-        flops=gru_flops(steps, batch, input_size, hidden, layers, bi, backward), backward=backward,
-        params={"T": steps, "B": batch, "I": input_size, "H": hidden, "layers": layers, "bidirectional": bi,
-                "pass": pass_name})
+        flops=gru_flops(steps, batch, input_size, hidden, layers, bi, backward),
+        backward=backward,
+        params={
+            "T": steps,
+            "B": batch,
+            "I": input_size,
+            "H": hidden,
+            "layers": layers,
+            "bidirectional": bi,
+            "pass": pass_name,
+        },
+    )
 
 
 def _cell_case(shape, backward, seed=0):
@@ -80,11 +105,15 @@ def _cell_case(shape, backward, seed=0):
     }
     pass_name = "fwd+bwd" if backward else "fwd"
     return Case(
-        op="gru", name=f"{pass_name} cell {'x'.join(map(str, shape))}", make_inputs=make_inputs,
+        op="gru",
+        name=f"{pass_name} cell {'x'.join(map(str, shape))}",
+        make_inputs=make_inputs,
         contenders={n: (fwd_bwd(f) if backward else f) for n, f in forward.items()},
         forward=forward if backward else {},
-        flops=gru_flops(1, batch, input_size, hidden, backward=backward), backward=backward,
-        params={"B": batch, "I": input_size, "H": hidden, "pass": pass_name})
+        flops=gru_flops(1, batch, input_size, hidden, backward=backward),
+        backward=backward,
+        params={"B": batch, "I": input_size, "H": hidden, "pass": pass_name},
+    )
 
 
 def cases(preset="default"):

@@ -81,18 +81,22 @@ class ConvAutoencoder(nn.Module):
         self.kernels = kernels
         self.scale = 2 ** len(widths)
         channels = [in_channels, *widths]
-        self.encoder = nn.Sequential(*(ConvBNAct(a, b, 3, 2, kernels=kernels)
-                                       for a, b in zip(channels[:-1], channels[1:], strict=True)))
+        self.encoder = nn.Sequential(
+            *(ConvBNAct(a, b, 3, 2, kernels=kernels) for a, b in zip(channels[:-1], channels[1:], strict=True))
+        )
         back = list(reversed(widths))
-        self.decoder = nn.ModuleList(ConvBNAct(a, b, 3, kernels=kernels)
-                                     for a, b in zip(back, back[1:] + [widths[0]], strict=True))
+        self.decoder = nn.ModuleList(
+            ConvBNAct(a, b, 3, kernels=kernels) for a, b in zip(back, back[1:] + [widths[0]], strict=True)
+        )
         self.out = (Conv2d if kernels == "bmkernels" else nn.Conv2d)(widths[0], in_channels, 3, padding=1)
         _init_weights(self)
 
     def encode(self, x):
         if x.dim() != 4 or x.shape[-1] % self.scale or x.shape[-2] % self.scale:
-            raise ValueError(f"x must be (batch, channels, height, width) with height and width divisible by "
-                             f"{self.scale}; got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (batch, channels, height, width) with height and width divisible by "
+                f"{self.scale}; got shape {tuple(x.shape)}"
+            )
         return self.encoder(x)
 
     def forward(self, x):

@@ -40,14 +40,16 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = _attention_class(kernels)(d_model, n_heads, dropout=dropout, batch_first=True)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
-                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask=None, is_causal=False, key_padding_mask=None):
         h = self.ln1(x)
-        h = self.attn(h, h, h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                      is_causal=is_causal)[0]
+        h = self.attn(
+            h, h, h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+        )[0]
         x = x + self.drop(h)
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -94,7 +96,7 @@ class _Backbone(nn.Module):
         pos = self.pos.weight[:length] if self.positions == "learned" else self.pos_table[:length]
         x = self.drop(self.embed(idx) + pos.to(self.embed.weight.dtype))
         # torch's MultiheadAttention needs the explicit mask next to its is_causal hint
-        mask = (torch.ones(length, length, dtype=torch.bool, device=idx.device).triu(1) if causal else None)
+        mask = torch.ones(length, length, dtype=torch.bool, device=idx.device).triu(1) if causal else None
         for block in self.blocks:
             x = block(x, attn_mask=mask, is_causal=causal, key_padding_mask=key_padding_mask)
         return self.ln_f(x)
@@ -104,11 +106,22 @@ class TransformerLM(nn.Module):
     """GPT-style decoder: idx (B, L) int64 -> logits (B, L, vocab_size); causal attention,
     pre-LayerNorm, sinusoidal or learned positions, output head tied to the token embedding."""
 
-    def __init__(self, vocab_size=256, max_len=256, d_model=128, n_heads=4, n_layers=4, mlp_ratio=4, dropout=0.0,
-                 positions="sinusoidal", kernels="bmkernels"):
+    def __init__(
+        self,
+        vocab_size=256,
+        max_len=256,
+        d_model=128,
+        n_heads=4,
+        n_layers=4,
+        mlp_ratio=4,
+        dropout=0.0,
+        positions="sinusoidal",
+        kernels="bmkernels",
+    ):
         super().__init__()
-        self.backbone = _Backbone(vocab_size, max_len, d_model, n_heads, n_layers, mlp_ratio, dropout, positions,
-                                  kernels)
+        self.backbone = _Backbone(
+            vocab_size, max_len, d_model, n_heads, n_layers, mlp_ratio, dropout, positions, kernels
+        )
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.backbone.init_weights()
         self.head.weight = self.backbone.embed.weight
@@ -121,11 +134,23 @@ class TransformerClassifier(nn.Module):
     """Encoder classifier from the same blocks: idx (B, L) -> logits (B, n_classes); bidirectional
     attention, mean over the non-padding positions (key_padding_mask (B, L), True = padding)."""
 
-    def __init__(self, n_classes, vocab_size=256, max_len=256, d_model=128, n_heads=4, n_layers=4, mlp_ratio=4,
-                 dropout=0.0, positions="sinusoidal", kernels="bmkernels"):
+    def __init__(
+        self,
+        n_classes,
+        vocab_size=256,
+        max_len=256,
+        d_model=128,
+        n_heads=4,
+        n_layers=4,
+        mlp_ratio=4,
+        dropout=0.0,
+        positions="sinusoidal",
+        kernels="bmkernels",
+    ):
         super().__init__()
-        self.backbone = _Backbone(vocab_size, max_len, d_model, n_heads, n_layers, mlp_ratio, dropout, positions,
-                                  kernels)
+        self.backbone = _Backbone(
+            vocab_size, max_len, d_model, n_heads, n_layers, mlp_ratio, dropout, positions, kernels
+        )
         self.head = nn.Linear(d_model, n_classes)
         self.backbone.init_weights()
         nn.init.normal_(self.head.weight, std=INIT_STD)

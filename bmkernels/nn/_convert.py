@@ -1,11 +1,19 @@
 """Turning a torch.nn module into its bmkernels drop-in (and back) without copying weights."""
 
-
 # Per-module hook tables carried over, so user hooks keep firing after a swap.
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-                "_backward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
-                "_load_state_dict_post_hooks")
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def rebuild(module, cls, ctor_kwargs, *, drop_hook=None, **extra_kwargs):

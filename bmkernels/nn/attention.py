@@ -41,27 +41,60 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     family = "attention"
     torch_class = torch.nn.MultiheadAttention
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
-                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, backend=None):
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
-                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+        *,
+        backend=None,
+    ):
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
         _backend.requested(backend)
         self.backend = backend
         self.register_forward_pre_hook(_no_op_pre_hook)
 
     def _ctor_kwargs(self):
-        return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, dropout=self.dropout,
-                    bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
-                    add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
-                    batch_first=self.batch_first)
+        return dict(
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            bias=self.in_proj_bias is not None,
+            add_bias_kv=self.bias_k is not None,
+            add_zero_attn=self.add_zero_attn,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+        )
 
     @classmethod
     def swap_blocker(cls, module):
         """Why `module` (a torch.nn.MultiheadAttention) cannot be swapped, or None."""
         if type(module) is not torch.nn.MultiheadAttention:
-            return (f"{type(module).__name__} subclasses nn.MultiheadAttention; its forward may differ from "
-                    "torch's, so it is kept")
+            return (
+                f"{type(module).__name__} subclasses nn.MultiheadAttention; its forward may differ from "
+                "torch's, so it is kept"
+            )
         try:
             _backend.choose("attention", module.out_proj.weight.device)
         except RuntimeError as e:
@@ -101,19 +134,32 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             s += ", batch_first=True"
         return s + f", backend={self.backend_in_use()}"
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if query.is_nested or key.is_nested or value.is_nested:
-            raise ValueError("bmkernels MultiheadAttention: nested tensors are not supported; pass padded tensors "
-                             "and a key_padding_mask")
+            raise ValueError(
+                "bmkernels MultiheadAttention: nested tensors are not supported; pass padded tensors "
+                "and a key_padding_mask"
+            )
         is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         q, k, v = self._project(query, key, value, is_batched)
         batch, q_len, k_len = q.shape[0], q.shape[2], k.shape[2]
         if not is_batched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
         if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
-                               "module method `generate_square_subsequent_mask` to create this mask.")
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                "module method `generate_square_subsequent_mask` to create this mask."
+            )
         # as torch: the causal hint replaces attn_mask only when nothing else needs the explicit mask
         causal = is_causal and key_padding_mask is None and not need_weights
         keep, bias = _attn_mask_parts(None if causal else attn_mask, batch, self.num_heads, q_len, k_len, q.dtype)
@@ -121,10 +167,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         bias = padding_bias if bias is None else (bias if padding_bias is None else bias + padding_bias)
 
         if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.view(1, 1, self.num_heads, self.head_dim).transpose(1, 2)
-                           .expand(batch, -1, -1, -1)], dim=2)
-            v = torch.cat([v, self.bias_v.view(1, 1, self.num_heads, self.head_dim).transpose(1, 2)
-                           .expand(batch, -1, -1, -1)], dim=2)
+            k = torch.cat(
+                [k, self.bias_k.view(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)],
+                dim=2,
+            )
+            v = torch.cat(
+                [v, self.bias_v.view(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)],
+                dim=2,
+            )
             keep, bias, padding = _pad_key_column(keep, bias, padding)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
@@ -140,10 +190,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             weights = F.dropout(weights, p=dropout_p)
             out = weights @ v
         else:
-            out = attention(q, k, v, causal=causal, bias=bias, mask=keep, key_padding_mask=padding,
-                            dropout_p=dropout_p, backend=self.backend)
-        out = F.linear(out.transpose(1, 2).reshape(batch, q_len, self.embed_dim), self.out_proj.weight,
-                       self.out_proj.bias)
+            out = attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                bias=bias,
+                mask=keep,
+                key_padding_mask=padding,
+                dropout_p=dropout_p,
+                backend=self.backend,
+            )
+        out = F.linear(
+            out.transpose(1, 2).reshape(batch, q_len, self.embed_dim), self.out_proj.weight, self.out_proj.bias
+        )
         if not is_batched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -163,13 +223,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"bmkernels MultiheadAttention: key's batch and sequence dims {tuple(key.shape)} do "
-                             f"not match value's {tuple(value.shape)}")
+            raise ValueError(
+                f"bmkernels MultiheadAttention: key's batch and sequence dims {tuple(key.shape)} do "
+                f"not match value's {tuple(value.shape)}"
+            )
         embed = self.embed_dim
         for name, t, features in (("query", query, embed), ("key", key, self.kdim), ("value", value, self.vdim)):
             if t.shape[-1] != features:
-                raise ValueError(f"bmkernels MultiheadAttention: {name} must have {features} features (the last "
-                                 f"dim); got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"bmkernels MultiheadAttention: {name} must have {features} features (the last "
+                    f"dim); got shape {tuple(t.shape)}"
+                )
         bias_q = bias_k = bias_v = None
         if self.in_proj_bias is not None:
             bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
@@ -193,8 +257,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
 def _check_mask_dtype(name, mask):
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"bmkernels MultiheadAttention: only bool and floating types of {name} are supported; "
-                        f"got {mask.dtype}")
+        raise TypeError(
+            f"bmkernels MultiheadAttention: only bool and floating types of {name} are supported; got {mask.dtype}"
+        )
 
 
 def _attn_mask_parts(attn_mask, batch, heads, q_len, k_len, dtype):
@@ -205,12 +270,12 @@ def _attn_mask_parts(attn_mask, batch, heads, q_len, k_len, dtype):
     _check_mask_dtype("attn_mask", attn_mask)
     if attn_mask.dim() == 2:
         if tuple(attn_mask.shape) != (q_len, k_len):
-            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
-                               f"{(q_len, k_len)}.")
+            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(q_len, k_len)}.")
     elif attn_mask.dim() == 3:
         if tuple(attn_mask.shape) != (batch * heads, q_len, k_len):
-            raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                               f"{(batch * heads, q_len, k_len)}.")
+            raise RuntimeError(
+                f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {(batch * heads, q_len, k_len)}."
+            )
         attn_mask = attn_mask.view(batch, heads, q_len, k_len)
     else:
         raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
@@ -225,8 +290,10 @@ def _padding_mask_parts(key_padding_mask, batch, k_len, dtype):
         return None, None
     _check_mask_dtype("key_padding_mask", key_padding_mask)
     if tuple(key_padding_mask.shape) != (batch, k_len):
-        raise RuntimeError(f"bmkernels MultiheadAttention: key_padding_mask must have shape (batch, source length) "
-                           f"= {(batch, k_len)}; got {tuple(key_padding_mask.shape)}")
+        raise RuntimeError(
+            f"bmkernels MultiheadAttention: key_padding_mask must have shape (batch, source length) "
+            f"= {(batch, k_len)}; got {tuple(key_padding_mask.shape)}"
+        )
     if key_padding_mask.dtype == torch.bool:
         return key_padding_mask, None
     return None, key_padding_mask.to(dtype).view(batch, 1, 1, k_len)

@@ -24,19 +24,53 @@ class Conv2d(torch.nn.Conv2d):
     family = "conv"
     torch_class = torch.nn.Conv2d
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 padding_mode="zeros", device=None, dtype=None, *, activation=None, backend=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        activation=None,
+        backend=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         _activation(activation)  # a clear error for a bad activation now, not at the first forward
         _backend.requested(backend)
         self.activation = activation
         self.backend = backend
 
     def _ctor_kwargs(self):
-        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    bias=self.bias is not None, padding_mode=self.padding_mode)
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+        )
 
     @classmethod
     def swap_blocker(cls, module):
@@ -61,8 +95,10 @@ class Conv2d(torch.nn.Conv2d):
         """The torch.nn.Conv2d twin, sharing this module's parameters. A module with an activation
         has no single torch.nn.Conv2d twin: it raises."""
         if self.activation is not None:
-            raise ValueError(f"bmkernels Conv2d with activation={self.activation!r} has no torch.nn.Conv2d twin "
-                             "(use torch.nn.Sequential(conv, activation))")
+            raise ValueError(
+                f"bmkernels Conv2d with activation={self.activation!r} has no torch.nn.Conv2d twin "
+                "(use torch.nn.Sequential(conv, activation))"
+            )
         return rebuild(self, torch.nn.Conv2d, self._ctor_kwargs())
 
     def backend_in_use(self):
@@ -85,11 +121,25 @@ class Conv2d(torch.nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        out = conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, activation=activation,
-                     residual=residual, backend=self.backend)
+        out = conv2d(
+            x,
+            weight,
+            bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            activation=activation,
+            residual=residual,
+            backend=self.backend,
+        )
         code, slope = _activation(activation)
-        if (not private and out.requires_grad and code != _ACTIVATION_CODES["relu"]
-                and _derivative_from_output(code, slope)):
+        if (
+            not private
+            and out.requires_grad
+            and code != _ACTIVATION_CODES["relu"]
+            and _derivative_from_output(code, slope)
+        ):
             # the op keeps its output for backward even where the math does not need it (no activation,
             # leaky_relu), while torch's conv / BatchNorm output may be overwritten in place by the caller
             # (torchvision's `result += input`): hand out a copy, as free to modify as torch's

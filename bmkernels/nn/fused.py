@@ -33,11 +33,20 @@ from bmkernels.nn.conv import Conv2d
 from bmkernels.ops.conv import fold_batchnorm
 
 # activation modules the conv kernel applies itself -> the kernel's activation spec
-_KERNEL_ACTIVATIONS = {torch.nn.ReLU: lambda m: "relu", torch.nn.SiLU: lambda m: "silu",
-                       torch.nn.GELU: lambda m: "gelu" if m.approximate == "none" else "gelu_tanh",
-                       torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope)}
-_FUNCTIONAL = {None: lambda x: x, "relu": F.relu, "silu": F.silu, "gelu": F.gelu,
-               "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "leaky_relu": F.leaky_relu}
+_KERNEL_ACTIVATIONS = {
+    torch.nn.ReLU: lambda m: "relu",
+    torch.nn.SiLU: lambda m: "silu",
+    torch.nn.GELU: lambda m: "gelu" if m.approximate == "none" else "gelu_tanh",
+    torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+}
+_FUNCTIONAL = {
+    None: lambda x: x,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "leaky_relu": F.leaky_relu,
+}
 _UNFUSED_CLASS = "_bmkernels_unfused_class"
 _FUSED_CLASSES = {}  # (original class, fused forward) -> the fused subclass
 
@@ -73,8 +82,9 @@ def _folded_with_grad(conv, bn):
 
 
 def _state_key(conv, bn):
-    tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-               if t is not None]
+    tensors = [
+        t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None
+    ]
     return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (bn.eps,)
 
 
@@ -102,7 +112,8 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
         fused = _bn_folds(bn)
     if fused:
         needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None)
+            p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None
+        )
         compiling = torch.compiler.is_compiling()
         weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else _folded_no_grad(conv, bn)
         return conv.conv(x, weight, bias, activation=activation, residual=residual)
@@ -123,16 +134,37 @@ class ConvBNAct(torch.nn.Module):
     the fused rule of conv_bn_act; kernels="torch": torch.nn.Conv2d and torch's modules. The same
     parameters and state_dict keys either way. padding=None: "same"-style k // 2."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, groups=1, activation="relu",
-                 *, kernels="bmkernels", device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        stride=1,
+        padding=None,
+        groups=1,
+        activation="relu",
+        *,
+        kernels="bmkernels",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if kernels not in ("bmkernels", "torch"):
             raise ValueError(f"kernels must be 'bmkernels' or 'torch'; got {kernels!r}")
         _functional(activation)
         conv_class = Conv2d if kernels == "bmkernels" else torch.nn.Conv2d
         padding = kernel_size // 2 if padding is None else padding
-        self.conv = conv_class(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
-                               bias=False, device=device, dtype=dtype)
+        self.conv = conv_class(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            groups=groups,
+            bias=False,
+            device=device,
+            dtype=dtype,
+        )
         self.bn = torch.nn.BatchNorm2d(out_channels, device=device, dtype=dtype)
         self.activation = activation
 
@@ -147,14 +179,19 @@ class ConvBNAct(torch.nn.Module):
 
 
 def _has_hooks(module):
-    return any(getattr(module, table, None) for table in (
-        "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
+    return any(
+        getattr(module, table, None)
+        for table in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
 
 
 def _fused_subclass(cls, mixin):
     if (cls, mixin) not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls), {
-            "__module__": __name__, _UNFUSED_CLASS: cls, "__doc__": mixin.__doc__})
+        _FUSED_CLASSES[cls, mixin] = type(
+            f"Fused{cls.__name__}",
+            (mixin, cls),
+            {"__module__": __name__, _UNFUSED_CLASS: cls, "__doc__": mixin.__doc__},
+        )
     return _FUSED_CLASSES[cls, mixin]
 
 
@@ -184,7 +221,7 @@ def _sequence_groups(children):
         activation = kernel_activation(children[i + n]) if i + n < len(children) else None
         if activation is not None:
             n += 1
-        if n > 1 and not any(_has_hooks(m) for m in children[i:i + n]):
+        if n > 1 and not any(_has_hooks(m) for m in children[i : i + n]):
             groups.append((i, n, activation))
         i += n
     return groups
@@ -221,7 +258,7 @@ def fuse_sequences(model, report):
             continue
         names = list(module._modules)
         for start, count, activation in groups:
-            parts = [".".join(filter(None, (name, n))) for n in names[start:start + count]]
+            parts = [".".join(filter(None, (name, n))) for n in names[start : start + count]]
             report.fused.append((parts, f"fused conv block (activation={activation!r}) in {type(module).__name__}"))
         _set_fused_class(module, _FusedSequential)
         module._bmkernels_groups = groups
@@ -270,14 +307,19 @@ def fuse_resnet_blocks(model, report):
         mixin, depth = layout
         convs = [getattr(module, f"conv{i}") for i in range(1, depth + 1)]
         bns = [getattr(module, f"bn{i}") for i in range(1, depth + 1)]
-        if not (all(isinstance(c, Conv2d) and c.activation is None for c in convs)
-                and all(type(b) is torch.nn.BatchNorm2d for b in bns) and type(module.relu) is torch.nn.ReLU):
-            report.notes.append(f"{name}: {type(module).__name__} not fused (its convs were not swapped or its "
-                                "layers are not Conv2d/BatchNorm2d/ReLU)")
+        if not (
+            all(isinstance(c, Conv2d) and c.activation is None for c in convs)
+            and all(type(b) is torch.nn.BatchNorm2d for b in bns)
+            and type(module.relu) is torch.nn.ReLU
+        ):
+            report.notes.append(
+                f"{name}: {type(module).__name__} not fused (its convs were not swapped or its "
+                "layers are not Conv2d/BatchNorm2d/ReLU)"
+            )
             continue
         if any(_has_hooks(m) for m in (*convs, *bns, module.relu)):
             report.notes.append(f"{name}: {type(module).__name__} not fused (a layer inside has hooks)")
             continue
-        what = ("stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add")
+        what = "stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add"
         report.fused.append(([name or "<model>"], f"{type(module).__name__}: {what}"))
         _set_fused_class(module, mixin)

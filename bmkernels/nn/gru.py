@@ -23,8 +23,10 @@ from bmkernels.ops.gru import _DTYPES, gru, gru_cell
 
 def _blocker(cls, module):
     if type(module) is not cls.torch_class:
-        return (f"{type(module).__name__} subclasses nn.{cls.torch_class.__name__}; its forward may differ from "
-                "torch's, so it is kept")
+        return (
+            f"{type(module).__name__} subclasses nn.{cls.torch_class.__name__}; its forward may differ from "
+            "torch's, so it is kept"
+        )
     dtype = module.weight_ih_l0.dtype if cls is GRU else module.weight_ih.dtype
     if dtype not in _DTYPES:
         return f"dtype {dtype} (bmkernels' GRU runs float32, float64 and bfloat16)"
@@ -76,8 +78,7 @@ class GRUCell(torch.nn.GRUCell):
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() != input.dim():
-            raise ValueError(f"GRUCell: Expected hidden to be {input.dim()}D (as the input), got {hx.dim()}D "
-                             "instead")
+            raise ValueError(f"GRUCell: Expected hidden to be {input.dim()}D (as the input), got {hx.dim()}D instead")
         return gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, backend=self.backend)
 
 
@@ -94,9 +95,15 @@ class GRU(torch.nn.GRU):
         self.backend = backend
 
     def _ctor_kwargs(self):
-        return dict(input_size=self.input_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                    bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
-                    bidirectional=self.bidirectional)
+        return dict(
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            bias=self.bias,
+            batch_first=self.batch_first,
+            dropout=self.dropout,
+            bidirectional=self.bidirectional,
+        )
 
     @classmethod
     def swap_blocker(cls, module):
@@ -122,8 +129,13 @@ class GRU(torch.nn.GRU):
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh_l0)}"
 
     def forward(self, input, hx=None):
-        options = dict(num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=float(self.dropout),
-                       training=self.training, backend=self.backend)
+        options = dict(
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            dropout=float(self.dropout),
+            training=self.training,
+            backend=self.backend,
+        )
         if not isinstance(input, PackedSequence):
             return gru(input, hx, self._flat_weights, batch_first=self.batch_first, **options)
         # padded in the caller's batch order (as hx and h_n are), then packed back with the input's order

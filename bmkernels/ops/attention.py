@@ -35,8 +35,9 @@ def _check_broadcast(name, t, grid):
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"attention: {name} of shape {tuple(t.shape)} cannot broadcast to the score grid "
-                         f"(B, Hq, Lq, Lk) = {grid}")
+        raise ValueError(
+            f"attention: {name} of shape {tuple(t.shape)} cannot broadcast to the score grid (B, Hq, Lq, Lk) = {grid}"
+        )
 
 
 def _check_qkv(q, k, v):
@@ -52,11 +53,11 @@ def _check_qkv(q, k, v):
         raise ValueError(f"attention: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     (batch, q_heads, _, head_dim), (kb, kv_heads, k_len, kd), (vb, vh, vl, _) = q.shape, k.shape, v.shape
     if kb != batch or vb != batch:
-        raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+        raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if vh != kv_heads or vl != k_len:
-        raise ValueError(f"attention: k and v must have the same heads and length; got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+        raise ValueError(
+            f"attention: k and v must have the same heads and length; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if kd != head_dim:
         raise ValueError(f"attention: q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if head_dim < 1:
@@ -69,8 +70,11 @@ def _window_bounds(window, causal):
     """(left, right) with -1 = unbounded; causal caps right at 0."""
     left, right = -1, -1
     if window is not None:
-        if not (isinstance(window, (tuple, list)) and len(window) == 2
-                and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        if not (
+            isinstance(window, (tuple, list))
+            and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+        ):
             raise TypeError(f"attention: window must be a pair of ints (left, right); got {window!r}")
         left, right = window
         if left < -1 or right < -1:
@@ -86,8 +90,9 @@ def _keep_mask(mask, key_padding_mask, grid):
     if mask is not None:
         _check_tensor("mask", mask)
         if mask.dtype != torch.bool:
-            raise TypeError(f"attention: mask must be bool (True = keep); got {mask.dtype} "
-                            "(an additive float mask goes in bias=)")
+            raise TypeError(
+                f"attention: mask must be bool (True = keep); got {mask.dtype} (an additive float mask goes in bias=)"
+            )
         _check_broadcast("mask", mask, grid)
     if key_padding_mask is None:
         return mask
@@ -95,15 +100,32 @@ def _keep_mask(mask, key_padding_mask, grid):
     if key_padding_mask.dtype != torch.bool:
         raise TypeError(f"attention: key_padding_mask must be bool (True = padding); got {key_padding_mask.dtype}")
     if tuple(key_padding_mask.shape) != (batch, k_len):
-        raise ValueError(f"attention: key_padding_mask must have shape (B, Lk) = {(batch, k_len)}; "
-                         f"got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"attention: key_padding_mask must have shape (B, Lk) = {(batch, k_len)}; "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
     keep = ~key_padding_mask.view(batch, 1, 1, k_len)
     return keep if mask is None else keep & mask
 
 
-def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, mask=None,
-              key_padding_mask=None, window=None, softcap=None, alibi_slopes=None, dropout_p=0.0,
-              scale=None, return_lse=False, backend=None):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    causal_alignment="top_left",
+    bias=None,
+    mask=None,
+    key_padding_mask=None,
+    window=None,
+    softcap=None,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    scale=None,
+    return_lse=False,
+    backend=None,
+):
     """Fused attention of q (B, Hq, Lq, D) over k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv).
 
     GQA/MQA when Hq is a multiple of Hkv. Semantics and order of operations are those of
@@ -144,13 +166,17 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, 
     if alibi_slopes is not None:
         _check_tensor("alibi_slopes", alibi_slopes)
         if not alibi_slopes.is_floating_point() or tuple(alibi_slopes.shape) not in ((q_heads,), (batch, q_heads)):
-            raise ValueError(f"attention: alibi_slopes must be floating, shape (Hq,) = {(q_heads,)} or (B, Hq) = "
-                             f"{(batch, q_heads)}; got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
+            raise ValueError(
+                f"attention: alibi_slopes must be floating, shape (Hq,) = {(q_heads,)} or (B, Hq) = "
+                f"{(batch, q_heads)}; got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}"
+            )
         if alibi_slopes.device != q.device:
             raise ValueError(f"attention: alibi_slopes must be on q's device {q.device}; got {alibi_slopes.device}")
         if alibi_slopes.requires_grad and torch.is_grad_enabled():
-            raise ValueError("attention: alibi_slopes gets no gradient; pass slopes that do not require grad "
-                             "(e.g. alibi_slopes.detach())")
+            raise ValueError(
+                "attention: alibi_slopes gets no gradient; pass slopes that do not require grad "
+                "(e.g. alibi_slopes.detach())"
+            )
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"attention: dropout_p must be in [0, 1); got {dropout_p!r}")
     if scale is None:
@@ -163,13 +189,37 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, 
     if name == "reference":
         keep_drawn = torch.rand(grid, device=q.device) >= dropout_p if dropout_p > 0 else None
         return reference.attention(
-            q, k, v, causal=causal, causal_alignment=causal_alignment, bias=bias, mask=keep,
-            window=(left, right), softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-            dropout_mask=keep_drawn, scale=scale, return_lse=return_lse)
+            q,
+            k,
+            v,
+            causal=causal,
+            causal_alignment=causal_alignment,
+            bias=bias,
+            mask=keep,
+            window=(left, right),
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            dropout_p=dropout_p,
+            dropout_mask=keep_drawn,
+            scale=scale,
+            return_lse=return_lse,
+        )
     rng_seed = _draw_seed() if dropout_p > 0 else None
     out, lse = _forward_op(name)(
-        q, k, v, bias, keep, alibi_slopes, rng_seed, float(scale), float(softcap or 0.0), left, right, offset,
-        float(dropout_p))
+        q,
+        k,
+        v,
+        bias,
+        keep,
+        alibi_slopes,
+        rng_seed,
+        float(scale),
+        float(softcap or 0.0),
+        left,
+        right,
+        offset,
+        float(dropout_p),
+    )
     return (out, lse) if return_lse else out
 
 
@@ -193,8 +243,9 @@ def dropout_keep_mask(rng_seed, batch, heads, q_len, k_len, dropout_p):
     return torch.ops.bmkernels.attention_dropout_mask(rng_seed, batch, heads, q_len, k_len, float(dropout_p))
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, backend=None):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
+):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: query (..., Hq, L, E),
     key (..., Hkv, S, E), value (..., Hkv, S, Ev); attn_mask bool (True = take part) or float
     (added), broadcastable to (..., Hq, L, S); is_causal is top-left aligned; GQA with enable_gqa.
@@ -202,19 +253,26 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
         if t.dim() < 2:
-            raise ValueError(f"scaled_dot_product_attention: {name} must have at least 2 dims (L, E); "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"scaled_dot_product_attention: {name} must have at least 2 dims (L, E); got shape {tuple(t.shape)}"
+            )
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"scaled_dot_product_attention: query, key, value must have the same number of dims; got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"scaled_dot_product_attention: query, key, value must have the same number of dims; got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
     lead = tuple(query.shape[:-3])
     if tuple(key.shape[:-3]) != lead or tuple(value.shape[:-3]) != lead:
-        raise ValueError(f"scaled_dot_product_attention: batch dims differ: query {tuple(query.shape)}, key "
-                         f"{tuple(key.shape)}, value {tuple(value.shape)}")
+        raise ValueError(
+            f"scaled_dot_product_attention: batch dims differ: query {tuple(query.shape)}, key "
+            f"{tuple(key.shape)}, value {tuple(value.shape)}"
+        )
     q, k, v = (_as_4d(t) for t in (query, key, value))
     if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"scaled_dot_product_attention: query has {q.shape[1]} heads and key {k.shape[1]}; set "
-                         "enable_gqa=True for grouped-query attention")
+        raise ValueError(
+            f"scaled_dot_product_attention: query has {q.shape[1]} heads and key {k.shape[1]}; set "
+            "enable_gqa=True for grouped-query attention"
+        )
     if is_causal and attn_mask is not None:
         raise ValueError("scaled_dot_product_attention: attn_mask must not be set when is_causal=True")
     bias = mask = None
@@ -225,10 +283,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         elif attn_mask.dtype == query.dtype:
             bias = _mask_as_4d(attn_mask, query)
         else:
-            raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or query's dtype {query.dtype}; "
-                            f"got {attn_mask.dtype}")
-    out = attention(q, k, v, causal=is_causal, bias=bias, mask=mask, dropout_p=dropout_p, scale=scale,
-                    backend=backend)
+            raise TypeError(
+                f"scaled_dot_product_attention: attn_mask must be bool or query's dtype {query.dtype}; "
+                f"got {attn_mask.dtype}"
+            )
+    out = attention(q, k, v, causal=is_causal, bias=bias, mask=mask, dropout_p=dropout_p, scale=scale, backend=backend)
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 
@@ -247,26 +306,48 @@ def _mask_as_4d(m, query):
     try:
         m = m.expand(grid)
     except RuntimeError:
-        raise ValueError(f"scaled_dot_product_attention: attn_mask of shape {tuple(m.shape)} cannot broadcast to "
-                         f"{grid}") from None
+        raise ValueError(
+            f"scaled_dot_product_attention: attn_mask of shape {tuple(m.shape)} cannot broadcast to {grid}"
+        ) from None
     return _as_4d(m)
 
 
-def _fake_fwd(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset,
-              dropout_p):
+def _fake_fwd(
+    q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(batch, heads, q_len, v.shape[-1])
     lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
     return out, lse
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale, softcap,
-              window_left, window_right, diag_offset, dropout_p, bias_grad):
+def _fake_bwd(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_lse,
+    bias,
+    mask,
+    alibi_slopes,
+    rng_seed,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    diag_offset,
+    dropout_p,
+    bias_grad,
+):
     dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            q.new_empty(dbias_shape, dtype=_acc_dtype(q.dtype)))
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty(dbias_shape, dtype=_acc_dtype(q.dtype)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -284,7 +365,8 @@ def backward_with(bwd_op):
         q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = bwd_op(
-            grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad)
+            grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad
+        )
         dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
         return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
@@ -296,4 +378,6 @@ if _extension.loaded():
     torch.library.register_fake("bmkernels::attention_bwd")(_fake_bwd)
     torch.library.register_fake("bmkernels::attention_dropout_mask")(
         lambda rng_seed, batch, heads, q_len, k_len, dropout_p: rng_seed.new_empty(
-            (batch, heads, q_len, k_len), dtype=torch.bool))
+            (batch, heads, q_len, k_len), dtype=torch.bool
+        )
+    )

@@ -27,8 +27,11 @@ def _fail(cls, message):
 def _pair(name, value, minimum):
     """An int or a pair of ints, each >= minimum, as a pair."""
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+    if not (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    ):
         _fail(TypeError, f"{name} must be an int or a pair of ints; got {value!r}")
     if min(pair) < minimum:
         _fail(ValueError, f"{name} must be >= {minimum}; got {value!r}")
@@ -61,8 +64,10 @@ def _activation(activation):
             _fail(ValueError, f"the leaky_relu slope must be a finite number; got {slope!r}")
         return _ACTIVATION_CODES["leaky_relu"], float(slope)
     if not isinstance(activation, (str, type(None))) or activation not in _ACTIVATION_CODES:
-        _fail(ValueError, f"activation must be one of {list(_ACTIVATION_CODES)} or ('leaky_relu', slope); "
-              f"got {activation!r}")
+        _fail(
+            ValueError,
+            f"activation must be one of {list(_ACTIVATION_CODES)} or ('leaky_relu', slope); got {activation!r}",
+        )
     return _ACTIVATION_CODES[activation], reference.DEFAULT_LEAKY_SLOPE
 
 
@@ -87,8 +92,9 @@ def _check_tensor(name, t, x, dtype_of="x"):
         _fail(ValueError, f"{name} must be on x's device {x.device}; got {t.device}")
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, residual=None,
-           backend=None):
+def conv2d(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, residual=None, backend=None
+):
     """act(conv2d(x, weight) + bias + residual) in one pass.
 
     x: (N, C_in, H, W) or unbatched (C_in, H, W), float32 / float64 / bfloat16 (float32 accumulation
@@ -103,8 +109,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         _fail(TypeError, f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() not in (3, 4):
         _fail(ValueError, f"x must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W); got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES and not (x.dtype == torch.float16 and _backend.choose("conv2d", x.device, backend)
-                                       == "triton"):
+    if x.dtype not in _DTYPES and not (
+        x.dtype == torch.float16 and _backend.choose("conv2d", x.device, backend) == "triton"
+    ):
         _fail(TypeError, f"x must be float32, float64 or bfloat16 (float16 on backend='triton'); got {x.dtype}")
     _check_tensor("weight", weight, x)
     if weight.dim() != 4:
@@ -113,11 +120,15 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         _fail(ValueError, f"groups must be a positive int; got {groups!r}")
     in_c, out_c = x.shape[-3], weight.shape[0]
     if in_c % groups or out_c % groups:
-        _fail(ValueError, f"groups ({groups}) must divide the input channels ({in_c}) and the output channels "
-              f"({out_c})")
+        _fail(
+            ValueError, f"groups ({groups}) must divide the input channels ({in_c}) and the output channels ({out_c})"
+        )
     if weight.shape[1] * groups != in_c:
-        _fail(ValueError, f"weight {tuple(weight.shape)} expects {weight.shape[1] * groups} input channels "
-              f"(C_in / groups = {weight.shape[1]}, groups = {groups}); x {tuple(x.shape)} has {in_c}")
+        _fail(
+            ValueError,
+            f"weight {tuple(weight.shape)} expects {weight.shape[1] * groups} input channels "
+            f"(C_in / groups = {weight.shape[1]}, groups = {groups}); x {tuple(x.shape)} has {in_c}",
+        )
     if bias is not None:
         _check_tensor("bias", bias, x)
         if tuple(bias.shape) != (out_c,):
@@ -126,11 +137,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     dilation = _pair("dilation", dilation, 1)
     kernel = tuple(weight.shape[2:])
     pads = _padding(padding, kernel, stride, dilation)
-    out_hw = tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
-                   zip(x.shape[-2:], pads[0::2], pads[1::2], kernel, stride, dilation, strict=True))
+    out_hw = tuple(
+        (size + lo + hi - d * (k - 1) - 1) // s + 1
+        for size, lo, hi, k, s, d in zip(x.shape[-2:], pads[0::2], pads[1::2], kernel, stride, dilation, strict=True)
+    )
     if min(out_hw) <= 0:
-        _fail(ValueError, f"output size {out_hw} must be positive: input {tuple(x.shape[-2:])}, kernel {kernel}, "
-              f"padding {pads} (top, bottom, left, right), stride {stride}, dilation {dilation}")
+        _fail(
+            ValueError,
+            f"output size {out_hw} must be positive: input {tuple(x.shape[-2:])}, kernel {kernel}, "
+            f"padding {pads} (top, bottom, left, right), stride {stride}, dilation {dilation}",
+        )
     out_shape = (*x.shape[:-3], out_c, *out_hw)
     if residual is not None:
         _check_tensor("residual", residual, x)
@@ -140,14 +156,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
     name = _backend.choose("conv2d", x.device, backend)
     if name == "reference":
-        return reference.conv2d(x, weight, bias, stride, padding, dilation, groups, activation=activation,
-                                residual=residual)
+        return reference.conv2d(
+            x, weight, bias, stride, padding, dilation, groups, activation=activation, residual=residual
+        )
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
         residual = residual.unsqueeze(0) if residual is not None else None
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     save_preact = needs_grad and not _derivative_from_output(code, slope)
     out, _ = _forward_op(name)(x, weight, bias, residual, stride, pads, dilation, groups, code, slope, save_preact)
     return out.squeeze(0) if unbatched else out
@@ -170,12 +186,15 @@ def fold_batchnorm(conv, bn):
     if not isinstance(bn, torch.nn.BatchNorm2d):
         raise TypeError(f"fold_batchnorm: bn must be a torch.nn.BatchNorm2d; got {type(bn).__name__}")
     if bn.num_features != conv.out_channels:
-        raise ValueError(f"fold_batchnorm: bn has {bn.num_features} features; the conv has {conv.out_channels} "
-                         "output channels")
+        raise ValueError(
+            f"fold_batchnorm: bn has {bn.num_features} features; the conv has {conv.out_channels} output channels"
+        )
     if bn.training or bn.running_mean is None:
-        raise ValueError("fold_batchnorm: bn must be in eval mode with running statistics (call bn.eval(); "
-                         "track_running_stats=True): a training-mode BatchNorm normalizes with batch statistics, "
-                         "which no fixed weight can fold")
+        raise ValueError(
+            "fold_batchnorm: bn must be in eval mode with running statistics (call bn.eval(); "
+            "track_running_stats=True): a training-mode BatchNorm normalizes with batch statistics, "
+            "which no fixed weight can fold"
+        )
     with torch.no_grad():
         dtype = conv.weight.dtype
         scale = torch.rsqrt(bn.running_var.double() + bn.eps)
@@ -190,21 +209,30 @@ def fold_batchnorm(conv, bn):
 
 
 def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
-    out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
-              zip(x.shape[-2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True)]
-    out = torch.empty((x.shape[0], weight.shape[0], *out_hw), dtype=x.dtype, device=x.device,
-                      memory_format=_memory_format(x))
+    out_hw = [
+        (size + lo + hi - d * (k - 1) - 1) // s + 1
+        for size, lo, hi, k, s, d in zip(
+            x.shape[-2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True
+        )
+    ]
+    out = torch.empty(
+        (x.shape[0], weight.shape[0], *out_hw), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+    )
     preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
     return out, preact
 
 
-def _fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, saved_is_output,
-              output_mask):
+def _fake_bwd(
+    grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, saved_is_output, output_mask
+):
     fmt = _memory_format(x)
     out_shape = (x.shape[0], weight.shape[0], *grad_out.shape[2:])
-    wanted = (torch.empty_like(x, memory_format=fmt), weight.new_empty(weight.shape),
-              weight.new_empty((weight.shape[0],)),
-              torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt))
+    wanted = (
+        torch.empty_like(x, memory_format=fmt),
+        weight.new_empty(weight.shape),
+        weight.new_empty((weight.shape[0],)),
+        torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+    )
     return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, output_mask, strict=True))
 
 
@@ -225,12 +253,19 @@ def backward_with(bwd_op):
         x, weight, act_saved = ctx.saved_tensors
         stride, padding, dilation, groups, activation, slope, from_output = ctx.params
         if not from_output and act_saved.shape != grad_out.shape:  # an empty batch's saved pre-activation is empty too
-            raise RuntimeError("conv2d: backward needs the pre-activation, which the forward did not save (it ran "
-                               "without any input requiring grad)")
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2],
-                ctx.has_residual and ctx.needs_input_grad[3]]
-        dx, dw, db, dres = bwd_op(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
-                                  from_output, mask)
+            raise RuntimeError(
+                "conv2d: backward needs the pre-activation, which the forward did not save (it ran "
+                "without any input requiring grad)"
+            )
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+            ctx.has_residual and ctx.needs_input_grad[3],
+        ]
+        dx, dw, db, dres = bwd_op(
+            grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, from_output, mask
+        )
         grads = [g if m else None for g, m in zip((dx, dw, db, dres), mask, strict=True)]
         return (*grads, None, None, None, None, None, None, None)
 

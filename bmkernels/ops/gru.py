@@ -64,16 +64,30 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     w_ih (3H, I), w_hh (3H, H), b_ih and b_hh (3H,) or None. Returns h' in x's dtype.
     float32, float64, bfloat16 (bfloat16 computes in float32)."""
     try:
-        hot = (backend is None and h is not None and (b_ih is None) == (b_hh is None) and x.is_cpu and h.is_cpu
-               and w_ih.is_cpu and w_hh.is_cpu and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu) and x.dim() == 2
-               and not torch.compiler.is_compiling() and _choose("gru", x.device, None) == "cpu")
+        hot = (
+            backend is None
+            and h is not None
+            and (b_ih is None) == (b_hh is None)
+            and x.is_cpu
+            and h.is_cpu
+            and w_ih.is_cpu
+            and w_hh.is_cpu
+            and (b_ih is None or b_ih.is_cpu and b_hh.is_cpu)
+            and x.dim() == 2
+            and not torch.compiler.is_compiling()
+            and _choose("gru", x.device, None) == "cpu"
+        )
     except AttributeError:  # an argument is not a tensor: the checks below say which
         hot = False
     if hot:
         # hot path (a GRUCell stepped from Python): the kernel checks shapes and dtypes itself
         save = torch.is_grad_enabled() and (
-            x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
-            or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)))
+            x.requires_grad
+            or h.requires_grad
+            or w_ih.requires_grad
+            or w_hh.requires_grad
+            or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
+        )
         return _extension._C.gru_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, save)
     op = "gru_cell"
     _check_tensor(op, "x", x)
@@ -114,8 +128,9 @@ def _check_lengths(lengths, batch, steps, device):
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"{op}: lengths must be a torch.Tensor of int64; got {type(lengths).__name__}")
     if lengths.dtype != torch.int64 or tuple(lengths.shape) != (batch,):
-        raise ValueError(f"{op}: lengths must be int64 of shape (B,) = ({batch},); got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")
+        raise ValueError(
+            f"{op}: lengths must be int64 of shape (B,) = ({batch},); got {lengths.dtype} {tuple(lengths.shape)}"
+        )
     if lengths.device.type != "cpu" and lengths.device != device:
         raise ValueError(f"{op}: lengths must be on the CPU or the input's device {device}; got {lengths.device}")
     if not torch.compiler.is_compiling() and batch > 0:
@@ -147,25 +162,31 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
         raise ValueError(f"{op}: dropout must be a number in [0, 1]; got {dropout!r}")
     directions = 2 if bidirectional else 1
     if x.dim() not in (2, 3):
-        raise ValueError(f"{op}: x must be (T, B, I), (B, T, I) with batch_first, or unbatched (T, I); got "
-                         f"shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: x must be (T, B, I), (B, T, I) with batch_first, or unbatched (T, I); got shape {tuple(x.shape)}"
+        )
     unbatched = x.dim() == 2
     seq = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if batch_first else x)
     steps, batch, input_size = seq.shape
     if steps == 0:
         raise ValueError(f"{op}: the sequence length T must be >= 1; got x of shape {tuple(x.shape)}")
     if not isinstance(weights, (list, tuple)) or len(weights) not in (
-            2 * num_layers * directions, 4 * num_layers * directions):
+        2 * num_layers * directions,
+        4 * num_layers * directions,
+    ):
         got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
-        raise ValueError(f"{op}: weights must be a list of {2 * num_layers * directions} (no bias) or "
-                         f"{4 * num_layers * directions} tensors for num_layers={num_layers}, "
-                         f"bidirectional={bool(bidirectional)} (torch.nn.GRU._flat_weights order); got {got}")
+        raise ValueError(
+            f"{op}: weights must be a list of {2 * num_layers * directions} (no bias) or "
+            f"{4 * num_layers * directions} tensors for num_layers={num_layers}, "
+            f"bidirectional={bool(bidirectional)} (torch.nn.GRU._flat_weights order); got {got}"
+        )
     per_direction = len(weights) // (num_layers * directions)
     for i, w in enumerate(weights):
         _check_tensor(op, f"weights[{i}]", w, dtype, device)
     if weights[1].dim() != 2 or weights[1].shape[0] != 3 * weights[1].shape[1] or weights[1].shape[1] == 0:
-        raise ValueError(f"{op}: weights[1] (w_hh of layer 0) must have shape (3H, H) with H >= 1; got "
-                         f"{tuple(weights[1].shape)}")
+        raise ValueError(
+            f"{op}: weights[1] (w_hh of layer 0) must have shape (3H, H) with H >= 1; got {tuple(weights[1].shape)}"
+        )
     hidden = weights[1].shape[1]
     for i, w in enumerate(weights):
         layer, kind = i // (directions * per_direction), i % per_direction
@@ -185,11 +206,28 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
 
     name = _choose(op, device, backend)
     if name == "reference":
-        out, h_n = reference.gru(seq, h0, weights, num_layers=num_layers, bidirectional=bidirectional,
-                                 batch_first=False, dropout=dropout, training=training, lengths=lengths)
+        out, h_n = reference.gru(
+            seq,
+            h0,
+            weights,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            batch_first=False,
+            dropout=dropout,
+            training=training,
+            lengths=lengths,
+        )
     else:
-        out, h_n = _gru_layers(seq, h0, weights, num_layers, directions, dropout if training else 0.0, lengths,
-                               _forward_op(name, "layer_fwd"))
+        out, h_n = _gru_layers(
+            seq,
+            h0,
+            weights,
+            num_layers,
+            directions,
+            dropout if training else 0.0,
+            lengths,
+            _forward_op(name, "layer_fwd"),
+        )
     if unbatched:
         return out.squeeze(1), h_n.squeeze(1)
     return (out.transpose(0, 1) if batch_first else out), h_n
@@ -215,10 +253,12 @@ def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_
     h_n = []
     for layer in range(num_layers):
         first = layer * directions * per_direction
-        w_ih, w_hh, *biases = (_stacked(weights[first + k:first + directions * per_direction:per_direction])
-                               for k in range(per_direction))
+        w_ih, w_hh, *biases = (
+            _stacked(weights[first + k : first + directions * per_direction : per_direction])
+            for k in range(per_direction)
+        )
         b_ih, b_hh = biases if biases else (None, None)
-        h_layer = h0[layer * directions:(layer + 1) * directions]
+        h_layer = h0[layer * directions : (layer + 1) * directions]
         save = _needs_grad(x, h_layer, w_ih, w_hh, b_ih, b_hh)
         x, h, _ = layer_fwd(x, h_layer, w_ih, w_hh, b_ih, b_hh, lengths, save)
         h_n.append(h)
@@ -229,22 +269,32 @@ def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_
 
 def _fake_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save_workspace):
     batch, hidden = h.shape
-    return x.new_empty(batch, hidden), x.new_empty(batch if save_workspace else 0, 5 * hidden,
-                                                    dtype=_acc_dtype(x.dtype))
+    return x.new_empty(batch, hidden), x.new_empty(
+        batch if save_workspace else 0, 5 * hidden, dtype=_acc_dtype(x.dtype)
+    )
 
 
 def _fake_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
     steps, batch, _ = x.shape
     directions, _, hidden = h0.shape
     ws_shape = (directions, steps, batch, 5 * hidden) if save_workspace else (0,)
-    return (x.new_empty(steps, batch, directions * hidden), h0.new_empty(directions, batch, hidden),
-            x.new_empty(ws_shape, dtype=_acc_dtype(x.dtype)))
+    return (
+        x.new_empty(steps, batch, directions * hidden),
+        h0.new_empty(directions, batch, hidden),
+        x.new_empty(ws_shape, dtype=_acc_dtype(x.dtype)),
+    )
 
 
 def _fake_layer_bwd(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias):
     bias_shape = (w_ih.shape[0], w_ih.shape[1]) if has_bias else (0,)
-    return (x.new_empty(x.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
-            w_ih.new_empty(bias_shape), w_hh.new_empty(bias_shape))
+    return (
+        x.new_empty(x.shape),
+        h0.new_empty(h0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_ih.new_empty(bias_shape),
+        w_hh.new_empty(bias_shape),
+    )
 
 
 if _extension.loaded():

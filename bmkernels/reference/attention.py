@@ -37,9 +37,24 @@ def visible_keys(q_len, k_len, *, causal=False, window=None, offset=0, device=No
     return keep
 
 
-def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, mask=None,
-              key_padding_mask=None, window=None, softcap=None, alibi_slopes=None, dropout_p=0.0,
-              dropout_mask=None, scale=None, return_lse=False):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    causal_alignment="top_left",
+    bias=None,
+    mask=None,
+    key_padding_mask=None,
+    window=None,
+    softcap=None,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+    scale=None,
+    return_lse=False,
+):
     """Attention of q (B, Hq, Lq, D) over k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); Hq % Hkv == 0.
 
     bias: additive, broadcastable to (B, Hq, Lq, Lk). mask: bool, True = keep, broadcastable.
@@ -89,8 +104,9 @@ def attention(q, k, v, *, causal=False, causal_alignment="top_left", bias=None, 
     return (out, lse) if return_lse else out
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, dropout_mask=None):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, dropout_mask=None
+):
     """The semantics of torch.nn.functional.scaled_dot_product_attention on (..., H, L, D) inputs;
     a row whose keys are all masked gives zeros."""
     lead = query.shape[:-3] if query.dim() >= 4 else ()
@@ -103,8 +119,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             bias = attn_mask
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError("reference sdpa: query and key heads differ and enable_gqa is False")
-    out = attention(q, k, v, causal=is_causal, bias=_batch_flat(bias, query), mask=_batch_flat(mask, query),
-                    dropout_p=dropout_p, dropout_mask=dropout_mask, scale=scale)
+    out = attention(
+        q,
+        k,
+        v,
+        causal=is_causal,
+        bias=_batch_flat(bias, query),
+        mask=_batch_flat(mask, query),
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        scale=scale,
+    )
     return out.reshape(*lead, *out.shape[-3:]) if query.dim() >= 4 else out.squeeze(0)
 
 

@@ -62,9 +62,10 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
         outs = []
         for d in range(directions):
             k = (layer * directions + d) * per_direction
-            w_ih, w_hh, b_ih, b_hh = (list(weights[k:k + per_direction]) + [None, None])[:4]
-            out, h = gru_direction(layer_input, h0[layer * directions + d], w_ih, w_hh, b_ih, b_hh,
-                                   reverse=d == 1, lengths=lengths)
+            w_ih, w_hh, b_ih, b_hh = (list(weights[k : k + per_direction]) + [None, None])[:4]
+            out, h = gru_direction(
+                layer_input, h0[layer * directions + d], w_ih, w_hh, b_ih, b_hh, reverse=d == 1, lengths=lengths
+            )
             outs.append(out)
             h_n.append(h)
         layer_input = torch.cat(outs, dim=2)

@@ -49,16 +49,22 @@ def _configs(blocks, interpreted_block, untuned):
     under the interpreter, which runs programs one after another. `untuned`: the config used without
     tuning, one that fits shared memory at every head dim (<= 256) in float32."""
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": interpreted_block, "BLOCK_N": interpreted_block}, num_warps=1,
-                              num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in tuned(blocks, untuned)]
+        return [triton.Config({"BLOCK_M": interpreted_block, "BLOCK_N": interpreted_block}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuned(blocks, untuned)
+    ]
 
 
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2),
-                         (32, 32, 4, 2)], 32, untuned=(64, 32, 4, 2))
-_BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (32, 32, 4, 2),
-                         (16, 32, 4, 1)], 32, untuned=(16, 32, 4, 1))
+_FWD_CONFIGS = _configs(
+    [(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2)],
+    32,
+    untuned=(64, 32, 4, 2),
+)
+_BWD_CONFIGS = _configs(
+    [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1)],
+    32,
+    untuned=(16, 32, 4, 1),
+)
 _TUNE_KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT"]
 
 
@@ -69,9 +75,29 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(qk, rows, cols, bias_ptr, sbm, sbn, mask_ptr, smm, smn, slope, Lq, Lk, scale, softcap,
-            left, right, offset, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            HAS_SOFTCAP: tl.constexpr):
+def _scores(
+    qk,
+    rows,
+    cols,
+    bias_ptr,
+    sbm,
+    sbn,
+    mask_ptr,
+    smm,
+    smn,
+    slope,
+    Lq,
+    Lk,
+    scale,
+    softcap,
+    left,
+    right,
+    offset,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     """The score tile s (masked entries -inf) from the raw q k^T tile, and tanh(scale qk / softcap)
     (the softcap derivative needs it; s itself when softcap is off). bias_ptr / mask_ptr already
     point at this (batch, head)."""
@@ -117,13 +143,65 @@ def _query_range(n0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lq, left, rig
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _fwd_kernel(Q, K, V, Bias, Mask, Slopes, Seed, Out, Lse,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                sbb, sbh, sbm, sbn, smb, smh, smm, smn, ssb, ssh, sob, soh, som, sod,
-                Hq, Lq, Lk, D, DV, GROUP, scale, softcap, left, right, offset, dropout_p, dropout_scale,
-                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    Bias,
+    Mask,
+    Slopes,
+    Seed,
+    Out,
+    Lse,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    smb,
+    smh,
+    smm,
+    smn,
+    ssb,
+    ssh,
+    sob,
+    soh,
+    som,
+    sod,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    DV,
+    GROUP,
+    scale,
+    softcap,
+    left,
+    right,
+    offset,
+    dropout_p,
+    dropout_scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -132,8 +210,11 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Slopes, Seed, Out, Lse,
     rows = m0 + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
-                mask=(rows[:, None] < Lq) & (d[None, :] < D), other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+        mask=(rows[:, None] < Lq) & (d[None, :] < D),
+        other=0.0,
+    )
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     Bias += b * sbb + h * sbh
@@ -148,11 +229,33 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Slopes, Seed, Out, Lse,
     lo, hi = _key_range(m0, BLOCK_M, BLOCK_N, Lk, left, right, offset)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + cols[None, :] * skn + d[:, None] * skd, mask=(cols[None, :] < Lk) & (d[:, None] < D),
-                     other=0.0)
+        kt = tl.load(
+            K + cols[None, :] * skn + d[:, None] * skd, mask=(cols[None, :] < Lk) & (d[:, None] < D), other=0.0
+        )
         qk = tl.dot(q, kt, input_precision="ieee")
-        s, _ = _scores(qk, rows, cols, Bias, sbm, sbn, Mask, smm, smn, slope, Lq, Lk, scale, softcap, left, right,
-                       offset, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP)
+        s, _ = _scores(
+            qk,
+            rows,
+            cols,
+            Bias,
+            sbm,
+            sbn,
+            Mask,
+            smm,
+            smn,
+            slope,
+            Lq,
+            Lk,
+            scale,
+            softcap,
+            left,
+            right,
+            offset,
+            HAS_BIAS,
+            HAS_MASK,
+            HAS_ALIBI,
+            HAS_SOFTCAP,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no -inf - -inf
         p = tl.exp(s - m_safe[:, None])
@@ -160,28 +263,75 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Slopes, Seed, Out, Lse,
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(Seed, bh, rows, cols, Lq, Lk, dropout_p), p * dropout_scale, 0.0)
-        v = tl.load(V + cols[:, None] * svn + dv[None, :] * svd, mask=(cols[:, None] < Lk) & (dv[None, :] < DV),
-                    other=0.0)
+        v = tl.load(
+            V + cols[:, None] * svn + dv[None, :] * svd, mask=(cols[:, None] < Lk) & (dv[None, :] < DV), other=0.0
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     empty = l_i == 0.0  # no visible key: zeros and lse = -inf, never NaN
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(Out + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, out.to(Out.dtype.element_ty),
-             mask=(rows[:, None] < Lq) & (dv[None, :] < DV))
+    tl.store(
+        Out + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod,
+        out.to(Out.dtype.element_ty),
+        mask=(rows[:, None] < Lq) & (dv[None, :] < DV),
+    )
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(Lse + bh * Lq + rows, lse, mask=rows < Lq)
 
 
 @triton.jit
-def _probabilities(q, kt, rows, cols, lse, Bias, sbm, sbn, Mask, smm, smn, slope, Lq, Lk, scale, softcap,
-                   left, right, offset, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr):
+def _probabilities(
+    q,
+    kt,
+    rows,
+    cols,
+    lse,
+    Bias,
+    sbm,
+    sbn,
+    Mask,
+    smm,
+    smn,
+    slope,
+    Lq,
+    Lk,
+    scale,
+    softcap,
+    left,
+    right,
+    offset,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     """P tile recomputed from the saved logsumexp (0 where masked or the row is empty), and the
     softcap tanh."""
     qk = tl.dot(q, kt, input_precision="ieee")
-    s, t = _scores(qk, rows, cols, Bias, sbm, sbn, Mask, smm, smn, slope, Lq, Lk, scale, softcap, left, right,
-                   offset, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP)
+    s, t = _scores(
+        qk,
+        rows,
+        cols,
+        Bias,
+        sbm,
+        sbn,
+        Mask,
+        smm,
+        smn,
+        slope,
+        Lq,
+        Lk,
+        scale,
+        softcap,
+        left,
+        right,
+        offset,
+        HAS_BIAS,
+        HAS_MASK,
+        HAS_ALIBI,
+        HAS_SOFTCAP,
+    )
     return tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), t
 
 
@@ -197,14 +347,71 @@ def _score_grad(p, dp, delta, t, HAS_SOFTCAP: tl.constexpr):
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dK, dV, dBias,
-                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-                     sbb, sbh, sbm, sbn, smb, smh, smm, smn, ssb, ssh,
-                     Hq, Hkv, Lq, Lk, D, DV, GROUP, scale, softcap, left, right, offset, dropout_p, dropout_scale,
-                     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr):
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    dO,
+    Lse,
+    Delta,
+    Bias,
+    Mask,
+    Slopes,
+    Seed,
+    dK,
+    dV,
+    dBias,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    smb,
+    smh,
+    smm,
+    smn,
+    ssb,
+    ssh,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    D,
+    DV,
+    GROUP,
+    scale,
+    softcap,
+    left,
+    right,
+    offset,
+    dropout_p,
+    dropout_scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hkv
@@ -212,10 +419,16 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dK, dV, 
     cols = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    kt = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + d[:, None] * skd,
-                 mask=(cols[None, :] < Lk) & (d[:, None] < D), other=0.0)
-    vt = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None] * svd,
-                 mask=(cols[None, :] < Lk) & (dv[:, None] < DV), other=0.0)
+    kt = tl.load(
+        K + b * skb + hk * skh + cols[None, :] * skn + d[:, None] * skd,
+        mask=(cols[None, :] < Lk) & (d[:, None] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None] * svd,
+        mask=(cols[None, :] < Lk) & (dv[:, None] < DV),
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, hi = _query_range(n0, BLOCK_M, BLOCK_N, Lq, left, right, offset)
@@ -228,15 +441,43 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dK, dV, 
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             in_rows = rows < Lq
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
-                        mask=in_rows[:, None] & (d[None, :] < D), other=0.0)
-            do = tl.load(dO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
-                         mask=in_rows[:, None] & (dv[None, :] < DV), other=0.0)
+            q = tl.load(
+                Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+                mask=in_rows[:, None] & (d[None, :] < D),
+                other=0.0,
+            )
+            do = tl.load(
+                dO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
+                mask=in_rows[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )
             lse = tl.load(Lse + bh * Lq + rows, mask=in_rows, other=0.0)
             delta = tl.load(Delta + bh * Lq + rows, mask=in_rows, other=0.0)
-            p, t = _probabilities(q, kt, rows, cols, lse, Bias + b * sbb + h * sbh, sbm, sbn,
-                                  Mask + b * smb + h * smh, smm, smn, slope, Lq, Lk, scale, softcap, left, right,
-                                  offset, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP)
+            p, t = _probabilities(
+                q,
+                kt,
+                rows,
+                cols,
+                lse,
+                Bias + b * sbb + h * sbh,
+                sbm,
+                sbn,
+                Mask + b * smb + h * smh,
+                smm,
+                smn,
+                slope,
+                Lq,
+                Lk,
+                scale,
+                softcap,
+                left,
+                right,
+                offset,
+                HAS_BIAS,
+                HAS_MASK,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+            )
             dp = tl.dot(do, vt, input_precision="ieee")
             p_dropped = p
             if HAS_DROPOUT:
@@ -246,26 +487,89 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dK, dV, 
             dvacc += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision="ieee")
             ds, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
             if BIAS_GRAD:
-                tl.store(dBias + bh * Lq * Lk + rows[:, None].to(tl.int64) * Lk + cols[None, :], ds,
-                         mask=in_rows[:, None] & (cols[None, :] < Lk))
+                tl.store(
+                    dBias + bh * Lq * Lk + rows[:, None].to(tl.int64) * Lk + cols[None, :],
+                    ds,
+                    mask=in_rows[:, None] & (cols[None, :] < Lk),
+                )
             dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision="ieee")
     # dK and dV are contiguous (B, Hkv, Lk, D / DV)
     in_cols = cols[:, None] < Lk
-    tl.store(dK + (bhk * Lk + cols[:, None]) * D + d[None, :], (dk * scale).to(dK.dtype.element_ty),
-             mask=in_cols & (d[None, :] < D))
-    tl.store(dV + (bhk * Lk + cols[:, None]) * DV + dv[None, :], dvacc.to(dV.dtype.element_ty),
-             mask=in_cols & (dv[None, :] < DV))
+    tl.store(
+        dK + (bhk * Lk + cols[:, None]) * D + d[None, :],
+        (dk * scale).to(dK.dtype.element_ty),
+        mask=in_cols & (d[None, :] < D),
+    )
+    tl.store(
+        dV + (bhk * Lk + cols[:, None]) * DV + dv[None, :],
+        dvacc.to(dV.dtype.element_ty),
+        mask=in_cols & (dv[None, :] < DV),
+    )
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dQ,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-                   sbb, sbh, sbm, sbn, smb, smh, smm, smn, ssb, ssh,
-                   Hq, Lq, Lk, D, DV, GROUP, scale, softcap, left, right, offset, dropout_p, dropout_scale,
-                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    dO,
+    Lse,
+    Delta,
+    Bias,
+    Mask,
+    Slopes,
+    Seed,
+    dQ,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    smb,
+    smh,
+    smm,
+    smn,
+    ssb,
+    ssh,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    DV,
+    GROUP,
+    scale,
+    softcap,
+    left,
+    right,
+    offset,
+    dropout_p,
+    dropout_scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -275,10 +579,16 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dQ,
     in_rows = rows < Lq
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
-                mask=in_rows[:, None] & (d[None, :] < D), other=0.0)
-    do = tl.load(dO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
-                 mask=in_rows[:, None] & (dv[None, :] < DV), other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+        mask=in_rows[:, None] & (d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        dO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
+        mask=in_rows[:, None] & (dv[None, :] < DV),
+        other=0.0,
+    )
     lse = tl.load(Lse + bh * Lq + rows, mask=in_rows, other=0.0)
     delta = tl.load(Delta + bh * Lq + rows, mask=in_rows, other=0.0)
     K += b * skb + hk * skh
@@ -291,20 +601,43 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Slopes, Seed, dQ,
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         in_cols = cols < Lk
-        kt = tl.load(K + cols[None, :] * skn + d[:, None] * skd, mask=in_cols[None, :] & (d[:, None] < D),
-                     other=0.0)
-        vt = tl.load(V + cols[None, :] * svn + dv[:, None] * svd, mask=in_cols[None, :] & (dv[:, None] < DV),
-                     other=0.0)
-        p, t = _probabilities(q, kt, rows, cols, lse, Bias + b * sbb + h * sbh, sbm, sbn, Mask + b * smb + h * smh,
-                              smm, smn, slope, Lq, Lk, scale, softcap, left, right, offset, HAS_BIAS, HAS_MASK,
-                              HAS_ALIBI, HAS_SOFTCAP)
+        kt = tl.load(K + cols[None, :] * skn + d[:, None] * skd, mask=in_cols[None, :] & (d[:, None] < D), other=0.0)
+        vt = tl.load(V + cols[None, :] * svn + dv[:, None] * svd, mask=in_cols[None, :] & (dv[:, None] < DV), other=0.0)
+        p, t = _probabilities(
+            q,
+            kt,
+            rows,
+            cols,
+            lse,
+            Bias + b * sbb + h * sbh,
+            sbm,
+            sbn,
+            Mask + b * smb + h * smh,
+            smm,
+            smn,
+            slope,
+            Lq,
+            Lk,
+            scale,
+            softcap,
+            left,
+            right,
+            offset,
+            HAS_BIAS,
+            HAS_MASK,
+            HAS_ALIBI,
+            HAS_SOFTCAP,
+        )
         dp = tl.dot(do, vt, input_precision="ieee")
         if HAS_DROPOUT:
             dp = tl.where(_dropout_keep(Seed, bh, rows, cols, Lq, Lk, dropout_p), dp * dropout_scale, 0.0)
         _, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
         dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision="ieee")
-    tl.store(dQ + (bh * Lq + rows[:, None]) * D + d[None, :], (dq * scale).to(dQ.dtype.element_ty),
-             mask=in_rows[:, None] & (d[None, :] < D))
+    tl.store(
+        dQ + (bh * Lq + rows[:, None]) * D + d[None, :],
+        (dq * scale).to(dQ.dtype.element_ty),
+        mask=in_rows[:, None] & (d[None, :] < D),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,18 +670,25 @@ def _slopes(alibi_slopes, batch, q_heads, placeholder):
 
 def _check(q, k, v, what):
     if q.dtype not in DTYPES:
-        raise TypeError(f"bmkernels attention backend 'triton': q must be float16, bfloat16 or float32; got "
-                        f"{q.dtype} (float64 runs on backend='cpu' or 'reference')")
+        raise TypeError(
+            f"bmkernels attention backend 'triton': q must be float16, bfloat16 or float32; got "
+            f"{q.dtype} (float64 runs on backend='cpu' or 'reference')"
+        )
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        raise TypeError("bmkernels attention backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
-                        "bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors")
+        raise TypeError(
+            "bmkernels attention backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
+            "bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors"
+        )
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"bmkernels attention backend 'triton': head dims must be <= {MAX_HEAD_DIM}; got q/k "
-                         f"{q.shape[-1]}, v {v.shape[-1]} ({what})")
+        raise ValueError(
+            f"bmkernels attention backend 'triton': head dims must be <= {MAX_HEAD_DIM}; got q/k "
+            f"{q.shape[-1]}, v {v.shape[-1]} ({what})"
+        )
 
 
-def _common_args(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset,
-                 dropout_p):
+def _common_args(
+    q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+):
     """(tensor args, stride args, scalar args, constexpr flags) shared by the three kernels."""
     batch, q_heads, q_len, _ = q.shape
     grid = (batch, q_heads, q_len, k.shape[2])
@@ -358,19 +698,43 @@ def _common_args(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, wi
     seed = rng_seed.to(q.device) if dropout_p > 0 else q
     tensors = (bias_t, mask_t, slopes_t, seed)
     strides = (*bias_strides, *mask_strides, *slopes_strides)
-    scalars = (float(scale), float(softcap), int(window_left), int(window_right), int(diag_offset), float(dropout_p),
-               1.0 / (1.0 - dropout_p))
-    flags = {"HAS_BIAS": bias is not None, "HAS_MASK": mask is not None, "HAS_ALIBI": alibi_slopes is not None,
-             "HAS_SOFTCAP": softcap > 0, "HAS_DROPOUT": dropout_p > 0,
-             "BLOCK_D": _block(q.shape[3]), "BLOCK_DV": _block(v.shape[3])}
+    scalars = (
+        float(scale),
+        float(softcap),
+        int(window_left),
+        int(window_right),
+        int(diag_offset),
+        float(dropout_p),
+        1.0 / (1.0 - dropout_p),
+    )
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_MASK": mask is not None,
+        "HAS_ALIBI": alibi_slopes is not None,
+        "HAS_SOFTCAP": softcap > 0,
+        "HAS_DROPOUT": dropout_p > 0,
+        "BLOCK_D": _block(q.shape[3]),
+        "BLOCK_DV": _block(v.shape[3]),
+    }
     return tensors, strides, scalars, flags
 
 
 @triton_op("bmkernels::attention_triton_fwd", mutates_args={})
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                  mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, rng_seed: torch.Tensor | None,
-                  scale: float, softcap: float, window_left: int, window_right: int, diag_offset: int,
-                  dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    rng_seed: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_fwd: (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32)."""
     _check(q, k, v, "attention_fwd")
     batch, q_heads, q_len, head_dim = q.shape
@@ -379,21 +743,55 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    tensors, strides, scalars, flags = _common_args(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap,
-                                                    window_left, window_right, diag_offset, dropout_p)
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
+    tensors, strides, scalars, flags = _common_args(
+        q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+    )
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
     wrap_triton(_fwd_kernel)[grid](
-        q, k, v, *tensors, out, lse, *q.stride(), *k.stride(), *v.stride(), *strides, *out.stride(),
-        q_heads, q_len, k_len, head_dim, v_dim, q_heads // kv_heads, *scalars, **flags)
+        q,
+        k,
+        v,
+        *tensors,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *strides,
+        *out.stride(),
+        q_heads,
+        q_len,
+        k_len,
+        head_dim,
+        v_dim,
+        q_heads // kv_heads,
+        *scalars,
+        **flags,
+    )
     return out, lse
 
 
 @triton_op("bmkernels::attention_triton_bwd", mutates_args={})
-def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, grad_lse: torch.Tensor | None, bias: torch.Tensor | None,
-                  mask: torch.Tensor | None, alibi_slopes: torch.Tensor | None, rng_seed: torch.Tensor | None,
-                  scale: float, softcap: float, window_left: int, window_right: int, diag_offset: int,
-                  dropout_p: float, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    rng_seed: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
+    dropout_p: float,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_bwd: (dq, dk, dv, dbias); dbias is the float32
     (B, Hq, Lq, Lk) score gradient when bias_grad, else empty."""
     _check(q, k, v, "attention_bwd")
@@ -409,25 +807,64 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     if grad_lse is not None:
         delta = delta - grad_lse.to(torch.float32)
     delta = delta.contiguous()
-    tensors, strides, scalars, flags = _common_args(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap,
-                                                    window_left, window_right, diag_offset, dropout_p)
+    tensors, strides, scalars, flags = _common_args(
+        q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+    )
     group = q_heads // kv_heads
     lse = lse.contiguous()
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
-    grid_kv = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads)
     wrap_triton(_bwd_dkdv_kernel)[grid_kv](
-        q, k, v, grad_out, lse, delta, *tensors, dk, dv, dbias, *common,
-        q_heads, kv_heads, q_len, k_len, head_dim, v_dim, group, *scalars, BIAS_GRAD=bias_grad, **flags)
-    grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        *tensors,
+        dk,
+        dv,
+        dbias,
+        *common,
+        q_heads,
+        kv_heads,
+        q_len,
+        k_len,
+        head_dim,
+        v_dim,
+        group,
+        *scalars,
+        BIAS_GRAD=bias_grad,
+        **flags,
+    )
+    grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
     wrap_triton(_bwd_dq_kernel)[grid_q](
-        q, k, v, grad_out, lse, delta, *tensors, dq, *common,
-        q_heads, q_len, k_len, head_dim, v_dim, group, *scalars, **flags)
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        *tensors,
+        dq,
+        *common,
+        q_heads,
+        q_len,
+        k_len,
+        head_dim,
+        v_dim,
+        group,
+        *scalars,
+        **flags,
+    )
     return dq, dk, dv, dbias
 
 
-torch.library.register_autograd("bmkernels::attention_triton_fwd",
-                                ops_attention.backward_with(torch.ops.bmkernels.attention_triton_bwd),
-                                setup_context=ops_attention._setup_context)
+torch.library.register_autograd(
+    "bmkernels::attention_triton_fwd",
+    ops_attention.backward_with(torch.ops.bmkernels.attention_triton_bwd),
+    setup_context=ops_attention._setup_context,
+)
 
 if INTERPRETED:
     # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake

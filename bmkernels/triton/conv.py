@@ -51,15 +51,37 @@ def _configs(blocks, interpreted, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
 
 
 # forward and dX: M = pixels, N = channels, K = channels of one tap
-_GEMM_CONFIGS = _configs([(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4),
-                          (64, 64, 32, 4, 4), (64, 32, 16, 2, 4), (32, 32, 16, 2, 3), (128, 128, 64, 8, 3)],
-                         (64, 16, 16, 1, 1))
+_GEMM_CONFIGS = _configs(
+    [
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (128, 32, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (64, 32, 16, 2, 4),
+        (32, 32, 16, 2, 3),
+        (128, 128, 64, 8, 3),
+    ],
+    (64, 16, 16, 1, 1),
+)
 # dW: M = output channels, N = (c, kh, kw) columns, K = output pixels
-_DWEIGHT_CONFIGS = _configs([(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4),
-                             (32, 64, 64, 4, 3), (16, 64, 64, 2, 3)], (16, 32, 64, 1, 1))
+_DWEIGHT_CONFIGS = _configs(
+    [
+        (64, 128, 64, 4, 3),
+        (128, 128, 32, 8, 3),
+        (64, 64, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (32, 64, 64, 4, 3),
+        (16, 64, 64, 2, 3),
+    ],
+    (16, 32, 64, 1, 1),
+)
 # depthwise (no GEMM: one input channel per group): M = pixels, N = channels
-_DEPTHWISE_CONFIGS = _configs([(64, 64, 4, 2), (128, 32, 4, 2), (32, 128, 4, 2), (128, 64, 8, 2), (256, 16, 4, 2)],
-                              (64, 16, 1, 1), names=("BLOCK_M", "BLOCK_N"))
+_DEPTHWISE_CONFIGS = _configs(
+    [(64, 64, 4, 2), (128, 32, 4, 2), (32, 128, 4, 2), (128, 64, 8, 2), (256, 16, 4, 2)],
+    (64, 16, 1, 1),
+    names=("BLOCK_M", "BLOCK_N"),
+)
 _KEY = ["M", "GROUPS", "CIN_G", "COUT_G", "KH", "KW"]
 DZ_BLOCK_P, DZ_BLOCK_C = (64, 16) if INTERPRETED else (64, 64)
 
@@ -116,9 +138,33 @@ def _pixels(p, OH, OW):
 
 
 @triton.jit
-def _epilogue(acc, n, oh, ow, oc, in_rows, in_oc, Bias, Res, Out, Preact, sb, srn, src, srh, srw,
-              son, soc, soh, sow, slope, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PREACT: tl.constexpr,
-              ACT: tl.constexpr):
+def _epilogue(
+    acc,
+    n,
+    oh,
+    ow,
+    oc,
+    in_rows,
+    in_oc,
+    Bias,
+    Res,
+    Out,
+    Preact,
+    sb,
+    srn,
+    src,
+    srh,
+    srw,
+    son,
+    soc,
+    soh,
+    sow,
+    slope,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    ACT: tl.constexpr,
+):
     """z = acc + bias + residual (float32); stores z (when asked) and act(z) in the output's dtype."""
     inside = in_rows[:, None] & in_oc[None, :]
     if HAS_BIAS:
@@ -134,11 +180,55 @@ def _epilogue(acc, n, oh, ow, oc, in_rows, in_oc, Bias, Res, Out, Preact, sb, sr
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_KEY)
 @triton.jit
-def _fwd_kernel(X, W, Bias, Res, Out, Preact,
-                sxn, sxc, sxh, sxw, swo, swc, swh, sww, sb, srn, src, srh, srw, son, soc, soh, sow,
-                H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-                slope, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PREACT: tl.constexpr, ACT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fwd_kernel(
+    X,
+    W,
+    Bias,
+    Res,
+    Out,
+    Preact,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swo,
+    swc,
+    swh,
+    sww,
+    sb,
+    srn,
+    src,
+    srh,
+    srw,
+    son,
+    soc,
+    soh,
+    sow,
+    H,
+    WIDTH,
+    OH,
+    OW,
+    M,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    KH,
+    KW,
+    stride_h,
+    stride_w,
+    pad_t,
+    pad_l,
+    dil_h,
+    dil_w,
+    slope,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Implicit GEMM: output pixels x this group's output channels, reduced over taps x input channels."""
     g = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,17 +252,85 @@ def _fwd_kernel(X, W, Bias, Res, Out, Preact,
                 xt = tl.load(x_tap[:, None] + c[None, :] * sxc, mask=ok[:, None] & in_c[None, :], other=0.0)
                 wt = tl.load(w_tap[None, :] + c[:, None] * swc, mask=in_c[:, None] & in_oc[None, :], other=0.0)
                 acc += tl.dot(xt, wt, input_precision="ieee")
-    _epilogue(acc, n, oh, ow, oc, in_rows, in_oc, Bias, Res, Out, Preact, sb, srn, src, srh, srw, son, soc, soh, sow,
-              slope, HAS_BIAS, HAS_RES, SAVE_PREACT, ACT)
+    _epilogue(
+        acc,
+        n,
+        oh,
+        ow,
+        oc,
+        in_rows,
+        in_oc,
+        Bias,
+        Res,
+        Out,
+        Preact,
+        sb,
+        srn,
+        src,
+        srh,
+        srw,
+        son,
+        soc,
+        soh,
+        sow,
+        slope,
+        HAS_BIAS,
+        HAS_RES,
+        SAVE_PREACT,
+        ACT,
+    )
 
 
 @triton.autotune(configs=_DEPTHWISE_CONFIGS, key=_KEY)
 @triton.jit
-def _depthwise_fwd_kernel(X, W, Bias, Res, Out, Preact,
-                          sxn, sxc, sxh, sxw, swo, swc, swh, sww, sb, srn, src, srh, srw, son, soc, soh, sow,
-                          H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l,
-                          dil_h, dil_w, slope, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                          SAVE_PREACT: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _depthwise_fwd_kernel(
+    X,
+    W,
+    Bias,
+    Res,
+    Out,
+    Preact,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    swo,
+    swc,
+    swh,
+    sww,
+    sb,
+    srn,
+    src,
+    srh,
+    srw,
+    son,
+    soc,
+    soh,
+    sow,
+    H,
+    WIDTH,
+    OH,
+    OW,
+    M,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    KH,
+    KW,
+    stride_h,
+    stride_w,
+    pad_t,
+    pad_l,
+    dil_h,
+    dil_w,
+    slope,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One input channel per group (CIN_G = 1, COUT_G = the channel multiplier): a direct
     multiply-add per tap over output pixels x all output channels."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,18 +346,70 @@ def _depthwise_fwd_kernel(X, W, Bias, Res, Out, Preact,
         for kw in range(KW):
             iw = ow * stride_w - pad_l + kw * dil_w
             ok = in_rows & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WIDTH)
-            xt = tl.load(X + (n * sxn + ih * sxh + iw * sxw)[:, None] + x_cols[None, :],
-                         mask=ok[:, None] & in_oc[None, :], other=0.0)
+            xt = tl.load(
+                X + (n * sxn + ih * sxh + iw * sxw)[:, None] + x_cols[None, :],
+                mask=ok[:, None] & in_oc[None, :],
+                other=0.0,
+            )
             wt = tl.load(w_cols + kh * swh + kw * sww, mask=in_oc, other=0.0)
             acc += xt.to(tl.float32) * wt.to(tl.float32)[None, :]
-    _epilogue(acc, n, oh, ow, oc, in_rows, in_oc, Bias, Res, Out, Preact, sb, srn, src, srh, srw, son, soc, soh, sow,
-              slope, HAS_BIAS, HAS_RES, SAVE_PREACT, ACT)
+    _epilogue(
+        acc,
+        n,
+        oh,
+        ow,
+        oc,
+        in_rows,
+        in_oc,
+        Bias,
+        Res,
+        Out,
+        Preact,
+        sb,
+        srn,
+        src,
+        srh,
+        srw,
+        son,
+        soc,
+        soh,
+        sow,
+        slope,
+        HAS_BIAS,
+        HAS_RES,
+        SAVE_PREACT,
+        ACT,
+    )
 
 
 @triton.jit
-def _dz_kernel(G, S, DZ, BiasPartial, sgn, sgc, sgh, sgw, ssn, ssc, ssh, ssw, sdn, sdc, sdh, sdw,
-               M, C, OH, OW, slope, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dz_kernel(
+    G,
+    S,
+    DZ,
+    BiasPartial,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    ssn,
+    ssc,
+    ssh,
+    ssw,
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    M,
+    C,
+    OH,
+    OW,
+    slope,
+    ACT: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """dZ = grad_out * act'(saved), stored in the input dtype; bias partial sums (float32) per pixel block."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -209,8 +419,9 @@ def _dz_kernel(G, S, DZ, BiasPartial, sgn, sgc, sgh, sgw, ssn, ssc, ssh, ssw, sd
     saved = tl.load(S + (n * ssn + oh * ssh + ow * ssw)[:, None] + cols[None, :] * ssc, mask=inside, other=0.0)
     dz = grad.to(tl.float32) * _activation_derivative(saved.to(tl.float32), slope, ACT, FROM_OUTPUT)
     dz = tl.where(inside, dz, 0.0)
-    tl.store(DZ + (n * sdn + oh * sdh + ow * sdw)[:, None] + cols[None, :] * sdc, dz.to(DZ.dtype.element_ty),
-             mask=inside)
+    tl.store(
+        DZ + (n * sdn + oh * sdh + ow * sdw)[:, None] + cols[None, :] * sdc, dz.to(DZ.dtype.element_ty), mask=inside
+    )
     tl.store(BiasPartial + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(dz, 0), mask=cols < C)
 
 
@@ -225,9 +436,42 @@ def _source_pixel(i, pad, k, dil, stride, OUT):
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_KEY)
 @triton.jit
-def _dx_kernel(DZ, W, DX, sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn, sxc, sxh, sxw,
-               H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dx_kernel(
+    DZ,
+    W,
+    DX,
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    swo,
+    swc,
+    swh,
+    sww,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    H,
+    WIDTH,
+    OH,
+    OW,
+    M,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    KH,
+    KW,
+    stride_h,
+    stride_w,
+    pad_t,
+    pad_l,
+    dil_h,
+    dil_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dX[n, c, ih, iw] = sum over taps and this group's output channels o of dZ[n, o, oh, ow] W[o, c, kh, kw]
     where ih = oh * stride - pad + kh * dil. A program takes input pixels of one stride residue class
     (ih % stride_h, iw % stride_w: program axis 2 with the group), which the same taps reach, so taps
@@ -256,21 +500,54 @@ def _dx_kernel(DZ, W, DX, sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn, sxc, sxh,
                         o = o0 + tl.arange(0, BLOCK_K)
                         in_o = o < COUT_G
                         oc = (g * COUT_G + o).to(tl.int64)
-                        dzt = tl.load(dz_tap[:, None] + oc[None, :] * sdc, mask=ok[:, None] & in_o[None, :],
-                                      other=0.0)
-                        wt = tl.load(w_tap[None, :] + oc[:, None] * swo, mask=in_o[:, None] & in_c[None, :],
-                                     other=0.0)
+                        dzt = tl.load(dz_tap[:, None] + oc[None, :] * sdc, mask=ok[:, None] & in_o[None, :], other=0.0)
+                        wt = tl.load(w_tap[None, :] + oc[:, None] * swo, mask=in_o[:, None] & in_c[None, :], other=0.0)
                         acc += tl.dot(dzt, wt, input_precision="ieee")
     cin = (g * CIN_G + c).to(tl.int64)
-    tl.store(DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + cin[None, :] * sxc, acc.to(DX.dtype.element_ty),
-             mask=in_rows[:, None] & in_c[None, :])
+    tl.store(
+        DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + cin[None, :] * sxc,
+        acc.to(DX.dtype.element_ty),
+        mask=in_rows[:, None] & in_c[None, :],
+    )
 
 
 @triton.autotune(configs=_DEPTHWISE_CONFIGS, key=_KEY)
 @triton.jit
-def _depthwise_dx_kernel(DZ, W, DX, sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn, sxc, sxh, sxw,
-                         H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l,
-                         dil_h, dil_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _depthwise_dx_kernel(
+    DZ,
+    W,
+    DX,
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    swo,
+    swc,
+    swh,
+    sww,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    H,
+    WIDTH,
+    OH,
+    OW,
+    M,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    KH,
+    KW,
+    stride_h,
+    stride_w,
+    pad_t,
+    pad_l,
+    dil_h,
+    dil_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dX[n, c, ih, iw] = sum over taps and the channel multiplier m of dZ[n, c * COUT_G + m, oh, ow]
     W[c * COUT_G + m, 0, kh, kw]; input pixels x all input channels."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,19 +563,55 @@ def _depthwise_dx_kernel(DZ, W, DX, sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn,
             ok = in_rows & ok_h & ok_w
             for m in range(COUT_G):
                 oc = (c * COUT_G + m).to(tl.int64)
-                dzt = tl.load(DZ + (n * sdn + oh * sdh + ow * sdw)[:, None] + oc[None, :] * sdc,
-                              mask=ok[:, None] & in_c[None, :], other=0.0)
+                dzt = tl.load(
+                    DZ + (n * sdn + oh * sdh + ow * sdw)[:, None] + oc[None, :] * sdc,
+                    mask=ok[:, None] & in_c[None, :],
+                    other=0.0,
+                )
                 wt = tl.load(W + oc * swo + kh * swh + kw * sww, mask=in_c, other=0.0)
                 acc += dzt.to(tl.float32) * wt.to(tl.float32)[None, :]
-    tl.store(DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + c.to(tl.int64)[None, :] * sxc,
-             acc.to(DX.dtype.element_ty), mask=in_rows[:, None] & in_c[None, :])
+    tl.store(
+        DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + c.to(tl.int64)[None, :] * sxc,
+        acc.to(DX.dtype.element_ty),
+        mask=in_rows[:, None] & in_c[None, :],
+    )
 
 
 @triton.autotune(configs=_DWEIGHT_CONFIGS, key=_KEY)
 @triton.jit
-def _dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
-                    H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-                    PIXELS_PER_SLICE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dweight_kernel(
+    DZ,
+    X,
+    Partial,
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    H,
+    WIDTH,
+    OH,
+    OW,
+    M,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    KH,
+    KW,
+    stride_h,
+    stride_w,
+    pad_t,
+    pad_l,
+    dil_h,
+    dil_w,
+    PIXELS_PER_SLICE,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Partial[slice, g, o, (kh, kw, c)] = sum over this slice's output pixels of dZ[n, o, oh, ow] x[n, c, ih, iw]
     (M = N * OH * OW output pixels); the slices are summed afterwards. Columns run over c fastest, so
     channels_last x tiles are read along contiguous channels."""
@@ -321,8 +634,11 @@ def _dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
         p = p0 + tl.arange(0, BLOCK_K)
         in_p = p < p_hi
         n, oh, ow = _pixels(p, OH, OW)
-        dzt = tl.load(DZ + oc[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
-                      mask=in_o[:, None] & in_p[None, :], other=0.0)
+        dzt = tl.load(
+            DZ + oc[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
+            mask=in_o[:, None] & in_p[None, :],
+            other=0.0,
+        )
         ih = (oh * stride_h - pad_t)[:, None] + kh[None, :] * dil_h
         iw = (ow * stride_w - pad_l)[:, None] + kw[None, :] * dil_w
         ok = in_p[:, None] & in_cols[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WIDTH)
@@ -334,9 +650,38 @@ def _dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
 
 @triton.autotune(configs=_DEPTHWISE_CONFIGS, key=_KEY)
 @triton.jit
-def _depthwise_dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
-                              H, WIDTH, OH, OW, M, GROUPS, CIN_G, COUT_G, KH, KW, stride_h, stride_w, pad_t, pad_l,
-                              dil_h, dil_w, PIXELS_PER_SLICE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _depthwise_dweight_kernel(
+    DZ,
+    X,
+    Partial,
+    sdn,
+    sdc,
+    sdh,
+    sdw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    H,
+    WIDTH,
+    OH,
+    OW,
+    M,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    KH,
+    KW,
+    stride_h,
+    stride_w,
+    pad_t,
+    pad_l,
+    dil_h,
+    dil_w,
+    PIXELS_PER_SLICE,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Partial[slice, oc, (kh, kw)] = sum over this slice's output pixels of dZ[n, oc, oh, ow]
     x[n, oc // COUT_G, ih, iw] for one tap (program axis 1) and a block of output channels."""
     oc = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -353,13 +698,17 @@ def _depthwise_dweight_kernel(DZ, X, Partial, sdn, sdc, sdh, sdw, sxn, sxc, sxh,
         p = p0 + tl.arange(0, BLOCK_M)
         in_p = p < p_hi
         n, oh, ow = _pixels(p, OH, OW)
-        dzt = tl.load(DZ + (n * sdn + oh * sdh + ow * sdw)[:, None] + oc.to(tl.int64)[None, :] * sdc,
-                      mask=in_p[:, None] & in_oc[None, :], other=0.0)
+        dzt = tl.load(
+            DZ + (n * sdn + oh * sdh + ow * sdw)[:, None] + oc.to(tl.int64)[None, :] * sdc,
+            mask=in_p[:, None] & in_oc[None, :],
+            other=0.0,
+        )
         ih = oh * stride_h - pad_t + kh * dil_h
         iw = ow * stride_w - pad_l + kw * dil_w
         ok = in_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WIDTH)
-        xt = tl.load(X + (n * sxn + ih * sxh + iw * sxw)[:, None] + x_cols[None, :],
-                     mask=ok[:, None] & in_oc[None, :], other=0.0)
+        xt = tl.load(
+            X + (n * sxn + ih * sxh + iw * sxw)[:, None] + x_cols[None, :], mask=ok[:, None] & in_oc[None, :], other=0.0
+        )
         acc += dzt.to(tl.float32) * xt.to(tl.float32)
     tl.store(Partial + (piece.to(tl.int64) * GROUPS * COUT_G + oc) * KH * KW + tap, tl.sum(acc, 0), mask=in_oc)
 
@@ -373,17 +722,35 @@ def _check(what, x, weight, groups, stride, padding, dilation, out_sized):
     everything with clearer messages): kernels must never read or write outside a tensor.
     out_sized: (name, tensor or None) pairs that must have the output's shape (N, C_out, H_out, W_out)."""
     if x.dtype not in DTYPES:
-        raise TypeError(f"bmkernels conv2d backend 'triton': x must be float16, bfloat16 or float32; got {x.dtype} "
-                        "(float64 runs on backend='cpu' or 'reference')")
+        raise TypeError(
+            f"bmkernels conv2d backend 'triton': x must be float16, bfloat16 or float32; got {x.dtype} "
+            "(float64 runs on backend='cpu' or 'reference')"
+        )
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        raise TypeError("bmkernels conv2d backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
-                        f"bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors ({what})")
-    if not (x.dim() == 4 and weight.dim() == 4 and len(stride) == 2 and len(padding) == 4 and len(dilation) == 2
-            and groups > 0 and weight.shape[0] % groups == 0 and weight.shape[1] * groups == x.shape[1]):
-        raise ValueError(f"{what}: x {tuple(x.shape)} and weight {tuple(weight.shape)} (groups {groups}, stride "
-                         f"{stride}, padding {padding}, dilation {dilation}) do not make a conv2d")
-    out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
-              zip(x.shape[2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True)]
+        raise TypeError(
+            "bmkernels conv2d backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
+            f"bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors ({what})"
+        )
+    if not (
+        x.dim() == 4
+        and weight.dim() == 4
+        and len(stride) == 2
+        and len(padding) == 4
+        and len(dilation) == 2
+        and groups > 0
+        and weight.shape[0] % groups == 0
+        and weight.shape[1] * groups == x.shape[1]
+    ):
+        raise ValueError(
+            f"{what}: x {tuple(x.shape)} and weight {tuple(weight.shape)} (groups {groups}, stride "
+            f"{stride}, padding {padding}, dilation {dilation}) do not make a conv2d"
+        )
+    out_hw = [
+        (size + lo + hi - d * (k - 1) - 1) // s + 1
+        for size, lo, hi, k, s, d in zip(
+            x.shape[2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True
+        )
+    ]
     out_shape = (x.shape[0], weight.shape[0], *out_hw)
     for name, t in out_sized:
         if t is not None and tuple(t.shape) != out_shape:
@@ -419,16 +786,27 @@ def _channel_grid(pixels, channels, groups, depthwise):
 
 
 @triton_op("bmkernels::conv2d_triton_fwd", mutates_args={})
-def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-               stride: list[int], padding: list[int], dilation: list[int], groups: int, activation: int,
-               slope: float, save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def conv2d_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    activation: int,
+    slope: float,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.conv2d_fwd: (out in x's memory format, pre-activation or empty)."""
     _check("conv2d_fwd", x, weight, groups, stride, padding, dilation, [("residual", residual)])
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"conv2d_fwd: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
     # the C++ op's output allocation (its fake kernel): out in x's memory format, preact like out or empty
-    out, preact = ops_conv._fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
-                                     save_preact)
+    out, preact = ops_conv._fake_fwd(
+        x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact
+    )
     if out.numel() == 0:
         return out, preact
     batch, out_c, out_h, out_w = out.shape
@@ -438,26 +816,65 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     kernel = _depthwise_fwd_kernel if depthwise else _fwd_kernel
     weight = _tap_major(weight)
     wrap_triton(kernel)[_channel_grid(pixels, out_c // groups, groups, depthwise)](
-        x, weight, bias if bias is not None else x, residual if residual is not None else x, out,
-        preact if save_preact else out, *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-        *(residual.stride() if residual is not None else (0, 0, 0, 0)), *out.stride(), *geometry[:4], pixels,
-        *geometry[4:], *_conv_params(stride, padding, dilation), float(slope), HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, SAVE_PREACT=save_preact, ACT=activation)
+        x,
+        weight,
+        bias if bias is not None else x,
+        residual if residual is not None else x,
+        out,
+        preact if save_preact else out,
+        *x.stride(),
+        *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *(residual.stride() if residual is not None else (0, 0, 0, 0)),
+        *out.stride(),
+        *geometry[:4],
+        pixels,
+        *geometry[4:],
+        *_conv_params(stride, padding, dilation),
+        float(slope),
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        SAVE_PREACT=save_preact,
+        ACT=activation,
+    )
     return out, preact
 
 
 @triton_op("bmkernels::conv2d_triton_bwd", mutates_args={})
-def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act_saved: torch.Tensor,
-               stride: list[int], padding: list[int], dilation: list[int], groups: int, activation: int,
-               slope: float, saved_is_output: bool,
-               output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def conv2d_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    act_saved: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    activation: int,
+    slope: float,
+    saved_is_output: bool,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.conv2d_bwd: (dx, dweight, dbias, dresidual), each empty unless
     output_mask asks for it."""
-    _check("conv2d_bwd", x, weight, groups, stride, padding, dilation, [("grad_out", grad_out),
-                                                                        ("act_saved", act_saved)])
+    _check(
+        "conv2d_bwd", x, weight, groups, stride, padding, dilation, [("grad_out", grad_out), ("act_saved", act_saved)]
+    )
     # every gradient is allocated (dresidual holds dZ, which dx and dweight read); the ones not asked for are dropped
-    dx, dw, db, dres = ops_conv._fake_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups,
-                                          activation, slope, saved_is_output, [True] * 4)
+    dx, dw, db, dres = ops_conv._fake_bwd(
+        grad_out,
+        x,
+        weight,
+        act_saved,
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation,
+        slope,
+        saved_is_output,
+        [True] * 4,
+    )
     batch, out_c, out_h, out_w = grad_out.shape
     pixels = batch * out_h * out_w
     if pixels == 0:  # nothing flows back: zero gradients
@@ -466,13 +883,31 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
     else:
         bias_partial = torch.empty(triton.cdiv(pixels, DZ_BLOCK_P), out_c, dtype=torch.float32, device=x.device)
         wrap_triton(_dz_kernel)[(triton.cdiv(pixels, DZ_BLOCK_P), triton.cdiv(out_c, DZ_BLOCK_C))](
-            grad_out, act_saved, dres, bias_partial, *grad_out.stride(), *act_saved.stride(), *dres.stride(),
-            pixels, out_c, out_h, out_w, float(slope), ACT=activation, FROM_OUTPUT=saved_is_output,
-            BLOCK_P=DZ_BLOCK_P, BLOCK_C=DZ_BLOCK_C)
+            grad_out,
+            act_saved,
+            dres,
+            bias_partial,
+            *grad_out.stride(),
+            *act_saved.stride(),
+            *dres.stride(),
+            pixels,
+            out_c,
+            out_h,
+            out_w,
+            float(slope),
+            ACT=activation,
+            FROM_OUTPUT=saved_is_output,
+            BLOCK_P=DZ_BLOCK_P,
+            BLOCK_C=DZ_BLOCK_C,
+        )
         db = bias_partial.sum(0).to(weight.dtype)
         geometry = _geometry(x, weight, (out_h, out_w), groups)
-        sizes = (*geometry[:4], batch * geometry[0] * geometry[1], *geometry[4:], *_conv_params(stride, padding,
-                                                                                                 dilation))
+        sizes = (
+            *geometry[:4],
+            batch * geometry[0] * geometry[1],
+            *geometry[4:],
+            *_conv_params(stride, padding, dilation),
+        )
         depthwise = _is_depthwise(weight)
         if output_mask[0]:
             weight_t = _tap_major(weight)
@@ -482,8 +917,11 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
                 classes = stride[0] * stride[1]
                 class_pixels = batch * triton.cdiv(sizes[0], stride[0]) * triton.cdiv(sizes[1], stride[1])
                 kernel = _dx_kernel
-                grid = lambda meta: (triton.cdiv(class_pixels, meta["BLOCK_M"]),  # noqa: E731
-                                     triton.cdiv(geometry[5], meta["BLOCK_N"]), groups * classes)
+                grid = lambda meta: (
+                    triton.cdiv(class_pixels, meta["BLOCK_M"]),
+                    triton.cdiv(geometry[5], meta["BLOCK_N"]),
+                    groups * classes,
+                )
             dx_sizes = sizes if depthwise else (*sizes[:4], class_pixels, *sizes[5:])
             wrap_triton(kernel)[grid](dres, weight_t, dx, *dres.stride(), *weight_t.stride(), *dx.stride(), *dx_sizes)
         if output_mask[1]:
@@ -492,20 +930,24 @@ def conv2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ac
             sizes = (*sizes[:4], pixels, *sizes[5:], triton.cdiv(pixels, split))
             if depthwise:
                 kernel = _depthwise_dweight_kernel
-                grid = lambda meta: (triton.cdiv(out_c, meta["BLOCK_N"]), weight[0].numel(), split)  # noqa: E731
+                grid = lambda meta: (triton.cdiv(out_c, meta["BLOCK_N"]), weight[0].numel(), split)
             else:
                 kernel = _dweight_kernel
-                grid = lambda meta: (triton.cdiv(geometry[6], meta["BLOCK_M"]),  # noqa: E731
-                                     triton.cdiv(weight[0].numel(), meta["BLOCK_N"]), groups * split)
+                grid = lambda meta: (
+                    triton.cdiv(geometry[6], meta["BLOCK_M"]),
+                    triton.cdiv(weight[0].numel(), meta["BLOCK_N"]),
+                    groups * split,
+                )
             wrap_triton(kernel)[grid](dres, x, partial, *dres.stride(), *x.stride(), *sizes)
             dw = partial.sum(0).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2).contiguous().to(weight.dtype)
-    return tuple(g if wanted else x.new_empty((0,)) for g, wanted in zip((dx, dw, db, dres), output_mask,
-                                                                           strict=True))
+    return tuple(g if wanted else x.new_empty((0,)) for g, wanted in zip((dx, dw, db, dres), output_mask, strict=True))
 
 
-torch.library.register_autograd("bmkernels::conv2d_triton_fwd",
-                                ops_conv.backward_with(torch.ops.bmkernels.conv2d_triton_bwd),
-                                setup_context=ops_conv._setup_context)
+torch.library.register_autograd(
+    "bmkernels::conv2d_triton_fwd",
+    ops_conv.backward_with(torch.ops.bmkernels.conv2d_triton_bwd),
+    setup_context=ops_conv._setup_context,
+)
 
 if INTERPRETED:
     # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake

@@ -55,13 +55,25 @@ def _configs(blocks):
     fixed config under the interpreter (16 so that hidden sizes above 16 cross tile edges)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w, num_stages=2)
-            for b, h, k, w in tuned(blocks)]
+    return [
+        triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w, num_stages=2)
+        for b, h, k, w in tuned(blocks)
+    ]
 
 
 # small unit blocks spread one step of a small batch over more SMs; larger ones reuse W better
-_STEP_CONFIGS = _configs([(16, 16, 64, 2), (16, 32, 64, 4), (32, 32, 64, 4), (16, 64, 64, 4), (32, 64, 32, 4),
-                          (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8)])
+_STEP_CONFIGS = _configs(
+    [
+        (16, 16, 64, 2),
+        (16, 32, 64, 4),
+        (32, 32, 64, 4),
+        (16, 64, 64, 4),
+        (32, 64, 32, 4),
+        (64, 64, 32, 4),
+        (64, 128, 32, 8),
+        (128, 64, 32, 8),
+    ]
+)
 # persistent kernels: one program per (batch block, direction) loops over all units of every step
 _SEQ_CONFIGS = _configs([(16, 32, 64, 4), (16, 64, 64, 4), (32, 32, 64, 4), (32, 64, 32, 4), (64, 64, 32, 8)])
 _TUNE_KEY = ["B", "H", "D"]
@@ -86,9 +98,30 @@ def _load_state(First, cur, offsets, mask, s):
 
 
 @triton.jit
-def _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, d, rows, cols, T, B, H, D,
-              HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fwd_tile(
+    GI,
+    WT,
+    Bias,
+    Lengths,
+    H0,
+    State,
+    Out,
+    WS,
+    s,
+    d,
+    rows,
+    cols,
+    T,
+    B,
+    H,
+    D,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Step s of direction d (time t = s, or T-1-s backwards) for the (rows x cols) tile. GI (T, B, D*3H):
     input projections with biases folded in; WT (D, H, 3H): W_hh transposed; Bias (D, 3H): b_hh (only
     b_hn is read); H0 (D, B, H); State (D, 2, B, H) float32, read from buffer s % 2 (H0 at s = 0),
@@ -139,8 +172,11 @@ def _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, d, rows, cols, T, B,
         hn = tl.where(valid, hn, 0.0)
         h_saved = tl.where(valid, h_old, 0.0)
     tl.store(nxt + rows[:, None] * H + cols[None, :], h_new, mask=tile)
-    tl.store(Out + (t * B + rows[:, None]).to(tl.int64) * D * H + d * H + cols[None, :],
-             out.to(Out.dtype.element_ty), mask=tile)
+    tl.store(
+        Out + (t * B + rows[:, None]).to(tl.int64) * D * H + d * H + cols[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=tile,
+    )
     if SAVE:
         ws = WS + ((d * T + t) * B + rows[:, None]).to(tl.int64) * 5 * H + cols[None, :]
         tl.store(ws, r, mask=tile)
@@ -152,30 +188,108 @@ def _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, d, rows, cols, T, B,
 
 @triton.autotune(configs=_STEP_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _step_fwd_kernel(GI, WT, Bias, Lengths, H0, State, Out, WS, s, T, B, H, D,
-                     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _step_fwd_kernel(
+    GI,
+    WT,
+    Bias,
+    Lengths,
+    H0,
+    State,
+    Out,
+    WS,
+    s,
+    T,
+    B,
+    H,
+    D,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One step of both directions: program (batch block, unit block, direction)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, tl.program_id(2), rows, cols, T, B, H, D,
-              HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_B, BLOCK_H, BLOCK_K)
+    _fwd_tile(
+        GI,
+        WT,
+        Bias,
+        Lengths,
+        H0,
+        State,
+        Out,
+        WS,
+        s,
+        tl.program_id(2),
+        rows,
+        cols,
+        T,
+        B,
+        H,
+        D,
+        HAS_BIAS,
+        HAS_LENGTHS,
+        SAVE,
+        BLOCK_B,
+        BLOCK_H,
+        BLOCK_K,
+    )
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _seq_fwd_kernel(GI, WT, Bias, Lengths, H0, State, Out, WS, T, B, H, D,
-                    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _seq_fwd_kernel(
+    GI,
+    WT,
+    Bias,
+    Lengths,
+    H0,
+    State,
+    Out,
+    WS,
+    T,
+    B,
+    H,
+    D,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Persistent over time: program (batch block, direction) runs every step for all units of its
     rows, which depend on nothing outside them; a barrier per step makes the step's state writes
     visible to the whole program before the next step reads them."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     for s in range(0, T):
         for j0 in range(0, H, BLOCK_H):
-            _fwd_tile(GI, WT, Bias, Lengths, H0, State, Out, WS, s, tl.program_id(2), rows,
-                      j0 + tl.arange(0, BLOCK_H), T, B, H, D, HAS_BIAS, HAS_LENGTHS, SAVE, BLOCK_B, BLOCK_H,
-                      BLOCK_K)
+            _fwd_tile(
+                GI,
+                WT,
+                Bias,
+                Lengths,
+                H0,
+                State,
+                Out,
+                WS,
+                s,
+                tl.program_id(2),
+                rows,
+                j0 + tl.arange(0, BLOCK_H),
+                T,
+                B,
+                H,
+                D,
+                HAS_BIAS,
+                HAS_LENGTHS,
+                SAVE,
+                BLOCK_B,
+                BLOCK_H,
+                BLOCK_K,
+            )
         tl.debug_barrier()
 
 
@@ -185,8 +299,9 @@ def _gate_grads(GradOut, WS, dh_first, dh_cur, rows, units, valid, s, t, d, T, B
     workspace: (d_r, d_z, d_in, d_hn, d_h_direct), all 0 outside the tile and where not valid."""
     tile = valid & (units[None, :] < H)
     g = _load_state(dh_first, dh_cur, rows[:, None] * H + units[None, :], tile, s)
-    g += tl.load(GradOut + (t * B + rows[:, None]).to(tl.int64) * D * H + d * H + units[None, :], mask=tile,
-                 other=0.0).to(tl.float32)
+    g += tl.load(
+        GradOut + (t * B + rows[:, None]).to(tl.int64) * D * H + d * H + units[None, :], mask=tile, other=0.0
+    ).to(tl.float32)
     ws = WS + ((d * T + t) * B + rows[:, None]).to(tl.int64) * 5 * H + units[None, :]
     r = tl.load(ws, mask=tile, other=0.0)
     z = tl.load(ws + H, mask=tile, other=0.0)
@@ -199,13 +314,36 @@ def _gate_grads(GradOut, WS, dh_first, dh_cur, rows, units, valid, s, t, d, T, B
     d_z = g * (h - n) * z * (1.0 - z)
     d_h = g * z
     # g is 0 off the tile, but d_in = g (1 - z)(1 - n^2) is not 0 where the zeroed workspace is read
-    return (tl.where(tile, d_r, 0.0), tl.where(tile, d_z, 0.0), tl.where(tile, d_in, 0.0), tl.where(tile, d_hn, 0.0),
-            d_h)
+    return (
+        tl.where(tile, d_r, 0.0),
+        tl.where(tile, d_z, 0.0),
+        tl.where(tile, d_in, 0.0),
+        tl.where(tile, d_hn, 0.0),
+        d_h,
+    )
 
 
 @triton.jit
-def _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, d, rows, cols, T, B, H, D,
-              HAS_LENGTHS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bwd_tile(
+    GradOut,
+    WS,
+    W,
+    Lengths,
+    GradHn,
+    dState,
+    dGI,
+    dGH,
+    s,
+    d,
+    rows,
+    cols,
+    T,
+    B,
+    H,
+    D,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Backward step s of direction d (time t = T-1-s, or s backwards) for the (rows x cols) tile.
     GradOut (T, B, D*H); WS (D, T, B, 5H) float32; W (D, 3H, H): W_hh; GradHn (D, B, H); dState
     (D, 2, B, H) float32: dL/dh' in buffer s % 2 (GradHn at s = 0), dL/dh written to the other;
@@ -250,27 +388,94 @@ def _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, d, rows, col
 
 @triton.autotune(configs=_STEP_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _step_bwd_kernel(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, T, B, H, D,
-                     HAS_LENGTHS: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _step_bwd_kernel(
+    GradOut,
+    WS,
+    W,
+    Lengths,
+    GradHn,
+    dState,
+    dGI,
+    dGH,
+    s,
+    T,
+    B,
+    H,
+    D,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One backward step of both directions: program (batch block, unit block, direction)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, tl.program_id(2), rows, cols, T, B, H, D,
-              HAS_LENGTHS, BLOCK_K)
+    _bwd_tile(
+        GradOut,
+        WS,
+        W,
+        Lengths,
+        GradHn,
+        dState,
+        dGI,
+        dGH,
+        s,
+        tl.program_id(2),
+        rows,
+        cols,
+        T,
+        B,
+        H,
+        D,
+        HAS_LENGTHS,
+        BLOCK_K,
+    )
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _seq_bwd_kernel(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, T, B, H, D,
-                    HAS_LENGTHS: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _seq_bwd_kernel(
+    GradOut,
+    WS,
+    W,
+    Lengths,
+    GradHn,
+    dState,
+    dGI,
+    dGH,
+    T,
+    B,
+    H,
+    D,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Persistent backward over time: program (batch block, direction), as _seq_fwd_kernel."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     for s in range(0, T):
         for j0 in range(0, H, BLOCK_H):
-            _bwd_tile(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, s, tl.program_id(2), rows,
-                      j0 + tl.arange(0, BLOCK_H), T, B, H, D, HAS_LENGTHS, BLOCK_K)
+            _bwd_tile(
+                GradOut,
+                WS,
+                W,
+                Lengths,
+                GradHn,
+                dState,
+                dGI,
+                dGH,
+                s,
+                tl.program_id(2),
+                rows,
+                j0 + tl.arange(0, BLOCK_H),
+                T,
+                B,
+                H,
+                D,
+                HAS_LENGTHS,
+                BLOCK_K,
+            )
         tl.debug_barrier()
 
 
@@ -280,20 +485,27 @@ def _seq_bwd_kernel(GradOut, WS, W, Lengths, GradHn, dState, dGI, dGH, T, B, H, 
 
 def _check(x, what):
     if x.dtype not in DTYPES:
-        raise TypeError(f"bmkernels gru backend 'triton': x must be float16, bfloat16 or float32; got {x.dtype} "
-                        f"(float64 runs on backend='cpu' or 'reference') ({what})")
+        raise TypeError(
+            f"bmkernels gru backend 'triton': x must be float16, bfloat16 or float32; got {x.dtype} "
+            f"(float64 runs on backend='cpu' or 'reference') ({what})"
+        )
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        raise TypeError("bmkernels gru backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
-                        "bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors")
+        raise TypeError(
+            "bmkernels gru backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
+            "bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors"
+        )
 
 
 def _step_grid(batch, hidden, directions):
-    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(hidden, meta["BLOCK_H"]),  # noqa: E731
-                         directions)
+    return lambda meta: (
+        triton.cdiv(batch, meta["BLOCK_B"]),
+        triton.cdiv(hidden, meta["BLOCK_H"]),
+        directions,
+    )
 
 
 def _seq_grid(batch, directions):
-    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), 1, directions)  # noqa: E731
+    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), 1, directions)
 
 
 def _input_projection(x, w_ih, b_ih, b_hh):
@@ -305,7 +517,7 @@ def _input_projection(x, w_ih, b_ih, b_hh):
         return torch.mm(x2d, w.t()).view(steps, batch, -1)
     hidden = b_ih.shape[1] // 3
     bias = b_ih.clone()
-    bias[:, :2 * hidden] += b_hh[:, :2 * hidden]
+    bias[:, : 2 * hidden] += b_hh[:, : 2 * hidden]
     return torch.addmm(bias.reshape(-1), x2d, w.t()).view(steps, batch, -1)
 
 
@@ -314,8 +526,9 @@ def _layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
     steps, batch, _ = x.shape
     directions, _, hidden = h0.shape
     out = x.new_empty(steps, batch, directions * hidden)
-    ws = x.new_empty((directions, steps, batch, WORKSPACE_GATES * hidden) if save_workspace else (0,),
-                     dtype=torch.float32)
+    ws = x.new_empty(
+        (directions, steps, batch, WORKSPACE_GATES * hidden) if save_workspace else (0,), dtype=torch.float32
+    )
     state = x.new_empty(directions, 2, batch, hidden, dtype=torch.float32)  # step s reads h0 or state[:, s % 2]
     if batch > 0:
         gi = _input_projection(x, w_ih, b_ih, b_hh)
@@ -325,8 +538,7 @@ def _layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
         args = (gi, w_t, bias, lens, h0.contiguous(), state, out, ws)
         flags = {"HAS_BIAS": b_hh is not None, "HAS_LENGTHS": lengths is not None, "SAVE": save_workspace}
         if hidden <= PERSISTENT_MAX_HIDDEN:
-            wrap_triton(_seq_fwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions,
-                                                                        **flags)
+            wrap_triton(_seq_fwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions, **flags)
         else:
             step_fwd = wrap_triton(_step_fwd_kernel)[_step_grid(batch, hidden, directions)]
             for s in range(steps):
@@ -335,40 +547,69 @@ def _layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
 
 
 @triton_op("bmkernels::gru_triton_layer_fwd", mutates_args={})
-def gru_layer_fwd(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-                  b_ih: torch.Tensor | None, b_hh: torch.Tensor | None, lengths: torch.Tensor | None,
-                  save_workspace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gru_layer_fwd(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    save_workspace: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.gru_layer_fwd: (out (T, B, D*H), h_n (D, B, H), workspace
     (D, T, B, 5H) float32, empty unless save_workspace)."""
     return _layer_forward(x.contiguous(), h0, w_ih, w_hh.contiguous(), b_ih, b_hh, lengths, save_workspace)
 
 
 @triton_op("bmkernels::gru_triton_cell_fwd", mutates_args={})
-def gru_cell_fwd(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-                 b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
-                 save_workspace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gru_cell_fwd(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+    save_workspace: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.gru_cell_fwd: (h_next (B, H), workspace (B, 5H) float32,
     (0, 5H) unless save_workspace); a one-step, one-direction layer."""
     batch, hidden = h.shape
-    out, _, ws = _layer_forward(x.unsqueeze(0).contiguous(), h.unsqueeze(0), w_ih.unsqueeze(0),
-                                w_hh.unsqueeze(0).contiguous(), None if b_ih is None else b_ih.unsqueeze(0),
-                                None if b_hh is None else b_hh.unsqueeze(0), None, save_workspace)
+    out, _, ws = _layer_forward(
+        x.unsqueeze(0).contiguous(),
+        h.unsqueeze(0),
+        w_ih.unsqueeze(0),
+        w_hh.unsqueeze(0).contiguous(),
+        None if b_ih is None else b_ih.unsqueeze(0),
+        None if b_hh is None else b_hh.unsqueeze(0),
+        None,
+        save_workspace,
+    )
     return out[0], ws.view(batch if save_workspace else 0, WORKSPACE_GATES * hidden)
 
 
 @triton_op("bmkernels::gru_triton_layer_bwd", mutates_args={})
-def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tensor, h0: torch.Tensor,
-                  w_ih: torch.Tensor, w_hh: torch.Tensor, lengths: torch.Tensor | None, workspace: torch.Tensor,
-                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
+def gru_layer_bwd(
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    lengths: torch.Tensor | None,
+    workspace: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.gru_layer_bwd: (dx, dh0, dw_ih, dw_hh, db_ih, db_hh), the
     bias gradients (D, 3H) when has_bias, else empty."""
     _check(x, "gru_layer_bwd")
     steps, batch, input_size = x.shape
     directions, _, hidden = h0.shape
     if workspace.shape != (directions, steps, batch, WORKSPACE_GATES * hidden):
-        raise ValueError(f"bmkernels gru_layer_bwd: workspace must be the forward's (D, T, B, 5H) = "
-                         f"{(directions, steps, batch, WORKSPACE_GATES * hidden)}; got {tuple(workspace.shape)}")
+        raise ValueError(
+            f"bmkernels gru_layer_bwd: workspace must be the forward's (D, T, B, 5H) = "
+            f"{(directions, steps, batch, WORKSPACE_GATES * hidden)}; got {tuple(workspace.shape)}"
+        )
     workspace = workspace.contiguous()
     dtype = x.dtype
     dgi = x.new_empty(steps, batch, directions, 3 * hidden)  # every element is written by the kernel
@@ -378,8 +619,9 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
         lens = lengths.to(x.device).contiguous() if lengths is not None else x
         args = (grad_out.contiguous(), workspace, w_hh.contiguous(), lens, grad_h_n.contiguous(), dstate, dgi, dgh)
         if hidden <= PERSISTENT_MAX_HIDDEN:
-            wrap_triton(_seq_bwd_kernel)[_seq_grid(batch, directions)](*args, steps, batch, hidden, directions,
-                                                                        HAS_LENGTHS=lengths is not None)
+            wrap_triton(_seq_bwd_kernel)[_seq_grid(batch, directions)](
+                *args, steps, batch, hidden, directions, HAS_LENGTHS=lengths is not None
+            )
         else:
             step_bwd = wrap_triton(_step_bwd_kernel)[_step_grid(batch, hidden, directions)]
             for s in range(steps):
@@ -387,7 +629,7 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
     dgi2 = dgi.view(steps * batch, directions * 3 * hidden)
     dx = torch.mm(dgi2, w_ih.reshape(directions * 3 * hidden, input_size)).view(steps, batch, input_size)
     dw_ih = torch.mm(dgi2.t(), x.reshape(steps * batch, input_size)).view(directions, 3 * hidden, input_size)
-    h_prev = workspace.view(directions, steps * batch, WORKSPACE_GATES * hidden)[:, :, 4 * hidden:].to(dtype)
+    h_prev = workspace.view(directions, steps * batch, WORKSPACE_GATES * hidden)[:, :, 4 * hidden :].to(dtype)
     dw_hh = torch.bmm(dgh.view(directions, steps * batch, 3 * hidden).transpose(1, 2), h_prev)
     if has_bias:
         db_ih = dgi.view(steps * batch, directions, 3 * hidden).sum(0)
@@ -403,8 +645,10 @@ def gru_layer_bwd(grad_out: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tenso
 
 def _require_workspace(saved):
     if not saved:
-        raise RuntimeError("bmkernels gru: backward needs the forward's workspace, which was not saved (the forward "
-                           "ran with save_workspace=False)")
+        raise RuntimeError(
+            "bmkernels gru: backward needs the forward's workspace, which was not saved (the forward "
+            "ran with save_workspace=False)"
+        )
 
 
 def _setup_layer(ctx, inputs, output):
@@ -417,7 +661,8 @@ def _layer_backward(ctx, grad_out, grad_h_n, _):
     x, h0, w_ih, w_hh, lengths, workspace = ctx.saved_tensors
     _require_workspace(workspace.dim() == 4)  # (D, T, B, 5H) when saved, (0,) when not
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.bmkernels.gru_triton_layer_bwd(
-        grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, ctx.has_bias)
+        grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, ctx.has_bias
+    )
     bias_grads = (db_ih, db_hh) if ctx.has_bias else (None, None)
     return dx, dh0, dw_ih, dw_hh, *bias_grads, None, None
 
@@ -433,9 +678,16 @@ def _cell_backward(ctx, grad_h_next, _):
     _require_workspace(workspace.shape[0] == h.shape[0])  # (B, 5H) when saved, (0, 5H) when not
     batch, hidden = h.shape
     grads = torch.ops.bmkernels.gru_triton_layer_bwd(
-        grad_h_next.unsqueeze(0), torch.zeros_like(h).unsqueeze(0), x.unsqueeze(0), h.unsqueeze(0),
-        w_ih.unsqueeze(0), w_hh.unsqueeze(0), None, workspace.view(1, 1, batch, WORKSPACE_GATES * hidden),
-        ctx.has_bias)
+        grad_h_next.unsqueeze(0),
+        torch.zeros_like(h).unsqueeze(0),
+        x.unsqueeze(0),
+        h.unsqueeze(0),
+        w_ih.unsqueeze(0),
+        w_hh.unsqueeze(0),
+        None,
+        workspace.view(1, 1, batch, WORKSPACE_GATES * hidden),
+        ctx.has_bias,
+    )
     dx, dh, dw_ih, dw_hh, db_ih, db_hh = grads
     bias_grads = (db_ih[0], db_hh[0]) if ctx.has_bias else (None, None)
     return dx[0], dh[0], dw_ih[0], dw_hh[0], *bias_grads, None

@@ -28,9 +28,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                               const std::optional<at::Tensor>& alibi_slopes,
-                               const std::optional<at::Tensor>& rng_seed, double scale, double softcap, int64_t window_left,
-                               int64_t window_right, int64_t diag_offset, double dropout_p) {
+                               const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
+                               double scale, double softcap, int64_t window_left, int64_t window_right,
+                               int64_t diag_offset, double dropout_p) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bmkernels::attention_fwd", "")
                          .typed<AttentionFwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -38,7 +38,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                                    double, double, int64_t, int64_t, int64_t, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = op.call(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p);
+    auto [out, lse] = op.call(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
+                              diag_offset, dropout_p);
     // Absent optionals are saved as undefined tensors.
     ctx->save_for_backward({q, k, v, out, lse, or_undefined(bias), or_undefined(mask), or_undefined(alibi_slopes),
                             or_undefined(rng_seed)});
@@ -73,8 +74,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                 ctx->saved_data["diag_offset"].toInt(), ctx->saved_data["dropout_p"].toDouble(), bias_grad);
     // The kernel's dbias is (B, Hq, Lq, Lk) in the accumulation dtype; the bias may broadcast.
     at::Tensor grad_bias = bias_grad ? dbias.sum_to_size(bias.sizes()).to(bias.scalar_type()) : at::Tensor();
-    return {dq, dk, dv, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq,           dk,           dv,           grad_bias,    at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -84,8 +85,8 @@ AttentionFwdResult attention_fwd_autograd(const at::Tensor& q, const at::Tensor&
                                           const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                           int64_t window_left, int64_t window_right, int64_t diag_offset,
                                           double dropout_p) {
-  auto result = AttentionFunction::apply(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                                         diag_offset, dropout_p);
+  auto result = AttentionFunction::apply(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                                         window_right, diag_offset, dropout_p);
   return {result[0], result[1]};
 }
 

@@ -33,8 +33,8 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                                                       const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
                                                       c10::IntArrayRef, int64_t, int64_t, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, preact] = op.call(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
-                                 save_preact);
+    auto [out, preact] =
+        op.call(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
     const bool from_output = bmk::derivative_from_output(static_cast<bmk::Activation>(activation), slope);
     ctx->save_for_backward({x, weight, from_output ? out : preact});
     ctx->saved_data["stride"] = stride.vec();
@@ -80,8 +80,17 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     auto [dx, dw, db, dres] =
         op.call(grad_out, x, weight, act_saved, stride, padding, dilation, ctx->saved_data["groups"].toInt(),
                 ctx->saved_data["activation"].toInt(), ctx->saved_data["slope"].toDouble(), from_output, mask);
-    return {mask[0] ? dx : none, mask[1] ? dw : none, mask[2] ? db : none, mask[3] ? dres : none, none, none, none,
-            none, none, none, none};
+    return {mask[0] ? dx : none,
+            mask[1] ? dw : none,
+            mask[2] ? db : none,
+            mask[3] ? dres : none,
+            none,
+            none,
+            none,
+            none,
+            none,
+            none,
+            none};
   }
 };
 

@@ -18,11 +18,11 @@ using OptTensor = std::optional<at::Tensor>;
 std::tuple<at::Tensor, at::Tensor> cell_fwd_op(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                                                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                                bool save) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bmkernels::gru_cell_fwd", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, const at::Tensor&,
-                                                                       const OptTensor&, const OptTensor&, bool)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bmkernels::gru_cell_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const OptTensor&, const OptTensor&, bool)>();
   return op.call(x, h, w_ih, w_hh, b_ih, b_hh, save);
 }
 
@@ -30,25 +30,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_fwd_op(const at::Tensor& x,
                                                             const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                             const OptTensor& b_ih, const OptTensor& b_hh,
                                                             const OptTensor& lengths, bool save) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("bmkernels::gru_layer_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                                const OptTensor&, bool)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bmkernels::gru_layer_fwd", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const OptTensor&, const OptTensor&, const OptTensor&, bool)>();
   return op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
 }
 
 using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-LayerGrads layer_bwd_op(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
-                        const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths,
+LayerGrads layer_bwd_op(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
+                        const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths,
                         const at::Tensor& workspace, bool has_bias) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bmkernels::gru_layer_bwd", "")
-                             .typed<LayerGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const OptTensor&, const at::Tensor&, bool)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bmkernels::gru_layer_bwd", "")
+          .typed<LayerGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, bool)>();
   return op.call(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
 }
 
@@ -85,13 +84,9 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
         layer_bwd_op(grad_or_zeros(grads[0], h).unsqueeze(0), at::zeros_like(h).unsqueeze(0), x.unsqueeze(0),
                      h.unsqueeze(0), w_ih.unsqueeze(0), w_hh.unsqueeze(0), std::nullopt,
                      workspace.view_symint({1, 1, h.sym_size(0), workspace.sym_size(1)}), has_bias);
-    return {dx[0],
-            dh[0],
-            dw_ih[0],
-            dw_hh[0],
-            has_bias ? db_ih[0] : at::Tensor(),
-            has_bias ? db_hh[0] : at::Tensor(),
-            at::Tensor()};
+    return {
+        dx[0],       dh[0], dw_ih[0], dw_hh[0], has_bias ? db_ih[0] : at::Tensor(), has_bias ? db_hh[0] : at::Tensor(),
+        at::Tensor()};
   }
 };
 
@@ -117,20 +112,14 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const c10::IValue& lengths_value = ctx->saved_data["lengths"];
     const OptTensor lengths = lengths_value.isTensor() ? OptTensor(lengths_value.toTensor()) : std::nullopt;
-    const at::Tensor grad_out = grads[0].defined() ? grads[0]
-                                                   : at::zeros_symint({x.sym_size(0), x.sym_size(1),
-                                                                       h0.sym_size(0) * h0.sym_size(2)},
-                                                                      h0.options());
+    const at::Tensor grad_out =
+        grads[0].defined()
+            ? grads[0]
+            : at::zeros_symint({x.sym_size(0), x.sym_size(1), h0.sym_size(0) * h0.sym_size(2)}, h0.options());
     auto [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] =
         layer_bwd_op(grad_out, grad_or_zeros(grads[1], h0), x, h0, w_ih, w_hh, lengths, workspace, has_bias);
-    return {dx,
-            dh0,
-            dw_ih,
-            dw_hh,
-            has_bias ? db_ih : at::Tensor(),
-            has_bias ? db_hh : at::Tensor(),
-            at::Tensor(),
-            at::Tensor()};
+    return {dx,           dh0,         dw_ih, dw_hh, has_bias ? db_ih : at::Tensor(), has_bias ? db_hh : at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 

@@ -29,8 +29,7 @@ BMK_HOST_DEVICE T gru_sigmoid(T x) {
 
 // The gate activations of one unit and its next state. The forward saves r, z, n and hn for backward.
 template <typename Math, typename T>
-BMK_HOST_DEVICE void gru_gates_forward(T gi_r, T gi_z, T gi_n, T gh_r, T gh_z, T hn, T h, T& r, T& z, T& n,
-                                       T& h_next) {
+BMK_HOST_DEVICE void gru_gates_forward(T gi_r, T gi_z, T gi_n, T gh_r, T gh_z, T hn, T h, T& r, T& z, T& n, T& h_next) {
   r = gru_sigmoid<Math>(gi_r + gh_r);
   z = gru_sigmoid<Math>(gi_z + gh_z);
   n = Math::tanh(gi_n + r * hn);

@@ -7,6 +7,8 @@
 // so that all three gradient GEMMs read their operands in place, without transposing a tile:
 //   S^T = K_j Qs_i^T,  dP^T = V_j dO_i^T,  dV_j += P^T dO_i,  dK_j += dS^T Qs_i,  dQ_i^T += K_j^T dS^T.
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
+#include "cpu/attention.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,7 +23,6 @@
 
 #include "common/attention_math.h"
 #include "common/philox.h"
-#include "cpu/attention.h"
 #include "cpu/gemm.h"
 
 namespace bmk::cpu::CPU_CAPABILITY {
@@ -260,19 +261,19 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
 // Operands of the backward kernel, all acc_t and contiguous.
 template <typename acc_t>
 struct BackwardOperands {
-  const acc_t* qs;     // (B, Hq, Lq, D), pre-scaled
-  const acc_t* qs_t;   // (B, Hq, D, q_ld)
-  const acc_t* k;      // (B, Hkv, Lk, D)
-  const acc_t* k_t;    // (B, Hkv, D, k_ld)
-  const acc_t* v;      // (B, Hkv, Lk, Dv)
-  const acc_t* dout;   // (B, Hq, Lq, Dv)
-  const acc_t* dout_t; // (B, Hq, Dv, q_ld)
-  const acc_t* delta;  // (B, Hq, Lq): rowsum(dout * out)
-  const acc_t* lse;    // (B, Hq, Lq)
-  acc_t* dq_t;         // (splits, B, Hq, D, q_ld), zero-initialised, unscaled partial sums
-  acc_t* dk;           // (B, Hkv, Lk, D)
-  acc_t* dv;           // (B, Hkv, Lk, Dv)
-  acc_t* dbias;        // (B, Hq, Lq, Lk), zero-initialised, or null
+  const acc_t* qs;      // (B, Hq, Lq, D), pre-scaled
+  const acc_t* qs_t;    // (B, Hq, D, q_ld)
+  const acc_t* k;       // (B, Hkv, Lk, D)
+  const acc_t* k_t;     // (B, Hkv, D, k_ld)
+  const acc_t* v;       // (B, Hkv, Lk, Dv)
+  const acc_t* dout;    // (B, Hq, Lq, Dv)
+  const acc_t* dout_t;  // (B, Hq, Dv, q_ld)
+  const acc_t* delta;   // (B, Hq, Lq): rowsum(dout * out)
+  const acc_t* lse;     // (B, Hq, Lq)
+  acc_t* dq_t;          // (splits, B, Hq, D, q_ld), zero-initialised, unscaled partial sums
+  acc_t* dk;            // (B, Hkv, Lk, D)
+  acc_t* dv;            // (B, Hkv, Lk, Dv)
+  acc_t* dbias;         // (B, Hq, Lq, Lk), zero-initialised, or null
 };
 
 template <typename scalar_t, typename acc_t>
@@ -318,7 +319,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
                       false);
             for (int64_t r = 0; r < kc; ++r) {
               const int64_t j = j0 + r;
-              acc_t* p_row = p_t.data() + r * BQ;  // scores in, probabilities (after dropout) out
+              acc_t* p_row = p_t.data() + r * BQ;    // scores in, probabilities (after dropout) out
               acc_t* ds_row = ds_t.data() + r * BQ;  // dP in, dS out
               const int64_t lo = std::clamp<int64_t>(win.first_query(j) - i0, 0, qc);
               const int64_t hi = std::clamp<int64_t>(win.end_query(j) - i0, lo, qc);
@@ -374,11 +375,11 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
                     double scale, double softcap, int64_t window_left, int64_t window_right, double dropout_p) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "bmkernels attention: q, k, v must be 4-D (B, H, L, D); got q ", q.sizes(), ", k ", k.sizes(),
-              ", v ", v.sizes());
+              "bmkernels attention: q, k, v must be 4-D (B, H, L, D); got q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "bmkernels attention (CPU kernel): q, k, v must be CPU tensors; got ", q.device(), ", ", k.device(),
-              ", ", v.device());
+              "bmkernels attention (CPU kernel): q, k, v must be CPU tensors; got ", q.device(), ", ", k.device(), ", ",
+              v.device());
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
               "bmkernels attention: q must be float32, float64, bfloat16 or float16; got ", dtype);
@@ -386,26 +387,28 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               "bmkernels attention: q, k, v must share a dtype; got ", dtype, ", ", k.scalar_type(), ", ",
               v.scalar_type());
   Shapes sh{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  TORCH_CHECK(k.size(0) == sh.batch && v.size(0) == sh.batch,
-              "bmkernels attention: batch sizes differ: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(0) == sh.batch && v.size(0) == sh.batch, "bmkernels attention: batch sizes differ: q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(v.size(1) == sh.kv_heads && v.size(2) == sh.k_len,
-              "bmkernels attention: k and v must have the same heads and length; got k ", k.sizes(), ", v ",
-              v.sizes());
+              "bmkernels attention: k and v must have the same heads and length; got k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(k.size(3) == sh.head_dim, "bmkernels attention: q and k head dims differ: ", q.sizes(), " vs ",
               k.sizes());
-  TORCH_CHECK(sh.kv_heads > 0 ? sh.q_heads % sh.kv_heads == 0 : sh.q_heads == 0,
-              "bmkernels attention: q heads (", sh.q_heads, ") must be a multiple of k/v heads (", sh.kv_heads, ")");
+  TORCH_CHECK(sh.kv_heads > 0 ? sh.q_heads % sh.kv_heads == 0 : sh.q_heads == 0, "bmkernels attention: q heads (",
+              sh.q_heads, ") must be a multiple of k/v heads (", sh.kv_heads, ")");
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == dtype, "bmkernels attention: bias must have q's dtype ", dtype, "; got ",
                 bias->scalar_type());
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() <= 4, "bmkernels attention: bias must be a CPU tensor of "
-                "at most 4 dims; got ", bias->sizes(), " on ", bias->device());
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() <= 4,
+                "bmkernels attention: bias must be a CPU tensor of "
+                "at most 4 dims; got ",
+                bias->sizes(), " on ", bias->device());
   }
   if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "bmkernels attention: mask must be bool; got ",
-                mask->scalar_type());
-    TORCH_CHECK(mask->device().is_cpu() && mask->dim() <= 4, "bmkernels attention: mask must be a CPU tensor of "
-                "at most 4 dims; got ", mask->sizes(), " on ", mask->device());
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "bmkernels attention: mask must be bool; got ", mask->scalar_type());
+    TORCH_CHECK(mask->device().is_cpu() && mask->dim() <= 4,
+                "bmkernels attention: mask must be a CPU tensor of "
+                "at most 4 dims; got ",
+                mask->sizes(), " on ", mask->device());
   }
   if (alibi_slopes) {
     TORCH_CHECK(at::isFloatingType(alibi_slopes->scalar_type()) && alibi_slopes->device().is_cpu() &&
@@ -413,12 +416,11 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 "bmkernels attention: alibi_slopes must be a floating CPU tensor of shape (H,) or (B, H); got ",
                 alibi_slopes->sizes(), " ", alibi_slopes->scalar_type());
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention: dropout_p must be in [0, 1); got ",
-              dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention: dropout_p must be in [0, 1); got ", dropout_p);
   if (dropout_p > 0.0) {
-    TORCH_CHECK(rng_seed && rng_seed->scalar_type() == at::kLong && rng_seed->numel() >= 1 &&
-                    rng_seed->device().is_cpu(),
-                "bmkernels attention: dropout needs rng_seed, a CPU int64 tensor with one element");
+    TORCH_CHECK(
+        rng_seed && rng_seed->scalar_type() == at::kLong && rng_seed->numel() >= 1 && rng_seed->device().is_cpu(),
+        "bmkernels attention: dropout needs rng_seed, a CPU int64 tensor with one element");
   }
   TORCH_CHECK(std::isfinite(scale), "bmkernels attention: scale must be finite; got ", scale);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "bmkernels attention: softcap must be >= 0 (0 = off); got ",
@@ -433,8 +435,8 @@ at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at
 
 template <typename scalar_t, typename acc_t>
 ScoreTerms<scalar_t, acc_t> score_terms(const Shapes& sh, const std::optional<at::Tensor>& bias,
-                                        const std::optional<at::Tensor>& mask, const at::Tensor& alibi,
-                                        double softcap, int64_t diag_offset) {
+                                        const std::optional<at::Tensor>& mask, const at::Tensor& alibi, double softcap,
+                                        int64_t diag_offset) {
   ScoreTerms<scalar_t, acc_t> terms;
   const std::vector<int64_t> grid{sh.batch, sh.q_heads, sh.q_len, sh.k_len};
   if (bias) {
@@ -474,8 +476,8 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p) {
-  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                           window_right, dropout_p);
+  Shapes sh =
+      check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, dropout_p);
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
@@ -498,21 +500,20 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
 
 AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
- const std::optional<at::Tensor>& grad_lse,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
                                  bool bias_grad) {
-  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                           window_right, dropout_p);
+  Shapes sh =
+      check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, dropout_p);
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
   const std::vector<int64_t> out_shape{sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim};
   TORCH_CHECK(grad_out.sizes() == out_shape && out.sizes() == out_shape,
-              "bmkernels attention backward: grad_out and out must have shape ", out_shape, "; got ",
-              grad_out.sizes(), " and ", out.sizes());
+              "bmkernels attention backward: grad_out and out must have shape ", out_shape, "; got ", grad_out.sizes(),
+              " and ", out.sizes());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({sh.batch, sh.q_heads, sh.q_len}) && lse.scalar_type() == acc,
               "bmkernels attention backward: lse must be ", acc, " of shape (B, Hq, Lq); got ", lse.sizes(), " ",
               lse.scalar_type());
@@ -594,12 +595,18 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
     });
     if (Lk > 0 && Lq > 0) {
       const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
-      BackwardOperands<acc_t> op{qs.const_data_ptr<acc_t>(),   qs_t.const_data_ptr<acc_t>(),
-                                 kk.const_data_ptr<acc_t>(),   k_t.const_data_ptr<acc_t>(),
-                                 vv.const_data_ptr<acc_t>(),   dout.const_data_ptr<acc_t>(),
-                                 dout_t.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
-                                 lse_c.const_data_ptr<acc_t>(), dq_t.data_ptr<acc_t>(),
-                                 dk.data_ptr<acc_t>(),         dv.data_ptr<acc_t>(),
+      BackwardOperands<acc_t> op{qs.const_data_ptr<acc_t>(),
+                                 qs_t.const_data_ptr<acc_t>(),
+                                 kk.const_data_ptr<acc_t>(),
+                                 k_t.const_data_ptr<acc_t>(),
+                                 vv.const_data_ptr<acc_t>(),
+                                 dout.const_data_ptr<acc_t>(),
+                                 dout_t.const_data_ptr<acc_t>(),
+                                 delta.const_data_ptr<acc_t>(),
+                                 lse_c.const_data_ptr<acc_t>(),
+                                 dq_t.data_ptr<acc_t>(),
+                                 dk.data_ptr<acc_t>(),
+                                 dv.data_ptr<acc_t>(),
                                  bias_grad ? dbias.data_ptr<acc_t>() : nullptr};
       backward_kernel<scalar_t, acc_t>(sh, op, terms, win, drop, splits);
     } else {
@@ -610,8 +617,8 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
     // cast to the input dtype when it is not the accumulation dtype.
     scalar_t* dq_p = dq.data_ptr<scalar_t>();
     const acc_t *dk_p = dk.const_data_ptr<acc_t>(), *dv_p = dv.const_data_ptr<acc_t>();
-    scalar_t *dk_out_p = convert ? dk_out.data_ptr<scalar_t>() : nullptr;
-    scalar_t *dv_out_p = convert ? dv_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dk_out_p = convert ? dk_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dv_out_p = convert ? dv_out.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B * Hq + B * Hkv, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         if (task < B * Hq) {
@@ -621,7 +628,8 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
             for (int64_t d = 0; d < D; ++d) {
               for (int64_t i = i0; i < std::min(Lq, i0 + kRows); ++i) {
                 acc_t sum = 0;
-                for (int64_t split = 0; split < splits; ++split) sum += dq_t_p[split * dq_size + (bh * D + d) * sh.q_ld + i];
+                for (int64_t split = 0; split < splits; ++split)
+                  sum += dq_t_p[split * dq_size + (bh * D + d) * sh.q_ld + i];
                 dq_p[(bh * Lq + i) * D + d] = static_cast<scalar_t>(sum * scale_acc);
               }
             }
@@ -640,9 +648,10 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
 at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
                                   int64_t k_len, double dropout_p) {
   TORCH_CHECK(batch >= 0 && heads >= 0 && q_len >= 0 && k_len >= 0,
-              "bmkernels attention_dropout_mask: sizes must be >= 0; got ", batch, ", ", heads, ", ", q_len, ", ", k_len);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention_dropout_mask: dropout_p must be in [0, 1); got ",
-              dropout_p);
+              "bmkernels attention_dropout_mask: sizes must be >= 0; got ", batch, ", ", heads, ", ", q_len, ", ",
+              k_len);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "bmkernels attention_dropout_mask: dropout_p must be in [0, 1); got ", dropout_p);
   TORCH_CHECK(rng_seed.scalar_type() == at::kLong && rng_seed.numel() >= 1,
               "bmkernels attention_dropout_mask: rng_seed must be an int64 tensor with one element");
   const Dropout drop = dropout_of(rng_seed, dropout_p > 0 ? dropout_p : 0.0);

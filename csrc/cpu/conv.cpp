@@ -21,6 +21,8 @@
 // few input channels per group, per tap the GEMM W_tap^T . dZ followed by a scatter-add (col2im),
 // parallel over (image, input channels). NCHW tiles and copies move by 16x16 vector transposes.
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
+#include "cpu/conv.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,25 +35,24 @@
 #include <vector>
 
 #include "common/activations.h"
-#include "cpu/conv.h"
-#include "cpu/scratch.h"
 #include "cpu/gemm.h"
+#include "cpu/scratch.h"
 
 namespace bmk::cpu::CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kPixelTile = 128;      // forward: most output pixels per tile (GEMM M)
-constexpr int64_t kChannelTile = 64;     // forward: output channels per tile_gemm call (GEMM N)
-constexpr int64_t kDepthChunk = 512;     // forward: most im2col columns packed at a time (GEMM K)
+constexpr int64_t kPixelTile = 128;         // forward: most output pixels per tile (GEMM M)
+constexpr int64_t kChannelTile = 64;        // forward: output channels per tile_gemm call (GEMM N)
+constexpr int64_t kDepthChunk = 512;        // forward: most im2col columns packed at a time (GEMM K)
 constexpr int64_t kDirectMinChannels = 32;  // forward without im2col: least input channels per group (GEMM K)
 constexpr int64_t kDirectMinWidth = 28;     // forward without im2col: least output row width (GEMM M)
-constexpr int64_t kWgradPixels = 128;   // weight gradient: pixels per packed im2col block
-constexpr int64_t kWgradDepth = 256;    // weight gradient: largest K block per work item
-constexpr int64_t kWgradChannels = 256;  // weight gradient: largest Cout block per work item
-constexpr int64_t kDgradPixels = 128;   // input gradient, scatter path: output pixels per tile
-constexpr int64_t kPhaseMinChannels = 16;  // input gradient by phases: least input channels per group (GEMM N)
-constexpr int64_t kDepthwisePixels = 16;  // depthwise: output pixels per tile
-constexpr int64_t kPassPixels = 64;     // grad_output pass: pixels per block
+constexpr int64_t kWgradPixels = 128;       // weight gradient: pixels per packed im2col block
+constexpr int64_t kWgradDepth = 256;        // weight gradient: largest K block per work item
+constexpr int64_t kWgradChannels = 256;     // weight gradient: largest Cout block per work item
+constexpr int64_t kDgradPixels = 128;       // input gradient, scatter path: output pixels per tile
+constexpr int64_t kPhaseMinChannels = 16;   // input gradient by phases: least input channels per group (GEMM N)
+constexpr int64_t kDepthwisePixels = 16;    // depthwise: output pixels per tile
+constexpr int64_t kPassPixels = 64;         // grad_output pass: pixels per block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -75,8 +76,8 @@ struct ConvGeometry {
   bool depthwise() const { return in_cg() == 1 && out_cg() == 1; }
 };
 
-ConvGeometry geometry_of(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+ConvGeometry geometry_of(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "conv2d: x and weight must be 4-D");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 4 && dilation.size() == 2,
               "conv2d: stride and dilation need 2 values, padding 4 (top, bottom, left, right)");
@@ -105,7 +106,7 @@ struct PixelLayout {
 
 at::MemoryFormat format_of(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous;
+                                                                               : at::MemoryFormat::Contiguous;
 }
 
 PixelLayout layout_of(int64_t channels, int64_t h, int64_t w, at::MemoryFormat fmt) {
@@ -161,8 +162,8 @@ at::Tensor channels_last(const at::Tensor& t) {
 // One tile [rows x n] (row m = pixel p0 + m, column c = channel c0 + c) between a dense buffer with
 // leading dimension ld and a tensor with `layout`. Walks the tensor's contiguous direction inner.
 template <typename T, typename Fn>
-void for_tile(const PixelLayout& layout, int64_t p0, int64_t rows, int64_t c0, int64_t n, int64_t ld,
-              int64_t* offsets, Fn&& fn) {
+void for_tile(const PixelLayout& layout, int64_t p0, int64_t rows, int64_t c0, int64_t n, int64_t ld, int64_t* offsets,
+              Fn&& fn) {
   for (int64_t m = 0; m < rows; ++m) offsets[m] = layout.offset(p0 + m) + c0 * layout.channel_stride;
   const int64_t cs = layout.channel_stride;
   if (cs == 1) {
@@ -237,10 +238,10 @@ void activate(Activation act, acc_t slope, acc_t* v, int64_t n) {
 // when asked. All tensors share out_layout.
 template <typename scalar_t, typename acc_t>
 struct Epilogue {
-  const acc_t* bias;          // [Cout] or null
-  const scalar_t* residual;   // or null
+  const acc_t* bias;         // [Cout] or null
+  const scalar_t* residual;  // or null
   scalar_t* out;
-  scalar_t* preact;           // or null
+  scalar_t* preact;  // or null
   PixelLayout out_layout;
   Activation act;
   acc_t slope;
@@ -283,8 +284,8 @@ const acc_t* input_row(const scalar_t* src, acc_t* scratch, int64_t n) {
 // im2col rows of pixels p0 .. p0 + rows of one group, columns k0 .. k1 (k = (tap, ci)), from the
 // NHWC input: a[m * ld + k - k0]; zeros where a tap falls in the padding.
 template <typename in_t, typename acc_t>
-void pack_im2col(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0, int64_t rows, int64_t k0,
-                 int64_t k1, acc_t* a, int64_t ld) {
+void pack_im2col(const ConvGeometry& g, const in_t* x, int64_t group, int64_t p0, int64_t rows, int64_t k0, int64_t k1,
+                 acc_t* a, int64_t ld) {
   const int64_t cg = g.in_cg();
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t p = p0 + m, n = p / g.out_hw(), oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
@@ -354,8 +355,8 @@ template <typename scalar_t, typename acc_t>
 void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
   const int64_t K = g.gemm_k(), cg = g.in_cg(), cout_g = g.out_cg(), rows_total = g.batch * g.out_h;
   const int64_t channel_tiles = ceil_div(cout_g, kChannelTile);
-  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), rows_total * g.groups), 1,
-                                             channel_tiles);
+  const int64_t splits =
+      std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), rows_total * g.groups), 1, channel_tiles);
   const int64_t split_width = ceil_div(channel_tiles, splits) * kChannelTile;
   const int64_t ldc = padded_ld(std::min(split_width, cout_g));
   // the taps start at the first that covers the whole row, so the tile needs no zeroing
@@ -383,13 +384,13 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
           const auto [m_lo, m_hi] = columns[kw];
           if (m_lo >= m_hi) continue;
           if (fresh && (m_lo > 0 || m_hi < g.out_w)) zero_tile();
-          const acc_t* a = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + kw * g.dil_w - g.pad_w) * g.in_c +
-                           group * cg;
+          const acc_t* a =
+              x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + kw * g.dil_w - g.pad_w) * g.in_c + group * cg;
           const int64_t k0 = (kh * g.k_w + kw) * cg;
           for (int64_t n0 = c0; n0 < c1; n0 += kChannelTile) {
             const acc_t* b = wp + ((group * channel_tiles + n0 / kChannelTile) * K + k0) * kChannelTile;
-            tile_gemm<acc_t>(m_hi - m_lo, std::min(kChannelTile, c1 - n0), cg, a, g.stride_w * g.in_c, b,
-                             kChannelTile, c.data() + m_lo * ldc + (n0 - c0), ldc, !fresh);
+            tile_gemm<acc_t>(m_hi - m_lo, std::min(kChannelTile, c1 - n0), cg, a, g.stride_w * g.in_c, b, kChannelTile,
+                             c.data() + m_lo * ldc + (n0 - c0), ldc, !fresh);
           }
           fresh = false;
         }
@@ -498,8 +499,17 @@ struct WeightView {
 template <typename scalar_t>
 WeightView<scalar_t> view_of(const at::Tensor& w, int64_t groups) {
   const auto st = w.strides();
-  return {w.const_data_ptr<scalar_t>(), groups, w.size(0) / groups, w.size(1), w.size(2), w.size(3),
-          w.size(0) / groups * st[0], st[0], st[1], st[2], st[3]};
+  return {w.const_data_ptr<scalar_t>(),
+          groups,
+          w.size(0) / groups,
+          w.size(1),
+          w.size(2),
+          w.size(3),
+          w.size(0) / groups * st[0],
+          st[0],
+          st[1],
+          st[2],
+          st[3]};
 }
 
 // Weights as GEMM operands, in one pass: wp[((group * tiles + co / width) * K + k) * width + co % width],
@@ -601,8 +611,7 @@ struct GradPass {
 
 // Weight gradient, GEMM path: dwp[G][Cout_g][ldw] = dZ^T . im2col; dz channel-major [Cout][ldz].
 template <typename scalar_t, typename acc_t>
-void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, int64_t ldz, acc_t* dwp,
-                      int64_t ldw) {
+void weight_grad_gemm(const ConvGeometry& g, const scalar_t* x, const acc_t* dz, int64_t ldz, acc_t* dwp, int64_t ldw) {
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg();
   const int64_t n_blocks = ceil_div(cout_g, kWgradChannels);
   const int64_t n_width = ceil_div(cout_g, n_blocks);
@@ -650,8 +659,8 @@ void weight_grad_rows(const ConvGeometry& g, const acc_t* x, const acc_t* dz, in
         const acc_t* b = x + ((n * g.in_h + ih) * g.in_w + m_lo * g.stride_w + kw * g.dil_w - g.pad_w) * g.in_c;
         for (int64_t group = 0; group < g.groups; ++group)
           tile_gemm<acc_t>(cout_g, cg, m_hi - m_lo, dz + group * cout_g * ldz + row * g.out_w + m_lo, ldz,
-                           b + group * cg, g.stride_w * g.in_c, dw + group * cout_g * ldw + (kh * g.k_w + kw) * cg,
-                           ldw, true);
+                           b + group * cg, g.stride_w * g.in_c, dw + group * cout_g * ldw + (kh * g.k_w + kw) * cg, ldw,
+                           true);
       }
     }
   }
@@ -789,8 +798,12 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
     std::swap(w.out_stride, w.in_stride);
     w.k_h = rows.taps, w.k_w = cols.taps, w.r_stride *= -rows.tap_step, w.s_stride *= -cols.tap_step;
     const at::Tensor wp = pack_weight<scalar_t, acc_t>(w, kChannelTile, weight.options());
-    const PixelLayout layout{t.out_h * t.out_w, t.out_w, dense.image_stride, g.stride_h * dense.row_stride,
-                             g.stride_w * dense.pixel_stride, dense.channel_stride};
+    const PixelLayout layout{t.out_h * t.out_w,
+                             t.out_w,
+                             dense.image_stride,
+                             g.stride_h * dense.row_stride,
+                             g.stride_w * dense.pixel_stride,
+                             dense.channel_stride};
     scalar_t* origin = target.data_ptr<scalar_t>() + a * dense.row_stride + b * dense.pixel_stride;
     const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, origin, nullptr, layout, Activation::none, acc_t(0)};
     forward_gemm(t, dz, wp.const_data_ptr<acc_t>(), store);
@@ -915,8 +928,7 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 
 ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
-                         bool save_preact) {
+                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact) {
   const ConvGeometry g = geometry_of(x_in, weight, stride, padding, dilation, groups);
   const at::MemoryFormat fmt = format_of(x_in);
   const auto opts = x_in.options().memory_format(fmt);
@@ -931,8 +943,9 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor wp =
-        g.depthwise() ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
-                      : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
+        g.depthwise()
+            ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
+            : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
     const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
                                        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
                                        out.data_ptr<scalar_t>(),
@@ -962,8 +975,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   at::Tensor dx = need_dx ? at::empty(x_in.sizes(), x_in.options().memory_format(fmt)) : none();
   at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : none();
   at::Tensor db = need_db ? at::empty({g.out_c}, weight.options().dtype(acc)) : none();
-  at::Tensor dres = need_dres ? at::empty({g.batch, g.out_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt))
-                              : none();
+  at::Tensor dres =
+      need_dres ? at::empty({g.batch, g.out_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt)) : none();
   if (g.pixels() == 0 || g.out_c == 0) {  // nothing flows back: every gradient is zero
     for (at::Tensor* t : {&dx, &dw, &db, &dres}) t->zero_();
     if (need_db) db = db.to(weight.scalar_type());
@@ -986,19 +999,18 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   at::Tensor dwp = at::empty({g.depthwise() ? g.taps() * g.out_c : g.out_c * ldw}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const GradPass<scalar_t, acc_t> pass{
-        grad_out.const_data_ptr<scalar_t>(),
-        layout_of(g.out_c, g.out_h, g.out_w, format_of(grad_out)),
-        saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
-        layout_of(g.out_c, g.out_h, g.out_w, fmt),
-        act,
-        static_cast<acc_t>(slope),
-        saved_is_output,
-        want_pixels ? dz_pixels.data_ptr<acc_t>() : nullptr,
-        want_channels ? dz_channels.data_ptr<acc_t>() : nullptr,
-        ldz,
-        need_db ? db.data_ptr<acc_t>() : nullptr,
-        need_dres ? dres.data_ptr<scalar_t>() : nullptr};
+    const GradPass<scalar_t, acc_t> pass{grad_out.const_data_ptr<scalar_t>(),
+                                         layout_of(g.out_c, g.out_h, g.out_w, format_of(grad_out)),
+                                         saved.defined() ? saved.const_data_ptr<scalar_t>() : nullptr,
+                                         layout_of(g.out_c, g.out_h, g.out_w, fmt),
+                                         act,
+                                         static_cast<acc_t>(slope),
+                                         saved_is_output,
+                                         want_pixels ? dz_pixels.data_ptr<acc_t>() : nullptr,
+                                         want_channels ? dz_channels.data_ptr<acc_t>() : nullptr,
+                                         ldz,
+                                         need_db ? db.data_ptr<acc_t>() : nullptr,
+                                         need_dres ? dres.data_ptr<scalar_t>() : nullptr};
     pass.run(P, g.out_c);
     if (!need_dx && !need_dw) return;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -1006,8 +1018,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
     if (g.depthwise()) {
       const at::Tensor wp = pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options());
       if (need_dx)
-        input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(),
-                             dx.data_ptr<scalar_t>(), dx_layout);
+        input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
+                             dx_layout);
       if (need_dw) weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
@@ -1022,8 +1034,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
     }
     if (need_dw) {
       const bool direct = std::is_same_v<scalar_t, acc_t> && direct_applies(gx);
-      const int64_t chunks = direct ? std::clamp<int64_t>(at::get_num_threads(), 1, gx.batch * gx.out_h)
-                                    : weight_grad_chunks(gx);
+      const int64_t chunks =
+          direct ? std::clamp<int64_t>(at::get_num_threads(), 1, gx.batch * gx.out_h) : weight_grad_chunks(gx);
       if (chunks > 0) {
         weight_grad_by_pixels(gx, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw, chunks,
                               direct);

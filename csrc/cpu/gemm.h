@@ -37,8 +37,8 @@ inline void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, 
 }
 
 template <>
-inline void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+inline void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                             float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)

@@ -10,6 +10,8 @@
 // dh_prev = dgh @ W_hh for the worker's hidden block; weight, bias and input gradients are large GEMMs over
 // all steps at the end. bfloat16 runs in float32 (inputs converted once); float64 in float64.
 // Compiled once per ISA (setup.py), inside namespace bmk::cpu::CPU_CAPABILITY.
+#include "cpu/gru.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -22,9 +24,8 @@
 #include <vector>
 
 #include "common/gru_math.h"
-#include "cpu/scratch.h"
 #include "cpu/gemm.h"
-#include "cpu/gru.h"
+#include "cpu/scratch.h"
 
 namespace bmk::cpu::CPU_CAPABILITY {
 namespace {
@@ -160,8 +161,8 @@ void pack_recurrent_weight(const T* w_hh, int64_t H, int64_t hidden_block, T* pa
 // projection, no bias), bias (the gate_bias row, or nullptr) and h point at the unit block; writes h_next
 // and, when ws != nullptr, the workspace row (r, z, n, hn, h_prev; each stride H apart).
 template <typename T>
-void gates_forward_row(const T* gi, int64_t H, const T* gh_r, const T* gh_z, const T* gh_n, const T* bias,
-                       const T* h, int64_t w, T* h_next, T* out, T* ws) {
+void gates_forward_row(const T* gi, int64_t H, const T* gh_r, const T* gh_z, const T* gh_n, const T* bias, const T* h,
+                       int64_t w, T* h_next, T* out, T* ws) {
   for (int64_t j = 0; j < w; j += Vec<T>::size()) {
     const int64_t n_lanes = std::min<int64_t>(Vec<T>::size(), w - j);
     Vec<T> gi_r = Vec<T>::loadu(gi + j, n_lanes), gi_z = Vec<T>::loadu(gi + H + j, n_lanes);
@@ -174,8 +175,8 @@ void gates_forward_row(const T* gi, int64_t H, const T* gh_r, const T* gh_z, con
     }
     const Vec<T> hv = Vec<T>::loadu(h + j, n_lanes);
     Vec<T> r, z, n, h_new;
-    gru_gates_forward<VecMath>(gi_r, gi_z, gi_n, Vec<T>::loadu(gh_r + j, n_lanes), Vec<T>::loadu(gh_z + j, n_lanes),
-                               hn, hv, r, z, n, h_new);
+    gru_gates_forward<VecMath>(gi_r, gi_z, gi_n, Vec<T>::loadu(gh_r + j, n_lanes), Vec<T>::loadu(gh_z + j, n_lanes), hn,
+                               hv, r, z, n, h_new);
     h_new.store(h_next + j, n_lanes);
     if (out != nullptr) h_new.store(out + j, n_lanes);
     if (ws != nullptr) {
@@ -228,34 +229,37 @@ GruLayerFwdResult layer_forward(const at::Tensor& x, const at::Tensor& h0, const
   // one scratch tile per worker, allocated once for the whole sequence
   std::vector<T> tiles(part.workers() * max_tile);
 
-  run_steps(part, T_len, [&](int64_t d, int64_t task, int64_t s) {
-    const int64_t t = d == 0 ? s : T_len - 1 - s;
-    const Block blk = block_of(part, task);
-    const int64_t w = blk.j1 - blk.j0, rows = blk.b1 - blk.b0;
-    const T* cur = state_p + (d * 2 + (s & 1)) * B * H;
-    T* next = state_p + (d * 2 + ((s + 1) & 1)) * B * H;
-    T* tile = tiles.data() + (d * part.tasks_per_direction() + task) * max_tile;
-    tile_gemm<T>(rows, 3 * w, H, cur + blk.b0 * H, H, packed_p + d * H * 3 * H + 3 * H * blk.j0, 3 * w, tile,
-                 3 * w, false);
-    for (int64_t b = blk.b0; b < blk.b1; ++b) {
-      const int64_t row = t * B + b;
-      T* out_row = out_p + row * D * H + d * H + blk.j0;
-      T* next_row = next + b * H + blk.j0;
-      const T* cur_row = cur + b * H + blk.j0;
-      T* ws_row = save ? ws_p + ((d * T_len + t) * B + b) * kWorkspaceGates * H + blk.j0 : nullptr;
-      if (lengths != nullptr && t >= lengths[b]) {  // past this sequence's end: state kept, output 0
-        std::copy(cur_row, cur_row + w, next_row);
-        std::fill(out_row, out_row + w, T(0));
-        if (ws_row != nullptr)
-          for (int64_t g = 0; g < kWorkspaceGates; ++g) std::fill(ws_row + g * H, ws_row + g * H + w, T(0));
-        continue;
-      }
-      const T* tile_row = tile + (b - blk.b0) * 3 * w;
-      gates_forward_row<T>(gi_p + row * D * 3 * H + d * 3 * H + blk.j0, H, tile_row, tile_row + w,
-                           tile_row + 2 * w, bias_p == nullptr ? nullptr : bias_p + d * 4 * H + blk.j0, cur_row, w,
-                           next_row, out_row, ws_row);
-    }
-  }, [](int64_t) { return true; });  // the next step's GEMM reads every block's new state
+  run_steps(
+      part, T_len,
+      [&](int64_t d, int64_t task, int64_t s) {
+        const int64_t t = d == 0 ? s : T_len - 1 - s;
+        const Block blk = block_of(part, task);
+        const int64_t w = blk.j1 - blk.j0, rows = blk.b1 - blk.b0;
+        const T* cur = state_p + (d * 2 + (s & 1)) * B * H;
+        T* next = state_p + (d * 2 + ((s + 1) & 1)) * B * H;
+        T* tile = tiles.data() + (d * part.tasks_per_direction() + task) * max_tile;
+        tile_gemm<T>(rows, 3 * w, H, cur + blk.b0 * H, H, packed_p + d * H * 3 * H + 3 * H * blk.j0, 3 * w, tile, 3 * w,
+                     false);
+        for (int64_t b = blk.b0; b < blk.b1; ++b) {
+          const int64_t row = t * B + b;
+          T* out_row = out_p + row * D * H + d * H + blk.j0;
+          T* next_row = next + b * H + blk.j0;
+          const T* cur_row = cur + b * H + blk.j0;
+          T* ws_row = save ? ws_p + ((d * T_len + t) * B + b) * kWorkspaceGates * H + blk.j0 : nullptr;
+          if (lengths != nullptr && t >= lengths[b]) {  // past this sequence's end: state kept, output 0
+            std::copy(cur_row, cur_row + w, next_row);
+            std::fill(out_row, out_row + w, T(0));
+            if (ws_row != nullptr)
+              for (int64_t g = 0; g < kWorkspaceGates; ++g) std::fill(ws_row + g * H, ws_row + g * H + w, T(0));
+            continue;
+          }
+          const T* tile_row = tile + (b - blk.b0) * 3 * w;
+          gates_forward_row<T>(gi_p + row * D * 3 * H + d * 3 * H + blk.j0, H, tile_row, tile_row + w, tile_row + 2 * w,
+                               bias_p == nullptr ? nullptr : bias_p + d * 4 * H + blk.j0, cur_row, w, next_row, out_row,
+                               ws_row);
+        }
+      },
+      [](int64_t) { return true; });  // the next step's GEMM reads every block's new state
   at::Tensor h_n = state.select(1, T_len & 1).clone();
   return {out, h_n, save ? ws : at::empty({0}, x.options())};
 }
@@ -297,8 +301,8 @@ void gate_dots(const T* v, const T* w, int64_t H, int64_t n, T out[3]) {
 // in fixed halves, so each core keeps reading the same part of the weights from its own cache from call
 // to call.
 template <typename T>
-void cell_forward_dots(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh,
-                       int64_t B, int64_t I, int64_t H, T* h_next, T* ws) {
+void cell_forward_dots(const T* x, const T* h, const T* w_ih, const T* w_hh, const T* b_ih, const T* b_hh, int64_t B,
+                       int64_t I, int64_t H, T* h_next, T* ws) {
   const int64_t grain = std::max<int64_t>(16, kParallelStepMacs / std::max<int64_t>(1, 3 * B * (I + H)));
   std::vector<T> projections(2 * B * 3 * H);  // gi and gh with biases, (B, 3H) each
   T* gi = projections.data();
@@ -317,17 +321,15 @@ void cell_forward_dots(const T* x, const T* h, const T* w_ih, const T* w_hh, con
     }
     for (int64_t b = 0; b < B; ++b) {
       const T* gh_row = gh + b * 3 * H + j0;
-      gates_forward_row<T>(gi + b * 3 * H + j0, H, gh_row, gh_row + H, gh_row + 2 * H, nullptr, h + b * H + j0,
-                           j1 - j0, h_next + b * H + j0, nullptr,
-                           ws == nullptr ? nullptr : ws + b * kWorkspaceGates * H + j0);
+      gates_forward_row<T>(gi + b * 3 * H + j0, H, gh_row, gh_row + H, gh_row + 2 * H, nullptr, h + b * H + j0, j1 - j0,
+                           h_next + b * H + j0, nullptr, ws == nullptr ? nullptr : ws + b * kWorkspaceGates * H + j0);
     }
   });
 }
 
 template <typename T>
 GruCellFwdResult cell_forward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                              bool save) {
+                              const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool save) {
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1);
   at::Tensor h_next = at::empty({B, H}, x.options());
   at::Tensor ws = at::empty({save ? B : 0, kWorkspaceGates * H}, x.options());
@@ -432,20 +434,23 @@ GruLayerBwdResult layer_backward(const at::Tensor& grad_out, const at::Tensor& g
       }
     }
   } else {
-    run_steps(part, 2 * T_len, [&](int64_t d, int64_t task, int64_t phase) {
-      // two phases per step: gate gradients of the block, then (after the barrier) dh_prev for it
-      const int64_t s = phase / 2, t = d == 0 ? T_len - 1 - s : s;
-      const Block blk = block_of(part, task);
-      if (phase % 2 == 0) {
-        gate_grads(d, s, blk.b0, blk.b1, blk.j0, blk.j1);
-      } else {
-        T* next = dh_p + (d * 2 + ((s + 1) & 1)) * B * H;
-        tile_gemm<T>(blk.b1 - blk.b0, blk.j1 - blk.j0, 3 * H, dgh_p + ((d * T_len + t) * B + blk.b0) * 3 * H, 3 * H,
-                     w_hh_p + d * 3 * H * H + blk.j0, H, next + blk.b0 * H + blk.j0, H, true);
-      }
-      // a block's dh_prev GEMM reads the gate gradients of all blocks of its rows; the next step's gate
-      // gradients read only the block's own dh_prev, so no barrier after the GEMM
-    }, [](int64_t phase) { return phase % 2 == 0; });
+    run_steps(
+        part, 2 * T_len,
+        [&](int64_t d, int64_t task, int64_t phase) {
+          // two phases per step: gate gradients of the block, then (after the barrier) dh_prev for it
+          const int64_t s = phase / 2, t = d == 0 ? T_len - 1 - s : s;
+          const Block blk = block_of(part, task);
+          if (phase % 2 == 0) {
+            gate_grads(d, s, blk.b0, blk.b1, blk.j0, blk.j1);
+          } else {
+            T* next = dh_p + (d * 2 + ((s + 1) & 1)) * B * H;
+            tile_gemm<T>(blk.b1 - blk.b0, blk.j1 - blk.j0, 3 * H, dgh_p + ((d * T_len + t) * B + blk.b0) * 3 * H, 3 * H,
+                         w_hh_p + d * 3 * H * H + blk.j0, H, next + blk.b0 * H + blk.j0, H, true);
+          }
+          // a block's dh_prev GEMM reads the gate gradients of all blocks of its rows; the next step's gate
+          // gradients read only the block's own dh_prev, so no barrier after the GEMM
+        },
+        [](int64_t phase) { return phase % 2 == 0; });
   }
 
   const at::Tensor dgi2 = dgi.view({T_len * B, D * 3 * H});
@@ -494,8 +499,11 @@ void check_cell_args(const at::Tensor& x, const at::Tensor& h, const at::Tensor&
   TORCH_CHECK_VALUE(w_hh.dim() == 2 && w_hh.size(0) == 3 * w_hh.size(1) && w_hh.size(1) > 0,
                     "gru_cell: w_hh must have shape (3H, H) with H >= 1; got ", shape_str(w_hh.sizes()));
   const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1);
-  const std::pair<const char*, const at::Tensor*> args[] = {
-      {"h", &h}, {"w_ih", &w_ih}, {"w_hh", &w_hh}, {"b_ih", b_ih ? &*b_ih : nullptr}, {"b_hh", b_hh ? &*b_hh : nullptr}};
+  const std::pair<const char*, const at::Tensor*> args[] = {{"h", &h},
+                                                            {"w_ih", &w_ih},
+                                                            {"w_hh", &w_hh},
+                                                            {"b_ih", b_ih ? &*b_ih : nullptr},
+                                                            {"b_hh", b_hh ? &*b_hh : nullptr}};
   const std::vector<int64_t> shapes[] = {{B, H}, {3 * H, I}, {3 * H, H}, {3 * H}, {3 * H}};
   for (size_t i = 0; i < 5; ++i) {
     const auto& [name, t] = args[i];
@@ -551,8 +559,7 @@ GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const
 
 GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
                                 const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
-                                bool has_bias) {
+                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace, bool has_bias) {
   check_layer_args(x, h0, w_ih, w_hh, lengths);
   const int64_t T_len = x.size(0), B = x.size(1), D = w_ih.size(0), H = w_hh.size(2);
   TORCH_CHECK(workspace.sizes() == at::IntArrayRef({D, T_len, B, kWorkspaceGates * H}),
@@ -564,7 +571,7 @@ GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& gr
   auto grads = xc.scalar_type() == at::kDouble ? layer_backward<double>(go, ghn, xc, wi, wh, len_p, ws, has_bias)
                                                : layer_backward<float>(go, ghn, xc, wi, wh, len_p, ws, has_bias);
   auto [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] = grads;
-  return {dx.to(x.scalar_type()),     dh0.to(h0.scalar_type()),   dw_ih.to(w_ih.scalar_type()),
+  return {dx.to(x.scalar_type()),       dh0.to(h0.scalar_type()),     dw_ih.to(w_ih.scalar_type()),
           dw_hh.to(w_hh.scalar_type()), db_ih.to(w_ih.scalar_type()), db_hh.to(w_hh.scalar_type())};
 }
 

@@ -25,6 +25,6 @@ BMK_DECLARE_ISA_KERNEL(::bmk::cpu::GruLayerFwdResult, gru_layer_fwd, const at::T
                        bool save_workspace)
 
 BMK_DECLARE_ISA_KERNEL(::bmk::cpu::GruLayerBwdResult, gru_layer_bwd, const at::Tensor& grad_out,
-                       const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
-                       const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
-                       const at::Tensor& workspace, bool has_bias)
+                       const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
+                       bool has_bias)

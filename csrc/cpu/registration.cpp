@@ -7,8 +7,8 @@
 #include <string>
 
 #include "cpu/attention.h"
-#include "cpu/gru.h"
 #include "cpu/conv.h"
+#include "cpu/gru.h"
 #include "cpu/isa.h"
 
 namespace bmk::cpu {
@@ -18,8 +18,7 @@ bool cpu_supports(Isa isa) {
   switch (isa) {
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
     case Isa::avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default:
@@ -69,14 +68,13 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
 
 AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
- const std::optional<at::Tensor>& grad_lse,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
                                  bool bias_grad) {
-  return BMK_ISA_CALL(attention_bwd, grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale, softcap,
-                      window_left, window_right, diag_offset, dropout_p, bias_grad);
+  return BMK_ISA_CALL(attention_bwd, grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale,
+                      softcap, window_left, window_right, diag_offset, dropout_p, bias_grad);
 }
 
 at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
@@ -84,9 +82,9 @@ at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int
   return BMK_ISA_CALL(attention_dropout_mask, rng_seed, batch, heads, q_len, k_len, dropout_p);
 }
 
-GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                              const std::optional<at::Tensor>& b_hh, bool save_workspace) {
+GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                              bool save_workspace) {
   return BMK_ISA_CALL(gru_cell_fwd, x, h, w_ih, w_hh, b_ih, b_hh, save_workspace);
 }
 
@@ -99,15 +97,13 @@ GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const
 
 GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
                                 const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
-                                bool has_bias) {
+                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace, bool has_bias) {
   return BMK_ISA_CALL(gru_layer_bwd, grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
 }
 
 ConvFwdResult conv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
-                         bool save_preact) {
+                         at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact) {
   return BMK_ISA_CALL(conv2d_fwd, x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
                       save_preact);
 }
@@ -116,8 +112,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& x, const 
                          const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
                          bool saved_is_output, std::array<bool, 4> output_mask) {
-  return BMK_ISA_CALL(conv2d_bwd, grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation,
-                      slope, saved_is_output, output_mask);
+  return BMK_ISA_CALL(conv2d_bwd, grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
+                      saved_is_output, output_mask);
 }
 
 }  // namespace

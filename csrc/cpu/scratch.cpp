@@ -9,8 +9,8 @@
 namespace bmk::cpu {
 namespace {
 
-constexpr size_t kMinBytes = size_t(4) << 20;   // smaller blocks stay with malloc, which reuses them itself
-constexpr size_t kGranule = size_t(2) << 20;    // block sizes are rounded up to this, so same-size calls match
+constexpr size_t kMinBytes = size_t(4) << 20;  // smaller blocks stay with malloc, which reuses them itself
+constexpr size_t kGranule = size_t(2) << 20;   // block sizes are rounded up to this, so same-size calls match
 constexpr size_t kAlignment = 64;
 
 size_t cap_bytes() {
