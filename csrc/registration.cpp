@@ -27,18 +27,20 @@
 TORCH_LIBRARY(bmkernels, m) {
   // Attention over (B, H, L, D) tensors; bias and mask broadcast to (B, Hq, Lq, Lk); window bounds
   // of -1 are unbounded (causal is window_right = 0); query i is aligned to key i + diag_offset;
-  // rng_seed (int64, one element) seeds the Philox dropout mask. Returns out and lse (B, Hq, Lq).
+  // rng_seed (int64, one element) seeds the Philox dropout mask; key_range (B, 2) int64 rows
+  // [begin, end): batch b's keys outside it are padding (whole key blocks skipped). Returns out and
+  // lse (B, Hq, Lq).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, "
       "Tensor? rng_seed, float scale, float softcap, int window_left, int window_right, int diag_offset, "
-      "float dropout_p) -> (Tensor, Tensor)");
+      "float dropout_p, Tensor? key_range=None) -> (Tensor, Tensor)");
   // Gradients of attention_fwd (grad_lse: optional gradient of lse); dbias is (B, Hq, Lq, Lk) when
   // bias_grad, else empty.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
-      "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, int "
-      "window_left, "
-      "int window_right, int diag_offset, float dropout_p, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, "
+      "int window_left, int window_right, int diag_offset, float dropout_p, bool bias_grad, "
+      "Tensor? key_range=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The keep-mask (B, H, Lq, Lk) that attention_fwd's dropout draws for rng_seed: for tests and debugging.
   m.def(
       "attention_dropout_mask(Tensor rng_seed, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor");

@@ -346,11 +346,11 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
 
     dtype, arch, block_d, block_dv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "dBias": "*fp32", "Slopes": "*fp32", "Mask": "*u8",
-                     "Seed": "*i64"}
+                     "Seed": "*i64", "KeyRange": "*i64", "Tiles": "*i32"}
     data_pointers = ("Q", "K", "V", "Bias", "Out", "dO", "dK", "dV", "dQ")
     floats = ("scale", "softcap", "dropout_p", "dropout_scale")
     flags = {"HAS_BIAS": True, "HAS_MASK": True, "HAS_ALIBI": True, "HAS_SOFTCAP": True, "HAS_DROPOUT": True,
-             "BIAS_GRAD": True, "BLOCK_D": block_d, "BLOCK_DV": block_dv}
+             "HAS_KEY_RANGE": True, "COUNT_TILES": False, "BIAS_GRAD": True, "BLOCK_D": block_d, "BLOCK_DV": block_dv}
     report = {}
     for kernel in (ta._fwd_kernel, ta._bwd_dkdv_kernel, ta._bwd_dq_kernel):
         config = kernel.configs[0]  # the first A100/H100 autotune config (the only one when untuned)
@@ -465,3 +465,38 @@ def test_large_causal_gqa(dtype):
     check_against_reference(
         triton_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, dtype, lse_grad=True
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Padding as key ranges: whole key blocks outside a batch's range are skipped (tiles counted).
+
+
+@pytest.mark.parametrize("options", ({}, {"causal": True, "causal_alignment": "bottom_right"}, {"window": (20, 4)}))
+def test_key_range_matches_reference(options):
+    n = SIZE["long"]
+    q, k, v = qkv(batch=3, q_heads=2, kv_heads=1, q_len=SIZE["mid"], k_len=n, head_dim=16)
+    key_range = torch.tensor([[0, n], [0, n // 2], [n // 3, n]], device=DEVICE)
+    check_against_reference(
+        triton_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v, "key_range": key_range}, q.dtype
+    )
+
+
+def test_key_range_skips_whole_key_blocks():
+    """Under the interpreter every block is 32 wide: a batch whose keys are [64, 96) of 128 visits one
+    key block per query block in the forward and dQ passes instead of four, and the dK/dV pass visits
+    query tiles only for that key block."""
+    q, k, v = qkv(batch=2, q_heads=1, q_len=64, k_len=128, head_dim=16)
+    key_range = torch.tensor([[0, 128], [64, 96]], device=DEVICE)
+    counts = {}
+    for name, kr in (("all", None), ("range", key_range)):
+        with triton_attention.counting_tiles(DEVICE) as tiles:
+            bmkernels.attention(q, k, v, key_range=kr, backend="triton").sum().backward()
+        counts[name] = tiles.tolist()
+    block = 32 if not ON_GPU else None
+    if block:
+        # forward / dQ: 2 query blocks x (4 key blocks for batch 0 + 4 or 1 for batch 1)
+        assert counts["all"][0] == counts["all"][2] == 2 * (4 + 4)
+        assert counts["range"][0] == counts["range"][2] == 2 * (4 + 1)
+        # dK/dV: 4 key blocks x 2 query blocks for batch 0, 1 key block x 2 query blocks for batch 1
+        assert counts["all"][1] == 4 * 2 + 4 * 2 and counts["range"][1] == 4 * 2 + 1 * 2
+    assert all(r < a for r, a in zip(counts["range"], counts["all"], strict=True))

@@ -17,6 +17,8 @@ from bmkernels.reference import attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _ALIGNMENTS = ("top_left", "bottom_right")
+# Positions, offsets and window bounds stay below this, so the kernels' int64 sums cannot overflow.
+_MAX_POSITION = 2**61
 
 
 def _acc_dtype(dtype):
@@ -79,13 +81,55 @@ def _window_bounds(window, causal):
         left, right = window
         if left < -1 or right < -1:
             raise ValueError(f"attention: window bounds must be >= -1 (-1 = unbounded); got {tuple(window)}")
+        # a bound past any position is unbounded in effect; capped so that position sums fit in int64
+        left, right = min(left, _MAX_POSITION), min(right, _MAX_POSITION)
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
 
 
+def key_range_of(keep):
+    """The (B, 2) int64 key ranges [begin, end) of a bool keep-mask (B, Lk) (True = a real token)
+    whose kept keys form one run per row (right or left padding, or none), else None. A row with no
+    kept key gets [0, 0). Reads the mask's values (a host sync on an accelerator)."""
+    batch, k_len = keep.shape
+    if k_len == 0:
+        return keep.new_zeros((batch, 2), dtype=torch.int64)
+    kept = keep.to(torch.int32)
+    count = kept.sum(1)
+    begin = kept.argmax(1)
+    end = k_len - kept.flip(1).argmax(1)
+    begin, end = torch.where(count > 0, begin, 0), torch.where(count > 0, end, 0)
+    if not bool((end - begin == count).all()):
+        return None
+    return torch.stack((begin, end), 1).to(torch.int64)
+
+
+def _check_key_range(key_range, batch, k_len, device):
+    _check_tensor("key_range", key_range)
+    if key_range.dtype != torch.int64 or tuple(key_range.shape) != (batch, 2):
+        raise ValueError(
+            f"attention: key_range must be int64 of shape (B, 2) = {(batch, 2)}; got {key_range.dtype} "
+            f"{tuple(key_range.shape)}"
+        )
+    if key_range.device != device:
+        raise ValueError(f"attention: key_range must be on q's device {device}; got {key_range.device}")
+    if torch.compiler.is_compiling():
+        return  # the values are checked by the CPU kernel; a traced graph cannot branch on them
+    begin, end = key_range[:, 0], key_range[:, 1]
+    bad = ((begin < 0) | (begin > end) | (end > k_len)).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ValueError(
+            f"attention: key_range rows must be [begin, end) with 0 <= begin <= end <= Lk = {k_len}; row {row} is "
+            f"{key_range[row].tolist()}"
+        )
+
+
 def _keep_mask(mask, key_padding_mask, grid):
-    """mask (True = keep) and key_padding_mask (True = padding) combined into one keep-mask."""
+    """mask (True = keep) and key_padding_mask (True = padding) as (keep-mask, key ranges): padding
+    that leaves one run of keys per batch row becomes key ranges (whole key blocks skipped, no mask
+    read), any other padding joins the keep-mask."""
     batch, _, _, k_len = grid
     if mask is not None:
         _check_tensor("mask", mask)
@@ -95,7 +139,7 @@ def _keep_mask(mask, key_padding_mask, grid):
             )
         _check_broadcast("mask", mask, grid)
     if key_padding_mask is None:
-        return mask
+        return mask, None
     _check_tensor("key_padding_mask", key_padding_mask)
     if key_padding_mask.dtype != torch.bool:
         raise TypeError(f"attention: key_padding_mask must be bool (True = padding); got {key_padding_mask.dtype}")
@@ -104,8 +148,12 @@ def _keep_mask(mask, key_padding_mask, grid):
             f"attention: key_padding_mask must have shape (B, Lk) = {(batch, k_len)}; "
             f"got {tuple(key_padding_mask.shape)}"
         )
+    if not torch.compiler.is_compiling():  # a traced graph cannot branch on the mask's values
+        key_range = key_range_of(~key_padding_mask)
+        if key_range is not None:
+            return mask, key_range
     keep = ~key_padding_mask.view(batch, 1, 1, k_len)
-    return keep if mask is None else keep & mask
+    return (keep if mask is None else keep & mask), None
 
 
 def attention(
@@ -115,9 +163,11 @@ def attention(
     *,
     causal=False,
     causal_alignment="top_left",
+    causal_offset=None,
     bias=None,
     mask=None,
     key_padding_mask=None,
+    key_range=None,
     window=None,
     softcap=None,
     alibi_slopes=None,
@@ -134,9 +184,14 @@ def attention(
 
     causal_alignment: "top_left" (query i sees keys j <= i, as SDPA) or "bottom_right" (the
     diagonal ends at the last key: query i sees j <= i + Lk - Lq, for decoding with a KV cache).
-    The alignment also places the window and ALiBi distances.
+    The alignment also places the window and ALiBi distances. causal_offset (int): query i is
+    aligned to key i + causal_offset instead (e.g. a static KV cache: the number of cached tokens);
+    it overrides causal_alignment.
     bias: float, q's dtype, broadcastable to (B, Hq, Lq, Lk); gets a gradient if it requires one.
-    mask: bool, True = keep. key_padding_mask: bool (B, Lk), True = padding.
+    mask: bool, True = keep. key_padding_mask: bool (B, Lk), True = padding; right or left padding
+    (one run of real keys per row) runs as key ranges, any other pattern as a mask.
+    key_range: int64 (B, 2), rows [begin, end): batch b attends only to keys begin <= j < end
+    (padding as ranges: whole key blocks outside are skipped, nothing is read per score).
     window: (left, right), keys i' - left <= j <= i' + right; -1 = unbounded.
     softcap: s -> softcap * tanh(s / softcap). alibi_slopes: (Hq,) or (B, Hq), no gradient.
     dropout_p: on the probabilities, Philox mask seeded from torch's default generator.
@@ -151,6 +206,13 @@ def attention(
     if causal_alignment not in _ALIGNMENTS:
         raise ValueError(f"attention: causal_alignment must be one of {_ALIGNMENTS}; got {causal_alignment!r}")
     left, right = _window_bounds(window, causal)
+    if causal_offset is not None:
+        if not isinstance(causal_offset, int) or isinstance(causal_offset, bool):
+            raise TypeError(f"attention: causal_offset must be an int; got {causal_offset!r}")
+        if causal_alignment != "top_left":
+            raise ValueError("attention: give causal_offset or causal_alignment, not both")
+        if abs(causal_offset) > _MAX_POSITION:
+            raise ValueError(f"attention: causal_offset must be within +-2**61; got {causal_offset}")
     if bias is not None:
         _check_tensor("bias", bias)
         if bias.dtype != q.dtype:
@@ -158,7 +220,14 @@ def attention(
         if bias.device != q.device:
             raise ValueError(f"attention: bias must be on q's device {q.device}; got {bias.device}")
         _check_broadcast("bias", bias, grid)
-    keep = _keep_mask(mask, key_padding_mask, grid)
+    keep, padding_range = _keep_mask(mask, key_padding_mask, grid)
+    if key_range is not None:
+        _check_key_range(key_range, batch, k_len, q.device)
+        if padding_range is not None:  # both: the intersection of the two ranges
+            lo = torch.maximum(key_range[:, 0], padding_range[:, 0])
+            key_range = torch.stack((lo, torch.maximum(lo, torch.minimum(key_range[:, 1], padding_range[:, 1]))), 1)
+    else:
+        key_range = padding_range
     if keep is not None and keep.device != q.device:
         raise ValueError(f"attention: mask must be on q's device {q.device}; got {keep.device}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
@@ -183,7 +252,7 @@ def attention(
         scale = 1.0 / math.sqrt(head_dim)
     elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"attention: scale must be a finite number; got {scale!r}")
-    offset = reference.diag_offset(q_len, k_len, causal_alignment)
+    offset = reference.diag_offset(q_len, k_len, causal_alignment) if causal_offset is None else causal_offset
 
     name = _backend.choose("attention", q.device, backend)
     if name == "reference":
@@ -193,9 +262,10 @@ def attention(
             k,
             v,
             causal=causal,
-            causal_alignment=causal_alignment,
+            causal_offset=offset,
             bias=bias,
             mask=keep,
+            key_range=key_range,
             window=(left, right),
             softcap=softcap,
             alibi_slopes=alibi_slopes,
@@ -219,6 +289,7 @@ def attention(
         right,
         offset,
         float(dropout_p),
+        key_range,
     )
     return (out, lse) if return_lse else out
 
@@ -313,7 +384,20 @@ def _mask_as_4d(m, query):
 
 
 def _fake_fwd(
-    q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+    q,
+    k,
+    v,
+    bias,
+    mask,
+    alibi_slopes,
+    rng_seed,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    diag_offset,
+    dropout_p,
+    key_range=None,
 ):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(batch, heads, q_len, v.shape[-1])
@@ -340,6 +424,7 @@ def _fake_bwd(
     diag_offset,
     dropout_p,
     bias_grad,
+    key_range=None,
 ):
     dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
     return (
@@ -351,9 +436,9 @@ def _fake_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, alibi_slopes, rng_seed, *params = inputs
+    q, k, v, bias, mask, alibi_slopes, rng_seed, *params, key_range = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed)
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range)
     ctx.params = params
 
 
@@ -362,13 +447,13 @@ def backward_with(bwd_op):
     (attention_bwd's signature): the Triton operators' (the C++ operator's is in csrc/autograd/)."""
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed = ctx.saved_tensors
+        q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = bwd_op(
-            grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad
+            grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad, key_range
         )
         dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dbias, *([None] * 10)
 
     return backward
 

@@ -44,9 +44,11 @@ def attention(
     *,
     causal=False,
     causal_alignment="top_left",
+    causal_offset=None,
     bias=None,
     mask=None,
     key_padding_mask=None,
+    key_range=None,
     window=None,
     softcap=None,
     alibi_slopes=None,
@@ -58,7 +60,9 @@ def attention(
     """Attention of q (B, Hq, Lq, D) over k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); Hq % Hkv == 0.
 
     bias: additive, broadcastable to (B, Hq, Lq, Lk). mask: bool, True = keep, broadcastable.
-    key_padding_mask: bool (B, Lk), True = padding. alibi_slopes: (Hq,) or (B, Hq).
+    key_padding_mask: bool (B, Lk), True = padding. key_range: int (B, 2), batch b sees only keys
+    key_range[b, 0] <= j < key_range[b, 1]. causal_offset: query i is aligned to key i + causal_offset
+    (overrides causal_alignment). alibi_slopes: (Hq,) or (B, Hq).
     dropout_mask: bool keep-mask broadcastable to (B, Hq, Lq, Lk), used when dropout_p > 0 (the
     reference draws nothing itself, so tests hand it the mask the kernel drew).
     Returns out (B, Hq, Lq, Dv), and lse (B, Hq, Lq) if return_lse (-inf for rows with no key).
@@ -74,7 +78,7 @@ def attention(
         s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias
-    offset = diag_offset(q_len, k_len, causal_alignment)
+    offset = diag_offset(q_len, k_len, causal_alignment) if causal_offset is None else causal_offset
     if alibi_slopes is not None:
         i = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
         j = torch.arange(k_len, device=q.device).unsqueeze(0)
@@ -88,6 +92,10 @@ def attention(
         keep = keep & mask
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask.view(batch, 1, 1, k_len)
+    if key_range is not None:
+        j = torch.arange(k_len, device=q.device)
+        in_range = (j >= key_range[:, :1]) & (j < key_range[:, 1:])
+        keep = keep & in_range.view(batch, 1, 1, k_len)
     s = s.masked_fill(~keep, float("-inf"))
     # a row with no key left (masked, or a -inf bias) gets p = 0 and lse = -inf; its scores are
     # zeroed first so that neither the forward nor the backward meets exp(-inf + inf) = nan

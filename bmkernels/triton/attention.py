@@ -22,6 +22,7 @@ Import this module only with triton importable; under TRITON_INTERPRET=1 it must
 after the variable is set (triton decides at decoration time), and uses one small fixed config.
 """
 
+import contextlib
 import os
 
 import torch
@@ -87,7 +88,8 @@ def _scores(
     smn,
     slope,
     Lq,
-    Lk,
+    kbeg,
+    kend,
     scale,
     softcap,
     left,
@@ -106,7 +108,7 @@ def _scores(
     if HAS_SOFTCAP:
         t = _tanh(s / softcap)
         s = softcap * t
-    inside = (rows[:, None] < Lq) & (cols[None, :] < Lk)
+    inside = (rows[:, None] < Lq) & (cols[None, :] >= kbeg) & (cols[None, :] < kend)  # kend <= Lk
     if HAS_BIAS:
         s += tl.load(bias_ptr + rows[:, None] * sbm + cols[None, :] * sbn, mask=inside, other=0.0).to(tl.float32)
     pos = rows[:, None] + offset  # the key position each query is aligned to
@@ -134,6 +136,24 @@ def _key_range(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lk, left, right
 
 
 @triton.jit
+def _keys_of(KeyRange, b, Lk, HAS_KEY_RANGE: tl.constexpr):
+    """Batch b's keys [kbeg, kend): its key_range row, or every key."""
+    kbeg = 0
+    kend = Lk
+    if HAS_KEY_RANGE:
+        kbeg = tl.load(KeyRange + 2 * b).to(tl.int32)
+        kend = tl.load(KeyRange + 2 * b + 1).to(tl.int32)
+    return kbeg, kend
+
+
+@triton.jit
+def _count_tile(Tiles, which, COUNT_TILES: tl.constexpr):
+    """Tests count the tiles each kernel visits (counting_tiles()): block skipping is checked that way."""
+    if COUNT_TILES:
+        tl.atomic_add(Tiles + which, 1)
+
+
+@triton.jit
 def _query_range(n0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lq, left, right, offset):
     """Query blocks [lo, hi) that can see keys n0 .. n0 + BLOCK_N - 1."""
     lo = tl.where(right >= 0, tl.maximum(n0 - right - offset, 0), 0)
@@ -151,6 +171,8 @@ def _fwd_kernel(
     Mask,
     Slopes,
     Seed,
+    KeyRange,
+    Tiles,
     Out,
     Lse,
     sqb,
@@ -197,6 +219,8 @@ def _fwd_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -226,8 +250,11 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    kbeg, kend = _keys_of(KeyRange, b, Lk, HAS_KEY_RANGE)
     lo, hi = _key_range(m0, BLOCK_M, BLOCK_N, Lk, left, right, offset)
+    lo, hi = tl.maximum(lo, (kbeg // BLOCK_N) * BLOCK_N), tl.minimum(hi, kend)  # padding: whole blocks skipped
     for n0 in range(lo, hi, BLOCK_N):
+        _count_tile(Tiles, 0, COUNT_TILES)
         cols = n0 + tl.arange(0, BLOCK_N)
         kt = tl.load(
             K + cols[None, :] * skn + d[:, None] * skd, mask=(cols[None, :] < Lk) & (d[:, None] < D), other=0.0
@@ -245,7 +272,8 @@ def _fwd_kernel(
             smn,
             slope,
             Lq,
-            Lk,
+            kbeg,
+            kend,
             scale,
             softcap,
             left,
@@ -295,7 +323,8 @@ def _probabilities(
     smn,
     slope,
     Lq,
-    Lk,
+    kbeg,
+    kend,
     scale,
     softcap,
     left,
@@ -321,7 +350,8 @@ def _probabilities(
         smn,
         slope,
         Lq,
-        Lk,
+        kbeg,
+        kend,
         scale,
         softcap,
         left,
@@ -358,6 +388,8 @@ def _bwd_dkdv_kernel(
     Mask,
     Slopes,
     Seed,
+    KeyRange,
+    Tiles,
     dK,
     dV,
     dBias,
@@ -406,6 +438,8 @@ def _bwd_dkdv_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -431,7 +465,9 @@ def _bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    kbeg, kend = _keys_of(KeyRange, b, Lk, HAS_KEY_RANGE)
     lo, hi = _query_range(n0, BLOCK_M, BLOCK_N, Lq, left, right, offset)
+    hi = tl.where((n0 + BLOCK_N > kbeg) & (n0 < kend), hi, lo)  # a block of padding keys: dK = dV = 0
     for g in range(GROUP):  # every query head of this key head's group, in order: deterministic sums
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -439,6 +475,7 @@ def _bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * ssb + h * ssh)
         for m0 in range(lo, hi, BLOCK_M):
+            _count_tile(Tiles, 1, COUNT_TILES)
             rows = m0 + tl.arange(0, BLOCK_M)
             in_rows = rows < Lq
             q = tl.load(
@@ -467,7 +504,8 @@ def _bwd_dkdv_kernel(
                 smn,
                 slope,
                 Lq,
-                Lk,
+                kbeg,
+                kend,
                 scale,
                 softcap,
                 left,
@@ -520,6 +558,8 @@ def _bwd_dq_kernel(
     Mask,
     Slopes,
     Seed,
+    KeyRange,
+    Tiles,
     dQ,
     sqb,
     sqh,
@@ -565,6 +605,8 @@ def _bwd_dq_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -597,8 +639,11 @@ def _bwd_dq_kernel(
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * ssb + h * ssh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kbeg, kend = _keys_of(KeyRange, b, Lk, HAS_KEY_RANGE)
     lo, hi = _key_range(m0, BLOCK_M, BLOCK_N, Lk, left, right, offset)
+    lo, hi = tl.maximum(lo, (kbeg // BLOCK_N) * BLOCK_N), tl.minimum(hi, kend)
     for n0 in range(lo, hi, BLOCK_N):
+        _count_tile(Tiles, 2, COUNT_TILES)
         cols = n0 + tl.arange(0, BLOCK_N)
         in_cols = cols < Lk
         kt = tl.load(K + cols[None, :] * skn + d[:, None] * skd, mask=in_cols[None, :] & (d[:, None] < D), other=0.0)
@@ -617,7 +662,8 @@ def _bwd_dq_kernel(
             smn,
             slope,
             Lq,
-            Lk,
+            kbeg,
+            kend,
             scale,
             softcap,
             left,
@@ -686,8 +732,38 @@ def _check(q, k, v, what):
         )
 
 
+_tile_counter = None
+
+
+@contextlib.contextmanager
+def counting_tiles(device="cpu"):
+    """Within the block, the kernels count the tiles they visit into the yielded int32 tensor
+    [forward, dK/dV, dQ] on `device` (q's device; for tests of block skipping)."""
+    global _tile_counter
+    saved, _tile_counter = _tile_counter, None
+    counter = torch.zeros(3, dtype=torch.int32, device=device)
+    try:
+        _tile_counter = counter
+        yield counter
+    finally:
+        _tile_counter = saved
+
+
 def _common_args(
-    q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+    q,
+    k,
+    v,
+    bias,
+    mask,
+    alibi_slopes,
+    rng_seed,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    diag_offset,
+    dropout_p,
+    key_range,
 ):
     """(tensor args, stride args, scalar args, constexpr flags) shared by the three kernels."""
     batch, q_heads, q_len, _ = q.shape
@@ -696,7 +772,9 @@ def _common_args(
     mask_t, mask_strides = _grid_strides(mask, grid, q)
     slopes_t, slopes_strides = _slopes(alibi_slopes, batch, q_heads, q)
     seed = rng_seed.to(q.device) if dropout_p > 0 else q
-    tensors = (bias_t, mask_t, slopes_t, seed)
+    key_range_t = key_range.contiguous() if key_range is not None else q
+    tiles = _tile_counter if _tile_counter is not None else q
+    tensors = (bias_t, mask_t, slopes_t, seed, key_range_t, tiles)
     strides = (*bias_strides, *mask_strides, *slopes_strides)
     scalars = (
         float(scale),
@@ -713,6 +791,8 @@ def _common_args(
         "HAS_ALIBI": alibi_slopes is not None,
         "HAS_SOFTCAP": softcap > 0,
         "HAS_DROPOUT": dropout_p > 0,
+        "HAS_KEY_RANGE": key_range is not None,
+        "COUNT_TILES": _tile_counter is not None,
         "BLOCK_D": _block(q.shape[3]),
         "BLOCK_DV": _block(v.shape[3]),
     }
@@ -734,6 +814,7 @@ def attention_fwd(
     window_right: int,
     diag_offset: int,
     dropout_p: float,
+    key_range: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_fwd: (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32)."""
     _check(q, k, v, "attention_fwd")
@@ -744,7 +825,20 @@ def attention_fwd(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     tensors, strides, scalars, flags = _common_args(
-        q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        alibi_slopes,
+        rng_seed,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        diag_offset,
+        dropout_p,
+        key_range,
     )
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
     wrap_triton(_fwd_kernel)[grid](
@@ -791,6 +885,7 @@ def attention_bwd(
     diag_offset: int,
     dropout_p: float,
     bias_grad: bool,
+    key_range: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_bwd: (dq, dk, dv, dbias); dbias is the float32
     (B, Hq, Lq, Lk) score gradient when bias_grad, else empty."""
@@ -808,7 +903,20 @@ def attention_bwd(
         delta = delta - grad_lse.to(torch.float32)
     delta = delta.contiguous()
     tensors, strides, scalars, flags = _common_args(
-        q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset, dropout_p
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        alibi_slopes,
+        rng_seed,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        diag_offset,
+        dropout_p,
+        key_range,
     )
     group = q_heads // kv_heads
     lse = lse.contiguous()

@@ -18,15 +18,30 @@ struct AttentionWindow {
   int64_t q_len;
   int64_t k_len;
 
+  // This batch's keys (key_range): keys outside [key_begin, key_end) are padding, never visible.
+  int64_t key_begin = 0;
+  int64_t key_end = INT64_MAX;
+
+  // The window restricted to one sequence's keys [begin, end) (0 <= begin <= end <= k_len).
+  BMK_HOST_DEVICE AttentionWindow for_keys(int64_t begin, int64_t end) const {
+    AttentionWindow w = *this;
+    w.key_begin = begin;
+    w.key_end = end;
+    return w;
+  }
+  BMK_HOST_DEVICE bool key_in_range(int64_t j) const { return j >= key_begin && j < key_end; }
+
   // Keys visible to query i: [first_key, end_key), possibly empty. Both ends grow with i.
   BMK_HOST_DEVICE int64_t first_key(int64_t i) const {
-    return left < 0 ? 0 : min64(k_len, max64(0, i + diag_offset - left));
+    const int64_t first = left < 0 ? 0 : min64(k_len, max64(0, i + diag_offset - left));
+    return min64(k_len, max64(first, key_begin));
   }
   BMK_HOST_DEVICE int64_t end_key(int64_t i) const {
     const int64_t end = right < 0 ? k_len : min64(k_len, max64(0, i + diag_offset + right + 1));
-    return max64(end, first_key(i));
+    return max64(min64(end, key_end), first_key(i));
   }
-  // Queries that see key j: [first_query, end_query), possibly empty. Both ends grow with j.
+  // Queries that see key j through the window: [first_query, end_query), possibly empty; both ends
+  // grow with j. The key range is not applied here: callers test key_in_range(j).
   BMK_HOST_DEVICE int64_t first_query(int64_t j) const {
     return right < 0 ? 0 : min64(q_len, max64(0, j - right - diag_offset));
   }

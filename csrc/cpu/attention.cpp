@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -171,17 +172,39 @@ struct Dropout {
   bool keep(uint64_t counter) const { return dropout_keep(seed, counter, static_cast<float>(p)); }
 };
 
+// Runs thread_body(next_task) on each worker thread; next_task() hands out task indices 0 .. tasks - 1,
+// one at a time from a shared counter, then -1. Task costs differ (causal rows, padding, windows), and a
+// static split into one contiguous range per thread would leave threads idle.
+template <typename ThreadBody>
+void run_tasks(int64_t tasks, const ThreadBody& thread_body) {
+  std::atomic<int64_t> next{0};
+  const auto next_task = [&]() -> int64_t {
+    const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
+    return task < tasks ? task : -1;
+  };
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1,
+                   [&](int64_t, int64_t) { thread_body(next_task); });
+}
+
+// Per-batch key ranges [begin, end) (key_range), as the window of batch b; none: every key.
+struct KeyRanges {
+  const int64_t* ranges = nullptr;  // (B, 2) contiguous, validated by check_inputs
+  AttentionWindow window_of(const AttentionWindow& win, int64_t b) const {
+    return ranges ? win.for_keys(ranges[2 * b], ranges[2 * b + 1]) : win;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scalar_t* k, const scalar_t* v,
-                    const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& win, const Dropout& drop,
-                    scalar_t* out, acc_t* lse) {
+                    const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& all_keys,
+                    const KeyRanges& key_ranges, const Dropout& drop, scalar_t* out, acc_t* lse) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const int64_t q_blocks = ceil_div(Lq, kFwdQueryBlock);
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
   // Short keys need a smaller score tile: a 128 KiB scratch is mmap'ed (and page-faulted) per call.
   const int64_t key_block = tile_width(Lk, kFwdKeyBlock, kFwdKeyBlock);
-  at::parallel_for(0, sh.batch * sh.q_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  run_tasks(sh.batch * sh.q_heads * q_blocks, [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
     // This thread's copy of its current kv head: K transposed (D x k_ld) and, for reduced precision,
@@ -189,10 +212,11 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
     // with no full-size temporary and no extra parallel region.
     std::vector<acc_t> kt_head(D * sh.k_ld), v_acc(std::is_same_v<scalar_t, acc_t> ? 0 : Lk * Dv);
     int64_t packed_head = -1;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t bh = task / q_blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
       const int64_t kv_head = b * sh.kv_heads + h / group;
       const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
+      const AttentionWindow win = key_ranges.window_of(all_keys, b);      // padding keys: whole blocks skipped
       pack_rows(q + (bh * Lq + i0) * D, rows * D, scale, q_tile.data());  // scaled once, not per score
       if (kv_head != packed_head) {
         pack_transposed(k + kv_head * Lk * D, Lk, D, sh.k_ld, acc_t(1), kt_head.data());
@@ -278,7 +302,8 @@ struct BackwardOperands {
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const ScoreTerms<scalar_t, acc_t>& terms,
-                     const AttentionWindow& win, const Dropout& drop, int64_t splits) {
+                     const AttentionWindow& all_keys, const KeyRanges& key_ranges, const Dropout& drop,
+                     int64_t splits) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
@@ -290,12 +315,13 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
   const int64_t key_blocks = ceil_div(Lk, BK);
   const int64_t dq_size = sh.batch * sh.q_heads * D * sh.q_ld;
-  at::parallel_for(0, sh.batch * sh.kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
+  run_tasks(sh.batch * sh.kv_heads * splits, [&](const auto& next_task) {
     std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ);
     std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t kv_head = task / splits, split = task % splits;
       const int64_t b = kv_head / sh.kv_heads, hk = kv_head % sh.kv_heads;
+      const AttentionWindow win = key_ranges.window_of(all_keys, b);
       const acc_t* k_head = op.k + kv_head * Lk * D;
       const acc_t* kt_head = op.k_t + kv_head * D * sh.k_ld;
       const acc_t* v_head = op.v + kv_head * Lk * Dv;
@@ -306,8 +332,10 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
         const int64_t kc = std::min(BK, Lk - j0);
         std::fill(dk_acc.begin(), dk_acc.begin() + kc * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dv, acc_t(0));
-        const int64_t q_begin = win.first_query(j0) / kTileGranule * kTileGranule;
-        const int64_t q_end = win.end_query(j0 + kc - 1);
+        // padding keys (outside the key range) see no query: dK = dV = 0 there
+        const int64_t j_first = std::max(j0, win.key_begin), j_end = std::min(j0 + kc, win.key_end);
+        const int64_t q_begin = j_first < j_end ? win.first_query(j_first) / kTileGranule * kTileGranule : 0;
+        const int64_t q_end = j_first < j_end ? win.end_query(j_end - 1) : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t bh = b * sh.q_heads + h;
           const acc_t* lse = op.lse + bh * Lq;
@@ -321,7 +349,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
               const int64_t j = j0 + r;
               acc_t* p_row = p_t.data() + r * BQ;    // scores in, probabilities (after dropout) out
               acc_t* ds_row = ds_t.data() + r * BQ;  // dP in, dS out
-              const int64_t lo = std::clamp<int64_t>(win.first_query(j) - i0, 0, qc);
+              const int64_t lo = win.key_in_range(j) ? std::clamp<int64_t>(win.first_query(j) - i0, 0, qc) : qc;
               const int64_t hi = std::clamp<int64_t>(win.end_query(j) - i0, lo, qc);
               std::fill(p_row, p_row + lo, acc_t(0));
               std::fill(p_row + hi, p_row + qc, acc_t(0));
@@ -370,10 +398,27 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   });
 }
 
+// key_range (B, 2) int64 on the CPU, rows [begin, end) with 0 <= begin <= end <= Lk: the kernels
+// index keys by it, so every row is checked (O(B)).
+void check_key_range(const at::Tensor& key_range, const Shapes& sh) {
+  TORCH_CHECK(key_range.scalar_type() == at::kLong && key_range.device().is_cpu() && key_range.dim() == 2 &&
+                  key_range.size(0) == sh.batch && key_range.size(1) == 2,
+              "bmkernels attention: key_range must be a CPU int64 tensor of shape (B, 2) = (", sh.batch, ", 2); got ",
+              key_range.scalar_type(), " ", key_range.sizes(), " on ", key_range.device());
+  const at::Tensor r = key_range.contiguous();
+  const int64_t* p = r.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < sh.batch; ++b) {
+    TORCH_CHECK(0 <= p[2 * b] && p[2 * b] <= p[2 * b + 1] && p[2 * b + 1] <= sh.k_len,
+                "bmkernels attention: key_range rows must be [begin, end) with 0 <= begin <= end <= Lk = ", sh.k_len,
+                "; row ", b, " is [", p[2 * b], ", ", p[2 * b + 1], ")");
+  }
+}
+
 Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
-                    double scale, double softcap, int64_t window_left, int64_t window_right, double dropout_p) {
+                    double scale, double softcap, int64_t window_left, int64_t window_right, double dropout_p,
+                    const std::optional<at::Tensor>& key_range) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "bmkernels attention: q, k, v must be 4-D (B, H, L, D); got q ", q.sizes(), ", k ", k.sizes(), ", v ",
               v.sizes());
@@ -425,6 +470,7 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(std::isfinite(scale), "bmkernels attention: scale must be finite; got ", scale);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "bmkernels attention: softcap must be >= 0 (0 = off); got ",
               softcap);
+  if (key_range) check_key_range(*key_range, sh);
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "bmkernels attention: window bounds must be >= -1 (-1 = unbounded); got (", window_left, ", ",
               window_right, ")");
@@ -475,9 +521,10 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p) {
-  Shapes sh =
-      check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, dropout_p);
+                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+                                 const std::optional<at::Tensor>& key_range) {
+  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
+                           dropout_p, key_range);
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
@@ -487,13 +534,15 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
   const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
+  const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
+  const KeyRanges key_ranges{ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
     forward_kernel<scalar_t, acc_t>(sh, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
-                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win, drop,
-                                    out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
+                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win,
+                                    key_ranges, drop, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
   return {out, lse};
 }
@@ -504,9 +553,9 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 bool bias_grad) {
-  Shapes sh =
-      check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, dropout_p);
+                                 bool bias_grad, const std::optional<at::Tensor>& key_range) {
+  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
+                           dropout_p, key_range);
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
@@ -549,6 +598,8 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor dbias = bias_grad ? at::zeros({B, Hq, Lq, Lk}, acc_opts) : at::empty({0}, acc_opts);
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
   const AttentionWindow win{window_left, window_right, diag_offset, Lq, Lk};
+  const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
+  const KeyRanges key_ranges{ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -608,7 +659,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  dk.data_ptr<acc_t>(),
                                  dv.data_ptr<acc_t>(),
                                  bias_grad ? dbias.data_ptr<acc_t>() : nullptr};
-      backward_kernel<scalar_t, acc_t>(sh, op, terms, win, drop, splits);
+      backward_kernel<scalar_t, acc_t>(sh, op, terms, win, key_ranges, drop, splits);
     } else {
       dk.zero_();
       dv.zero_();

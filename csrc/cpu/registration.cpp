@@ -61,9 +61,10 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p) {
+                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+                                 const std::optional<at::Tensor>& key_range) {
   return BMK_ISA_CALL(attention_fwd, q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                      window_right, diag_offset, dropout_p);
+                      window_right, diag_offset, dropout_p, key_range);
 }
 
 AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -72,9 +73,9 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 bool bias_grad) {
+                                 bool bias_grad, const std::optional<at::Tensor>& key_range) {
   return BMK_ISA_CALL(attention_bwd, grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale,
-                      softcap, window_left, window_right, diag_offset, dropout_p, bias_grad);
+                      softcap, window_left, window_right, diag_offset, dropout_p, bias_grad, key_range);
 }
 
 at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
