@@ -52,6 +52,7 @@ def empty_cache():
 
 # Drop-in modules (bmkernels.nn) and swapping them into existing models (bmkernels.swap).
 from bmkernels import nn  # noqa: E402
+from bmkernels.integrations.sdpa import sdpa_mode  # noqa: E402
 from bmkernels.swap import SwapReport, swap_modules, to_torch, unswap  # noqa: E402
 
-__all__ += ["SwapReport", "nn", "swap_modules", "to_torch", "unswap"]
+__all__ += ["SwapReport", "nn", "sdpa_mode", "swap_modules", "to_torch", "unswap"]

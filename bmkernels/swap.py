@@ -9,6 +9,12 @@ BatchNorm2d -> activation runs in Sequentials, torchvision ResNet blocks with th
 are described in bmkernels.nn.fused: they keep the module tree and state_dict keys and only change
 the class (so the forward) of the container, to a subclass of its own class; unswap undoes them.
 
+Models that have no nn.MultiheadAttention are reached too: a Hugging Face transformers model
+(PreTrainedModel) gets attn_implementation="bmkernels" (bmkernels.integrations.transformers; noted
+in the report, undone by unswap), and timm's Attention (when timm is imported) has a drop-in
+(bmkernels.integrations.timm). Every other attention module -- a class whose name contains
+"Attention" that nothing reached -- gets a `left` line saying what to do (sdpa_mode()).
+
 The drop-ins hold the original Parameter objects, so weights, device, dtype, train/eval mode,
 weight tying and an optimizer built before the swap all stay valid.
 
@@ -19,6 +25,7 @@ report; unswap restores it). The layers' own fast path is kept off by the drop-i
 bmkernels.nn.attention).
 """
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +36,7 @@ from bmkernels.nn import fused as bmk_fused
 FUSERS = [bmk_fused.fuse_sequences, bmk_fused.fuse_resnet_blocks]
 
 _SAVED_NESTED_FLAG = "_bmkernels_saved_use_nested_tensor"
+_SAVED_ATTN_IMPLEMENTATION = "_bmkernels_saved_attn_implementation"
 
 
 @dataclass
@@ -57,8 +65,71 @@ class SwapReport:
         return "\n".join(lines)
 
 
+def _drop_ins():
+    """bmkernels.nn.DROP_INS, plus the timm drop-in when timm is imported (a timm model implies it is;
+    bmkernels never imports timm itself)."""
+    drop_ins = dict(bmk_nn.DROP_INS)
+    if "timm" in sys.modules:
+        from bmkernels.integrations import timm as bmk_timm
+
+        drop_ins["attention"] = (*drop_ins["attention"], bmk_timm.Attention)
+    return drop_ins
+
+
 def _drop_in_classes():
-    return tuple(drop_in for drop_ins in bmk_nn.DROP_INS.values() for drop_in in drop_ins)
+    return tuple(drop_in for drop_ins in _drop_ins().values() for drop_in in drop_ins)
+
+
+def _is_transformers_model(model):
+    if "transformers" not in sys.modules:
+        return False
+    from bmkernels.integrations import transformers as bmk_transformers
+
+    return bmk_transformers.is_model(model)
+
+
+def _switch_transformers_attention(model, report):
+    """A transformers model: attn_implementation="bmkernels" (registered first). True if it took."""
+    from bmkernels.integrations import transformers as bmk_transformers
+
+    previous = model.config._attn_implementation
+    if previous == bmk_transformers.NAME:
+        return True
+    try:
+        model.set_attn_implementation(bmk_transformers.NAME)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        report.notes.append(f"<model>: attn_implementation={bmk_transformers.NAME!r} refused by transformers: {e}")
+        return False
+    setattr(model, _SAVED_ATTN_IMPLEMENTATION, previous)
+    report.notes.append(
+        f"<model>: transformers attn_implementation {previous!r} -> {bmk_transformers.NAME!r} (every attention "
+        "layer runs bmkernels; unswap restores it)"
+    )
+    return True
+
+
+def _unreached_attention(model, report, reached):
+    """A `left` line for each outermost attention module no drop-in or switch reached."""
+    covered = set()
+    for name, module in model.named_modules():
+        if name in covered or isinstance(module, _drop_in_classes() + (torch.nn.MultiheadAttention,)):
+            covered.update(".".join(filter(None, (name, child))) for child, _ in module.named_modules())
+            continue
+        cls = type(module)
+        if "Attention" not in cls.__name__ or reached:
+            continue
+        covered.update(".".join(filter(None, (name, child))) for child, _ in module.named_modules())
+        if cls.__module__.startswith("transformers."):
+            why = (
+                "a transformers attention layer: load the model with attn_implementation='bmkernels' (import "
+                "bmkernels.integrations.transformers) or call swap_modules on the PreTrainedModel itself"
+            )
+        else:
+            why = (
+                "computes attention itself (no nn.MultiheadAttention inside to replace); if it calls "
+                "F.scaled_dot_product_attention, run it inside bmkernels.sdpa_mode()"
+            )
+        report.left.append((name, cls.__name__, why))
 
 
 def _qualified(cls):
@@ -81,9 +152,10 @@ def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
         raise TypeError(f"swap_modules: model must be a torch.nn.Module; got {type(model).__name__}")
     enabled = {"attention": attention, "conv": conv, "gru": gru}
     by_torch_class = {
-        drop_in.torch_class: (family, drop_in) for family, drop_ins in bmk_nn.DROP_INS.items() for drop_in in drop_ins
+        drop_in.torch_class: (family, drop_in) for family, drop_ins in _drop_ins().items() for drop_in in drop_ins
     }
     report = SwapReport(model=model)
+    reached = attention and _is_transformers_model(model) and _switch_transformers_attention(model, report)
     drop_in_classes = _drop_in_classes()
     for name, module in list(model.named_modules()):
         if isinstance(module, drop_in_classes):
@@ -105,6 +177,8 @@ def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
         else:
             report.model = new
         report.swapped.append((name, _qualified(type(module)), _qualified(drop_in)))
+    if attention:
+        _unreached_attention(report.model, report, reached)
     _keep_encoders_on_layers(report.model, report)
     if fuse:
         for fuser in FUSERS:
@@ -155,6 +229,10 @@ def unswap(model):
         if getattr(module, _SAVED_NESTED_FLAG, False):
             module.use_nested_tensor = True
             delattr(module, _SAVED_NESTED_FLAG)
+    previous = getattr(model, _SAVED_ATTN_IMPLEMENTATION, None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        delattr(model, _SAVED_ATTN_IMPLEMENTATION)
     return model
 
 

@@ -170,6 +170,17 @@ struct Dropout {
   double p = 0;  // the keep test compares in float (as Triton does); the 1/(1-p) scale uses the double
   bool on() const { return p > 0; }
   bool keep(uint64_t counter) const { return dropout_keep(seed, counter, static_cast<float>(p)); }
+  // m[c] = scale if the score of counter first + c * stride is kept, else 0 (c < n). Branch-free, so that
+  // the compiler vectorizes the Philox rounds across c (a scalar draw per score cost more than the GEMMs).
+  template <typename acc_t>
+  void multipliers(uint64_t first, uint64_t stride, int64_t n, acc_t scale, acc_t* m) const {
+    const float threshold = static_cast<float>(p);
+    for (int64_t c = 0; c < n; ++c) {
+      m[c] = uniform_from_bits(philox_first_word(seed, first + static_cast<uint64_t>(c) * stride)) >= threshold
+                 ? scale
+                 : acc_t(0);
+    }
+  }
 };
 
 // Runs thread_body(next_task) on each worker thread; next_task() hands out task indices 0 .. tasks - 1,
@@ -207,6 +218,7 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
   run_tasks(sh.batch * sh.q_heads * q_blocks, [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
+    std::vector<acc_t> keep_row(drop.on() ? key_block : 0);  // dropout multipliers of one score row
     // This thread's copy of its current kv head: K transposed (D x k_ld) and, for reduced precision,
     // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
     // with no full-size temporary and no extra parallel region.
@@ -257,10 +269,8 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
           run_max[r] = new_max;
           if (rescale != acc_t(1)) scale_row(acc_out.data() + r * Dv, Dv, rescale);
           if (drop.on()) {
-            for (int64_t c = lo; c < hi; ++c) {
-              const bool keep = drop.keep(dropout_counter(bh, i, j0 + c, Lq, Lk));
-              row[c] = keep ? row[c] * keep_scale : acc_t(0);
-            }
+            drop.multipliers(dropout_counter(bh, i, j0 + lo, Lq, Lk), 1, hi - lo, keep_scale, keep_row.data());
+            for (int64_t c = lo; c < hi; ++c) row[c] *= keep_row[c - lo];
           }
         }
         tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
@@ -280,6 +290,27 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
     }
     tile_gemm_done();
   });
+}
+
+// One transposed backward row (key j, queries lo .. hi) without score terms, every visible score finite:
+// P = exp(S - lse) -> dropped P (into p_row), dS = P (dP dropped - delta) (into ds_row), vectorized.
+// Dropout multipliers (keep_scale or 0) go through `keep` (counters first, first + stride, ...).
+template <typename acc_t>
+void plain_scores_to_grads(acc_t* p_row, acc_t* ds_row, const acc_t* lse, const acc_t* delta, int64_t lo, int64_t hi,
+                           const Dropout& drop, acc_t keep_scale, uint64_t first, uint64_t stride, acc_t* keep) {
+  if (drop.on()) drop.multipliers(first, stride, hi - lo, keep_scale, keep);
+  for (int64_t c = lo; c < hi; c += Vec<acc_t>::size()) {
+    const int64_t n = std::min<int64_t>(Vec<acc_t>::size(), hi - c);
+    const Vec<acc_t> p = (Vec<acc_t>::loadu(p_row + c, n) - Vec<acc_t>::loadu(lse + c, n)).exp_u20();
+    Vec<acc_t> dp = Vec<acc_t>::loadu(ds_row + c, n), p_dropped = p;
+    if (drop.on()) {
+      const Vec<acc_t> m = Vec<acc_t>::loadu(keep + (c - lo), n);
+      dp = dp * m;
+      p_dropped = p * m;
+    }
+    p_dropped.store(p_row + c, n);
+    (p * (dp - Vec<acc_t>::loadu(delta + c, n))).store(ds_row + c, n);
+  }
 }
 
 // Operands of the backward kernel, all acc_t and contiguous.
@@ -307,7 +338,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
-  const bool plain = !terms.any() && !drop.on();
+  const bool plain = !terms.any();  // every visible score is finite: the vectorized path
   // Short queries need a narrower tile (a 128 KiB scratch is mmap'ed and page-faulted per call).
   constexpr int64_t BK = kBwdKeyBlock;
   const int64_t BQ = tile_width(Lq, kBwdQueryBlock, kBwdQueryBlock);
@@ -316,7 +347,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   const int64_t key_blocks = ceil_div(Lk, BK);
   const int64_t dq_size = sh.batch * sh.q_heads * D * sh.q_ld;
   run_tasks(sh.batch * sh.kv_heads * splits, [&](const auto& next_task) {
-    std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ);
+    std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ), keep_row(drop.on() ? BQ : 0);
     std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t kv_head = task / splits, split = task % splits;
@@ -355,18 +386,15 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
               std::fill(p_row + hi, p_row + qc, acc_t(0));
               std::fill(ds_row, ds_row + lo, acc_t(0));
               std::fill(ds_row + hi, ds_row + qc, acc_t(0));
-              int64_t c = lo;
-              if (plain) {  // every visible score is finite: vectorized P = exp(S - lse), dS = P (dP - delta)
-                for (; c + Vec<acc_t>::size() <= hi; c += Vec<acc_t>::size()) {
-                  const Vec<acc_t> p = (Vec<acc_t>::loadu(p_row + c) - Vec<acc_t>::loadu(lse + i0 + c)).exp_u20();
-                  p.store(p_row + c);
-                  (p * (Vec<acc_t>::loadu(ds_row + c) - Vec<acc_t>::loadu(delta + i0 + c))).store(ds_row + c);
-                }
+              if (plain) {
+                plain_scores_to_grads(p_row, ds_row, lse + i0, delta + i0, lo, hi, drop, keep_scale,
+                                      dropout_counter(bh, i0 + lo, j, Lq, Lk), Lk, keep_row.data());
+                continue;
               }
-              for (; c < hi; ++c) {
+              for (int64_t c = lo; c < hi; ++c) {
                 const int64_t i = i0 + c;
                 acc_t softcap_grad = 1;
-                const acc_t logit = plain ? p_row[c] : terms.logit(p_row[c], b, h, i, j, &softcap_grad);
+                const acc_t logit = terms.logit(p_row[c], b, h, i, j, &softcap_grad);
                 if (logit == neg_inf<acc_t>() || lse[i] == neg_inf<acc_t>()) {
                   p_row[c] = 0;
                   ds_row[c] = 0;
