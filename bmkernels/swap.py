@@ -111,8 +111,13 @@ def _switch_transformers_attention(model, report):
 def _unreached_attention(model, report, reached):
     """A `left` line for each outermost attention module no drop-in or switch reached."""
     covered = set()
+    already_left = {name for name, _, _ in report.left}
     for name, module in model.named_modules():
-        if name in covered or isinstance(module, _drop_in_classes() + (torch.nn.MultiheadAttention,)):
+        if (
+            name in covered
+            or name in already_left
+            or isinstance(module, _drop_in_classes() + (torch.nn.MultiheadAttention,))
+        ):
             covered.update(".".join(filter(None, (name, child))) for child, _ in module.named_modules())
             continue
         cls = type(module)
@@ -171,12 +176,13 @@ def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
         if reason is not None:
             report.left.append((name, type(module).__name__, reason))
             continue
+        source = _qualified(type(module))  # before from_torch: a drop-in may switch the module's class in place
         new = drop_in.from_torch(module)
         if name:
             _replace(model, module, new)
         else:
             report.model = new
-        report.swapped.append((name, _qualified(type(module)), _qualified(drop_in)))
+        report.swapped.append((name, source, _qualified(drop_in)))
     if attention:
         _unreached_attention(report.model, report, reached)
     _keep_encoders_on_layers(report.model, report)
