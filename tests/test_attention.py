@@ -1076,3 +1076,26 @@ def test_op_dropout_mask_bad_input():
         torch.ops.bmkernels.attention_dropout_mask(seed.float(), 1, 1, 2, 2, 0.5)
     with pytest.raises(RuntimeError, match="rng_seed"):
         torch.ops.bmkernels.attention_dropout_mask(torch.empty(0, dtype=torch.int64), 1, 1, 2, 2, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout: the forward reads q, k, v in the projection layout (B, L, H, D) viewed as (B, H, L, D)
+# without copying them, and writes out in q's layout, so the caller's transpose back is free.
+
+
+def test_output_takes_the_projection_layout():
+    q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=9, k_len=11, head_dim=8, v_head_dim=6, layout="transposed")
+    out = bmkernels.attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous() and out.shape == (2, 4, 9, 6)
+    contiguous = bmkernels.attention(*(t.detach().contiguous() for t in (q, k, v)))
+    assert contiguous.is_contiguous()
+    torch.testing.assert_close(out, contiguous, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ("transposed", "sliced"))
+def test_opcheck_attention_fwd_layouts(layout):
+    """The fake kernel gives the real kernel's output strides for every input layout."""
+    q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=7, k_len=9, head_dim=8, v_head_dim=5, layout=layout)
+    torch.library.opcheck(
+        torch.ops.bmkernels.attention_fwd.default, (q, k, v, None, None, None, None, 0.35, 0.0, -1, 0, 2, 0.0)
+    )

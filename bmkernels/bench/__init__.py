@@ -85,7 +85,7 @@ class Result:
 
     def gflops(self, name):
         m = self.median(name)
-        return self.case.flops / m / 1e9 if m else None
+        return self.case.flops / m / 1e9 if m and self.case.flops else None
 
     def ratio(self, baseline):
         """baseline time / bmkernels time: > 1 means bmkernels is faster."""
@@ -132,6 +132,7 @@ CASE_MODULES = {
     "attention": "bmkernels.bench.attention",
     "gru": "bmkernels.bench.gru",
     "conv": "bmkernels.bench.conv",
+    "models": "bmkernels.bench.models",
 }
 OPS = tuple(CASE_MODULES)
 

@@ -383,6 +383,15 @@ def _mask_as_4d(m, query):
     return _as_4d(m)
 
 
+def _empty_output(q, v_head_dim):
+    """out laid out as q is (the C++ kernel's rule, csrc/cpu/attention.cpp empty_output): rows of heads
+    (B, Lq, Hq, Dv) when q's head stride is below its row stride, else contiguous."""
+    batch, heads, q_len, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return q.new_empty(batch, q_len, heads, v_head_dim).transpose(1, 2)
+    return q.new_empty(batch, heads, q_len, v_head_dim)
+
+
 def _fake_fwd(
     q,
     k,
@@ -400,7 +409,7 @@ def _fake_fwd(
     key_range=None,
 ):
     batch, heads, q_len, _ = q.shape
-    out = q.new_empty(batch, heads, q_len, v.shape[-1])
+    out = _empty_output(q, v.shape[-1])
     lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
     return out, lse
 

@@ -820,7 +820,7 @@ def attention_fwd(
     _check(q, k, v, "attention_fwd")
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
-    out = q.new_empty(batch, q_heads, q_len, v_dim)
+    out = ops_attention._empty_output(q, v_dim)  # laid out as q is, as the C++ op's
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))

@@ -152,15 +152,22 @@ void pack_rows(const scalar_t* x, int64_t n, acc_t mul, acc_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(x[i]) * mul;
 }
 
-// x (rows x D, row-major) as acc_t times mul, stored transposed: out[d * ld + j] = x[j * D + d] * mul.
-// Columns past `rows` are never read. Blocks of 16 rows keep the strided reads in L1.
+// rows x cols of x (row stride ldx) as acc_t times mul, packed densely (row stride cols).
 template <typename scalar_t, typename acc_t>
-void pack_transposed(const scalar_t* x, int64_t rows, int64_t D, int64_t ld, acc_t mul, acc_t* out) {
+void pack_rows(const scalar_t* x, int64_t rows, int64_t cols, int64_t ldx, acc_t mul, acc_t* out) {
+  if (ldx == cols) return pack_rows(x, rows * cols, mul, out);
+  for (int64_t r = 0; r < rows; ++r) pack_rows(x + r * ldx, cols, mul, out + r * cols);
+}
+
+// x (rows x D, row stride ldx) as acc_t times mul, stored transposed: out[d * ld + j] = x[j * ldx + d] *
+// mul. Columns past `rows` are never read. Blocks of 16 rows keep the strided reads in L1.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* x, int64_t rows, int64_t D, int64_t ldx, int64_t ld, acc_t mul, acc_t* out) {
   constexpr int64_t kRows = 16;
   for (int64_t j0 = 0; j0 < rows; j0 += kRows) {
     const int64_t j1 = std::min(rows, j0 + kRows);
     for (int64_t d = 0; d < D; ++d) {
-      for (int64_t j = j0; j < j1; ++j) out[d * ld + j] = static_cast<acc_t>(x[j * D + d]) * mul;
+      for (int64_t j = j0; j < j1; ++j) out[d * ld + j] = static_cast<acc_t>(x[j * ldx + d]) * mul;
     }
   }
 }
@@ -205,9 +212,26 @@ struct KeyRanges {
   }
 };
 
+// Where an operand (B, H, L, D) with a contiguous last dim keeps its rows: element (b, h, i, d) is at
+// b * batch + h * head + i * row + d. The forward reads q, k, v and writes out through these, so the
+// usual projection layout (B, L, H, D) viewed as (B, H, L, D) needs no copy.
+struct RowLayout {
+  int64_t batch = 0, head = 0, row = 0;
+  int64_t at(int64_t b, int64_t h, int64_t i = 0) const { return b * batch + h * head + i * row; }
+};
+
+RowLayout row_layout(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// t itself when its last dim is contiguous (the kernels read rows through RowLayout), else a copy.
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous(); }
+
+struct ForwardLayouts {
+  RowLayout q, k, v, out;
+};
+
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scalar_t* k, const scalar_t* v,
-                    const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& all_keys,
+void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t* q, acc_t scale, const scalar_t* k,
+                    const scalar_t* v, const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& all_keys,
                     const KeyRanges& key_ranges, const Dropout& drop, scalar_t* out, acc_t* lse) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
@@ -226,20 +250,23 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
     int64_t packed_head = -1;
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t bh = task / q_blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
-      const int64_t kv_head = b * sh.kv_heads + h / group;
+      const int64_t hk = h / group, kv_head = b * sh.kv_heads + hk;
       const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
-      const AttentionWindow win = key_ranges.window_of(all_keys, b);      // padding keys: whole blocks skipped
-      pack_rows(q + (bh * Lq + i0) * D, rows * D, scale, q_tile.data());  // scaled once, not per score
+      const AttentionWindow win = key_ranges.window_of(all_keys, b);  // padding keys: whole blocks skipped
+      pack_rows(q + lay.q.at(b, h, i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once, not per score
       if (kv_head != packed_head) {
-        pack_transposed(k + kv_head * Lk * D, Lk, D, sh.k_ld, acc_t(1), kt_head.data());
-        if (!v_acc.empty()) pack_rows(v + kv_head * Lk * Dv, Lk * Dv, acc_t(1), v_acc.data());
+        pack_transposed(k + lay.k.at(b, hk), Lk, D, lay.k.row, sh.k_ld, acc_t(1), kt_head.data());
+        if (!v_acc.empty()) pack_rows(v + lay.v.at(b, hk), Lk, Dv, lay.v.row, acc_t(1), v_acc.data());
         packed_head = kv_head;
       }
       const acc_t* v_head;
+      int64_t v_ld;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        v_head = v + kv_head * Lk * Dv;
+        v_head = v + lay.v.at(b, hk);
+        v_ld = lay.v.row;
       } else {
         v_head = v_acc.data();
+        v_ld = Dv;
       }
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
@@ -273,10 +300,10 @@ void forward_kernel(const Shapes& sh, const scalar_t* q, acc_t scale, const scal
             for (int64_t c = lo; c < hi; ++c) row[c] *= keep_row[c - lo];
           }
         }
-        tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * Dv, Dv, acc_out.data(), Dv, true);
+        tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* out_row = out + (bh * Lq + i0 + r) * Dv;
+        scalar_t* out_row = out + lay.out.at(b, h, i0 + r);
         const acc_t* acc_row = acc_out.data() + r * Dv;
         if (run_sum[r] == acc_t(0)) {  // no visible key: zeros, lse = log(0)
           std::fill(out_row, out_row + Dv, scalar_t(0));
@@ -536,6 +563,16 @@ at::Tensor alibi_table(const Shapes& sh, const std::optional<at::Tensor>& alibi_
   return alibi_slopes->to(acc).expand({sh.batch, sh.q_heads}).contiguous();
 }
 
+// out (B, Hq, Lq, Dv) laid out as q is: rows of heads (B, Lq, Hq, Dv) when q's head stride is below its
+// row stride (the projection layout, so that the caller's transpose back is free), else contiguous. The
+// fake kernel (bmkernels/ops/attention.py) applies the same rule.
+at::Tensor empty_output(const at::Tensor& q, int64_t v_head_dim) {
+  if (q.stride(1) < q.stride(2)) {
+    return at::empty({q.size(0), q.size(2), q.size(1), v_head_dim}, q.options()).transpose(1, 2);
+  }
+  return at::empty({q.size(0), q.size(1), q.size(2), v_head_dim}, q.options());
+}
+
 Dropout dropout_of(const std::optional<at::Tensor>& rng_seed, double dropout_p) {
   Dropout drop;
   drop.p = dropout_p;
@@ -556,10 +593,11 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
-  at::Tensor out = at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_head_dim}, q.options());
+  at::Tensor out = empty_output(q, sh.v_head_dim);
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
   if (lse.numel() == 0) return {out, lse};
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
+  const ForwardLayouts lay{row_layout(qc), row_layout(kc), row_layout(vc), row_layout(out)};
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
   const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
   const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
@@ -568,7 +606,7 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
-    forward_kernel<scalar_t, acc_t>(sh, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
+    forward_kernel<scalar_t, acc_t>(sh, lay, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
                                     kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win,
                                     key_ranges, drop, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
@@ -650,9 +688,9 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
           const int64_t bh = task;
           const scalar_t *q_head = q_in + bh * Lq * D, *do_head = do_in + bh * Lq * Dv;
           pack_rows(q_head, Lq * D, scale_acc, qs_p + bh * Lq * D);
-          pack_transposed(q_head, Lq, D, sh.q_ld, scale_acc, qs_t_p + bh * D * sh.q_ld);
+          pack_transposed(q_head, Lq, D, D, sh.q_ld, scale_acc, qs_t_p + bh * D * sh.q_ld);
           if (dout_p) pack_rows(do_head, Lq * Dv, acc_t(1), dout_p + bh * Lq * Dv);
-          pack_transposed(do_head, Lq, Dv, sh.q_ld, acc_t(1), dout_t_p + bh * Dv * sh.q_ld);
+          pack_transposed(do_head, Lq, Dv, Dv, sh.q_ld, acc_t(1), dout_t_p + bh * Dv * sh.q_ld);
           for (int64_t i = 0; i < Lq; ++i) {
             const scalar_t *o_row = o_in + (bh * Lq + i) * Dv, *do_row = do_head + i * Dv;
             acc_t dot = 0;
@@ -667,7 +705,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
         } else {
           const int64_t h = task - B * Hq;
           if (kk_p) pack_rows(k_in + h * Lk * D, Lk * D, acc_t(1), kk_p + h * Lk * D);
-          pack_transposed(k_in + h * Lk * D, Lk, D, sh.k_ld, acc_t(1), k_t_p + h * D * sh.k_ld);
+          pack_transposed(k_in + h * Lk * D, Lk, D, D, sh.k_ld, acc_t(1), k_t_p + h * D * sh.k_ld);
           if (vv_p) pack_rows(v_in + h * Lk * Dv, Lk * Dv, acc_t(1), vv_p + h * Lk * Dv);
         }
       }
