@@ -316,3 +316,24 @@ def test_copy_of_a_switched_model_keeps_working():
         torch.testing.assert_close(
             clone(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
         )
+
+
+@pytest.mark.parametrize("mask", ("none", "key_ranges", "dense"))
+def test_position_bias_runs_as_bias(mask):
+    """position_bias (T5-style relative bias) is added to the scores, with every mask form."""
+    from bmkernels.reference import attention as reference
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=gen) for _ in range(3))
+    bias = torch.randn(1, 4, 7, 7, generator=gen)
+    module = torch.nn.Module()
+    module.is_causal = False
+    key_range = torch.tensor([[0, 7], [2, 7]])
+    keep = torch.arange(7) >= key_range[:, :1]
+    attention_mask = {"none": None, "key_ranges": key_range, "dense": keep[:, None, None, :].expand(2, 1, 7, 7)}[mask]
+    out, weights = bmk_transformers.attention_forward(module, q, k, v, attention_mask, position_bias=bias, scaling=0.3)
+    expected = reference.attention(
+        q, k, v, bias=bias, key_range=key_range if mask != "none" else None, scale=0.3
+    ).transpose(1, 2)
+    assert weights is None and out.shape == (2, 7, 4, 8)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
