@@ -33,7 +33,10 @@ TORCH_LIBRARY(bmkernels, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, "
       "Tensor? rng_seed, float scale, float softcap, int window_left, int window_right, int diag_offset, "
-      "float dropout_p, Tensor? key_range=None) -> (Tensor, Tensor)");
+      "float dropout_p, Tensor? key_range=None) -> (Tensor, Tensor)",
+      // out takes q's layout (free transpose back to the projection layout): inductor must pass the
+      // strides it traced.
+      {at::Tag::needs_exact_strides});
   // Gradients of attention_fwd (grad_lse: optional gradient of lse); dbias is (B, Hq, Lq, Lk) when
   // bias_grad, else empty.
   m.def(

@@ -383,6 +383,14 @@ def _mask_as_4d(m, query):
     return _as_4d(m)
 
 
+def _same_device_or_fail(*tensors):
+    """The fake kernels refuse tensors on different devices, as the real kernels (and torch's meta
+    functions) do, instead of allocating on the first one's device."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"bmkernels attention: all tensors must be on one device; got {sorted(map(str, devices))}")
+
+
 def _empty_output(q, v_head_dim):
     """out laid out as q is (the C++ kernel's rule, csrc/cpu/attention.cpp empty_output): rows of heads
     (B, Lq, Hq, Dv) when q's head stride is below its row stride, else contiguous."""
@@ -408,6 +416,7 @@ def _fake_fwd(
     dropout_p,
     key_range=None,
 ):
+    _same_device_or_fail(q, k, v, bias, mask, alibi_slopes, key_range)
     batch, heads, q_len, _ = q.shape
     out = _empty_output(q, v.shape[-1])
     lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
@@ -435,6 +444,7 @@ def _fake_bwd(
     bias_grad,
     key_range=None,
 ):
+    _same_device_or_fail(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, key_range)
     dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),

@@ -820,7 +820,9 @@ def attention_fwd(
     _check(q, k, v, "attention_fwd")
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
-    out = ops_attention._empty_output(q, v_dim)  # laid out as q is, as the C++ op's
+    # contiguous: unlike the C++ op, a triton_op cannot carry the tag that keeps inductor from changing
+    # input strides, so its output layout must not depend on them
+    out = q.new_empty(batch, q_heads, q_len, v_dim)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -974,9 +976,15 @@ torch.library.register_autograd(
     setup_context=ops_attention._setup_context,
 )
 
+
+def _fake_fwd_contiguous(*args):
+    out, lse = ops_attention._fake_fwd(*args)
+    return out.contiguous(), lse
+
+
 if INTERPRETED:
     # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake
     # tensors: under the interpreter the ops get the C++ ops' fake kernels (same outputs), so that
     # torch.compile can trace them (tests/test_triton_attention.py). Compiled triton needs none.
-    attention_fwd.register_fake(ops_attention._fake_fwd)
+    attention_fwd.register_fake(_fake_fwd_contiguous)
     attention_bwd.register_fake(ops_attention._fake_bwd)

@@ -469,6 +469,26 @@ void check_key_range(const at::Tensor& key_range, const Shapes& sh) {
   }
 }
 
+// t must broadcast to the (B, Hq, Lq, Lk) score grid: the kernels index it through expand()'s strides.
+void check_broadcasts(const char* name, const at::Tensor& t, const std::vector<int64_t>& grid) {
+  bool ok = t.dim() <= 4;
+  for (int64_t d = 1; ok && d <= t.dim(); ++d) {
+    const int64_t size = t.size(t.dim() - d), want = grid[4 - d];
+    ok = size == want || size == 1;
+  }
+  TORCH_CHECK(ok, "bmkernels attention: ", name, " of shape ", t.sizes(),
+              " cannot broadcast to the score grid (B, Hq, ", "Lq, Lk) = ", at::IntArrayRef(grid));
+}
+
+// Window bounds past every position are unbounded, and the diagonal offset is capped, so that the
+// position sums (i + offset +- bound) cannot overflow int64 however large the raw arguments are.
+AttentionWindow saturated_window(int64_t left, int64_t right, int64_t diag_offset, int64_t q_len, int64_t k_len) {
+  const int64_t span = q_len + k_len;
+  constexpr int64_t kMaxOffset = int64_t(1) << 61;
+  return {left > span ? -1 : left, right > span ? -1 : right, std::clamp(diag_offset, -kMaxOffset, kMaxOffset), q_len,
+          k_len};
+}
+
 Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
@@ -510,11 +530,19 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 "at most 4 dims; got ",
                 mask->sizes(), " on ", mask->device());
   }
+  const std::vector<int64_t> grid{sh.batch, sh.q_heads, sh.q_len, sh.k_len};
+  if (bias) check_broadcasts("bias", *bias, grid);
+  if (mask) check_broadcasts("mask", *mask, grid);
   if (alibi_slopes) {
     TORCH_CHECK(at::isFloatingType(alibi_slopes->scalar_type()) && alibi_slopes->device().is_cpu() &&
                     alibi_slopes->dim() >= 1 && alibi_slopes->dim() <= 2,
                 "bmkernels attention: alibi_slopes must be a floating CPU tensor of shape (H,) or (B, H); got ",
                 alibi_slopes->sizes(), " ", alibi_slopes->scalar_type());
+    const bool per_head = alibi_slopes->dim() == 1 && alibi_slopes->size(0) == sh.q_heads;
+    const bool per_batch =
+        alibi_slopes->dim() == 2 && alibi_slopes->size(0) == sh.batch && alibi_slopes->size(1) == sh.q_heads;
+    TORCH_CHECK(per_head || per_batch, "bmkernels attention: alibi_slopes must have shape (Hq,) = (", sh.q_heads,
+                ") or (B, Hq) = (", sh.batch, ", ", sh.q_heads, "); got ", alibi_slopes->sizes());
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention: dropout_p must be in [0, 1); got ", dropout_p);
   if (dropout_p > 0.0) {
@@ -599,13 +627,13 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
   const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
   const ForwardLayouts lay{row_layout(qc), row_layout(kc), row_layout(vc), row_layout(out)};
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
-  const AttentionWindow win{window_left, window_right, diag_offset, sh.q_len, sh.k_len};
+  const AttentionWindow win = saturated_window(window_left, window_right, diag_offset, sh.q_len, sh.k_len);
   const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
   const KeyRanges key_ranges{ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
+    const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, win.diag_offset);
     forward_kernel<scalar_t, acc_t>(sh, lay, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
                                     kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win,
                                     key_ranges, drop, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
@@ -663,7 +691,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor dv_out = convert ? at::empty({B, Hkv, Lk, Dv}, v.options()) : dv;
   at::Tensor dbias = bias_grad ? at::zeros({B, Hq, Lq, Lk}, acc_opts) : at::empty({0}, acc_opts);
   const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
-  const AttentionWindow win{window_left, window_right, diag_offset, Lq, Lk};
+  const AttentionWindow win = saturated_window(window_left, window_right, diag_offset, Lq, Lk);
   const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
   const KeyRanges key_ranges{ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr};
   const Dropout drop = dropout_of(rng_seed, dropout_p);
@@ -710,8 +738,8 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
         }
       }
     });
-    if (Lk > 0 && Lq > 0) {
-      const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, diag_offset);
+    if (Lk > 0 && Lq > 0 && Hkv > 0) {  // no kv head (then no query head either): nothing to compute
+      const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, win.diag_offset);
       BackwardOperands<acc_t> op{qs.const_data_ptr<acc_t>(),
                                  qs_t.const_data_ptr<acc_t>(),
                                  kk.const_data_ptr<acc_t>(),
