@@ -95,7 +95,7 @@ def cuda_arch_list():
 
 
 # CPU sources compiled once rather than per ISA: the dispatch and the process-wide buffer pool
-CPU_ONCE = ("registration.cpp", "scratch.cpp")
+CPU_ONCE = ("registration.cpp", "scratch.cpp", "conv_engine.cpp")
 
 
 def isa_kernel_sources():

@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include "cpu/conv_engine.h"
 #include "cpu/isa.h"
 #include "cpu/scratch.h"
 
@@ -129,12 +130,29 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* conv_engine_choices(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  for (const auto& [key, engine] : bmk::cpu::conv_engine_choices()) {
+    PyObject* value = PyUnicode_FromString(engine.c_str());
+    PyDict_SetItemString(out, key.c_str(), value);
+    Py_DECREF(value);
+  }
+  return out;
+}
+
+PyObject* clear_conv_engine_choices(PyObject*, PyObject*) {
+  bmk::cpu::clear_conv_engine_choices();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this extension was compiled with."},
     {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The CPU instruction set the kernels run with now."},
     {"gru_cell_step", gru_cell_step, METH_VARARGS, "gru_cell_fwd's h_next, called without torch.ops' parsing."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "Bytes held in freed blocks of the CPU buffer pool."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the blocks the CPU buffer pool holds."},
+    {"conv_engine_choices", conv_engine_choices, METH_NOARGS, "The conv2d engine chosen per shape key."},
+    {"clear_conv_engine_choices", clear_conv_engine_choices, METH_NOARGS, "Forgets the conv2d engine choices."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "bmkernels compiled kernels", -1, methods};

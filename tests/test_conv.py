@@ -17,6 +17,12 @@ ISAS = ("scalar", "avx2", "avx512")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
+@pytest.fixture(autouse=True)
+def own_engine(monkeypatch):
+    """These tests are of bmkernels' own conv kernels: no engine choice (tests/test_conv_engine.py)."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
+
+
 def rand(*shape, dtype=torch.float32, seed=0, scale=1.0, requires_grad=True, channels_last=False):
     t = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
     if channels_last and t.dim() == 4:

@@ -208,6 +208,18 @@ def fold_batchnorm(conv, bn):
     return fused
 
 
+def engine_choices():
+    """{shape key: "bmkernels" | "aten"}: the engine each CPU conv2d shape runs (BMK_CONV_ENGINE=auto
+    times both on a key's first call and keeps the faster; see docs/conv.md)."""
+    return _extension._C.conv_engine_choices() if _extension.loaded() else {}
+
+
+def clear_engine_choices():
+    """Forgets the engine choices: the next call of each shape times both engines again."""
+    if _extension.loaded():
+        _extension._C.clear_conv_engine_choices()
+
+
 def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
     out_hw = [
         (size + lo + hi - d * (k - 1) - 1) // s + 1

@@ -8,6 +8,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/conv.h"
+#include "cpu/conv_engine.h"
 #include "cpu/gru.h"
 #include "cpu/isa.h"
 
@@ -102,19 +103,36 @@ GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& gr
   return BMK_ISA_CALL(gru_layer_bwd, grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
 }
 
+ConvFwdResult own_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                             bool save_preact) {
+  return BMK_ISA_CALL(conv2d_fwd, x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
+                      save_preact);
+}
+
+ConvBwdResult own_conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                             bool saved_is_output, std::array<bool, 4> output_mask) {
+  return BMK_ISA_CALL(conv2d_bwd, grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
+                      saved_is_output, output_mask);
+}
+
+// The operators: the faster of bmkernels' kernels and ATen's convolution per shape (csrc/cpu/conv_engine.h).
 ConvFwdResult conv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact) {
-  return BMK_ISA_CALL(conv2d_fwd, x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
-                      save_preact);
+  return conv2d_fwd_engine(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact,
+                           &own_conv2d_fwd);
 }
 
 ConvBwdResult conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                          const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
                          bool saved_is_output, std::array<bool, 4> output_mask) {
-  return BMK_ISA_CALL(conv2d_bwd, grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
-                      saved_is_output, output_mask);
+  return conv2d_bwd_engine(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
+                           saved_is_output, output_mask, &own_conv2d_bwd);
 }
 
 }  // namespace

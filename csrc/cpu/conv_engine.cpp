@@ -1,0 +1,274 @@
+// The conv2d engine choice (see conv_engine.h) and the ATen engine: ATen's convolution for the GEMM
+// part, the fused epilogue (+ residual, activation, saved pre-activation) and the backward's
+// activation derivative, bias and residual gradients as ATen ops, with the results in exactly the
+// layouts and dtypes bmkernels' own kernels return.
+#include "cpu/conv_engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+
+namespace bmk::cpu {
+namespace {
+
+enum class Engine { own, aten };
+
+const char* engine_name(Engine e) { return e == Engine::own ? "bmkernels" : "aten"; }
+
+// BMK_CONV_ENGINE, read per call (cheap) so that it can be switched at run time.
+std::string requested_engine() {
+  const char* env = std::getenv("BMK_CONV_ENGINE");
+  const std::string name = env && *env ? env : "auto";
+  TORCH_CHECK(name == "auto" || name == "bmkernels" || name == "aten",
+              "bmkernels conv2d: BMK_CONV_ENGINE must be auto, bmkernels or aten; got '", name, "'");
+  return name;
+}
+
+std::mutex choices_mutex;
+std::map<std::string, Engine>& choices() {
+  static std::map<std::string, Engine> table;
+  return table;
+}
+
+at::MemoryFormat format_of(const at::Tensor& t) {  // as csrc/cpu/conv.cpp decides the output's format
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
+}
+
+std::string key_of(const char* pass, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                   const std::string& extra) {
+  std::ostringstream key;
+  key << pass << " x" << x.sizes() << " w" << weight.sizes() << " s" << stride << " p" << padding << " d" << dilation
+      << " g" << groups << " " << x.scalar_type()
+      << (format_of(x) == at::MemoryFormat::ChannelsLast ? " channels_last" : " nchw") << " act" << activation << extra;
+  return key.str();
+}
+
+template <typename F>
+double seconds(F&& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Runs the engine chosen for `key`: the one BMK_CONV_ENGINE names, else the cached choice, else (first
+// call of the key) both, twice each, interleaved; the faster best time wins (ties go to bmkernels'
+// fused kernel) and its last result is returned.
+template <typename Result, typename Own, typename Aten>
+Result run_chosen(const std::string& key, const Own& own, const Aten& aten) {
+  const std::string requested = requested_engine();
+  if (requested == "bmkernels") return own();
+  if (requested == "aten") return aten();
+  {
+    std::lock_guard<std::mutex> lock(choices_mutex);
+    const auto it = choices().find(key);
+    if (it != choices().end()) return it->second == Engine::own ? own() : aten();
+  }
+  Result own_result, aten_result;
+  double own_best = 1e300, aten_best = 1e300;
+  for (int round = 0; round < 2; ++round) {
+    own_best = std::min(own_best, seconds([&] { own_result = own(); }));
+    aten_best = std::min(aten_best, seconds([&] { aten_result = aten(); }));
+  }
+  const Engine chosen = aten_best < own_best ? Engine::aten : Engine::own;
+  {
+    std::lock_guard<std::mutex> lock(choices_mutex);
+    choices()[key] = chosen;
+  }
+  return chosen == Engine::own ? own_result : aten_result;
+}
+
+// ATen's convolution takes symmetric padding; asymmetric padding (padding="same" with an even kernel)
+// pads x explicitly. Returns (input, per-dim padding).
+std::pair<at::Tensor, std::vector<int64_t>> aten_input(const at::Tensor& x, at::IntArrayRef padding) {
+  if (padding[0] == padding[1] && padding[2] == padding[3]) return {x, {padding[0], padding[2]}};
+  return {at::constant_pad_nd(x, {padding[2], padding[3], padding[0], padding[1]}), {0, 0}};
+}
+
+// act(z) in place where ATen has an in-place form (z is a fresh conv output).
+at::Tensor activate(at::Tensor z, int64_t activation, double slope) {
+  switch (activation) {
+    case 1:
+      return z.relu_();
+    case 2:
+      return at::leaky_relu_(z, slope);
+    case 3:
+      return at::gelu(z, "none");
+    case 4:
+      return at::gelu(z, "tanh");
+    case 5:
+      return at::silu_(z);
+    default:
+      return z;
+  }
+}
+
+// dL/dz from dL/dact and the saved output (saved_is_output) or pre-activation.
+at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& saved, int64_t activation, double slope) {
+  switch (activation) {
+    case 1:
+      return at::where(saved > 0, grad, at::zeros({}, grad.options()));
+    case 2:
+      return at::where(saved > 0, grad, grad * slope);
+    case 3:
+      return at::gelu_backward(grad, saved, "none");
+    case 4:
+      return at::gelu_backward(grad, saved, "tanh");
+    case 5:
+      return at::silu_backward(grad, saved);
+    default:
+      return grad;
+  }
+}
+
+ConvFwdResult aten_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact) {
+  const auto [xin, pad] = aten_input(x, padding);
+  const std::optional<at::Tensor> conv_bias = bias ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias;
+  at::Tensor z =
+      at::convolution(xin, weight, conv_bias, stride, pad, dilation, false, {0, 0}, groups).contiguous(format_of(x));
+  if (residual) z.add_(*residual);
+  at::Tensor preact = save_preact ? z.clone() : at::empty({0}, x.options());
+  return {activate(z, activation, slope), preact};
+}
+
+ConvBwdResult aten_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                       std::array<bool, 4> output_mask) {
+  const auto [need_dx, need_dw, need_db, need_dres] = output_mask;
+  const at::MemoryFormat fmt = format_of(x);
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dz = activation_grad(grad_out, act_saved, activation, slope).contiguous(fmt);
+  if (dz.is_same(grad_out)) dz = dz.clone();  // an operator's output must not alias its input
+  at::Tensor dx = none(), dw = none(), db = none();
+  if (need_dx || need_dw) {
+    const auto [xin, pad] = aten_input(x, padding);
+    auto [dx_in, dw_out, unused] = at::convolution_backward(dz, xin, weight, std::nullopt, stride, pad, dilation, false,
+                                                            {0, 0}, groups, {need_dx, need_dw, false});
+    if (need_dx) {
+      if (xin.sizes() != x.sizes()) dx_in = dx_in.narrow(2, padding[0], x.size(2)).narrow(3, padding[2], x.size(3));
+      dx = dx_in.contiguous(fmt);
+    }
+    if (need_dw) dw = dw_out.contiguous();
+  }
+  if (need_db) {
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    db = dz.to(acc).sum({0, 2, 3}).to(weight.scalar_type());
+  }
+  return {dx, dw, db, need_dres ? dz : none()};
+}
+
+// The output shape (N, Cout, Ho, Wo) after checking every argument either engine indexes by: stride,
+// dilation and groups >= 1 (a 0 divides), padding >= 0, channels that match the groups, a known
+// activation. x and weight of other ranks are left to bmkernels' kernel, which names them.
+std::vector<int64_t> checked_output_shape(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                          int64_t activation) {
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1,
+              "bmkernels conv2d: stride must be two ints >= 1; got ", stride);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
+              "bmkernels conv2d: dilation must be two ints >= 1; got ", dilation);
+  TORCH_CHECK(padding.size() == 4 && *std::min_element(padding.begin(), padding.end()) >= 0,
+              "bmkernels conv2d: padding must be four ints (top, bottom, left, right) >= 0; got ", padding);
+  TORCH_CHECK(activation >= 0 && activation <= 5,
+              "bmkernels conv2d: activation must be a code 0..5 of bmk::Activation; got ", activation);
+  TORCH_CHECK(groups >= 1, "bmkernels conv2d: groups must be >= 1; got ", groups);
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "bmkernels conv2d: x and weight must be 4-D; got x ", x.sizes(),
+              ", weight ", weight.sizes());
+  TORCH_CHECK(
+      x.size(1) >= 1 && x.size(1) % groups == 0 && weight.size(1) == x.size(1) / groups && weight.size(0) % groups == 0,
+      "bmkernels conv2d: x has ", x.size(1), " channels and weight ", weight.sizes(), " with groups = ", groups,
+      "; expected input channels >= 1, a multiple of groups, weight (Cout, Cin / groups, kh, kw) ",
+      "and Cout a multiple of groups");
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "bmkernels conv2d: the kernel must be at least 1x1; got ",
+              "weight ", weight.sizes());
+  const int64_t h = x.size(2) + padding[0] + padding[1] - dilation[0] * (weight.size(2) - 1) - 1;
+  const int64_t w = x.size(3) + padding[2] + padding[3] - dilation[1] * (weight.size(3) - 1) - 1;
+  TORCH_CHECK(h >= 0 && w >= 0, "bmkernels conv2d: the (padded) input ", x.sizes(), " is smaller than the ",
+              "(dilated) kernel ", weight.sizes());
+  return {x.size(0), weight.size(0), h / stride[0] + 1, w / stride[1] + 1};
+}
+
+std::string shape_extra(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                        bool save_preact) {
+  return std::string(bias ? " bias" : "") + (residual ? " residual" : "") + (save_preact ? " preact" : "");
+}
+
+}  // namespace
+
+ConvFwdResult conv2d_fwd_engine(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact,
+    ConvFwdResult (*own_fwd)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                             int64_t, int64_t, double, bool)) {
+  const std::vector<int64_t> out_shape = checked_output_shape(x, weight, stride, padding, dilation, groups, activation);
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == out_shape[1]),
+              "bmkernels conv2d: bias must have shape (Cout,) = (", out_shape[1], "); got ", bias->sizes());
+  TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(out_shape),
+              "bmkernels conv2d: residual must have the output's shape ", at::IntArrayRef(out_shape), "; got ",
+              residual->sizes());
+  const auto own = [&] {
+    return own_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
+  };
+  const bool aten_applies = x.numel() > 0;
+  if (!aten_applies || requested_engine() == "bmkernels") return own();
+  const std::string key =
+      key_of("fwd", x, weight, stride, padding, dilation, groups, activation, shape_extra(bias, residual, save_preact));
+  const auto aten = [&] {
+    return aten_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
+  };
+  return run_chosen<ConvFwdResult>(key, own, aten);
+}
+
+ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
+                                bool saved_is_output, std::array<bool, 4> output_mask,
+                                ConvBwdResult (*own_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                                         at::IntArrayRef, int64_t, int64_t, double, bool,
+                                                         std::array<bool, 4>)) {
+  const std::vector<int64_t> out_shape = checked_output_shape(x, weight, stride, padding, dilation, groups, activation);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), "bmkernels conv2d backward: grad_out must have the ",
+              "output's shape ", at::IntArrayRef(out_shape), "; got ", grad_out.sizes());
+  TORCH_CHECK(activation == 0 || act_saved.sizes() == at::IntArrayRef(out_shape),
+              "bmkernels conv2d backward: ", "act_saved must have the output's shape ", at::IntArrayRef(out_shape),
+              "; got ", act_saved.sizes());
+  const auto own = [&] {
+    return own_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
+                   saved_is_output, output_mask);
+  };
+  const bool aten_applies = x.numel() > 0 && grad_out.numel() > 0;
+  if (!aten_applies || requested_engine() == "bmkernels") return own();
+  std::ostringstream mask;
+  mask << " mask" << output_mask[0] << output_mask[1] << output_mask[2] << output_mask[3]
+       << (saved_is_output ? " from_output" : "");
+  const std::string key = key_of("bwd", x, weight, stride, padding, dilation, groups, activation, mask.str());
+  const auto aten = [&] {
+    return aten_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, output_mask);
+  };
+  return run_chosen<ConvBwdResult>(key, own, aten);
+}
+
+std::vector<std::pair<std::string, std::string>> conv_engine_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& [key, engine] : choices()) out.emplace_back(key, engine_name(engine));
+  return out;
+}
+
+void clear_conv_engine_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  choices().clear();
+}
+
+}  // namespace bmk::cpu
