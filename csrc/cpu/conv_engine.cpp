@@ -28,9 +28,13 @@ std::string requested_engine() {
   return name;
 }
 
+// A shape key: every number the engines' speed depends on (cheap to build on the hot path;
+// key_text spells it out for conv_engine_choices).
+using Key = std::vector<int64_t>;
+
 std::mutex choices_mutex;
-std::map<std::string, Engine>& choices() {
-  static std::map<std::string, Engine> table;
+std::map<Key, Engine>& choices() {
+  static std::map<Key, Engine> table;
   return table;
 }
 
@@ -39,14 +43,33 @@ at::MemoryFormat format_of(const at::Tensor& t) {  // as csrc/cpu/conv.cpp decid
                                                                                : at::MemoryFormat::Contiguous;
 }
 
-std::string key_of(const char* pass, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation,
-                   const std::string& extra) {
-  std::ostringstream key;
-  key << pass << " x" << x.sizes() << " w" << weight.sizes() << " s" << stride << " p" << padding << " d" << dilation
-      << " g" << groups << " " << x.scalar_type()
-      << (format_of(x) == at::MemoryFormat::ChannelsLast ? " channels_last" : " nchw") << " act" << activation << extra;
-  return key.str();
+// pass (0 forward, 1 backward), x (4), weight (4), stride (2), padding (4), dilation (2), groups, dtype,
+// channels_last, activation, then the pass's flags.
+Key key_of(int64_t pass, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+           at::IntArrayRef dilation, int64_t groups, int64_t activation, std::initializer_list<int64_t> flags) {
+  Key key{pass};
+  key.reserve(26);
+  for (at::IntArrayRef part : {x.sizes(), weight.sizes(), stride, padding, dilation}) {
+    key.insert(key.end(), part.begin(), part.end());
+  }
+  key.insert(key.end(), {groups, static_cast<int64_t>(x.scalar_type()),
+                         format_of(x) == at::MemoryFormat::ChannelsLast ? 1 : 0, activation});
+  key.insert(key.end(), flags);
+  return key;
+}
+
+std::string key_text(const Key& k) {
+  const auto range = [&](size_t begin, size_t n) { return at::IntArrayRef(k.data() + begin, n); };
+  std::ostringstream text;
+  text << (k[0] == 0 ? "fwd" : "bwd") << " x" << range(1, 4) << " w" << range(5, 4) << " s" << range(9, 2) << " p"
+       << range(11, 4) << " d" << range(15, 2) << " g" << k[17] << " " << static_cast<at::ScalarType>(k[18])
+       << (k[19] ? " channels_last" : " nchw") << " act" << k[20];
+  if (k[0] == 0) {
+    text << (k[21] ? " bias" : "") << (k[22] ? " residual" : "") << (k[23] ? " preact" : "");
+  } else {
+    text << " mask" << k[21] << k[22] << k[23] << k[24] << (k[25] ? " from_output" : "");
+  }
+  return text.str();
 }
 
 template <typename F>
@@ -60,7 +83,7 @@ double seconds(F&& f) {
 // call of the key) both, twice each, interleaved; the faster best time wins (ties go to bmkernels'
 // fused kernel) and its last result is returned.
 template <typename Result, typename Own, typename Aten>
-Result run_chosen(const std::string& key, const Own& own, const Aten& aten) {
+Result run_chosen(const Key& key, const Own& own, const Aten& aten) {
   const std::string requested = requested_engine();
   if (requested == "bmkernels") return own();
   if (requested == "aten") return aten();
@@ -196,11 +219,6 @@ std::vector<int64_t> checked_output_shape(const at::Tensor& x, const at::Tensor&
   return {x.size(0), weight.size(0), h / stride[0] + 1, w / stride[1] + 1};
 }
 
-std::string shape_extra(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                        bool save_preact) {
-  return std::string(bias ? " bias" : "") + (residual ? " residual" : "") + (save_preact ? " preact" : "");
-}
-
 }  // namespace
 
 ConvFwdResult conv2d_fwd_engine(
@@ -221,8 +239,8 @@ ConvFwdResult conv2d_fwd_engine(
   };
   const bool aten_applies = x.numel() > 0;
   if (!aten_applies || requested_engine() == "bmkernels") return own();
-  const std::string key =
-      key_of("fwd", x, weight, stride, padding, dilation, groups, activation, shape_extra(bias, residual, save_preact));
+  const Key key = key_of(0, x, weight, stride, padding, dilation, groups, activation,
+                         {bias.has_value(), residual.has_value(), save_preact});
   const auto aten = [&] {
     return aten_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
   };
@@ -249,10 +267,8 @@ ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x,
   };
   const bool aten_applies = x.numel() > 0 && grad_out.numel() > 0;
   if (!aten_applies || requested_engine() == "bmkernels") return own();
-  std::ostringstream mask;
-  mask << " mask" << output_mask[0] << output_mask[1] << output_mask[2] << output_mask[3]
-       << (saved_is_output ? " from_output" : "");
-  const std::string key = key_of("bwd", x, weight, stride, padding, dilation, groups, activation, mask.str());
+  const Key key = key_of(1, x, weight, stride, padding, dilation, groups, activation,
+                         {output_mask[0], output_mask[1], output_mask[2], output_mask[3], saved_is_output});
   const auto aten = [&] {
     return aten_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, output_mask);
   };
@@ -262,7 +278,7 @@ ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x,
 std::vector<std::pair<std::string, std::string>> conv_engine_choices() {
   std::lock_guard<std::mutex> lock(choices_mutex);
   std::vector<std::pair<std::string, std::string>> out;
-  for (const auto& [key, engine] : choices()) out.emplace_back(key, engine_name(engine));
+  for (const auto& [key, engine] : choices()) out.emplace_back(key_text(key), engine_name(engine));
   return out;
 }
 
