@@ -10,26 +10,14 @@ import textwrap
 import pytest
 import torch
 from conftest import make_qkv
+from test_attention import _op_args
 
 import bmkernels
 from bmkernels.reference import attention as reference
 
 
 def _fwd_args(q, k, v, **changes):
-    args = {
-        "bias": None,
-        "mask": None,
-        "alibi_slopes": None,
-        "rng_seed": None,
-        "scale": 0.5,
-        "softcap": 0.0,
-        "window_left": -1,
-        "window_right": -1,
-        "diag_offset": 0,
-        "dropout_p": 0.0,
-    }
-    args.update(changes)
-    return (q, k, v, *args.values())
+    return _op_args(q=q, k=k, v=v, scale=0.5, **changes)
 
 
 def _run_isolated(code):

@@ -221,13 +221,10 @@ std::vector<int64_t> checked_output_shape(const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-ConvFwdResult conv2d_fwd_engine(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact,
-    ConvFwdResult (*own_fwd)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                             int64_t, int64_t, double, bool)) {
+ConvFwdResult conv2d_fwd_engine(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                                double slope, bool save_preact, OwnConvFwd own_fwd) {
   const std::vector<int64_t> out_shape = checked_output_shape(x, weight, stride, padding, dilation, groups, activation);
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == out_shape[1]),
               "bmkernels conv2d: bias must have shape (Cout,) = (", out_shape[1], "); got ", bias->sizes());
@@ -250,11 +247,7 @@ ConvFwdResult conv2d_fwd_engine(
 ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
-                                bool saved_is_output, std::array<bool, 4> output_mask,
-                                ConvBwdResult (*own_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                                         at::IntArrayRef, int64_t, int64_t, double, bool,
-                                                         std::array<bool, 4>)) {
+                                bool saved_is_output, std::array<bool, 4> output_mask, OwnConvBwd own_bwd) {
   const std::vector<int64_t> out_shape = checked_output_shape(x, weight, stride, padding, dilation, groups, activation);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), "bmkernels conv2d backward: grad_out must have the ",
               "output's shape ", at::IntArrayRef(out_shape), "; got ", grad_out.sizes());

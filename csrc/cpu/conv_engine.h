@@ -18,25 +18,26 @@
 namespace bmk::cpu {
 
 // The conv2d_fwd / conv2d_bwd operators of the CPU dispatch key: the engine choice around `own_fwd` /
-// `own_bwd` (bmkernels' kernels of the active ISA).
-ConvFwdResult conv2d_fwd_engine(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope, bool save_preact,
-    ConvFwdResult (*own_fwd)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                             int64_t, int64_t, double, bool));
+// `own_bwd`.
+// bmkernels' own kernels (the active ISA's), with the operators' signatures.
+using OwnConvFwd = ConvFwdResult (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                     at::IntArrayRef, int64_t, int64_t, double, bool);
+using OwnConvBwd = ConvBwdResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, double, bool,
+                                     std::array<bool, 4>);
+
+ConvFwdResult conv2d_fwd_engine(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                                double slope, bool save_preact, OwnConvFwd own_fwd);
 
 ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& act_saved, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups, int64_t activation, double slope,
-                                bool saved_is_output, std::array<bool, 4> output_mask,
-                                ConvBwdResult (*own_bwd)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                                         at::IntArrayRef, int64_t, int64_t, double, bool,
-                                                         std::array<bool, 4>));
+                                bool saved_is_output, std::array<bool, 4> output_mask, OwnConvBwd own_bwd);
 
-// The cached choices as (key, engine) pairs, and their removal (bmkernels.conv_engine_choices()).
+// The cached choices as (key, engine) pairs, and their removal (bmkernels.ops.conv.engine_choices()).
 std::vector<std::pair<std::string, std::string>> conv_engine_choices();
 void clear_conv_engine_choices();
 
