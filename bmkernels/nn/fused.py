@@ -82,10 +82,13 @@ def _folded_with_grad(conv, bn):
 
 
 def _state_key(conv, bn):
-    tensors = [
-        t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None
-    ]
-    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (bn.eps,)
+    """What the folded weights depend on: each tensor's identity, version (in-place updates), storage,
+    dtype and device, and eps. Built on every eval call, so kept to plain attribute reads."""
+    key = [bn.eps]
+    for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        if t is not None:
+            key += (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+    return tuple(key)
 
 
 def _folded_no_grad(conv, bn):

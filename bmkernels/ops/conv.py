@@ -26,6 +26,11 @@ def _fail(cls, message):
 
 def _pair(name, value, minimum):
     """An int or a pair of ints, each >= minimum, as a pair."""
+    if type(value) is int and value >= minimum:  # the common cases first: this runs on every call
+        return (value, value)
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        if value[0] >= minimum and value[1] >= minimum:
+            return value
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
     if not (
         isinstance(pair, (tuple, list))

@@ -113,24 +113,57 @@ struct ScoreTerms {
 
   bool any() const { return bias || mask || alibi || softcap > 0; }
 
-  // Logit fed to softmax for scaled score s of (b, h, i, j); -inf when masked. *softcap_grad gets
-  // d logit / d s (the softcap derivative; 1 without softcap).
-  acc_t logit(acc_t s, int64_t b, int64_t h, int64_t i, int64_t j, acc_t* softcap_grad) const {
-    if (mask && !mask[b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j * mask_stride[3]]) {
-      return neg_inf<acc_t>();
-    }
-    acc_t grad = 1;
+  // The logits of one line of n scaled scores s[c], c < n, of (b, h, i0 + c * di, j0 + c * dj), in place
+  // (-inf where masked): a query row of the forward tile is (di, dj) = (0, 1), a key row of the transposed
+  // backward tile (1, 0). softcap_grad, when given, gets d logit / d s. Vectorized; the bias and mask
+  // loads follow their strides (a vector load where the line runs along a contiguous dim).
+  void logits(acc_t* s, int64_t n, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t di, int64_t dj,
+              acc_t* softcap_grad) const {
+    using V = Vec<acc_t>;
+    constexpr int64_t W = V::size();
     if (softcap > 0) {
-      const acc_t t = std::tanh(s / softcap);
-      s = softcap * t;
-      grad = 1 - t * t;
+      const V inv(acc_t(1) / softcap), cap(softcap), one(1);
+      for (int64_t c = 0; c < n; c += W) {
+        const int64_t m = std::min(W, n - c);
+        const V t = (V::loadu(s + c, m) * inv).tanh();
+        (t * cap).store(s + c, m);
+        if (softcap_grad) (one - t * t).store(softcap_grad + c, m);
+      }
+    } else if (softcap_grad) {
+      std::fill(softcap_grad, softcap_grad + n, acc_t(1));
     }
     if (bias) {
-      s += static_cast<acc_t>(bias[b * bias_stride[0] + h * bias_stride[1] + i * bias_stride[2] + j * bias_stride[3]]);
+      const scalar_t* p = bias + b * bias_stride[0] + h * bias_stride[1] + i0 * bias_stride[2] + j0 * bias_stride[3];
+      const int64_t step = di * bias_stride[2] + dj * bias_stride[3];
+      if (step == 0) {
+        const V add(static_cast<acc_t>(*p));
+        for (int64_t c = 0; c < n; c += W) (V::loadu(s + c, std::min(W, n - c)) + add).store(s + c, std::min(W, n - c));
+      } else if (step == 1 && std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t c = 0; c < n; c += W) {
+          const int64_t m = std::min(W, n - c);
+          (V::loadu(s + c, m) + V::loadu(reinterpret_cast<const acc_t*>(p) + c, m)).store(s + c, m);
+        }
+      } else {
+        for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc_t>(p[c * step]);
+      }
     }
-    if (alibi) s -= alibi_penalty(alibi[b * heads + h], i, j, diag_offset);
-    if (softcap_grad) *softcap_grad = grad;
-    return s;
+    if (alibi) {
+      // |i' - j| along the line: i' - j = (i0 + diag_offset - j0) + c * (di - dj)
+      const acc_t slope = alibi[b * heads + h];
+      const acc_t delta = static_cast<acc_t>(di - dj);
+      const acc_t start = static_cast<acc_t>(i0 + diag_offset - j0);
+      const V slope_v(slope);
+      for (int64_t c = 0; c < n; c += W) {
+        const int64_t m = std::min(W, n - c);
+        const V distance = V::arange(start + delta * static_cast<acc_t>(c), delta).abs();
+        (V::loadu(s + c, m) - slope_v * distance).store(s + c, m);
+      }
+    }
+    if (mask) {
+      const bool* p = mask + b * mask_stride[0] + h * mask_stride[1] + i0 * mask_stride[2] + j0 * mask_stride[3];
+      const int64_t step = di * mask_stride[2] + dj * mask_stride[3];
+      for (int64_t c = 0; c < n; ++c) s[c] = p[c * step] ? s[c] : neg_inf<acc_t>();
+    }
   }
 };
 
@@ -284,9 +317,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           std::fill(row, row + lo, acc_t(0));
           std::fill(row + hi, row + cols, acc_t(0));
           if (lo == hi) continue;
-          if (terms.any()) {
-            for (int64_t c = lo; c < hi; ++c) row[c] = terms.logit(row[c], b, h, i, j0 + c, nullptr);
-          }
+          if (terms.any()) terms.logits(row + lo, hi - lo, b, h, i, j0 + lo, 0, 1, nullptr);
           const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
           // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
           const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
@@ -319,12 +350,15 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
   });
 }
 
-// One transposed backward row (key j, queries lo .. hi) without score terms, every visible score finite:
-// P = exp(S - lse) -> dropped P (into p_row), dS = P (dP dropped - delta) (into ds_row), vectorized.
-// Dropout multipliers (keep_scale or 0) go through `keep` (counters first, first + stride, ...).
+// One transposed backward row (key j, queries lo .. hi), vectorized: from the logits in p_row (-inf where
+// masked) and dP in ds_row, P = exp(logit - lse) -> dropped P (into p_row) and dS = P (dP dropped - delta)
+// (into ds_row, times softcap_grad when given; the bias gradient, dS itself, into dbias when given).
+// Dropout multipliers (keep_scale or 0) go through `keep` (counters first, first + stride, ...). A query
+// that sees no key has lse = -inf: callers pass +inf there (exp(-inf - inf) = 0, not NaN).
 template <typename acc_t>
-void plain_scores_to_grads(acc_t* p_row, acc_t* ds_row, const acc_t* lse, const acc_t* delta, int64_t lo, int64_t hi,
-                           const Dropout& drop, acc_t keep_scale, uint64_t first, uint64_t stride, acc_t* keep) {
+void scores_to_grads(acc_t* p_row, acc_t* ds_row, const acc_t* lse, const acc_t* delta, int64_t lo, int64_t hi,
+                     const Dropout& drop, acc_t keep_scale, uint64_t first, uint64_t stride, acc_t* keep,
+                     const acc_t* softcap_grad, acc_t* dbias) {
   if (drop.on()) drop.multipliers(first, stride, hi - lo, keep_scale, keep);
   for (int64_t c = lo; c < hi; c += Vec<acc_t>::size()) {
     const int64_t n = std::min<int64_t>(Vec<acc_t>::size(), hi - c);
@@ -336,7 +370,10 @@ void plain_scores_to_grads(acc_t* p_row, acc_t* ds_row, const acc_t* lse, const 
       p_dropped = p * m;
     }
     p_dropped.store(p_row + c, n);
-    (p * (dp - Vec<acc_t>::loadu(delta + c, n))).store(ds_row + c, n);
+    Vec<acc_t> ds = p * (dp - Vec<acc_t>::loadu(delta + c, n));
+    if (dbias) ds.store(dbias + c, n);
+    if (softcap_grad) ds = ds * Vec<acc_t>::loadu(softcap_grad + c, n);
+    ds.store(ds_row + c, n);
   }
 }
 
@@ -375,6 +412,8 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   const int64_t dq_size = sh.batch * sh.q_heads * D * sh.q_ld;
   run_tasks(sh.batch * sh.kv_heads * splits, [&](const auto& next_task) {
     std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ), keep_row(drop.on() ? BQ : 0);
+    // with score terms: the tile's lse with +inf for empty rows, a row's softcap derivative and dS
+    std::vector<acc_t> lse_safe(plain ? 0 : BQ), grad_row(terms.softcap > 0 ? BQ : 0), dbias_row(op.dbias ? BQ : 0);
     std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t kv_head = task / splits, split = task % splits;
@@ -403,6 +442,11 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
             tile_gemm(kc, qc, D, k_head + j0 * D, D, op.qs_t + bh * D * sh.q_ld + i0, sh.q_ld, p_t.data(), BQ, false);
             tile_gemm(kc, qc, Dv, v_head + j0 * Dv, Dv, op.dout_t + bh * Dv * sh.q_ld + i0, sh.q_ld, ds_t.data(), BQ,
                       false);
+            if (!plain) {
+              for (int64_t c = 0; c < qc; ++c) {
+                lse_safe[c] = lse[i0 + c] == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity() : lse[i0 + c];
+              }
+            }
             for (int64_t r = 0; r < kc; ++r) {
               const int64_t j = j0 + r;
               acc_t* p_row = p_t.data() + r * BQ;    // scores in, probabilities (after dropout) out
@@ -413,31 +457,18 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
               std::fill(p_row + hi, p_row + qc, acc_t(0));
               std::fill(ds_row, ds_row + lo, acc_t(0));
               std::fill(ds_row + hi, ds_row + qc, acc_t(0));
+              const uint64_t first_counter = dropout_counter(bh, i0 + lo, j, Lq, Lk);
               if (plain) {
-                plain_scores_to_grads(p_row, ds_row, lse + i0, delta + i0, lo, hi, drop, keep_scale,
-                                      dropout_counter(bh, i0 + lo, j, Lq, Lk), Lk, keep_row.data());
+                scores_to_grads<acc_t>(p_row, ds_row, lse + i0, delta + i0, lo, hi, drop, keep_scale, first_counter, Lk,
+                                       keep_row.data(), nullptr, nullptr);
                 continue;
               }
-              for (int64_t c = lo; c < hi; ++c) {
-                const int64_t i = i0 + c;
-                acc_t softcap_grad = 1;
-                const acc_t logit = terms.logit(p_row[c], b, h, i, j, &softcap_grad);
-                if (logit == neg_inf<acc_t>() || lse[i] == neg_inf<acc_t>()) {
-                  p_row[c] = 0;
-                  ds_row[c] = 0;
-                  continue;
-                }
-                const acc_t p = std::exp(logit - lse[i]);
-                acc_t p_dropped = p, dp = ds_row[c];
-                if (drop.on()) {
-                  const bool keep = drop.keep(dropout_counter(bh, i, j, Lq, Lk));
-                  p_dropped = keep ? p * keep_scale : acc_t(0);
-                  dp = keep ? dp * keep_scale : acc_t(0);
-                }
-                const acc_t ds = p * (dp - delta[i]);
-                if (op.dbias) op.dbias[(bh * Lq + i) * Lk + j] = ds;
-                p_row[c] = p_dropped;
-                ds_row[c] = ds * softcap_grad;
+              acc_t* grad = grad_row.empty() ? nullptr : grad_row.data();
+              terms.logits(p_row + lo, hi - lo, b, h, i0 + lo, j, 1, 0, grad ? grad + lo : nullptr);
+              scores_to_grads<acc_t>(p_row, ds_row, lse_safe.data(), delta + i0, lo, hi, drop, keep_scale,
+                                     first_counter, Lk, keep_row.data(), grad, op.dbias ? dbias_row.data() : nullptr);
+              if (op.dbias) {
+                for (int64_t c = lo; c < hi; ++c) op.dbias[(bh * Lq + i0 + c) * Lk + j] = dbias_row[c];
               }
             }
             tile_gemm(kc, Dv, qc, p_t.data(), BQ, op.dout + (bh * Lq + i0) * Dv, Dv, dv_acc.data(), Dv, true);
