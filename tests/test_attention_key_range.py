@@ -241,3 +241,31 @@ def test_causal_offset_with_alignment_is_an_error():
     q, k, v = make_qkv(batch=1, q_heads=1, q_len=3, k_len=3, head_dim=4, requires_grad=False)
     with pytest.raises(ValueError, match="not both"):
         bmkernels.attention(q, k, v, causal=True, causal_offset=1, causal_alignment="bottom_right")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bool masks with structure: the kernels visit only the tiles inside each block's hull of kept keys.
+
+
+def _document_mask(length, docs, shape=(1, 1)):
+    doc = torch.arange(length) * docs // length
+    return (doc[:, None] == doc[None, :]).expand(*shape, length, length)
+
+
+@pytest.mark.parametrize(
+    "mask_of",
+    [
+        lambda: _document_mask(300, 4),  # shared by every batch and head
+        lambda: torch.stack([_document_mask(300, 3)[0], _document_mask(300, 5)[0]]).expand(2, 3, 300, 300),
+        lambda: _document_mask(300, 4, (2, 3)) & (torch.arange(300) < 290)[:, None],  # fully masked query rows
+        lambda: _document_mask(300, 6).transpose(-1, -2).contiguous() | torch.eye(300, dtype=torch.bool),
+    ],
+    ids=("shared", "per_batch", "empty_rows", "transposed_layout"),
+)
+@pytest.mark.parametrize("causal", (False, True))
+def test_structured_masks_match_reference(mask_of, causal):
+    q, k, v = make_qkv(batch=2, q_heads=3, kv_heads=1, q_len=300, k_len=300, head_dim=16)
+    options = {"causal": causal}
+    check_against_reference(
+        kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v, "mask": mask_of()}, q.dtype
+    )

@@ -167,6 +167,62 @@ struct ScoreTerms {
   }
 };
 
+// Where a boolean mask keeps anything, per block: for each (batch, head) of the mask's own extent (1 where
+// it broadcasts, so a mask shared by every head is analysed once) and each block of `block` query rows
+// (by_query_blocks) or key columns, the hull [begin, end) of kept keys (resp. queries). The kernels
+// visit only the tiles inside a hull, so a document or banded mask skips its fully masked tiles.
+struct MaskHulls {
+  std::vector<int64_t> begin, end;  // empty: no mask
+  int64_t heads = 1, blocks = 0;
+  bool per_batch = false, per_head = false;
+
+  template <typename scalar_t, typename acc_t>
+  static MaskHulls of(const ScoreTerms<scalar_t, acc_t>& t, int64_t batch, int64_t q_heads, int64_t q_len,
+                      int64_t k_len, int64_t block, bool by_query_blocks) {
+    MaskHulls hulls;
+    if (!t.mask) return hulls;
+    hulls.per_batch = t.mask_stride[0] != 0 && batch > 1;
+    hulls.per_head = t.mask_stride[1] != 0 && q_heads > 1;
+    const int64_t nb = hulls.per_batch ? batch : 1;
+    hulls.heads = hulls.per_head ? q_heads : 1;
+    const int64_t along = by_query_blocks ? q_len : k_len, across = by_query_blocks ? k_len : q_len;
+    hulls.blocks = (along + block - 1) / block;
+    const int64_t n = nb * hulls.heads * hulls.blocks;
+    hulls.begin.assign(n, across);
+    hulls.end.assign(n, 0);
+    // element (line x, position y) of the mask: a query row x and key y, or a key column x and query y
+    const int64_t line_stride = by_query_blocks ? t.mask_stride[2] : t.mask_stride[3];
+    const int64_t pos_stride = by_query_blocks ? t.mask_stride[3] : t.mask_stride[2];
+    at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+      for (int64_t e = first; e < last; ++e) {
+        const int64_t bh = e / hulls.blocks, blk = e % hulls.blocks;
+        const bool* m = t.mask + (bh / hulls.heads) * t.mask_stride[0] + (bh % hulls.heads) * t.mask_stride[1];
+        int64_t lo = across, hi = 0;
+        for (int64_t x = blk * block; x < std::min(along, (blk + 1) * block); ++x) {
+          const bool* line = m + x * line_stride;
+          int64_t z = across;  // a kept position at or past hi: the hull grows to z
+          while (z > hi && !line[(z - 1) * pos_stride]) --z;
+          hi = std::max(hi, z);
+          int64_t y = 0;  // a kept position before lo: the hull grows to y
+          while (y < lo && !line[y * pos_stride]) ++y;
+          lo = std::min(lo, y);
+        }
+        hulls.begin[e] = lo;
+        hulls.end[e] = std::max(lo, hi);
+      }
+    });
+    return hulls;
+  }
+
+  // [begin, end) of the block `blk` for batch b, head h, intersected with [lo, hi).
+  std::pair<int64_t, int64_t> clip(int64_t b, int64_t h, int64_t blk, int64_t lo, int64_t hi) const {
+    if (begin.empty()) return {lo, hi};
+    const int64_t e = ((per_batch ? b : 0) * heads + (per_head ? h : 0)) * blocks + blk;
+    const int64_t first = std::max(lo, begin[e]);
+    return {first, std::max(first, std::min(hi, end[e]))};
+  }
+};
+
 struct Shapes {
   int64_t batch, q_heads, kv_heads, q_len, k_len, head_dim, v_head_dim;
   int64_t q_ld = 0, k_ld = 0;  // row strides of the transposed (D x L) operands, see padded_ld
@@ -272,6 +328,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
   // Short keys need a smaller score tile: a 128 KiB scratch is mmap'ed (and page-faulted) per call.
   const int64_t key_block = tile_width(Lk, kFwdKeyBlock, kFwdKeyBlock);
+  const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, Lq, Lk, kFwdQueryBlock, true);
   run_tasks(sh.batch * sh.q_heads * q_blocks, [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
@@ -304,8 +361,9 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
-      const int64_t kv_begin = win.first_key(i0) / kTileGranule * kTileGranule;
-      const int64_t kv_end = win.end_key(i0 + rows - 1);
+      const auto [hull_begin, kv_end] =
+          hulls.clip(b, h, i0 / kFwdQueryBlock, win.first_key(i0), win.end_key(i0 + rows - 1));
+      const int64_t kv_begin = hull_begin / kTileGranule * kTileGranule;
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
         tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, sh.k_ld, scores.data(), key_block, false);
@@ -410,6 +468,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
   // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
   const int64_t key_blocks = ceil_div(Lk, BK);
   const int64_t dq_size = sh.batch * sh.q_heads * D * sh.q_ld;
+  const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, Lq, Lk, BK, false);
   run_tasks(sh.batch * sh.kv_heads * splits, [&](const auto& next_task) {
     std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ), keep_row(drop.on() ? BQ : 0);
     // with score terms: the tile's lse with +inf for empty rows, a row's softcap derivative and dS
@@ -431,12 +490,14 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
         std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dv, acc_t(0));
         // padding keys (outside the key range) see no query: dK = dV = 0 there
         const int64_t j_first = std::max(j0, win.key_begin), j_end = std::min(j0 + kc, win.key_end);
-        const int64_t q_begin = j_first < j_end ? win.first_query(j_first) / kTileGranule * kTileGranule : 0;
-        const int64_t q_end = j_first < j_end ? win.end_query(j_end - 1) : 0;
+        const int64_t band_begin = j_first < j_end ? win.first_query(j_first) : 0;
+        const int64_t band_end = j_first < j_end ? win.end_query(j_end - 1) : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t bh = b * sh.q_heads + h;
           const acc_t* lse = op.lse + bh * Lq;
           const acc_t* delta = op.delta + bh * Lq;
+          const auto [hull_begin, q_end] = hulls.clip(b, h, block, band_begin, band_end);
+          const int64_t q_begin = hull_begin / kTileGranule * kTileGranule;
           for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
             const int64_t qc = tile_width(q_end - i0, BQ, Lq - i0);
             tile_gemm(kc, qc, D, k_head + j0 * D, D, op.qs_t + bh * D * sh.q_ld + i0, sh.q_ld, p_t.data(), BQ, false);
