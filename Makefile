@@ -12,7 +12,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja pybind11 matplotlib
 	$(BIN)/pip install torchvision==$(TORCHVISION_VERSION) scikit-learn
-	$(BIN)/pip install transformers==5.23.0 timm==1.0.31 hypothesis ruff==0.17.6 clang-format==21.1.8
+	$(BIN)/pip install transformers==5.23.0 timm==1.0.31 expecttest ruff==0.17.6 clang-format==21.1.8
 	$(BIN)/pip install --no-build-isolation -e .
 
 test:

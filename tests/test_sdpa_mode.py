@@ -74,13 +74,23 @@ def test_as_a_decorator():
 
 
 def test_calls_it_cannot_serve_fall_through():
-    """A 3-D query against 4-D key/value: torch broadcasts it, bmkernels refuses it; torch runs it."""
+    """float64 has no Triton kernel: with backend="triton" such a call runs torch's SDPA instead."""
+    pytest.importorskip("triton")
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    with bmkernels.sdpa_mode(backend="triton") as mode:
+        got = F.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, q, q))
+    assert (mode.served, mode.fell_through) == (0, 1)
+
+
+def test_broadcast_forms_are_served():
+    """A 3-D query against 4-D key/value (torch broadcasts it): bmkernels serves it, with torch's result."""
     q = torch.randn(4, 5, 8)
     k = torch.randn(2, 4, 6, 8)
     with bmkernels.sdpa_mode() as mode:
         got = F.scaled_dot_product_attention(q, k, k)
-    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, k))
-    assert (mode.served, mode.fell_through) == (0, 1)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, k), rtol=1e-5, atol=1e-6)
+    assert (mode.served, mode.fell_through) == (1, 0)
 
 
 def test_a_wrong_call_gets_torchs_error():

@@ -318,8 +318,10 @@ def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
 ):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: query (..., Hq, L, E),
-    key (..., Hkv, S, E), value (..., Hkv, S, Ev); attn_mask bool (True = take part) or float
-    (added), broadcastable to (..., Hq, L, S); is_causal is top-left aligned; GQA with enable_gqa.
+    key (..., Hkv, S, E), value (..., Hkv, S, Ev), their leading dims broadcasting together as torch's
+    do (a 3-D query against 4-D key/value, batch or head dims of 1); attn_mask bool (True = take
+    part) or float (added), broadcastable to (..., Hq, L, S); is_causal is top-left aligned; GQA with
+    enable_gqa (Hq a multiple of Hkv). Returns (..., Hq, L, Ev) over the broadcast leading dims.
     A query whose keys are all masked gets zeros (and zero gradients)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
@@ -327,23 +329,9 @@ def scaled_dot_product_attention(
             raise ValueError(
                 f"scaled_dot_product_attention: {name} must have at least 2 dims (L, E); got shape {tuple(t.shape)}"
             )
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(
-            f"scaled_dot_product_attention: query, key, value must have the same number of dims; got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    lead = tuple(query.shape[:-3])
-    if tuple(key.shape[:-3]) != lead or tuple(value.shape[:-3]) != lead:
-        raise ValueError(
-            f"scaled_dot_product_attention: batch dims differ: query {tuple(query.shape)}, key "
-            f"{tuple(key.shape)}, value {tuple(value.shape)}"
-        )
+    given_dims = max(query.dim(), key.dim(), value.dim())
+    query, key, value = _broadcast_qkv(query, key, value, enable_gqa)
     q, k, v = (_as_4d(t) for t in (query, key, value))
-    if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(
-            f"scaled_dot_product_attention: query has {q.shape[1]} heads and key {k.shape[1]}; set "
-            "enable_gqa=True for grouped-query attention"
-        )
     if is_causal and attn_mask is not None:
         raise ValueError("scaled_dot_product_attention: attn_mask must not be set when is_causal=True")
     bias = mask = None
@@ -359,7 +347,33 @@ def scaled_dot_product_attention(
                 f"got {attn_mask.dtype}"
             )
     out = attention(q, k, v, causal=is_causal, bias=bias, mask=mask, dropout_p=dropout_p, scale=scale, backend=backend)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    return out.reshape(*query.shape[query.dim() - given_dims : -1], value.shape[-1])
+
+
+def _broadcast_qkv(query, key, value, enable_gqa):
+    """query, key, value with their dims before (L, E) broadcast together, as torch's SDPA does; with
+    enable_gqa the head dim (-3) of key/value may instead divide query's (grouped-query attention).
+    Views (expand), no copies."""
+    ndim = max(query.dim(), key.dim(), value.dim(), 3)
+    q, k, v = (t.view((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        kv_heads = torch.broadcast_shapes(k.shape[-3:-2], v.shape[-3:-2])[0]
+        if enable_gqa and q.shape[-3] != kv_heads and kv_heads > 0 and q.shape[-3] % kv_heads == 0:
+            q_heads = q.shape[-3]
+        else:
+            q_heads = kv_heads = torch.broadcast_shapes(q.shape[-3:-2], (kv_heads,))[0]
+    except RuntimeError:
+        gqa = "" if enable_gqa else "; for grouped-query attention (fewer key/value heads) set enable_gqa=True"
+        raise ValueError(
+            f"scaled_dot_product_attention: the leading dims of query {tuple(query.shape)}, key "
+            f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast{gqa}"
+        ) from None
+    return (
+        q.expand(*batch, q_heads, *q.shape[-2:]),
+        k.expand(*batch, kv_heads, *k.shape[-2:]),
+        v.expand(*batch, kv_heads, *v.shape[-2:]),
+    )
 
 
 def _as_4d(t):
