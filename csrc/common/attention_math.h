@@ -51,13 +51,6 @@ struct AttentionWindow {
   }
 };
 
-// ALiBi penalty for query i and key j: slope * |i' - j|.
-template <typename T>
-BMK_HOST_DEVICE T alibi_penalty(T slope, int64_t i, int64_t j, int64_t diag_offset) {
-  const int64_t d = i + diag_offset - j;
-  return slope * static_cast<T>(d < 0 ? -d : d);
-}
-
 // Philox counter of score (b, h, i, j) in a (B, H, Lq, Lk) grid: independent of any tiling.
 BMK_HOST_DEVICE uint64_t dropout_counter(int64_t bh, int64_t i, int64_t j, int64_t q_len, int64_t k_len) {
   return (static_cast<uint64_t>(bh) * q_len + i) * k_len + j;
