@@ -269,3 +269,14 @@ def test_structured_masks_match_reference(mask_of, causal):
     check_against_reference(
         kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v, "mask": mask_of()}, q.dtype
     )
+
+
+def test_mask_blocks_all_kept_and_mixed():
+    """Query blocks whose mask rows are all kept skip the mask select, the others apply it: 64-row
+    blocks all kept, one block mixed, one block with a masked column (and the backward's key blocks)."""
+    gen = torch.Generator().manual_seed(8)
+    mask = torch.ones(200, 260, dtype=torch.bool)
+    mask[64:128] = torch.rand(64, 260, generator=gen) < 0.6
+    mask[150:, 131] = False
+    q, k, v = make_qkv(batch=2, q_heads=2, q_len=200, k_len=260, head_dim=16)
+    check_against_reference(kernel_fn(), reference_fn(), {"q": q, "k": k, "v": v, "mask": mask}, q.dtype)

@@ -117,8 +117,9 @@ struct ScoreTerms {
   // (-inf where masked): a query row of the forward tile is (di, dj) = (0, 1), a key row of the transposed
   // backward tile (1, 0). softcap_grad, when given, gets d logit / d s. Vectorized; the bias and mask
   // loads follow their strides (a vector load where the line runs along a contiguous dim).
+  // mask_kept: the caller knows every mask entry of the line is true (the select is skipped).
   void logits(acc_t* s, int64_t n, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t di, int64_t dj,
-              acc_t* softcap_grad) const {
+              acc_t* softcap_grad, bool mask_kept = false) const {
     using V = Vec<acc_t>;
     constexpr int64_t W = V::size();
     if (softcap > 0) {
@@ -159,7 +160,7 @@ struct ScoreTerms {
         (V::loadu(s + c, m) - slope_v * distance).store(s + c, m);
       }
     }
-    if (mask) {
+    if (mask && !mask_kept) {
       const bool* p = mask + b * mask_stride[0] + h * mask_stride[1] + i0 * mask_stride[2] + j0 * mask_stride[3];
       const int64_t step = di * mask_stride[2] + dj * mask_stride[3];
       for (int64_t c = 0; c < n; ++c) s[c] = p[c * step] ? s[c] : neg_inf<acc_t>();
@@ -173,6 +174,7 @@ struct ScoreTerms {
 // visit only the tiles inside a hull, so a document or banded mask skips its fully masked tiles.
 struct MaskHulls {
   std::vector<int64_t> begin, end;  // empty: no mask
+  std::vector<uint8_t> kept;        // whether every entry of the block is kept (the mask select can go)
   int64_t heads = 1, blocks = 0;
   bool per_batch = false, per_head = false;
 
@@ -190,6 +192,7 @@ struct MaskHulls {
     const int64_t n = nb * hulls.heads * hulls.blocks;
     hulls.begin.assign(n, across);
     hulls.end.assign(n, 0);
+    hulls.kept.assign(n, 0);
     // element (line x, position y) of the mask: a query row x and key y, or a key column x and query y
     const int64_t line_stride = by_query_blocks ? t.mask_stride[2] : t.mask_stride[3];
     const int64_t pos_stride = by_query_blocks ? t.mask_stride[3] : t.mask_stride[2];
@@ -198,8 +201,12 @@ struct MaskHulls {
         const int64_t bh = e / hulls.blocks, blk = e % hulls.blocks;
         const bool* m = t.mask + (bh / hulls.heads) * t.mask_stride[0] + (bh % hulls.heads) * t.mask_stride[1];
         int64_t lo = across, hi = 0;
+        bool all_kept = true;
         for (int64_t x = blk * block; x < std::min(along, (blk + 1) * block); ++x) {
           const bool* line = m + x * line_stride;
+          if (all_kept) {  // stops at the first masked entry: a mixed block costs little here
+            for (int64_t y = 0; y < across && all_kept; ++y) all_kept = line[y * pos_stride];
+          }
           int64_t z = across;  // a kept position at or past hi: the hull grows to z
           while (z > hi && !line[(z - 1) * pos_stride]) --z;
           hi = std::max(hi, z);
@@ -209,9 +216,14 @@ struct MaskHulls {
         }
         hulls.begin[e] = lo;
         hulls.end[e] = std::max(lo, hi);
+        hulls.kept[e] = all_kept;
       }
     });
     return hulls;
+  }
+
+  bool all_kept(int64_t b, int64_t h, int64_t blk) const {
+    return !kept.empty() && kept[((per_batch ? b : 0) * heads + (per_head ? h : 0)) * blocks + blk];
   }
 
   // [begin, end) of the block `blk` for batch b, head h, intersected with [lo, hi).
@@ -364,6 +376,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const auto [hull_begin, kv_end] =
           hulls.clip(b, h, i0 / kFwdQueryBlock, win.first_key(i0), win.end_key(i0 + rows - 1));
       const int64_t kv_begin = hull_begin / kTileGranule * kTileGranule;
+      const bool mask_kept = hulls.all_kept(b, h, i0 / kFwdQueryBlock);
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
         tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, sh.k_ld, scores.data(), key_block, false);
@@ -375,7 +388,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           std::fill(row, row + lo, acc_t(0));
           std::fill(row + hi, row + cols, acc_t(0));
           if (lo == hi) continue;
-          if (terms.any()) terms.logits(row + lo, hi - lo, b, h, i, j0 + lo, 0, 1, nullptr);
+          if (terms.any()) terms.logits(row + lo, hi - lo, b, h, i, j0 + lo, 0, 1, nullptr, mask_kept);
           const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
           // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
           const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
@@ -497,6 +510,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
           const acc_t* lse = op.lse + bh * Lq;
           const acc_t* delta = op.delta + bh * Lq;
           const auto [hull_begin, q_end] = hulls.clip(b, h, block, band_begin, band_end);
+          const bool mask_kept = hulls.all_kept(b, h, block);
           const int64_t q_begin = hull_begin / kTileGranule * kTileGranule;
           for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
             const int64_t qc = tile_width(q_end - i0, BQ, Lq - i0);
@@ -525,7 +539,7 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
                 continue;
               }
               acc_t* grad = grad_row.empty() ? nullptr : grad_row.data();
-              terms.logits(p_row + lo, hi - lo, b, h, i0 + lo, j, 1, 0, grad ? grad + lo : nullptr);
+              terms.logits(p_row + lo, hi - lo, b, h, i0 + lo, j, 1, 0, grad ? grad + lo : nullptr, mask_kept);
               scores_to_grads<acc_t>(p_row, ds_row, lse_safe.data(), delta + i0, lo, hi, drop, keep_scale,
                                      first_counter, Lk, keep_row.data(), grad, op.dbias ? dbias_row.data() : nullptr);
               if (op.dbias) {
