@@ -21,6 +21,7 @@
 #include <atomic>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/gru_math.h"
@@ -465,19 +466,39 @@ GruLayerBwdResult layer_backward(const at::Tensor& grad_out, const at::Tensor& g
 }
 
 void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                       const std::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3 && h0.dim() == 3 && w_ih.dim() == 3 && w_hh.dim() == 3,
               "gru_layer: expected x (T, B, I), h0 (D, B, H), w_ih (D, 3H, I), w_hh (D, 3H, H)");
   const int64_t D = w_ih.size(0), H = w_hh.size(2);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "gru_layer: x must be float32, float64 or bfloat16; got ", dtype);
+  TORCH_CHECK(h0.scalar_type() == dtype && w_ih.scalar_type() == dtype && w_hh.scalar_type() == dtype,
+              "gru_layer: h0, w_ih, w_hh must have x's dtype ", dtype, "; got ", h0.scalar_type(), ", ",
+              w_ih.scalar_type(), ", ", w_hh.scalar_type());
   TORCH_CHECK(D == 1 || D == 2, "gru_layer: 1 or 2 directions; got ", D);
+  TORCH_CHECK(H >= 1, "gru_layer: hidden size must be >= 1; got w_hh ", w_hh.sizes());
   TORCH_CHECK(x.size(0) >= 1, "gru_layer: sequence length must be >= 1");
   TORCH_CHECK(w_ih.sizes() == at::IntArrayRef({D, 3 * H, x.size(2)}) && w_hh.sizes() == at::IntArrayRef({D, 3 * H, H}),
               "gru_layer: weight shapes ", w_ih.sizes(), ", ", w_hh.sizes(), " do not match x ", x.sizes());
   TORCH_CHECK(h0.sizes() == at::IntArrayRef({D, x.size(1), H}), "gru_layer: h0 must be (D, B, H) = (", D, ", ",
               x.size(1), ", ", H, "); got ", h0.sizes());
-  if (lengths.has_value())
+  for (const auto& [name, bias] : {std::pair{"b_ih", &b_ih}, std::pair{"b_hh", &b_hh}}) {
+    if (bias->has_value()) {
+      TORCH_CHECK((*bias)->sizes() == at::IntArrayRef({D, 3 * H}) && (*bias)->scalar_type() == dtype,
+                  "gru_layer: ", name, " must be ", dtype, " of shape (D, 3H) = (", D, ", ", 3 * H, "); got ",
+                  (*bias)->scalar_type(), " ", (*bias)->sizes());
+    }
+  }
+  if (lengths.has_value()) {
     TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == x.size(1),
-                "gru_layer: lengths must be int64 (B,)");
+                "gru_layer: lengths must be int64 (B,) = (", x.size(1), ",); got ", lengths->scalar_type(), " ",
+                lengths->sizes());
+    // the kernels index time steps by them
+    const bool in_range = ((*lengths >= 0) & (*lengths <= x.size(0))).all().item<bool>();
+    TORCH_CHECK(in_range, "gru_layer: lengths must lie in [0, T] = [0, ", x.size(0), "]; got ", *lengths);
+  }
 }
 
 std::string shape_str(at::IntArrayRef sizes) {
@@ -546,7 +567,7 @@ GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                 const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
                                 bool save_workspace) {
-  check_layer_args(x, h0, w_ih, w_hh, lengths);
+  check_layer_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   const auto xc = as_compute(x), hc = as_compute(h0), wi = as_compute(w_ih), wh = as_compute(w_hh);
   const auto bi = opt_compute(b_ih), bh = opt_compute(b_hh);
   const auto len = lengths_contiguous(lengths);
@@ -560,8 +581,12 @@ GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const
 GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
                                 const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                 const std::optional<at::Tensor>& lengths, const at::Tensor& workspace, bool has_bias) {
-  check_layer_args(x, h0, w_ih, w_hh, lengths);
+  check_layer_args(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
   const int64_t T_len = x.size(0), B = x.size(1), D = w_ih.size(0), H = w_hh.size(2);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T_len, B, D * H}), "gru_layer_bwd: grad_out must be (T, B, D*H) = (",
+              T_len, ", ", B, ", ", D * H, "); got ", grad_out.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == at::IntArrayRef({D, B, H}), "gru_layer_bwd: grad_h_n must be (D, B, H) = (", D, ", ",
+              B, ", ", H, "); got ", grad_h_n.sizes());
   TORCH_CHECK(workspace.sizes() == at::IntArrayRef({D, T_len, B, kWorkspaceGates * H}),
               "gru_layer_bwd: workspace must be (D, T, B, 5H); got ", workspace.sizes());
   const auto xc = as_compute(x), wi = as_compute(w_ih), wh = as_compute(w_hh);
