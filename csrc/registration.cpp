@@ -29,12 +29,13 @@ TORCH_LIBRARY(bmkernels, m) {
   // Attention over (B, H, L, D) tensors; bias and mask broadcast to (B, Hq, Lq, Lk); window bounds
   // of -1 are unbounded (causal is window_right = 0); query i is aligned to key i + diag_offset;
   // rng_seed (int64, one element) seeds the Philox dropout mask; key_range (B, 2) int64 rows
-  // [begin, end): batch b's keys outside it are padding (whole key blocks skipped). Returns out and
-  // lse (B, Hq, Lq).
+  // [begin, end): batch b's keys outside it are padding (whole key blocks skipped); segments (S + 1, 2)
+  // int64, cumulative (query, key) row offsets of packed sequences in batch 1 (FlashAttention's varlen):
+  // each attends to its own keys, aligned bottom-right. Returns out and lse (B, Hq, Lq).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, "
       "Tensor? rng_seed, float scale, float softcap, int window_left, int window_right, int diag_offset, "
-      "float dropout_p, Tensor? key_range=None) -> (Tensor, Tensor)",
+      "float dropout_p, Tensor? key_range=None, Tensor? segments=None) -> (Tensor, Tensor)",
       // out takes q's layout (free transpose back to the projection layout): inductor must pass the
       // strides it traced.
       {at::Tag::needs_exact_strides});
@@ -44,7 +45,16 @@ TORCH_LIBRARY(bmkernels, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
       "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, "
       "int window_left, int window_right, int diag_offset, float dropout_p, bool bias_grad, "
-      "Tensor? key_range=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? key_range=None, Tensor? segments=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Attention of q (B, Lq, Hq, D) over a KV cache (FlashAttention's flash_attn_with_kvcache, forward only):
+  // k_cache/v_cache (rows, L, Hkv, D) dense, batch b reading cache row cache_batch_idx[b] (else b), or pages
+  // (blocks, block_size, Hkv, D) through block_table (B, max_blocks); batch b sees its first cache_seqlens[b]
+  // keys, query i aligned bottom-right to key i + cache_seqlens[b] - Lq. Returns out (B, Lq, Hq, Dv) and
+  // lse (B, Hq, Lq).
+  m.def(
+      "attention_kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+      "Tensor? cache_batch_idx, Tensor? alibi_slopes, float scale, float softcap, int window_left, "
+      "int window_right) -> (Tensor, Tensor)");
   // The keep-mask (B, H, Lq, Lk) that attention_fwd's dropout draws for rng_seed: for tests and debugging.
   m.def(
       "attention_dropout_mask(Tensor rng_seed, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor");

@@ -429,8 +429,9 @@ def _fake_fwd(
     diag_offset,
     dropout_p,
     key_range=None,
+    segments=None,
 ):
-    _same_device_or_fail(q, k, v, bias, mask, alibi_slopes, key_range)
+    _same_device_or_fail(q, k, v, bias, mask, alibi_slopes, key_range, segments)
     batch, heads, q_len, _ = q.shape
     out = _empty_output(q, v.shape[-1])
     lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
@@ -457,8 +458,9 @@ def _fake_bwd(
     dropout_p,
     bias_grad,
     key_range=None,
+    segments=None,
 ):
-    _same_device_or_fail(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, key_range)
+    _same_device_or_fail(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, key_range, segments)
     dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -469,9 +471,9 @@ def _fake_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, alibi_slopes, rng_seed, *params, key_range = inputs
+    q, k, v, bias, mask, alibi_slopes, rng_seed, *params, key_range, segments = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range)
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range, segments)
     ctx.params = params
 
 
@@ -480,13 +482,27 @@ def backward_with(bwd_op):
     (attention_bwd's signature): the Triton operators' (the C++ operator's is in csrc/autograd/)."""
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range = ctx.saved_tensors
+        q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range, segments = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = bwd_op(
-            grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, *ctx.params, bias_grad, key_range
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            grad_lse,
+            bias,
+            mask,
+            alibi_slopes,
+            rng_seed,
+            *ctx.params,
+            bias_grad,
+            key_range,
+            segments,
         )
         dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
-        return dq, dk, dv, dbias, *([None] * 10)
+        return dq, dk, dv, dbias, *([None] * 11)
 
     return backward
 
@@ -494,6 +510,13 @@ def backward_with(bwd_op):
 if _extension.loaded():
     torch.library.register_fake("bmkernels::attention_fwd")(_fake_fwd)
     torch.library.register_fake("bmkernels::attention_bwd")(_fake_bwd)
+    torch.library.register_fake("bmkernels::attention_kvcache_fwd")(
+        lambda q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, *scalars: (
+            _same_device_or_fail(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes),
+            q.new_empty(*q.shape[:3], v_cache.shape[-1]),
+            q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=_acc_dtype(q.dtype)),
+        )[1:]
+    )
     torch.library.register_fake("bmkernels::attention_dropout_mask")(
         lambda rng_seed, batch, heads, q_len, k_len, dropout_p: rng_seed.new_empty(
             (batch, heads, q_len, k_len), dtype=torch.bool

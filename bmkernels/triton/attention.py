@@ -714,7 +714,12 @@ def _slopes(alibi_slopes, batch, q_heads, placeholder):
     return s, s.stride()
 
 
-def _check(q, k, v, what):
+def _check(q, k, v, what, segments=None):
+    if segments is not None:
+        raise NotImplementedError(
+            "bmkernels attention backend 'triton': packed sequences (segments, flash_attn_varlen_func) run on "
+            "backend='cpu' only so far"
+        )
     if q.dtype not in DTYPES:
         raise TypeError(
             f"bmkernels attention backend 'triton': q must be float16, bfloat16 or float32; got "
@@ -815,9 +820,10 @@ def attention_fwd(
     diag_offset: int,
     dropout_p: float,
     key_range: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_fwd: (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32)."""
-    _check(q, k, v, "attention_fwd")
+    _check(q, k, v, "attention_fwd", segments)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     # contiguous: unlike the C++ op, a triton_op cannot carry the tag that keeps inductor from changing
@@ -888,10 +894,11 @@ def attention_bwd(
     dropout_p: float,
     bias_grad: bool,
     key_range: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_bwd: (dq, dk, dv, dbias); dbias is the float32
     (B, Hq, Lq, Lk) score gradient when bias_grad, else empty."""
-    _check(q, k, v, "attention_bwd")
+    _check(q, k, v, "attention_bwd", segments)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     # every element of dq, dk, dv is written by the kernels; dbias is zero outside the causal/window band

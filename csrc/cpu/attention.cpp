@@ -305,12 +305,13 @@ void run_tasks(int64_t tasks, const ThreadBody& thread_body) {
                    [&](int64_t, int64_t) { thread_body(next_task); });
 }
 
-// Per-batch key ranges [begin, end) (key_range), as the window of batch b; none: every key.
-struct KeyRanges {
-  const int64_t* ranges = nullptr;  // (B, 2) contiguous, validated by check_inputs
-  AttentionWindow window_of(const AttentionWindow& win, int64_t b) const {
-    return ranges ? win.for_keys(ranges[2 * b], ranges[2 * b + 1]) : win;
-  }
+// One independent problem inside the op's tensors: batch `batch`'s query rows [q0, q0 + q_len) attend to
+// its key rows [k0, k0 + k_len) through `win` (positions local to the segment). A batched call has one
+// segment per batch (q0 = k0 = 0); packed sequences (segments) one per sequence of batch 0. terms_batch
+// indexes the score terms (the batch, or the sequence for per-sequence ALiBi slopes).
+struct Segment {
+  int64_t batch, terms_batch, q0, q_len, k0, k_len;
+  AttentionWindow win;
 };
 
 // Where an operand (B, H, L, D) with a contiguous last dim keeps its rows: element (b, h, i, d) is at
@@ -332,39 +333,51 @@ struct ForwardLayouts {
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t* q, acc_t scale, const scalar_t* k,
-                    const scalar_t* v, const ScoreTerms<scalar_t, acc_t>& terms, const AttentionWindow& all_keys,
-                    const KeyRanges& key_ranges, const Dropout& drop, scalar_t* out, acc_t* lse) {
-  const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
+                    const scalar_t* v, const ScoreTerms<scalar_t, acc_t>& terms, const std::vector<Segment>& segs,
+                    const Dropout& drop, scalar_t* out, acc_t* lse) {
+  const int64_t D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
-  const int64_t q_blocks = ceil_div(Lq, kFwdQueryBlock);
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
+  int64_t max_k = 0;
+  // Tasks (segment, head, query block), segment by segment: first_task[s] is segment s's first.
+  std::vector<int64_t> first_task(segs.size() + 1, 0);
+  for (size_t s = 0; s < segs.size(); ++s) {
+    max_k = std::max(max_k, segs[s].k_len);
+    first_task[s + 1] = first_task[s] + sh.q_heads * ceil_div(segs[s].q_len, kFwdQueryBlock);
+  }
+  const int64_t k_ld = padded_ld(max_k);
   // Short keys need a smaller score tile: a 128 KiB scratch is mmap'ed (and page-faulted) per call.
-  const int64_t key_block = tile_width(Lk, kFwdKeyBlock, kFwdKeyBlock);
-  const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, Lq, Lk, kFwdQueryBlock, true);
-  run_tasks(sh.batch * sh.q_heads * q_blocks, [&](const auto& next_task) {
+  const int64_t key_block = tile_width(max_k, kFwdKeyBlock, kFwdKeyBlock);
+  const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, sh.q_len, sh.k_len, kFwdQueryBlock, true);
+  run_tasks(first_task.back(), [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
     std::vector<acc_t> keep_row(drop.on() ? key_block : 0);  // dropout multipliers of one score row
     // This thread's copy of its current kv head: K transposed (D x k_ld) and, for reduced precision,
     // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
     // with no full-size temporary and no extra parallel region.
-    std::vector<acc_t> kt_head(D * sh.k_ld), v_acc(std::is_same_v<scalar_t, acc_t> ? 0 : Lk * Dv);
-    int64_t packed_head = -1;
+    std::vector<acc_t> kt_head(D * k_ld), v_acc(std::is_same_v<scalar_t, acc_t> ? 0 : max_k * Dv);
+    int64_t packed_head = -1;  // segment * kv_heads + kv head
     for (int64_t task; (task = next_task()) >= 0;) {
-      const int64_t bh = task / q_blocks, b = bh / sh.q_heads, h = bh % sh.q_heads;
-      const int64_t hk = h / group, kv_head = b * sh.kv_heads + hk;
-      const int64_t i0 = (task % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, Lq - i0);
-      const AttentionWindow win = key_ranges.window_of(all_keys, b);  // padding keys: whole blocks skipped
-      pack_rows(q + lay.q.at(b, h, i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once, not per score
-      if (kv_head != packed_head) {
-        pack_transposed(k + lay.k.at(b, hk), Lk, D, lay.k.row, sh.k_ld, acc_t(1), kt_head.data());
-        if (!v_acc.empty()) pack_rows(v + lay.v.at(b, hk), Lk, Dv, lay.v.row, acc_t(1), v_acc.data());
-        packed_head = kv_head;
+      const int64_t s = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const Segment& seg = segs[s];
+      const int64_t q_blocks = ceil_div(seg.q_len, kFwdQueryBlock), local = task - first_task[s];
+      const int64_t b = seg.batch, h = local / q_blocks, hk = h / group, bh = b * sh.q_heads + h;
+      const int64_t i0 = (local % q_blocks) * kFwdQueryBlock, rows = std::min(kFwdQueryBlock, seg.q_len - i0);
+      const int64_t Lk = seg.k_len;
+      const AttentionWindow& win = seg.win;  // padding keys: whole blocks skipped
+      ScoreTerms<scalar_t, acc_t> seg_terms = terms;
+      seg_terms.diag_offset = win.diag_offset;
+      pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once
+      if (s * sh.kv_heads + hk != packed_head) {
+        pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
+        if (!v_acc.empty()) pack_rows(v + lay.v.at(b, hk, seg.k0), Lk, Dv, lay.v.row, acc_t(1), v_acc.data());
+        packed_head = s * sh.kv_heads + hk;
       }
       const acc_t* v_head;
       int64_t v_ld;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        v_head = v + lay.v.at(b, hk);
+        v_head = v + lay.v.at(b, hk, seg.k0);
         v_ld = lay.v.row;
       } else {
         v_head = v_acc.data();
@@ -373,13 +386,14 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
+      // masks exist only for batched calls, where segment rows are the batch's rows (q0 = 0)
       const auto [hull_begin, kv_end] =
           hulls.clip(b, h, i0 / kFwdQueryBlock, win.first_key(i0), win.end_key(i0 + rows - 1));
       const int64_t kv_begin = hull_begin / kTileGranule * kTileGranule;
       const bool mask_kept = hulls.all_kept(b, h, i0 / kFwdQueryBlock);
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
-        tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, sh.k_ld, scores.data(), key_block, false);
+        tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, k_ld, scores.data(), key_block, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           acc_t* row = scores.data() + r * key_block;
@@ -388,7 +402,8 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           std::fill(row, row + lo, acc_t(0));
           std::fill(row + hi, row + cols, acc_t(0));
           if (lo == hi) continue;
-          if (terms.any()) terms.logits(row + lo, hi - lo, b, h, i, j0 + lo, 0, 1, nullptr, mask_kept);
+          if (terms.any())
+            seg_terms.logits(row + lo, hi - lo, seg.terms_batch, h, i, j0 + lo, 0, 1, nullptr, mask_kept);
           const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
           // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
           const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
@@ -398,23 +413,25 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           run_max[r] = new_max;
           if (rescale != acc_t(1)) scale_row(acc_out.data() + r * Dv, Dv, rescale);
           if (drop.on()) {
-            drop.multipliers(dropout_counter(bh, i, j0 + lo, Lq, Lk), 1, hi - lo, keep_scale, keep_row.data());
+            const uint64_t first = dropout_counter(bh, seg.q0 + i, seg.k0 + j0 + lo, sh.q_len, sh.k_len);
+            drop.multipliers(first, 1, hi - lo, keep_scale, keep_row.data());
             for (int64_t c = lo; c < hi; ++c) row[c] *= keep_row[c - lo];
           }
         }
         tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* out_row = out + lay.out.at(b, h, i0 + r);
+        scalar_t* out_row = out + lay.out.at(b, h, seg.q0 + i0 + r);
         const acc_t* acc_row = acc_out.data() + r * Dv;
+        acc_t* lse_row = lse + bh * sh.q_len + seg.q0 + i0 + r;
         if (run_sum[r] == acc_t(0)) {  // no visible key: zeros, lse = log(0)
           std::fill(out_row, out_row + Dv, scalar_t(0));
-          lse[bh * Lq + i0 + r] = neg_inf<acc_t>();
+          *lse_row = neg_inf<acc_t>();
           continue;
         }
         const acc_t inv = acc_t(1) / run_sum[r];
         for (int64_t d = 0; d < Dv; ++d) out_row[d] = static_cast<scalar_t>(acc_row[d] * inv);
-        lse[bh * Lq + i0 + r] = run_max[r] + std::log(run_sum[r]);
+        *lse_row = run_max[r] + std::log(run_sum[r]);
       }
     }
     tile_gemm_done();
@@ -468,37 +485,41 @@ struct BackwardOperands {
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const ScoreTerms<scalar_t, acc_t>& terms,
-                     const AttentionWindow& all_keys, const KeyRanges& key_ranges, const Dropout& drop,
-                     int64_t splits) {
+                     const std::vector<Segment>& segs, const Dropout& drop, int64_t splits) {
   const int64_t Lq = sh.q_len, Lk = sh.k_len, D = sh.head_dim, Dv = sh.v_head_dim;
   const int64_t group = sh.q_heads / sh.kv_heads;
   const acc_t keep_scale = drop.on() ? acc_t(1) / (acc_t(1) - acc_t(drop.p)) : acc_t(1);
   const bool plain = !terms.any();  // every visible score is finite: the vectorized path
+  int64_t max_q = 0;
+  for (const Segment& seg : segs) max_q = std::max(max_q, seg.q_len);
   // Short queries need a narrower tile (a 128 KiB scratch is mmap'ed and page-faulted per call).
   constexpr int64_t BK = kBwdKeyBlock;
-  const int64_t BQ = tile_width(Lq, kBwdQueryBlock, kBwdQueryBlock);
-  // A task owns one kv head and every split-th key block of it, so dK/dV (summed over the head's
-  // query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
-  const int64_t key_blocks = ceil_div(Lk, BK);
+  const int64_t BQ = tile_width(max_q, kBwdQueryBlock, kBwdQueryBlock);
+  // A task owns one kv head of one segment and every split-th key block of it, so dK/dV (summed over the
+  // head's query group) need no reduction; dQ gets one partial buffer per split, summed by the caller.
   const int64_t dq_size = sh.batch * sh.q_heads * D * sh.q_ld;
   const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, Lq, Lk, BK, false);
-  run_tasks(sh.batch * sh.kv_heads * splits, [&](const auto& next_task) {
+  run_tasks(static_cast<int64_t>(segs.size()) * sh.kv_heads * splits, [&](const auto& next_task) {
     std::vector<acc_t> p_t(BK * BQ), ds_t(BK * BQ), keep_row(drop.on() ? BQ : 0);
     // with score terms: the tile's lse with +inf for empty rows, a row's softcap derivative and dS
     std::vector<acc_t> lse_safe(plain ? 0 : BQ), grad_row(terms.softcap > 0 ? BQ : 0), dbias_row(op.dbias ? BQ : 0);
     std::vector<acc_t> dk_acc(BK * std::max<int64_t>(D, 1)), dv_acc(BK * std::max<int64_t>(Dv, 1));
     for (int64_t task; (task = next_task()) >= 0;) {
-      const int64_t kv_head = task / splits, split = task % splits;
-      const int64_t b = kv_head / sh.kv_heads, hk = kv_head % sh.kv_heads;
-      const AttentionWindow win = key_ranges.window_of(all_keys, b);
-      const acc_t* k_head = op.k + kv_head * Lk * D;
-      const acc_t* kt_head = op.k_t + kv_head * D * sh.k_ld;
-      const acc_t* v_head = op.v + kv_head * Lk * Dv;
+      const int64_t seg_head = task / splits, split = task % splits;
+      const Segment& seg = segs[seg_head / sh.kv_heads];
+      const int64_t b = seg.batch, hk = seg_head % sh.kv_heads, kv_head = b * sh.kv_heads + hk;
+      const AttentionWindow& win = seg.win;
+      ScoreTerms<scalar_t, acc_t> seg_terms = terms;
+      seg_terms.diag_offset = win.diag_offset;
+      // the segment's rows: key j (local) is row seg.k0 + j of its head, query i row seg.q0 + i
+      const acc_t* k_head = op.k + (kv_head * Lk + seg.k0) * D;
+      const acc_t* kt_head = op.k_t + kv_head * D * sh.k_ld + seg.k0;
+      const acc_t* v_head = op.v + (kv_head * Lk + seg.k0) * Dv;
       acc_t* dq_t = op.dq_t + split * dq_size;
       // interleaved key blocks balance causal work, where late keys meet fewer queries
-      for (int64_t block = split; block < key_blocks; block += splits) {
+      for (int64_t block = split; block < ceil_div(seg.k_len, BK); block += splits) {
         const int64_t j0 = block * BK;
-        const int64_t kc = std::min(BK, Lk - j0);
+        const int64_t kc = std::min(BK, seg.k_len - j0);
         std::fill(dk_acc.begin(), dk_acc.begin() + kc * D, acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dv, acc_t(0));
         // padding keys (outside the key range) see no query: dK = dV = 0 there
@@ -507,16 +528,19 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
         const int64_t band_end = j_first < j_end ? win.end_query(j_end - 1) : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t bh = b * sh.q_heads + h;
-          const acc_t* lse = op.lse + bh * Lq;
-          const acc_t* delta = op.delta + bh * Lq;
+          const int64_t row0 = bh * Lq + seg.q0;  // the segment's first query row of this head
+          const acc_t* lse = op.lse + row0;
+          const acc_t* delta = op.delta + row0;
+          const acc_t* qs_t = op.qs_t + bh * D * sh.q_ld + seg.q0;
+          const acc_t* dout_t = op.dout_t + bh * Dv * sh.q_ld + seg.q0;
+          // masks exist only for batched calls, where segment rows are the batch's rows (k0 = 0)
           const auto [hull_begin, q_end] = hulls.clip(b, h, block, band_begin, band_end);
           const bool mask_kept = hulls.all_kept(b, h, block);
           const int64_t q_begin = hull_begin / kTileGranule * kTileGranule;
           for (int64_t i0 = q_begin; i0 < q_end; i0 += BQ) {
-            const int64_t qc = tile_width(q_end - i0, BQ, Lq - i0);
-            tile_gemm(kc, qc, D, k_head + j0 * D, D, op.qs_t + bh * D * sh.q_ld + i0, sh.q_ld, p_t.data(), BQ, false);
-            tile_gemm(kc, qc, Dv, v_head + j0 * Dv, Dv, op.dout_t + bh * Dv * sh.q_ld + i0, sh.q_ld, ds_t.data(), BQ,
-                      false);
+            const int64_t qc = tile_width(q_end - i0, BQ, seg.q_len - i0);
+            tile_gemm(kc, qc, D, k_head + j0 * D, D, qs_t + i0, sh.q_ld, p_t.data(), BQ, false);
+            tile_gemm(kc, qc, Dv, v_head + j0 * Dv, Dv, dout_t + i0, sh.q_ld, ds_t.data(), BQ, false);
             if (!plain) {
               for (int64_t c = 0; c < qc; ++c) {
                 lse_safe[c] = lse[i0 + c] == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity() : lse[i0 + c];
@@ -532,27 +556,29 @@ void backward_kernel(const Shapes& sh, const BackwardOperands<acc_t>& op, const 
               std::fill(p_row + hi, p_row + qc, acc_t(0));
               std::fill(ds_row, ds_row + lo, acc_t(0));
               std::fill(ds_row + hi, ds_row + qc, acc_t(0));
-              const uint64_t first_counter = dropout_counter(bh, i0 + lo, j, Lq, Lk);
+              const uint64_t first_counter = dropout_counter(bh, seg.q0 + i0 + lo, seg.k0 + j, Lq, Lk);
               if (plain) {
                 scores_to_grads<acc_t>(p_row, ds_row, lse + i0, delta + i0, lo, hi, drop, keep_scale, first_counter, Lk,
                                        keep_row.data(), nullptr, nullptr);
                 continue;
               }
               acc_t* grad = grad_row.empty() ? nullptr : grad_row.data();
-              terms.logits(p_row + lo, hi - lo, b, h, i0 + lo, j, 1, 0, grad ? grad + lo : nullptr, mask_kept);
+              seg_terms.logits(p_row + lo, hi - lo, seg.terms_batch, h, i0 + lo, j, 1, 0, grad ? grad + lo : nullptr,
+                               mask_kept);
               scores_to_grads<acc_t>(p_row, ds_row, lse_safe.data(), delta + i0, lo, hi, drop, keep_scale,
                                      first_counter, Lk, keep_row.data(), grad, op.dbias ? dbias_row.data() : nullptr);
               if (op.dbias) {
                 for (int64_t c = lo; c < hi; ++c) op.dbias[(bh * Lq + i0 + c) * Lk + j] = dbias_row[c];
               }
             }
-            tile_gemm(kc, Dv, qc, p_t.data(), BQ, op.dout + (bh * Lq + i0) * Dv, Dv, dv_acc.data(), Dv, true);
-            tile_gemm(kc, D, qc, ds_t.data(), BQ, op.qs + (bh * Lq + i0) * D, D, dk_acc.data(), D, true);
-            tile_gemm(D, qc, kc, kt_head + j0, sh.k_ld, ds_t.data(), BQ, dq_t + bh * D * sh.q_ld + i0, sh.q_ld, true);
+            tile_gemm(kc, Dv, qc, p_t.data(), BQ, op.dout + (row0 + i0) * Dv, Dv, dv_acc.data(), Dv, true);
+            tile_gemm(kc, D, qc, ds_t.data(), BQ, op.qs + (row0 + i0) * D, D, dk_acc.data(), D, true);
+            tile_gemm(D, qc, kc, kt_head + j0, sh.k_ld, ds_t.data(), BQ, dq_t + bh * D * sh.q_ld + seg.q0 + i0, sh.q_ld,
+                      true);
           }
         }
-        std::copy(dk_acc.begin(), dk_acc.begin() + kc * D, op.dk + (kv_head * Lk + j0) * D);
-        std::copy(dv_acc.begin(), dv_acc.begin() + kc * Dv, op.dv + (kv_head * Lk + j0) * Dv);
+        std::copy(dk_acc.begin(), dk_acc.begin() + kc * D, op.dk + (kv_head * Lk + seg.k0 + j0) * D);
+        std::copy(dv_acc.begin(), dv_acc.begin() + kc * Dv, op.dv + (kv_head * Lk + seg.k0 + j0) * Dv);
       }
     }
     tile_gemm_done();
@@ -572,6 +598,31 @@ void check_key_range(const at::Tensor& key_range, const Shapes& sh) {
     TORCH_CHECK(0 <= p[2 * b] && p[2 * b] <= p[2 * b + 1] && p[2 * b + 1] <= sh.k_len,
                 "bmkernels attention: key_range rows must be [begin, end) with 0 <= begin <= end <= Lk = ", sh.k_len,
                 "; row ", b, " is [", p[2 * b], ", ", p[2 * b + 1], ")");
+  }
+}
+
+// segments (S + 1, 2) int64 on the CPU: row s = (first query row, first key row) of packed sequence s of
+// batch 0, row S = (Lq, Lk); both columns non-decreasing from (0, 0). The kernels index rows by it, so
+// every row is checked (O(S)). Per-score terms that index the batch (bias, mask, key_range) do not apply.
+void check_segments(const at::Tensor& segments, const Shapes& sh, bool has_bias, bool has_mask, bool has_key_range) {
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.device().is_cpu() && segments.dim() == 2 &&
+                  segments.size(0) >= 1 && segments.size(1) == 2,
+              "bmkernels attention: segments must be a CPU int64 tensor of shape (S + 1, 2); got ",
+              segments.scalar_type(), " ", segments.sizes(), " on ", segments.device());
+  TORCH_CHECK(sh.batch == 1, "bmkernels attention: packed sequences (segments) need batch 1; got q of batch ",
+              sh.batch);
+  TORCH_CHECK(!has_bias && !has_mask && !has_key_range,
+              "bmkernels attention: segments do not combine with bias, mask or key_range");
+  const at::Tensor c = segments.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  const int64_t rows = segments.size(0);
+  TORCH_CHECK(p[0] == 0 && p[1] == 0 && p[2 * (rows - 1)] == sh.q_len && p[2 * (rows - 1) + 1] == sh.k_len,
+              "bmkernels attention: segments must start at (0, 0) and end at (Lq, Lk) = (", sh.q_len, ", ", sh.k_len,
+              "); got (", p[0], ", ", p[1], ") ... (", p[2 * (rows - 1)], ", ", p[2 * (rows - 1) + 1], ")");
+  for (int64_t r = 1; r < rows; ++r) {
+    TORCH_CHECK(p[2 * r] >= p[2 * r - 2] && p[2 * r + 1] >= p[2 * r - 1],
+                "bmkernels attention: segments must be non-decreasing (cumulative lengths); row ", r, " is (", p[2 * r],
+                ", ", p[2 * r + 1], ") after (", p[2 * r - 2], ", ", p[2 * r - 1], ")");
   }
 }
 
@@ -599,7 +650,7 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
                     double scale, double softcap, int64_t window_left, int64_t window_right, double dropout_p,
-                    const std::optional<at::Tensor>& key_range) {
+                    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& segments) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "bmkernels attention: q, k, v must be 4-D (B, H, L, D); got q ", q.sizes(), ", k ", k.sizes(), ", v ",
               v.sizes());
@@ -639,6 +690,9 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const std::vector<int64_t> grid{sh.batch, sh.q_heads, sh.q_len, sh.k_len};
   if (bias) check_broadcasts("bias", *bias, grid);
   if (mask) check_broadcasts("mask", *mask, grid);
+  if (segments) check_segments(*segments, sh, bias.has_value(), mask.has_value(), key_range.has_value());
+  // ALiBi slopes per batch, or per sequence with segments
+  const int64_t slope_rows = segments ? segments->size(0) - 1 : sh.batch;
   if (alibi_slopes) {
     TORCH_CHECK(at::isFloatingType(alibi_slopes->scalar_type()) && alibi_slopes->device().is_cpu() &&
                     alibi_slopes->dim() >= 1 && alibi_slopes->dim() <= 2,
@@ -646,9 +700,10 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 alibi_slopes->sizes(), " ", alibi_slopes->scalar_type());
     const bool per_head = alibi_slopes->dim() == 1 && alibi_slopes->size(0) == sh.q_heads;
     const bool per_batch =
-        alibi_slopes->dim() == 2 && alibi_slopes->size(0) == sh.batch && alibi_slopes->size(1) == sh.q_heads;
+        alibi_slopes->dim() == 2 && alibi_slopes->size(0) == slope_rows && alibi_slopes->size(1) == sh.q_heads;
     TORCH_CHECK(per_head || per_batch, "bmkernels attention: alibi_slopes must have shape (Hq,) = (", sh.q_heads,
-                ") or (B, Hq) = (", sh.batch, ", ", sh.q_heads, "); got ", alibi_slopes->sizes());
+                ") or (", segments ? "S" : "B", ", Hq) = (", slope_rows, ", ", sh.q_heads, "); got ",
+                alibi_slopes->sizes());
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bmkernels attention: dropout_p must be in [0, 1); got ", dropout_p);
   if (dropout_p > 0.0) {
@@ -670,8 +725,8 @@ at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at
 
 template <typename scalar_t, typename acc_t>
 ScoreTerms<scalar_t, acc_t> score_terms(const Shapes& sh, const std::optional<at::Tensor>& bias,
-                                        const std::optional<at::Tensor>& mask, const at::Tensor& alibi, double softcap,
-                                        int64_t diag_offset) {
+                                        const std::optional<at::Tensor>& mask, const at::Tensor& alibi,
+                                        double softcap) {
   ScoreTerms<scalar_t, acc_t> terms;
   const std::vector<int64_t> grid{sh.batch, sh.q_heads, sh.q_len, sh.k_len};
   if (bias) {
@@ -687,14 +742,43 @@ ScoreTerms<scalar_t, acc_t> score_terms(const Shapes& sh, const std::optional<at
   if (alibi.defined()) terms.alibi = alibi.const_data_ptr<acc_t>();
   terms.heads = sh.q_heads;
   terms.softcap = static_cast<acc_t>(softcap);
-  terms.diag_offset = diag_offset;
   return terms;
 }
 
-// ALiBi slopes as a contiguous (B, Hq) tensor in the accumulation dtype (undefined when absent).
-at::Tensor alibi_table(const Shapes& sh, const std::optional<at::Tensor>& alibi_slopes, at::ScalarType acc) {
+// ALiBi slopes as a contiguous (rows, Hq) tensor in the accumulation dtype (undefined when absent): a row
+// per batch, or per sequence with segments.
+at::Tensor alibi_table(const Shapes& sh, const std::optional<at::Tensor>& alibi_slopes,
+                       const std::optional<at::Tensor>& segments, at::ScalarType acc) {
   if (!alibi_slopes) return at::Tensor();
-  return alibi_slopes->to(acc).expand({sh.batch, sh.q_heads}).contiguous();
+  const int64_t rows = segments ? segments->size(0) - 1 : sh.batch;
+  return alibi_slopes->to(acc).expand({rows, sh.q_heads}).contiguous();
+}
+
+// The independent problems of a call: one per batch (its key range applied to the window), or one per
+// packed sequence, its queries aligned bottom-right to its keys (plus diag_offset).
+std::vector<Segment> segments_of(const Shapes& sh, const std::optional<at::Tensor>& key_range,
+                                 const std::optional<at::Tensor>& segments, int64_t window_left, int64_t window_right,
+                                 int64_t diag_offset) {
+  std::vector<Segment> segs;
+  if (segments) {
+    const at::Tensor c = segments->contiguous();
+    const int64_t* p = c.const_data_ptr<int64_t>();
+    for (int64_t s = 0; s + 1 < segments->size(0); ++s) {
+      const int64_t q_len = p[2 * s + 2] - p[2 * s], k_len = p[2 * s + 3] - p[2 * s + 1];
+      // bottom-right: the offset is capped first, so that k_len - q_len + diag_offset cannot overflow
+      const int64_t offset = std::clamp<int64_t>(diag_offset, -(int64_t(1) << 61), int64_t(1) << 61) + k_len - q_len;
+      segs.push_back({0, s, p[2 * s], q_len, p[2 * s + 1], k_len,
+                      saturated_window(window_left, window_right, offset, q_len, k_len)});
+    }
+    return segs;
+  }
+  const AttentionWindow all_keys = saturated_window(window_left, window_right, diag_offset, sh.q_len, sh.k_len);
+  const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
+  const int64_t* r = ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; b < sh.batch; ++b) {
+    segs.push_back({b, b, 0, sh.q_len, 0, sh.k_len, r ? all_keys.for_keys(r[2 * b], r[2 * b + 1]) : all_keys});
+  }
+  return segs;
 }
 
 // out (B, Hq, Lq, Dv) laid out as q is: rows of heads (B, Lq, Hq, Dv) when q's head stride is below its
@@ -714,6 +798,177 @@ Dropout dropout_of(const std::optional<at::Tensor>& rng_seed, double dropout_p) 
   return drop;
 }
 
+// ---- Attention over a KV cache (FlashAttention's flash_attn_with_kvcache), tuned for decoding ----
+// A task is (batch, kv head, block of query rows, key split): the rows of one kv head's whole query group
+// (GQA) share one pass over the keys, so K and V stream from memory once per kv head; the keys are split
+// across tasks (flash-decoding) and the partial results combined by their logsumexp. Scores are dot
+// products straight from the cache rows (no packing), which suits the few rows of a decoding step.
+constexpr int64_t kCacheRowBlock = 16;    // query rows (queries x group heads) per pass over the keys
+constexpr int64_t kCacheKeyTile = 64;     // keys per online-softmax step
+constexpr int64_t kCacheSplitKeys = 512;  // the fewest keys a split is given
+
+// Where key j of batch b lives in a cache (element offset of its row, head 0): a dense (Bc, Lmax, H, D)
+// cache indexed by batch row (cache_batch_idx), or pages (blocks, block_size, H, D) through block_table.
+struct CacheRows {
+  const int64_t* block_table = nullptr;  // (B, max_blocks), contiguous
+  int64_t table_cols = 0, block_size = 1;
+  const int64_t* batch_row = nullptr;  // (B,) or null: batch b uses cache row b
+  int64_t stride0 = 0, stride1 = 0;
+  int64_t at(int64_t b, int64_t j) const {
+    if (block_table) return block_table[b * table_cols + j / block_size] * stride0 + (j % block_size) * stride1;
+    return (batch_row ? batch_row[b] : b) * stride0 + j * stride1;
+  }
+};
+
+// x (n elements, any dtype) as acc_t into out; returns out, or x itself when it already is acc_t.
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* x, int64_t n, acc_t* out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+    for (int64_t d = 0; d < n; ++d) out[d] = static_cast<acc_t>(x[d]);
+    return out;
+  }
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  Vec<T> acc(T(0));
+  for (int64_t d = 0; d < n; d += Vec<T>::size()) {
+    const int64_t m = std::min<int64_t>(Vec<T>::size(), n - d);
+    acc = at::vec::fmadd(Vec<T>::loadu(a + d, m), Vec<T>::loadu(b + d, m), acc);
+  }
+  T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  T sum = 0;
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  return sum;
+}
+
+template <typename T>
+void axpy(T a, const T* x, T* y, int64_t n) {
+  const Vec<T> av(a);
+  for (int64_t d = 0; d < n; d += Vec<T>::size()) {
+    const int64_t m = std::min<int64_t>(Vec<T>::size(), n - d);
+    at::vec::fmadd(av, Vec<T>::loadu(x + d, m), Vec<T>::loadu(y + d, m)).store(y + d, m);
+  }
+}
+
+struct CacheShapes {
+  int64_t batch, q_len, q_heads, kv_heads, head_dim, v_head_dim;
+  int64_t q_stride[3];     // q (B, Lq, Hq, D): batch, row, head strides
+  int64_t k_head, v_head;  // head strides of the caches
+};
+
+template <typename scalar_t, typename acc_t>
+void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const scalar_t* k, const scalar_t* v,
+                    const CacheRows& k_rows, const CacheRows& v_rows, const int64_t* seqlens,
+                    const ScoreTerms<scalar_t, acc_t>& terms, int64_t window_left, int64_t window_right, scalar_t* out,
+                    acc_t* lse) {
+  const int64_t B = sh.batch, Lq = sh.q_len, D = sh.head_dim, Dv = sh.v_head_dim;
+  const int64_t group = sh.q_heads / sh.kv_heads, rows_per_head = group * Lq;
+  const int64_t row_blocks = ceil_div(rows_per_head, kCacheRowBlock);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, seqlens[b]);
+  // enough tasks for every thread, but no split shorter than kCacheSplitKeys
+  const int64_t problems = B * sh.kv_heads * row_blocks;
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(problems, 1)), 1,
+                                             std::max<int64_t>(ceil_div(max_len, kCacheSplitKeys), 1));
+  // partial results per (split, problem, row): running max, sum and the unnormalized output
+  std::vector<acc_t> part_max(splits * problems * kCacheRowBlock, neg_inf<acc_t>());
+  std::vector<acc_t> part_sum(splits * problems * kCacheRowBlock, acc_t(0));
+  std::vector<acc_t> part_out(splits * problems * kCacheRowBlock * std::max<int64_t>(Dv, 1), acc_t(0));
+  run_tasks(problems * splits, [&](const auto& next_task) {
+    std::vector<acc_t> q_tile(kCacheRowBlock * D), scores(kCacheRowBlock * kCacheKeyTile);
+    std::vector<acc_t> key_row(D), value_row(Dv);
+    std::vector<int64_t> lo(kCacheRowBlock), hi(kCacheRowBlock);
+    for (int64_t task; (task = next_task()) >= 0;) {
+      const int64_t problem = task / splits, split = task % splits;
+      const int64_t b = problem / (sh.kv_heads * row_blocks), hk = problem / row_blocks % sh.kv_heads;
+      const int64_t r0 = (problem % row_blocks) * kCacheRowBlock;
+      const int64_t rows = std::min(kCacheRowBlock, rows_per_head - r0);
+      const int64_t len = seqlens[b];
+      // bottom-right: query i is aligned to key i + len - Lq
+      const AttentionWindow win = saturated_window(window_left, window_right, len - Lq, Lq, len);
+      ScoreTerms<scalar_t, acc_t> row_terms = terms;
+      row_terms.diag_offset = win.diag_offset;
+      const int64_t chunk = ceil_div(ceil_div(len, splits), kCacheKeyTile) * kCacheKeyTile;
+      int64_t first = len, end = 0;
+      for (int64_t r = 0; r < rows; ++r) {  // row r0 + r is query (r0 + r) / group of head hk * group + its rest
+        const int64_t i = (r0 + r) / group, h = hk * group + (r0 + r) % group;
+        pack_rows(q + b * sh.q_stride[0] + i * sh.q_stride[1] + h * sh.q_stride[2], D, scale, q_tile.data() + r * D);
+        lo[r] = std::max(win.first_key(i), split * chunk);
+        hi[r] = std::max(lo[r], std::min(win.end_key(i), (split + 1) * chunk));
+        first = std::min(first, lo[r]);
+        end = std::max(end, hi[r]);
+      }
+      acc_t* run_max = part_max.data() + task * kCacheRowBlock;
+      acc_t* run_sum = part_sum.data() + task * kCacheRowBlock;
+      acc_t* acc_out = part_out.data() + task * kCacheRowBlock * Dv;
+      for (int64_t j0 = first; j0 < end; j0 += kCacheKeyTile) {
+        const int64_t n = std::min(kCacheKeyTile, end - j0);
+        for (int64_t c = 0; c < n; ++c) {
+          const acc_t* kr = as_acc(k + k_rows.at(b, j0 + c) + hk * sh.k_head, D, key_row.data());
+          for (int64_t r = 0; r < rows; ++r) scores[r * kCacheKeyTile + c] = dot(q_tile.data() + r * D, kr, D);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* row = scores.data() + r * kCacheKeyTile;
+          const int64_t a = std::clamp<int64_t>(lo[r] - j0, 0, n), z = std::clamp<int64_t>(hi[r] - j0, a, n);
+          std::fill(row, row + a, acc_t(0));
+          std::fill(row + z, row + n, acc_t(0));
+          if (a == z) continue;
+          const int64_t i = (r0 + r) / group, h = hk * group + (r0 + r) % group;
+          if (terms.any()) row_terms.logits(row + a, z - a, b, h, i, j0 + a, 0, 1, nullptr);
+          const acc_t new_max = std::max(run_max[r], row_max(row + a, z - a));
+          const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
+          const acc_t tile_sum = exp_shift_sum(row + a, z - a, shift);
+          const acc_t rescale = std::exp(run_max[r] - shift);
+          run_sum[r] = run_sum[r] * rescale + tile_sum;
+          run_max[r] = new_max;
+          if (rescale != acc_t(1)) scale_row(acc_out + r * Dv, Dv, rescale);
+        }
+        for (int64_t c = 0; c < n; ++c) {
+          const acc_t* vr = as_acc(v + v_rows.at(b, j0 + c) + hk * sh.v_head, Dv, value_row.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t p = scores[r * kCacheKeyTile + c];
+            if (p != acc_t(0)) axpy(p, vr, acc_out + r * Dv, Dv);
+          }
+        }
+      }
+    }
+  });
+  // Combine the splits of each row by their logsumexp.
+  at::parallel_for(0, problems * kCacheRowBlock, grain_for(splits * Dv), [&](int64_t begin, int64_t stop) {
+    std::vector<acc_t> sum_out(Dv);
+    for (int64_t e = begin; e < stop; ++e) {
+      const int64_t problem = e / kCacheRowBlock, r = e % kCacheRowBlock;
+      const int64_t b = problem / (sh.kv_heads * row_blocks), hk = problem / row_blocks % sh.kv_heads;
+      const int64_t row = (problem % row_blocks) * kCacheRowBlock + r;
+      if (row >= rows_per_head) continue;
+      const int64_t i = row / group, h = hk * group + row % group;
+      acc_t best = neg_inf<acc_t>();
+      for (int64_t s = 0; s < splits; ++s) best = std::max(best, part_max[(problem * splits + s) * kCacheRowBlock + r]);
+      acc_t total = 0;
+      std::fill(sum_out.begin(), sum_out.end(), acc_t(0));
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t slot = (problem * splits + s) * kCacheRowBlock + r;
+        if (part_sum[slot] == acc_t(0)) continue;
+        const acc_t w = std::exp(part_max[slot] - best);
+        total += w * part_sum[slot];
+        axpy(w, part_out.data() + slot * Dv, sum_out.data(), Dv);
+      }
+      scalar_t* out_row = out + ((b * Lq + i) * sh.q_heads + h) * Dv;
+      acc_t* lse_row = lse + (b * sh.q_heads + h) * Lq + i;
+      if (total == acc_t(0)) {  // no visible key: zeros, lse = log(0)
+        std::fill(out_row, out_row + Dv, scalar_t(0));
+        *lse_row = neg_inf<acc_t>();
+        continue;
+      }
+      for (int64_t d = 0; d < Dv; ++d) out_row[d] = static_cast<scalar_t>(sum_out[d] / total);
+      *lse_row = best + std::log(total);
+    }
+  });
+}
 }  // namespace
 
 AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -721,28 +976,25 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 const std::optional<at::Tensor>& key_range) {
-  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                           dropout_p, key_range);
-  sh.q_ld = padded_ld(sh.q_len);
-  sh.k_ld = padded_ld(sh.k_len);
+                                 const std::optional<at::Tensor>& key_range,
+                                 const std::optional<at::Tensor>& segments) {
+  const Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
+                                 dropout_p, key_range, segments);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor out = empty_output(q, sh.v_head_dim);
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
   if (lse.numel() == 0) return {out, lse};
   const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
   const ForwardLayouts lay{row_layout(qc), row_layout(kc), row_layout(vc), row_layout(out)};
-  const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
-  const AttentionWindow win = saturated_window(window_left, window_right, diag_offset, sh.q_len, sh.k_len);
-  const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
-  const KeyRanges key_ranges{ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr};
+  const at::Tensor alibi = alibi_table(sh, alibi_slopes, segments, acc);
+  const std::vector<Segment> segs = segments_of(sh, key_range, segments, window_left, window_right, diag_offset);
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, win.diag_offset);
+    const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap);
     forward_kernel<scalar_t, acc_t>(sh, lay, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
-                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, win,
-                                    key_ranges, drop, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
+                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, segs, drop,
+                                    out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
   return {out, lse};
 }
@@ -753,9 +1005,10 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 bool bias_grad, const std::optional<at::Tensor>& key_range) {
+                                 bool bias_grad, const std::optional<at::Tensor>& key_range,
+                                 const std::optional<at::Tensor>& segments) {
   Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                           dropout_p, key_range);
+                           dropout_p, key_range, segments);
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
@@ -781,7 +1034,9 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   const at::Tensor doc = grad_out.contiguous(), oc = out.contiguous(), lse_c = lse.contiguous();
   const at::Tensor glse = grad_lse ? grad_lse->to(acc).contiguous() : at::Tensor();
   // Few kv heads would leave cores idle: split each head's key blocks over more tasks.
-  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(B * Hkv, 1)), 1,
+  const std::vector<Segment> segs = segments_of(sh, key_range, segments, window_left, window_right, diag_offset);
+  const int64_t problems = static_cast<int64_t>(segs.size()) * Hkv;
+  const int64_t splits = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), std::max<int64_t>(problems, 1)), 1,
                                              std::max<int64_t>(ceil_div(Lk, kBwdKeyBlock), 1));
   const bool convert = q.scalar_type() != acc;  // reduced precision: operands converted to float once
   at::Tensor qs = at::empty({B, Hq, Lq, D}, acc_opts), qs_t = at::empty({B, Hq, D, sh.q_ld}, acc_opts);
@@ -796,10 +1051,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor dk_out = convert ? at::empty({B, Hkv, Lk, D}, k.options()) : dk;
   at::Tensor dv_out = convert ? at::empty({B, Hkv, Lk, Dv}, v.options()) : dv;
   at::Tensor dbias = bias_grad ? at::zeros({B, Hq, Lq, Lk}, acc_opts) : at::empty({0}, acc_opts);
-  const at::Tensor alibi = alibi_table(sh, alibi_slopes, acc);
-  const AttentionWindow win = saturated_window(window_left, window_right, diag_offset, Lq, Lk);
-  const at::Tensor ranges = key_range ? key_range->contiguous() : at::Tensor();
-  const KeyRanges key_ranges{ranges.defined() ? ranges.const_data_ptr<int64_t>() : nullptr};
+  const at::Tensor alibi = alibi_table(sh, alibi_slopes, segments, acc);
   const Dropout drop = dropout_of(rng_seed, dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "bmkernels_attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -845,7 +1097,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
       }
     });
     if (Lk > 0 && Lq > 0 && Hkv > 0) {  // no kv head (then no query head either): nothing to compute
-      const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap, win.diag_offset);
+      const auto terms = score_terms<scalar_t, acc_t>(sh, bias, mask, alibi, softcap);
       BackwardOperands<acc_t> op{qs.const_data_ptr<acc_t>(),
                                  qs_t.const_data_ptr<acc_t>(),
                                  kk.const_data_ptr<acc_t>(),
@@ -859,7 +1111,7 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  dk.data_ptr<acc_t>(),
                                  dv.data_ptr<acc_t>(),
                                  bias_grad ? dbias.data_ptr<acc_t>() : nullptr};
-      backward_kernel<scalar_t, acc_t>(sh, op, terms, win, key_ranges, drop, splits);
+      backward_kernel<scalar_t, acc_t>(sh, op, terms, segs, drop, splits);
     } else {
       dk.zero_();
       dv.zero_();
@@ -894,6 +1146,118 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
     });
   });
   return {dq, dk_out, dv_out, dbias};
+}
+
+AttentionFwdResult attention_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                         const std::optional<at::Tensor>& cache_batch_idx,
+                                         const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
+                                         int64_t window_left, int64_t window_right) {
+  const char* what = "bmkernels attention_kvcache_fwd: ";
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, what,
+              "q (B, Lq, Hq, D), k_cache and v_cache (rows, L, Hkv, D) must be 4-D; got q ", q.sizes(), ", k_cache ",
+              k_cache.sizes(), ", v_cache ", v_cache.sizes());
+  TORCH_CHECK(
+      q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() && cache_seqlens.device().is_cpu(),
+      what, "q, k_cache, v_cache and cache_seqlens must be CPU tensors");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, what,
+              "q must be float32, float64, bfloat16 or float16; got ", dtype);
+  TORCH_CHECK(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype, what,
+              "k_cache and v_cache must have q's dtype ", dtype, "; got ", k_cache.scalar_type(), " and ",
+              v_cache.scalar_type());
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3), cache_len = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == D, what, "k_cache head dim must be q's ", D, "; got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == cache_len && v_cache.size(2) == Hkv, what,
+              "v_cache must match k_cache in all but the last dim; got k_cache ", k_cache.sizes(), ", v_cache ",
+              v_cache.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, what, "q heads (", Hq, ") must be a multiple of the cache's heads (", Hkv, ")");
+  TORCH_CHECK((cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong) &&
+                  cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
+              what, "cache_seqlens must be int32 or int64 of shape (B,) = (", B, "); got ", cache_seqlens.scalar_type(),
+              " ", cache_seqlens.sizes());
+  TORCH_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0, what,
+              "scale must be finite and softcap finite and >= 0; got ", scale, ", ", softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, what, "window bounds must be >= -1 (-1 = unbounded); got (",
+              window_left, ", ", window_right, ")");
+  const at::Tensor lens = cache_seqlens.to(at::kLong).contiguous();
+  at::Tensor table, rows;
+  int64_t capacity = cache_len;
+  if (block_table) {
+    TORCH_CHECK(!cache_batch_idx, what, "cache_batch_idx does not apply to a paged cache (block_table)");
+    TORCH_CHECK((block_table->scalar_type() == at::kInt || block_table->scalar_type() == at::kLong) &&
+                    block_table->device().is_cpu() && block_table->dim() == 2 && block_table->size(0) == B,
+                what, "block_table must be a CPU int32 tensor of shape (B, max_blocks) with B = ", B, "; got ",
+                block_table->scalar_type(), " ", block_table->sizes());
+    table = block_table->to(at::kLong).contiguous();
+    capacity = block_table->size(1) * cache_len;  // pages of cache_len (block_size) rows
+  } else if (cache_batch_idx) {
+    TORCH_CHECK((cache_batch_idx->scalar_type() == at::kInt || cache_batch_idx->scalar_type() == at::kLong) &&
+                    cache_batch_idx->device().is_cpu() && cache_batch_idx->dim() == 1 && cache_batch_idx->size(0) == B,
+                what, "cache_batch_idx must be a CPU int32 tensor of shape (B,) = (", B, "); got ",
+                cache_batch_idx->scalar_type(), " ", cache_batch_idx->sizes());
+    rows = cache_batch_idx->to(at::kLong).contiguous();
+  } else {
+    TORCH_CHECK(k_cache.size(0) >= B, what, "the cache holds ", k_cache.size(0), " sequences, fewer than the batch ",
+                B);
+  }
+  // Every index the kernel follows is checked (O(B * max_blocks)).
+  const int64_t* len_p = lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(len_p[b] >= 0 && len_p[b] <= capacity, what, "cache_seqlens[", b, "] = ", len_p[b], " is outside [0, ",
+                capacity, "], the cache's capacity");
+    if (rows.defined()) {
+      const int64_t r = rows.const_data_ptr<int64_t>()[b];
+      TORCH_CHECK(r >= 0 && r < k_cache.size(0), what, "cache_batch_idx[", b, "] = ", r, " is outside [0, ",
+                  k_cache.size(0), ")");
+    }
+    if (table.defined()) {
+      const int64_t* t = table.const_data_ptr<int64_t>() + b * table.size(1);
+      for (int64_t blk = 0; blk < ceil_div(len_p[b], cache_len); ++blk) {
+        TORCH_CHECK(t[blk] >= 0 && t[blk] < k_cache.size(0), what, "block_table[", b, ", ", blk, "] = ", t[blk],
+                    " is outside [0, ", k_cache.size(0), "), the number of blocks");
+      }
+    }
+  }
+  if (alibi_slopes) {
+    TORCH_CHECK(at::isFloatingType(alibi_slopes->scalar_type()) && alibi_slopes->device().is_cpu() &&
+                    ((alibi_slopes->dim() == 1 && alibi_slopes->size(0) == Hq) ||
+                     (alibi_slopes->dim() == 2 && alibi_slopes->size(0) == B && alibi_slopes->size(1) == Hq)),
+                what, "alibi_slopes must be a floating CPU tensor of shape (Hq,) = (", Hq, ") or (B, Hq) = (", B, ", ",
+                Hq, "); got ", alibi_slopes->sizes());
+  }
+  const auto acc = acc_type(dtype);
+  at::Tensor out = at::empty({B, Lq, Hq, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(acc));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity())};
+  // rows are read through strides; only the last dim must be contiguous
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+  const at::Tensor kc = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
+  const at::Tensor vc = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
+  CacheShapes sh{B, Lq, Hq, Hkv, D, Dv, {qc.stride(0), qc.stride(1), qc.stride(2)}, kc.stride(2), vc.stride(2)};
+  CacheRows k_rows, v_rows;
+  for (auto [cache, rows_of] : {std::pair{&kc, &k_rows}, std::pair{&vc, &v_rows}}) {
+    rows_of->stride0 = cache->stride(0);
+    rows_of->stride1 = cache->stride(1);
+    rows_of->block_size = cache_len;
+    if (table.defined()) {
+      rows_of->block_table = table.const_data_ptr<int64_t>();
+      rows_of->table_cols = table.size(1);
+    }
+    if (rows.defined()) rows_of->batch_row = rows.const_data_ptr<int64_t>();
+  }
+  const Shapes terms_shape{B, Hq, Hkv, Lq, capacity, D, Dv};
+  const at::Tensor alibi = alibi_table(terms_shape, alibi_slopes, std::nullopt, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "bmkernels_attention_kvcache_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto terms = score_terms<scalar_t, acc_t>(terms_shape, std::nullopt, std::nullopt, alibi, softcap);
+    kvcache_kernel<scalar_t, acc_t>(sh, qc.const_data_ptr<scalar_t>(), static_cast<acc_t>(scale),
+                                    kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), k_rows, v_rows, len_p,
+                                    terms, window_left, window_right, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
+  });
+  return {out, lse};
 }
 
 at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,

@@ -63,9 +63,10 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 const std::optional<at::Tensor>& key_range) {
+                                 const std::optional<at::Tensor>& key_range,
+                                 const std::optional<at::Tensor>& segments) {
   return BMK_ISA_CALL(attention_fwd, q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                      window_right, diag_offset, dropout_p, key_range);
+                      window_right, diag_offset, dropout_p, key_range, segments);
 }
 
 AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -74,9 +75,19 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
                                  int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 bool bias_grad, const std::optional<at::Tensor>& key_range) {
+                                 bool bias_grad, const std::optional<at::Tensor>& key_range,
+                                 const std::optional<at::Tensor>& segments) {
   return BMK_ISA_CALL(attention_bwd, grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale,
-                      softcap, window_left, window_right, diag_offset, dropout_p, bias_grad, key_range);
+                      softcap, window_left, window_right, diag_offset, dropout_p, bias_grad, key_range, segments);
+}
+
+AttentionFwdResult attention_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                         const std::optional<at::Tensor>& cache_batch_idx,
+                                         const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
+                                         int64_t window_left, int64_t window_right) {
+  return BMK_ISA_CALL(attention_kvcache_fwd, q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
+                      alibi_slopes, scale, softcap, window_left, window_right);
 }
 
 at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
@@ -141,6 +152,7 @@ TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_dropout_mask", &attention_dropout_mask);
+  m.impl("attention_kvcache_fwd", &attention_kvcache_fwd);
   m.impl("gru_cell_fwd", &gru_cell_fwd);
   m.impl("gru_layer_fwd", &gru_layer_fwd);
   m.impl("gru_layer_bwd", &gru_layer_bwd);
