@@ -178,7 +178,8 @@ def flash_attn_varlen_func(
             raise ValueError(f"flash_attn: {name} must be an int >= 0; got {n!r}")
     if q.device.type != "cpu":
         raise NotImplementedError(
-            f"flash_attn_varlen_func runs on CPU tensors so far (the packed-sequence kernel is the CPU one); got {q.device}"
+            "flash_attn_varlen_func runs on CPU tensors so far (the packed-sequence kernel is the CPU one); "
+            f"got {q.device}"
         )
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0])
@@ -312,7 +313,8 @@ def flash_attn_with_kvcache(
         )
     if tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(
-            f"flash_attn_with_kvcache: cache_seqlens must have shape (B,) = ({batch},); got {tuple(cache_seqlens.shape)}"
+            f"flash_attn_with_kvcache: cache_seqlens must have shape (B,) = ({batch},); got "
+            f"{tuple(cache_seqlens.shape)}"
         )
     if cache_batch_idx is not None and (
         cache_batch_idx.dtype != torch.int32 or tuple(cache_batch_idx.shape) != (batch,)
@@ -366,7 +368,8 @@ def _append(
     batch, new_len = k.shape[0], k.shape[1]
     if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1] or k.shape[0] != starts.shape[0]:
         raise ValueError(
-            f"flash_attn_with_kvcache: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, L_new, Hkv, D) with B = {starts.shape[0]}"
+            f"flash_attn_with_kvcache: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, L_new, Hkv, D) "
+            f"with B = {starts.shape[0]}"
         )
     if k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]:
         raise ValueError(
