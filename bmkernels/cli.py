@@ -177,6 +177,11 @@ def cmd_bench(args):
     )
     if args.reps is not None and args.reps < 5:
         print(f"# note: --reps {args.reps} is below the protocol's 5 repetitions", flush=True)
+    dram_gbps = None
+    if any(c.bytes for c in cases):  # memory-bound cases report their share of this ceiling
+        dram_gbps = bench.dram_read_gbps()
+        env["dram_read_gbps"] = dram_gbps
+        print(f"# DRAM read rate (sum over 512 MiB, torch's threads): {dram_gbps:.1f} GB/s", flush=True)
     start = time.perf_counter()
     knobs = dict(bench.TIMING[args.preset])
     results = []
@@ -186,7 +191,7 @@ def cmd_bench(args):
         bench.print_progress(i, len(cases), case, res)
     total = time.perf_counter() - start
     print()
-    print(bench.format_table(results))
+    print(bench.format_table(results, dram_gbps))
     print(f"\nTotal: {total:.1f} s for {len(cases)} cases; load average at the end {bench.load_average()}.")
     if args.json:
         try:

@@ -16,15 +16,19 @@ deterministic); `return_attn_probs=True` returns (out, softmax_lse, None): the d
 matrix, which FlashAttention returns for its tests only, is never materialised; `num_splits` is a hint
 FlashAttention uses on the GPU and is ignored (the CPU kernel picks its own split); `max_seqlen_q/k` are
 not needed (the kernel reads the lengths from cu_seqlens) and only checked to be ints. Not supported yet,
-with a clear error: a paged `block_table` in flash_attn_varlen_func, `cache_leftpad`, and the varlen and
-KV-cache functions on non-CPU tensors.
+with a clear error: a paged `block_table` in flash_attn_varlen_func, `cache_leftpad`, and
+flash_attn_with_kvcache on non-CPU tensors. flash_attn_varlen_func runs the CPU kernel on CPU tensors and
+the Triton kernel on CUDA tensors (`backend=` as in bmkernels.attention; the Triton path is tested under
+the interpreter here, not on a GPU).
 """
 
 import math
 
 import torch
 
+from bmkernels import _backend
 from bmkernels.ops import attention as ops_attention
+from bmkernels.reference import flash_attn as reference
 
 __all__ = [
     "flash_attn_func",
@@ -163,6 +167,8 @@ def flash_attn_varlen_func(
     deterministic=False,
     return_attn_probs=False,
     block_table=None,
+    *,
+    backend=None,
 ):
     """Attention over packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
     sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1] of k/v
@@ -176,11 +182,6 @@ def flash_attn_varlen_func(
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"flash_attn: {name} must be an int >= 0; got {n!r}")
-    if q.device.type != "cpu":
-        raise NotImplementedError(
-            "flash_attn_varlen_func runs on CPU tensors so far (the packed-sequence kernel is the CPU one); "
-            f"got {q.device}"
-        )
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0])
     ops_attention._check_qkv(*(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)))
@@ -189,9 +190,27 @@ def flash_attn_varlen_func(
         raise ValueError(f"flash_attn: dropout_p must be in [0, 1); got {dropout_p!r}")
     if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("flash_attn: alibi_slopes gets no gradient; pass alibi_slopes.detach()")
+    name = _backend.choose("attention", q.device, backend)
+    scale, softcap = _scale(softmax_scale, q.shape[-1]), _softcap(softcap)
+    if name == "reference":
+        if dropout_p > 0:
+            raise ValueError("flash_attn_varlen_func: backend='reference' has no dropout; use 'cpu' or 'triton'")
+        out, lse = reference.varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            alibi_slopes=alibi_slopes,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            softmax_scale=scale,
+        )
+        return (out, lse, None) if return_attn_probs else out
     segments = torch.stack((cu_seqlens_q, cu_seqlens_k), 1).to(device=q.device, dtype=torch.int64)
     rng_seed = ops_attention._draw_seed() if dropout_p > 0 else None
-    out, lse = torch.ops.bmkernels.attention_fwd(
+    out, lse = ops_attention._forward_op(name)(
         q.unsqueeze(0).transpose(1, 2),
         k.unsqueeze(0).transpose(1, 2),
         v.unsqueeze(0).transpose(1, 2),
@@ -199,8 +218,8 @@ def flash_attn_varlen_func(
         None,
         alibi_slopes,
         rng_seed,
-        _scale(softmax_scale, q.shape[-1]),
-        _softcap(softcap),
+        scale,
+        softcap,
         left,
         right,
         0,

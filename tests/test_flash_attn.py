@@ -122,6 +122,33 @@ def test_varlen_matches_reference(dtype, feature, lengths):
     )
 
 
+@pytest.mark.parametrize("feature", ["causal", "window", "softcap", "alibi"])
+def test_varlen_triton_kernel_matches_reference(feature):
+    """The Triton kernels' packed-sequence path (interpreter, float32): forward and gradients."""
+    pytest.importorskip("triton")
+    q_lens, k_lens = [3, 0, 9, 1], [5, 2, 9, 1]
+    cu_q, cu_k = _cu(q_lens), _cu(k_lens)
+    opts = _options(feature, 2, rows=len(q_lens))
+    inputs = {
+        "q": _leaf(int(cu_q[-1]), 2, 8, dtype=torch.float32, seed=4),
+        "k": _leaf(int(cu_k[-1]), 1, 8, dtype=torch.float32, seed=5),
+        "v": _leaf(int(cu_k[-1]), 1, 8, dtype=torch.float32, seed=6),
+    }
+
+    def reference(q, k, v):
+        out, lse = ref.varlen_attention(q, k, v, cu_q, cu_k, **opts)
+        return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+    check_against_reference(
+        lambda q, k, v: flash_attn.flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, 9, 9, return_attn_probs=True, backend="triton", **opts
+        )[:2],
+        reference,
+        inputs,
+        torch.float32,
+    )
+
+
 def test_varlen_dropout_is_the_packed_problem_with_a_block_diagonal_mask():
     """Dropout in varlen draws the Philox mask of the packed (1, H, total_q, total_k) grid: the same
     result as bmkernels.attention on the packed tensors, each sequence masked to itself."""

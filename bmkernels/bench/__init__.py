@@ -64,6 +64,8 @@ class Case:
     # contender name -> forward callable(inputs) -> output, for the saved-activation-memory probe.
     forward: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
     primary: str = BMK
+    # bytes a call must read at least (memory-bound cases: GB/s and the share of the DRAM read rate)
+    bytes: float = 0.0
 
     @property
     def baselines(self):
@@ -87,6 +89,10 @@ class Result:
         m = self.median(name)
         return self.case.flops / m / 1e9 if m and self.case.flops else None
 
+    def gbps(self, name):
+        m = self.median(name)
+        return self.case.bytes / m / 1e9 if m and self.case.bytes else None
+
     def ratio(self, baseline):
         """baseline time / bmkernels time: > 1 means bmkernels is faster."""
         b, p = self.median(baseline), self.median(self.case.primary)
@@ -108,6 +114,7 @@ class Result:
                     min_ms=min(self.times_s[n]) * 1e3,
                     times_ms=[t * 1e3 for t in self.times_s[n]],
                     gflops=self.gflops(n),
+                    gbps=self.gbps(n),
                 )
             if n in self.saved_bytes:
                 d["saved_bytes"] = self.saved_bytes[n]
@@ -118,6 +125,7 @@ class Result:
             "params": c.params,
             "backward": c.backward,
             "flops": c.flops,
+            "bytes": c.bytes,
             "reps": self.reps,
             "calls_per_rep": self.number,
             "elapsed_s": self.elapsed_s,
@@ -133,6 +141,7 @@ CASE_MODULES = {
     "gru": "bmkernels.bench.gru",
     "conv": "bmkernels.bench.conv",
     "models": "bmkernels.bench.models",
+    "attention_workloads": "bmkernels.bench.attention_workloads",
 }
 OPS = tuple(CASE_MODULES)
 
@@ -241,6 +250,18 @@ def run_case(case, *, reps=None, warmup_s=0.2, budget_s=3.0, min_reps=5, max_rep
     return res
 
 
+def dram_read_gbps(megabytes=512, reps=5):
+    """The machine's DRAM read rate as torch reaches it: the best of `reps` sums over a buffer far
+    larger than the caches, on torch's threads (the ceiling of the memory-bound cases)."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def run(cases, preset="default", reps=None, progress=None):
     """Run cases with the preset's timing knobs; progress(i, n, case, result) after each."""
     knobs = TIMING[preset]
@@ -309,21 +330,24 @@ def _ratio_cell(x):
     return "—" if x is None else f"{x:.2f}x"
 
 
-def format_table(results):
-    """Markdown tables, one per op: times, GFLOP/s, ratios (baseline / bmkernels), saved memory."""
+def format_table(results, dram_gbps=None):
+    """Markdown tables, one per op: times, GFLOP/s (GB/s for memory-bound ops, with the share of
+    dram_gbps, the measured DRAM read rate), ratios (baseline / bmkernels), saved memory."""
     lines, notes = [], []
-    by_op = {}
+    by_op = {}  # one table per op and set of contenders (an op's workloads may have different baselines)
     for r in results:
-        by_op.setdefault(r.case.op, []).append(r)
-    for op, rs in by_op.items():
+        by_op.setdefault((r.case.op, tuple(r.case.contenders)), []).append(r)
+    for (op, _), rs in by_op.items():
         names = list(rs[0].case.contenders)
         primary = rs[0].case.primary
         baselines = [n for n in names if n != primary]
         any_mem = any(r.case.backward for r in rs)
+        any_bytes = any(r.case.bytes for r in rs)
         head = (
             ["case", "reps"]
             + [f"{n} ms" for n in names]
-            + [f"{n} GFLOP/s" for n in names]
+            + [f"{n} GB/s" if any_bytes else f"{n} GFLOP/s" for n in names]
+            + ([f"{primary} % DRAM"] if any_bytes and dram_gbps else [])
             + [f"vs {b}" for b in baselines]
             + ["vs best"]
         )
@@ -334,7 +358,9 @@ def format_table(results):
             c = r.case
             row = [c.name, str(r.reps)]
             row += [_cell(c, n, r.median(n), 1e3, _ms_text) for n in names]
-            row += [_cell(c, n, r.gflops(n), 1, ".1f") for n in names]
+            row += [_cell(c, n, r.gbps(n) if any_bytes else r.gflops(n), 1, ".1f") for n in names]
+            if any_bytes and dram_gbps:
+                row.append(_cell(c, primary, r.gbps(primary), 100 / dram_gbps, ".0f"))
             row += [_ratio_cell(r.ratio(b)) for b in baselines] + [_ratio_cell(r.best_ratio())]
             if any_mem:
                 if c.backward:

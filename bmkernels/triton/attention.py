@@ -147,6 +147,19 @@ def _keys_of(KeyRange, b, Lk, HAS_KEY_RANGE: tl.constexpr):
 
 
 @triton.jit
+def _segment(Segments, b, Lq, Lk, offset, HAS_SEGMENTS: tl.constexpr):
+    """Program row b's problem: (tensor batch, first query row, first key row, Lq, Lk, diagonal offset).
+    With packed sequences (segments), b is sequence b of batch 0, aligned bottom-right; else batch b."""
+    if HAS_SEGMENTS:
+        q0 = tl.load(Segments + 2 * b)
+        k0 = tl.load(Segments + 2 * b + 1)
+        q_len = tl.load(Segments + 2 * b + 2) - q0
+        k_len = tl.load(Segments + 2 * b + 3) - k0
+        return b * 0, q0, k0, q_len.to(tl.int32), k_len.to(tl.int32), offset + (k_len - q_len).to(tl.int32)
+    return b, b * 0, b * 0, Lq, Lk, offset
+
+
+@triton.jit
 def _count_tile(Tiles, which, COUNT_TILES: tl.constexpr):
     """Tests count the tiles each kernel visits (counting_tiles()): block skipping is checked that way."""
     if COUNT_TILES:
@@ -172,6 +185,7 @@ def _fwd_kernel(
     Slopes,
     Seed,
     KeyRange,
+    Segments,
     Tiles,
     Out,
     Lse,
@@ -220,6 +234,7 @@ def _fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -227,25 +242,29 @@ def _fwd_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
+    seq = tl.program_id(1).to(tl.int64) // Hq
+    h = tl.program_id(1).to(tl.int64) % Hq
     hk = h // GROUP
+    total_q, total_k = Lq, Lk
+    b, q0, k0, Lq, Lk, offset = _segment(Segments, seq, Lq, Lk, offset, HAS_SEGMENTS)
+    if m0 >= Lq:  # a block past this sequence's queries (grids span the longest one)
+        return
+    bh = b * Hq + h
     rows = m0 + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+        Q + b * sqb + h * sqh + (q0 + rows[:, None]) * sqm + d[None, :] * sqd,
         mask=(rows[:, None] < Lq) & (d[None, :] < D),
         other=0.0,
     )
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
+    K += b * skb + hk * skh + k0 * skn
+    V += b * svb + hk * svh + k0 * svn
     Bias += b * sbb + h * sbh
     Mask += b * smb + h * smh
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Slopes + b * ssb + h * ssh)
+        slope = tl.load(Slopes + seq * ssb + h * ssh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -290,7 +309,8 @@ def _fwd_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(Seed, bh, rows, cols, Lq, Lk, dropout_p), p * dropout_scale, 0.0)
+            keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
         v = tl.load(
             V + cols[:, None] * svn + dv[None, :] * svd, mask=(cols[:, None] < Lk) & (dv[None, :] < DV), other=0.0
         )
@@ -300,12 +320,12 @@ def _fwd_kernel(
     empty = l_i == 0.0  # no visible key: zeros and lse = -inf, never NaN
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(
-        Out + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod,
+        Out + b * sob + h * soh + (q0 + rows[:, None]) * som + dv[None, :] * sod,
         out.to(Out.dtype.element_ty),
         mask=(rows[:, None] < Lq) & (dv[None, :] < DV),
     )
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(Lse + bh * Lq + rows, lse, mask=rows < Lq)
+    tl.store(Lse + bh * total_q + q0 + rows, lse, mask=rows < Lq)
 
 
 @triton.jit
@@ -389,6 +409,7 @@ def _bwd_dkdv_kernel(
     Slopes,
     Seed,
     KeyRange,
+    Segments,
     Tiles,
     dK,
     dV,
@@ -439,6 +460,7 @@ def _bwd_dkdv_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -447,19 +469,23 @@ def _bwd_dkdv_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
-    b = bhk // Hkv
-    hk = bhk % Hkv
+    seq = tl.program_id(1).to(tl.int64) // Hkv
+    hk = tl.program_id(1).to(tl.int64) % Hkv
+    total_q, total_k = Lq, Lk
+    b, q0, k0, Lq, Lk, offset = _segment(Segments, seq, Lq, Lk, offset, HAS_SEGMENTS)
+    if n0 >= Lk:  # a block past this sequence's keys (grids span the longest one)
+        return
+    bhk = b * Hkv + hk
     cols = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(
-        K + b * skb + hk * skh + cols[None, :] * skn + d[:, None] * skd,
+        K + b * skb + hk * skh + (k0 + cols[None, :]) * skn + d[:, None] * skd,
         mask=(cols[None, :] < Lk) & (d[:, None] < D),
         other=0.0,
     )
     vt = tl.load(
-        V + b * svb + hk * svh + cols[None, :] * svn + dv[:, None] * svd,
+        V + b * svb + hk * svh + (k0 + cols[None, :]) * svn + dv[:, None] * svd,
         mask=(cols[None, :] < Lk) & (dv[:, None] < DV),
         other=0.0,
     )
@@ -473,23 +499,23 @@ def _bwd_dkdv_kernel(
         bh = b * Hq + h
         slope = 0.0
         if HAS_ALIBI:
-            slope = tl.load(Slopes + b * ssb + h * ssh)
+            slope = tl.load(Slopes + seq * ssb + h * ssh)
         for m0 in range(lo, hi, BLOCK_M):
             _count_tile(Tiles, 1, COUNT_TILES)
             rows = m0 + tl.arange(0, BLOCK_M)
             in_rows = rows < Lq
             q = tl.load(
-                Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+                Q + b * sqb + h * sqh + (q0 + rows[:, None]) * sqm + d[None, :] * sqd,
                 mask=in_rows[:, None] & (d[None, :] < D),
                 other=0.0,
             )
             do = tl.load(
-                dO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
+                dO + b * sdob + h * sdoh + (q0 + rows[:, None]) * sdom + dv[None, :] * sdod,
                 mask=in_rows[:, None] & (dv[None, :] < DV),
                 other=0.0,
             )
-            lse = tl.load(Lse + bh * Lq + rows, mask=in_rows, other=0.0)
-            delta = tl.load(Delta + bh * Lq + rows, mask=in_rows, other=0.0)
+            lse = tl.load(Lse + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
+            delta = tl.load(Delta + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
             p, t = _probabilities(
                 q,
                 kt,
@@ -519,14 +545,14 @@ def _bwd_dkdv_kernel(
             dp = tl.dot(do, vt, input_precision="ieee")
             p_dropped = p
             if HAS_DROPOUT:
-                keep = _dropout_keep(Seed, bh, rows, cols, Lq, Lk, dropout_p)
+                keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
                 p_dropped = tl.where(keep, p * dropout_scale, 0.0)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             dvacc += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision="ieee")
             ds, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
             if BIAS_GRAD:
                 tl.store(
-                    dBias + bh * Lq * Lk + rows[:, None].to(tl.int64) * Lk + cols[None, :],
+                    dBias + bh * total_q * total_k + rows[:, None].to(tl.int64) * total_k + cols[None, :],
                     ds,
                     mask=in_rows[:, None] & (cols[None, :] < Lk),
                 )
@@ -534,12 +560,12 @@ def _bwd_dkdv_kernel(
     # dK and dV are contiguous (B, Hkv, Lk, D / DV)
     in_cols = cols[:, None] < Lk
     tl.store(
-        dK + (bhk * Lk + cols[:, None]) * D + d[None, :],
+        dK + (bhk * total_k + k0 + cols[:, None]) * D + d[None, :],
         (dk * scale).to(dK.dtype.element_ty),
         mask=in_cols & (d[None, :] < D),
     )
     tl.store(
-        dV + (bhk * Lk + cols[:, None]) * DV + dv[None, :],
+        dV + (bhk * total_k + k0 + cols[:, None]) * DV + dv[None, :],
         dvacc.to(dV.dtype.element_ty),
         mask=in_cols & (dv[None, :] < DV),
     )
@@ -559,6 +585,7 @@ def _bwd_dq_kernel(
     Slopes,
     Seed,
     KeyRange,
+    Segments,
     Tiles,
     dQ,
     sqb,
@@ -606,6 +633,7 @@ def _bwd_dq_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -613,31 +641,35 @@ def _bwd_dq_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
+    seq = tl.program_id(1).to(tl.int64) // Hq
+    h = tl.program_id(1).to(tl.int64) % Hq
     hk = h // GROUP
+    total_q, total_k = Lq, Lk
+    b, q0, k0, Lq, Lk, offset = _segment(Segments, seq, Lq, Lk, offset, HAS_SEGMENTS)
+    if m0 >= Lq:  # a block past this sequence's queries (grids span the longest one)
+        return
+    bh = b * Hq + h
     rows = m0 + tl.arange(0, BLOCK_M)
     in_rows = rows < Lq
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+        Q + b * sqb + h * sqh + (q0 + rows[:, None]) * sqm + d[None, :] * sqd,
         mask=in_rows[:, None] & (d[None, :] < D),
         other=0.0,
     )
     do = tl.load(
-        dO + b * sdob + h * sdoh + rows[:, None] * sdom + dv[None, :] * sdod,
+        dO + b * sdob + h * sdoh + (q0 + rows[:, None]) * sdom + dv[None, :] * sdod,
         mask=in_rows[:, None] & (dv[None, :] < DV),
         other=0.0,
     )
-    lse = tl.load(Lse + bh * Lq + rows, mask=in_rows, other=0.0)
-    delta = tl.load(Delta + bh * Lq + rows, mask=in_rows, other=0.0)
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
+    lse = tl.load(Lse + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
+    delta = tl.load(Delta + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
+    K += b * skb + hk * skh + k0 * skn
+    V += b * svb + hk * svh + k0 * svn
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Slopes + b * ssb + h * ssh)
+        slope = tl.load(Slopes + seq * ssb + h * ssh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kbeg, kend = _keys_of(KeyRange, b, Lk, HAS_KEY_RANGE)
     lo, hi = _key_range(m0, BLOCK_M, BLOCK_N, Lk, left, right, offset)
@@ -676,11 +708,12 @@ def _bwd_dq_kernel(
         )
         dp = tl.dot(do, vt, input_precision="ieee")
         if HAS_DROPOUT:
-            dp = tl.where(_dropout_keep(Seed, bh, rows, cols, Lq, Lk, dropout_p), dp * dropout_scale, 0.0)
+            keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         _, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
         dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision="ieee")
     tl.store(
-        dQ + (bh * Lq + rows[:, None]) * D + d[None, :],
+        dQ + (bh * total_q + q0 + rows[:, None]) * D + d[None, :],
         (dq * scale).to(dQ.dtype.element_ty),
         mask=in_rows[:, None] & (d[None, :] < D),
     )
@@ -714,12 +747,7 @@ def _slopes(alibi_slopes, batch, q_heads, placeholder):
     return s, s.stride()
 
 
-def _check(q, k, v, what, segments=None):
-    if segments is not None:
-        raise NotImplementedError(
-            "bmkernels attention backend 'triton': packed sequences (segments, flash_attn_varlen_func) run on "
-            "backend='cpu' only so far"
-        )
+def _check(q, k, v, what):
     if q.dtype not in DTYPES:
         raise TypeError(
             f"bmkernels attention backend 'triton': q must be float16, bfloat16 or float32; got "
@@ -735,6 +763,36 @@ def _check(q, k, v, what, segments=None):
             f"bmkernels attention backend 'triton': head dims must be <= {MAX_HEAD_DIM}; got q/k "
             f"{q.shape[-1]}, v {v.shape[-1]} ({what})"
         )
+
+
+def _check_segments(segments, q, k, bias, mask, key_range):
+    """The C++ operator's checks of packed sequences (csrc/cpu/attention.cpp check_segments)."""
+    if segments is None:
+        return
+    if segments.dtype != torch.int64 or segments.dim() != 2 or segments.shape[0] < 1 or segments.shape[1] != 2:
+        raise ValueError(
+            f"bmkernels attention: segments must be int64 of shape (S + 1, 2); got {segments.dtype} "
+            f"{tuple(segments.shape)}"
+        )
+    if q.shape[0] != 1:
+        raise ValueError(f"bmkernels attention: packed sequences (segments) need batch 1; got q of batch {q.shape[0]}")
+    if bias is not None or mask is not None or key_range is not None:
+        raise ValueError("bmkernels attention: segments do not combine with bias, mask or key_range")
+    c = segments.cpu()
+    if c[0].tolist() != [0, 0] or c[-1].tolist() != [q.shape[2], k.shape[2]] or bool((c[1:] < c[:-1]).any()):
+        raise ValueError(
+            f"bmkernels attention: segments must be non-decreasing from (0, 0) to (Lq, Lk) = "
+            f"({q.shape[2]}, {k.shape[2]}); got {c.tolist()}"
+        )
+
+
+def _problems(batch, q_len, k_len, segments):
+    """(independent problems, longest query run, longest key run): batches, or packed sequences (the
+    grid spans the longest; programs past a shorter sequence's end return at once)."""
+    if segments is None:
+        return batch, q_len, k_len
+    lengths = (segments[1:] - segments[:-1]).amax(0).tolist() if segments.shape[0] > 1 else [0, 0]
+    return segments.shape[0] - 1, max(lengths[0], 1), max(lengths[1], 1)
 
 
 _tile_counter = None
@@ -769,17 +827,20 @@ def _common_args(
     diag_offset,
     dropout_p,
     key_range,
+    segments,
 ):
     """(tensor args, stride args, scalar args, constexpr flags) shared by the three kernels."""
     batch, q_heads, q_len, _ = q.shape
     grid = (batch, q_heads, q_len, k.shape[2])
     bias_t, bias_strides = _grid_strides(bias, grid, q)
     mask_t, mask_strides = _grid_strides(mask, grid, q)
-    slopes_t, slopes_strides = _slopes(alibi_slopes, batch, q_heads, q)
+    problems = batch if segments is None else segments.shape[0] - 1  # ALiBi slopes per batch or sequence
+    slopes_t, slopes_strides = _slopes(alibi_slopes, problems, q_heads, q)
     seed = rng_seed.to(q.device) if dropout_p > 0 else q
     key_range_t = key_range.contiguous() if key_range is not None else q
+    segments_t = segments.contiguous() if segments is not None else q
     tiles = _tile_counter if _tile_counter is not None else q
-    tensors = (bias_t, mask_t, slopes_t, seed, key_range_t, tiles)
+    tensors = (bias_t, mask_t, slopes_t, seed, key_range_t, segments_t, tiles)
     strides = (*bias_strides, *mask_strides, *slopes_strides)
     scalars = (
         float(scale),
@@ -797,6 +858,7 @@ def _common_args(
         "HAS_SOFTCAP": softcap > 0,
         "HAS_DROPOUT": dropout_p > 0,
         "HAS_KEY_RANGE": key_range is not None,
+        "HAS_SEGMENTS": segments is not None,
         "COUNT_TILES": _tile_counter is not None,
         "BLOCK_D": _block(q.shape[3]),
         "BLOCK_DV": _block(v.shape[3]),
@@ -823,7 +885,8 @@ def attention_fwd(
     segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_fwd: (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32)."""
-    _check(q, k, v, "attention_fwd", segments)
+    _check(q, k, v, "attention_fwd")
+    _check_segments(segments, q, k, bias, mask, key_range)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     # contiguous: unlike the C++ op, a triton_op cannot carry the tag that keeps inductor from changing
@@ -847,8 +910,10 @@ def attention_fwd(
         diag_offset,
         dropout_p,
         key_range,
+        segments,
     )
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
+    problems, longest_q, _ = _problems(batch, q_len, k_len, segments)
+    grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), problems * q_heads)
     wrap_triton(_fwd_kernel)[grid](
         q,
         k,
@@ -898,7 +963,8 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_bwd: (dq, dk, dv, dbias); dbias is the float32
     (B, Hq, Lq, Lk) score gradient when bias_grad, else empty."""
-    _check(q, k, v, "attention_bwd", segments)
+    _check(q, k, v, "attention_bwd")
+    _check_segments(segments, q, k, bias, mask, key_range)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     # every element of dq, dk, dv is written by the kernels; dbias is zero outside the causal/window band
@@ -926,11 +992,13 @@ def attention_bwd(
         diag_offset,
         dropout_p,
         key_range,
+        segments,
     )
     group = q_heads // kv_heads
     lse = lse.contiguous()
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *strides)
-    grid_kv = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads)
+    problems, longest_q, longest_k = _problems(batch, q_len, k_len, segments)
+    grid_kv = lambda meta: (triton.cdiv(longest_k, meta["BLOCK_N"]), problems * kv_heads)
     wrap_triton(_bwd_dkdv_kernel)[grid_kv](
         q,
         k,
@@ -954,7 +1022,7 @@ def attention_bwd(
         BIAS_GRAD=bias_grad,
         **flags,
     )
-    grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
+    grid_q = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), problems * q_heads)
     wrap_triton(_bwd_dq_kernel)[grid_q](
         q,
         k,

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -820,29 +821,31 @@ struct CacheRows {
   }
 };
 
-// x (n elements, any dtype) as acc_t into out; returns out, or x itself when it already is acc_t.
+// x (n elements) as acc_t: x itself when it already is acc_t, else converted into out (vectorized).
 template <typename scalar_t, typename acc_t>
 const acc_t* as_acc(const scalar_t* x, int64_t n, acc_t* out) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return x;
   } else {
-    for (int64_t d = 0; d < n; ++d) out[d] = static_cast<acc_t>(x[d]);
+    at::vec::convert(x, out, n);
     return out;
   }
 }
 
+// out[r * ld] = <q row r, key> for r < rows (rows <= kCacheRowBlock): the key row is loaded once for all
+// the rows, one accumulator each.
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  Vec<T> acc(T(0));
-  for (int64_t d = 0; d < n; d += Vec<T>::size()) {
-    const int64_t m = std::min<int64_t>(Vec<T>::size(), n - d);
-    acc = at::vec::fmadd(Vec<T>::loadu(a + d, m), Vec<T>::loadu(b + d, m), acc);
+void dot_rows(const T* q_rows, int64_t rows, int64_t D, const T* key, T* out, int64_t ld) {
+  Vec<T> acc[kCacheRowBlock];
+  for (int64_t r = 0; r < rows; ++r) acc[r] = Vec<T>(T(0));
+  for (int64_t d = 0; d < D; d += Vec<T>::size()) {
+    const int64_t m = std::min<int64_t>(Vec<T>::size(), D - d);
+    const Vec<T> k = Vec<T>::loadu(key + d, m);
+    for (int64_t r = 0; r < rows; ++r) acc[r] = at::vec::fmadd(Vec<T>::loadu(q_rows + r * D + d, m), k, acc[r]);
   }
-  T lanes[Vec<T>::size()];
-  acc.store(lanes);
-  T sum = 0;
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
-  return sum;
+  for (int64_t r = 0; r < rows; ++r) {
+    out[r * ld] = at::vec::vec_reduce_all<T>([](const Vec<T>& x, const Vec<T>& y) { return x + y; }, acc[r]);
+  }
 }
 
 template <typename T>
@@ -909,7 +912,7 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
         const int64_t n = std::min(kCacheKeyTile, end - j0);
         for (int64_t c = 0; c < n; ++c) {
           const acc_t* kr = as_acc(k + k_rows.at(b, j0 + c) + hk * sh.k_head, D, key_row.data());
-          for (int64_t r = 0; r < rows; ++r) scores[r * kCacheKeyTile + c] = dot(q_tile.data() + r * D, kr, D);
+          dot_rows(q_tile.data(), rows, D, kr, scores.data() + c, kCacheKeyTile);
         }
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * kCacheKeyTile;
