@@ -346,11 +346,12 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
 
     dtype, arch, block_d, block_dv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "dBias": "*fp32", "Slopes": "*fp32", "Mask": "*u8",
-                     "Seed": "*i64", "KeyRange": "*i64", "Tiles": "*i32"}
+                     "Seed": "*i64", "KeyRange": "*i64", "Segments": "*i64", "Tiles": "*i32"}
     data_pointers = ("Q", "K", "V", "Bias", "Out", "dO", "dK", "dV", "dQ")
     floats = ("scale", "softcap", "dropout_p", "dropout_scale")
     flags = {"HAS_BIAS": True, "HAS_MASK": True, "HAS_ALIBI": True, "HAS_SOFTCAP": True, "HAS_DROPOUT": True,
-             "HAS_KEY_RANGE": True, "COUNT_TILES": False, "BIAS_GRAD": True, "BLOCK_D": block_d, "BLOCK_DV": block_dv}
+             "HAS_KEY_RANGE": True, "HAS_SEGMENTS": True, "COUNT_TILES": False, "BIAS_GRAD": True,
+             "BLOCK_D": block_d, "BLOCK_DV": block_dv}
     report = {}
     for kernel in (ta._fwd_kernel, ta._bwd_dkdv_kernel, ta._bwd_dq_kernel):
         config = kernel.configs[0]  # the first A100/H100 autotune config (the only one when untuned)
