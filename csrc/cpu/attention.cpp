@@ -17,8 +17,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -821,31 +823,67 @@ struct CacheRows {
   }
 };
 
-// x (n elements) as acc_t: x itself when it already is acc_t, else converted into out (vectorized).
+// m <= Vec<acc_t>::size() elements of x as a vector of acc_t (converted in registers: no copy).
 template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* x, int64_t n, acc_t* out) {
+Vec<acc_t> load_as(const scalar_t* x, int64_t m) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return x;
+    return Vec<acc_t>::loadu(x, m);
   } else {
-    at::vec::convert(x, out, n);
+    Vec<acc_t> out;
+    if (m == Vec<acc_t>::size()) {
+      at::vec::load_to_float(x, out);
+    } else {
+      scalar_t part[Vec<acc_t>::size()] = {};
+      std::copy(x, x + m, part);
+      at::vec::load_to_float(part, out);
+    }
     return out;
   }
 }
 
-// out[r * ld] = <q row r, key> for r < rows (rows <= kCacheRowBlock): the key row is loaded once for all
-// the rows, one accumulator each.
-template <typename T>
-void dot_rows(const T* q_rows, int64_t rows, int64_t D, const T* key, T* out, int64_t ld) {
-  Vec<T> acc[kCacheRowBlock];
-  for (int64_t r = 0; r < rows; ++r) acc[r] = Vec<T>(T(0));
+// out[r * ld] = <q row r, key> for R rows: the key is loaded (and converted) once for all of them, and
+// the R accumulators stay in registers (R is a compile-time constant).
+template <typename scalar_t, typename T, int R>
+void dot_rows_of(const T* q_rows, int64_t D, const scalar_t* key, T* out, int64_t ld) {
+  std::array<Vec<T>, R> acc;
+  acc.fill(Vec<T>(T(0)));
   for (int64_t d = 0; d < D; d += Vec<T>::size()) {
     const int64_t m = std::min<int64_t>(Vec<T>::size(), D - d);
-    const Vec<T> k = Vec<T>::loadu(key + d, m);
-    for (int64_t r = 0; r < rows; ++r) acc[r] = at::vec::fmadd(Vec<T>::loadu(q_rows + r * D + d, m), k, acc[r]);
+    const Vec<T> k = load_as<scalar_t, T>(key + d, m);
+    for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec<T>::loadu(q_rows + r * D + d, m), k, acc[r]);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    out[r * ld] = at::vec::vec_reduce_all<T>([](const Vec<T>& x, const Vec<T>& y) { return x + y; }, acc[r]);
+  for (int r = 0; r < R; ++r) out[r * ld] = at::vec::vec_reduce_all<T>(std::plus<Vec<T>>(), acc[r]);
+}
+
+template <typename scalar_t, typename T>
+void dot_rows(const T* q_rows, int64_t rows, int64_t D, const scalar_t* key, T* out, int64_t ld) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dot_rows_of<scalar_t, T, 4>(q_rows + r * D, D, key, out + r * ld, ld);
+  for (; r < rows; ++r) dot_rows_of<scalar_t, T, 1>(q_rows + r * D, D, key, out + r * ld, ld);
+}
+
+// out[r, :] += sum_c p[r * ld + c] * values[c][:] for R rows and c < n: each vector of the rows' outputs
+// stays in a register across the tile's keys.
+template <typename scalar_t, typename T, int R>
+void accumulate_values_of(const T* p, int64_t ld, const scalar_t* const* values, int64_t n, int64_t Dv, T* out) {
+  for (int64_t d = 0; d < Dv; d += Vec<T>::size()) {
+    const int64_t m = std::min<int64_t>(Vec<T>::size(), Dv - d);
+    std::array<Vec<T>, R> acc;
+    for (int r = 0; r < R; ++r) acc[r] = Vec<T>::loadu(out + r * Dv + d, m);
+    for (int64_t c = 0; c < n; ++c) {
+      const Vec<T> v = load_as<scalar_t, T>(values[c] + d, m);
+      for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec<T>(p[r * ld + c]), v, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) acc[r].store(out + r * Dv + d, m);
   }
+}
+
+template <typename scalar_t, typename T>
+void accumulate_values(const T* p, int64_t ld, int64_t rows, const scalar_t* const* values, int64_t n, int64_t Dv,
+                       T* out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) accumulate_values_of<scalar_t, T, 4>(p + r * ld, ld, values, n, Dv, out + r * Dv);
+  for (; r < rows; ++r) accumulate_values_of<scalar_t, T, 1>(p + r * ld, ld, values, n, Dv, out + r * Dv);
 }
 
 template <typename T>
@@ -883,7 +921,7 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
   std::vector<acc_t> part_out(splits * problems * kCacheRowBlock * std::max<int64_t>(Dv, 1), acc_t(0));
   run_tasks(problems * splits, [&](const auto& next_task) {
     std::vector<acc_t> q_tile(kCacheRowBlock * D), scores(kCacheRowBlock * kCacheKeyTile);
-    std::vector<acc_t> key_row(D), value_row(Dv);
+    const scalar_t* value_at[kCacheKeyTile];  // the tile's value rows in the cache
     std::vector<int64_t> lo(kCacheRowBlock), hi(kCacheRowBlock);
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t problem = task / splits, split = task % splits;
@@ -911,8 +949,8 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
       for (int64_t j0 = first; j0 < end; j0 += kCacheKeyTile) {
         const int64_t n = std::min(kCacheKeyTile, end - j0);
         for (int64_t c = 0; c < n; ++c) {
-          const acc_t* kr = as_acc(k + k_rows.at(b, j0 + c) + hk * sh.k_head, D, key_row.data());
-          dot_rows(q_tile.data(), rows, D, kr, scores.data() + c, kCacheKeyTile);
+          value_at[c] = v + v_rows.at(b, j0 + c) + hk * sh.v_head;
+          dot_rows(q_tile.data(), rows, D, k + k_rows.at(b, j0 + c) + hk * sh.k_head, scores.data() + c, kCacheKeyTile);
         }
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * kCacheKeyTile;
@@ -930,13 +968,7 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
           run_max[r] = new_max;
           if (rescale != acc_t(1)) scale_row(acc_out + r * Dv, Dv, rescale);
         }
-        for (int64_t c = 0; c < n; ++c) {
-          const acc_t* vr = as_acc(v + v_rows.at(b, j0 + c) + hk * sh.v_head, Dv, value_row.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            const acc_t p = scores[r * kCacheKeyTile + c];
-            if (p != acc_t(0)) axpy(p, vr, acc_out + r * Dv, Dv);
-          }
-        }
+        accumulate_values(scores.data(), kCacheKeyTile, rows, value_at, n, Dv, acc_out);
       }
     }
   });
