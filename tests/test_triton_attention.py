@@ -346,6 +346,7 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
 
     dtype, arch, block_d, block_dv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     pointer_types = {"Lse": "*fp32", "Delta": "*fp32", "dBias": "*fp32", "Slopes": "*fp32", "Mask": "*u8",
+                     "MaskTiles": "*u8",
                      "Seed": "*i64", "KeyRange": "*i64", "Segments": "*i64", "Tiles": "*i32"}
     data_pointers = ("Q", "K", "V", "Bias", "Out", "dO", "dK", "dV", "dQ")
     floats = ("scale", "softcap", "dropout_p", "dropout_scale")
@@ -501,3 +502,29 @@ def test_key_range_skips_whole_key_blocks():
         # dK/dV: 4 key blocks x 2 query blocks for batch 0, 1 key block x 2 query blocks for batch 1
         assert counts["all"][1] == 4 * 2 + 4 * 2 and counts["range"][1] == 4 * 2 + 1 * 2
     assert all(r < a for r, a in zip(counts["range"], counts["all"], strict=True))
+
+
+def test_mask_tiles_with_nothing_kept_are_skipped():
+    """A bool mask is analysed per tile (a table of 16 x 16 granules): the three kernels visit exactly the
+    tiles where the mask keeps something (a 4-document mask: the block diagonal), and give the reference's
+    results there; a tile the mask keeps entirely skips the mask loads (same results as no mask)."""
+    length, block = 100, 32
+    q, k, v = qkv(batch=2, q_heads=2, q_len=length, k_len=length, head_dim=16)
+    docs = torch.arange(length) * 4 // length
+    masks = {"documents": docs[:, None] == docs[None, :], "nothing": torch.zeros(length, length, dtype=torch.bool)}
+    for name, mask in masks.items():
+        with triton_attention.counting_tiles(DEVICE) as tiles:
+            out = bmkernels.attention(q, k, v, mask=mask.to(DEVICE), backend="triton")
+            out.sum().backward()
+        if not ON_GPU:  # interpreter blocks are 32 x 32: count the blocks holding a kept entry
+            n = -(-length // block)
+            padded = torch.zeros(n * block, n * block, dtype=torch.bool)
+            padded[:length, :length] = mask
+            visited = int(padded.view(n, block, n, block).any(3).any(1).sum()) * 2 * 2  # x batch x heads
+            assert tiles.tolist() == [visited] * 3, (name, tiles.tolist(), visited)
+        expected = bmkernels.attention(q, k, v, mask=mask.to(DEVICE), backend="reference")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    kept = torch.ones(length, length, dtype=torch.bool, device=DEVICE)
+    torch.testing.assert_close(
+        bmkernels.attention(q, k, v, mask=kept, backend="triton"), bmkernels.attention(q, k, v, backend="triton")
+    )

@@ -33,6 +33,7 @@ from torch.library import triton_op, wrap_triton
 from bmkernels.ops import attention as ops_attention
 
 MAX_HEAD_DIM = 256
+MASK_GRANULE = tl.constexpr(16)  # rows and columns per entry of a mask's tile table (the smallest block)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -86,6 +87,7 @@ def _scores(
     mask_ptr,
     smm,
     smn,
+    mask_mixed,
     slope,
     Lq,
     kbeg,
@@ -116,7 +118,8 @@ def _scores(
         s -= slope * tl.abs(pos - cols[None, :]).to(tl.float32)
     keep = inside & ((left < 0) | (cols[None, :] >= pos - left)) & ((right < 0) | (cols[None, :] <= pos + right))
     if HAS_MASK:
-        keep &= tl.load(mask_ptr + rows[:, None] * smm + cols[None, :] * smn, mask=inside, other=0) != 0
+        if mask_mixed:  # a tile whose mask entries are all kept skips the load (_mask_tile)
+            keep &= tl.load(mask_ptr + rows[:, None] * smm + cols[None, :] * smn, mask=inside, other=0) != 0
     return tl.where(keep, s, float("-inf")), t
 
 
@@ -160,6 +163,24 @@ def _segment(Segments, b, Lq, Lk, offset, HAS_SEGMENTS: tl.constexpr):
 
 
 @triton.jit
+def _mask_tile(
+    MaskTiles, stq, stk, m0, n0, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr
+):
+    """(visit, mixed) for the score tile at (m0, n0), from the mask's table of 16 x 16 granules (0: nothing
+    kept, 1: mixed, 2: all kept): a tile with nothing kept is skipped, one with everything kept needs no
+    mask loads. Without a mask: (True, False)."""
+    if HAS_MASK:
+        gq = m0 // MASK_GRANULE + tl.arange(0, (BLOCK_M + MASK_GRANULE - 1) // MASK_GRANULE)
+        gk = n0 // MASK_GRANULE + tl.arange(0, (BLOCK_N + MASK_GRANULE - 1) // MASK_GRANULE)
+        inside = (gq[:, None] * MASK_GRANULE < Lq) & (gk[None, :] * MASK_GRANULE < Lk)
+        codes = tl.load(MaskTiles + gq[:, None] * stq + gk[None, :] * stk, mask=inside, other=0)
+        most = tl.max(tl.max(codes, 1), 0)
+        least = tl.min(tl.min(tl.where(inside, codes, 2), 1), 0)
+        return most > 0, least < 2
+    return True, False
+
+
+@triton.jit
 def _count_tile(Tiles, which, COUNT_TILES: tl.constexpr):
     """Tests count the tiles each kernel visits (counting_tiles()): block skipping is checked that way."""
     if COUNT_TILES:
@@ -182,6 +203,7 @@ def _fwd_kernel(
     V,
     Bias,
     Mask,
+    MaskTiles,
     Slopes,
     Seed,
     KeyRange,
@@ -209,6 +231,10 @@ def _fwd_kernel(
     smh,
     smm,
     smn,
+    stb,
+    sth,
+    stq,
+    stk,
     ssb,
     ssh,
     sob,
@@ -273,49 +299,54 @@ def _fwd_kernel(
     lo, hi = _key_range(m0, BLOCK_M, BLOCK_N, Lk, left, right, offset)
     lo, hi = tl.maximum(lo, (kbeg // BLOCK_N) * BLOCK_N), tl.minimum(hi, kend)  # padding: whole blocks skipped
     for n0 in range(lo, hi, BLOCK_N):
-        _count_tile(Tiles, 0, COUNT_TILES)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(
-            K + cols[None, :] * skn + d[:, None] * skd, mask=(cols[None, :] < Lk) & (d[:, None] < D), other=0.0
+        visit, mask_mixed = _mask_tile(
+            MaskTiles + b * stb + h * sth, stq, stk, m0, n0, Lq, Lk, BLOCK_M, BLOCK_N, HAS_MASK
         )
-        qk = tl.dot(q, kt, input_precision="ieee")
-        s, _ = _scores(
-            qk,
-            rows,
-            cols,
-            Bias,
-            sbm,
-            sbn,
-            Mask,
-            smm,
-            smn,
-            slope,
-            Lq,
-            kbeg,
-            kend,
-            scale,
-            softcap,
-            left,
-            right,
-            offset,
-            HAS_BIAS,
-            HAS_MASK,
-            HAS_ALIBI,
-            HAS_SOFTCAP,
-        )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no -inf - -inf
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        v = tl.load(
-            V + cols[:, None] * svn + dv[None, :] * svd, mask=(cols[:, None] < Lk) & (dv[None, :] < DV), other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        if visit:  # a tile the mask keeps nothing of is skipped
+            _count_tile(Tiles, 0, COUNT_TILES)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kt = tl.load(
+                K + cols[None, :] * skn + d[:, None] * skd, mask=(cols[None, :] < Lk) & (d[:, None] < D), other=0.0
+            )
+            qk = tl.dot(q, kt, input_precision="ieee")
+            s, _ = _scores(
+                qk,
+                rows,
+                cols,
+                Bias,
+                sbm,
+                sbn,
+                Mask,
+                smm,
+                smn,
+                mask_mixed,
+                slope,
+                Lq,
+                kbeg,
+                kend,
+                scale,
+                softcap,
+                left,
+                right,
+                offset,
+                HAS_BIAS,
+                HAS_MASK,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+            )
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no -inf - -inf
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
+                p = tl.where(keep, p * dropout_scale, 0.0)
+            v = tl.load(
+                V + cols[:, None] * svn + dv[None, :] * svd, mask=(cols[:, None] < Lk) & (dv[None, :] < DV), other=0.0
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
 
     empty = l_i == 0.0  # no visible key: zeros and lse = -inf, never NaN
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -341,6 +372,7 @@ def _probabilities(
     Mask,
     smm,
     smn,
+    mask_mixed,
     slope,
     Lq,
     kbeg,
@@ -368,6 +400,7 @@ def _probabilities(
         Mask,
         smm,
         smn,
+        mask_mixed,
         slope,
         Lq,
         kbeg,
@@ -406,6 +439,7 @@ def _bwd_dkdv_kernel(
     Delta,
     Bias,
     Mask,
+    MaskTiles,
     Slopes,
     Seed,
     KeyRange,
@@ -438,6 +472,10 @@ def _bwd_dkdv_kernel(
     smh,
     smm,
     smn,
+    stb,
+    sth,
+    stq,
+    stk,
     ssb,
     ssh,
     Hq,
@@ -501,62 +539,67 @@ def _bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope = tl.load(Slopes + seq * ssb + h * ssh)
         for m0 in range(lo, hi, BLOCK_M):
-            _count_tile(Tiles, 1, COUNT_TILES)
-            rows = m0 + tl.arange(0, BLOCK_M)
-            in_rows = rows < Lq
-            q = tl.load(
-                Q + b * sqb + h * sqh + (q0 + rows[:, None]) * sqm + d[None, :] * sqd,
-                mask=in_rows[:, None] & (d[None, :] < D),
-                other=0.0,
+            visit, mask_mixed = _mask_tile(
+                MaskTiles + b * stb + h * sth, stq, stk, m0, n0, Lq, Lk, BLOCK_M, BLOCK_N, HAS_MASK
             )
-            do = tl.load(
-                dO + b * sdob + h * sdoh + (q0 + rows[:, None]) * sdom + dv[None, :] * sdod,
-                mask=in_rows[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )
-            lse = tl.load(Lse + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
-            delta = tl.load(Delta + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
-            p, t = _probabilities(
-                q,
-                kt,
-                rows,
-                cols,
-                lse,
-                Bias + b * sbb + h * sbh,
-                sbm,
-                sbn,
-                Mask + b * smb + h * smh,
-                smm,
-                smn,
-                slope,
-                Lq,
-                kbeg,
-                kend,
-                scale,
-                softcap,
-                left,
-                right,
-                offset,
-                HAS_BIAS,
-                HAS_MASK,
-                HAS_ALIBI,
-                HAS_SOFTCAP,
-            )
-            dp = tl.dot(do, vt, input_precision="ieee")
-            p_dropped = p
-            if HAS_DROPOUT:
-                keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
-                p_dropped = tl.where(keep, p * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            dvacc += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision="ieee")
-            ds, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
-            if BIAS_GRAD:
-                tl.store(
-                    dBias + bh * total_q * total_k + rows[:, None].to(tl.int64) * total_k + cols[None, :],
-                    ds,
-                    mask=in_rows[:, None] & (cols[None, :] < Lk),
+            if visit:  # a tile the mask keeps nothing of is skipped
+                _count_tile(Tiles, 1, COUNT_TILES)
+                rows = m0 + tl.arange(0, BLOCK_M)
+                in_rows = rows < Lq
+                q = tl.load(
+                    Q + b * sqb + h * sqh + (q0 + rows[:, None]) * sqm + d[None, :] * sqd,
+                    mask=in_rows[:, None] & (d[None, :] < D),
+                    other=0.0,
                 )
-            dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision="ieee")
+                do = tl.load(
+                    dO + b * sdob + h * sdoh + (q0 + rows[:, None]) * sdom + dv[None, :] * sdod,
+                    mask=in_rows[:, None] & (dv[None, :] < DV),
+                    other=0.0,
+                )
+                lse = tl.load(Lse + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
+                delta = tl.load(Delta + bh * total_q + q0 + rows, mask=in_rows, other=0.0)
+                p, t = _probabilities(
+                    q,
+                    kt,
+                    rows,
+                    cols,
+                    lse,
+                    Bias + b * sbb + h * sbh,
+                    sbm,
+                    sbn,
+                    Mask + b * smb + h * smh,
+                    smm,
+                    smn,
+                    mask_mixed,
+                    slope,
+                    Lq,
+                    kbeg,
+                    kend,
+                    scale,
+                    softcap,
+                    left,
+                    right,
+                    offset,
+                    HAS_BIAS,
+                    HAS_MASK,
+                    HAS_ALIBI,
+                    HAS_SOFTCAP,
+                )
+                dp = tl.dot(do, vt, input_precision="ieee")
+                p_dropped = p
+                if HAS_DROPOUT:
+                    keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
+                    p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+                    dp = tl.where(keep, dp * dropout_scale, 0.0)
+                dvacc += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision="ieee")
+                ds, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
+                if BIAS_GRAD:
+                    tl.store(
+                        dBias + bh * total_q * total_k + rows[:, None].to(tl.int64) * total_k + cols[None, :],
+                        ds,
+                        mask=in_rows[:, None] & (cols[None, :] < Lk),
+                    )
+                dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision="ieee")
     # dK and dV are contiguous (B, Hkv, Lk, D / DV)
     in_cols = cols[:, None] < Lk
     tl.store(
@@ -582,6 +625,7 @@ def _bwd_dq_kernel(
     Delta,
     Bias,
     Mask,
+    MaskTiles,
     Slopes,
     Seed,
     KeyRange,
@@ -612,6 +656,10 @@ def _bwd_dq_kernel(
     smh,
     smm,
     smn,
+    stb,
+    sth,
+    stq,
+    stk,
     ssb,
     ssh,
     Hq,
@@ -675,43 +723,52 @@ def _bwd_dq_kernel(
     lo, hi = _key_range(m0, BLOCK_M, BLOCK_N, Lk, left, right, offset)
     lo, hi = tl.maximum(lo, (kbeg // BLOCK_N) * BLOCK_N), tl.minimum(hi, kend)
     for n0 in range(lo, hi, BLOCK_N):
-        _count_tile(Tiles, 2, COUNT_TILES)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        in_cols = cols < Lk
-        kt = tl.load(K + cols[None, :] * skn + d[:, None] * skd, mask=in_cols[None, :] & (d[:, None] < D), other=0.0)
-        vt = tl.load(V + cols[None, :] * svn + dv[:, None] * svd, mask=in_cols[None, :] & (dv[:, None] < DV), other=0.0)
-        p, t = _probabilities(
-            q,
-            kt,
-            rows,
-            cols,
-            lse,
-            Bias + b * sbb + h * sbh,
-            sbm,
-            sbn,
-            Mask + b * smb + h * smh,
-            smm,
-            smn,
-            slope,
-            Lq,
-            kbeg,
-            kend,
-            scale,
-            softcap,
-            left,
-            right,
-            offset,
-            HAS_BIAS,
-            HAS_MASK,
-            HAS_ALIBI,
-            HAS_SOFTCAP,
+        visit, mask_mixed = _mask_tile(
+            MaskTiles + b * stb + h * sth, stq, stk, m0, n0, Lq, Lk, BLOCK_M, BLOCK_N, HAS_MASK
         )
-        dp = tl.dot(do, vt, input_precision="ieee")
-        if HAS_DROPOUT:
-            keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        _, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
-        dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision="ieee")
+        if visit:  # a tile the mask keeps nothing of is skipped
+            _count_tile(Tiles, 2, COUNT_TILES)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            in_cols = cols < Lk
+            kt = tl.load(
+                K + cols[None, :] * skn + d[:, None] * skd, mask=in_cols[None, :] & (d[:, None] < D), other=0.0
+            )
+            vt = tl.load(
+                V + cols[None, :] * svn + dv[:, None] * svd, mask=in_cols[None, :] & (dv[:, None] < DV), other=0.0
+            )
+            p, t = _probabilities(
+                q,
+                kt,
+                rows,
+                cols,
+                lse,
+                Bias + b * sbb + h * sbh,
+                sbm,
+                sbn,
+                Mask + b * smb + h * smh,
+                smm,
+                smn,
+                mask_mixed,
+                slope,
+                Lq,
+                kbeg,
+                kend,
+                scale,
+                softcap,
+                left,
+                right,
+                offset,
+                HAS_BIAS,
+                HAS_MASK,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+            )
+            dp = tl.dot(do, vt, input_precision="ieee")
+            if HAS_DROPOUT:
+                keep = _dropout_keep(Seed, bh, q0 + rows, k0 + cols, total_q, total_k, dropout_p)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            _, dqk = _score_grad(p, dp, delta, t, HAS_SOFTCAP)
+            dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision="ieee")
     tl.store(
         dQ + (bh * total_q + q0 + rows[:, None]) * D + d[None, :],
         (dq * scale).to(dQ.dtype.element_ty),
@@ -736,6 +793,25 @@ def _grid_strides(t, grid, placeholder):
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
     return t, t.stride()
+
+
+def _mask_tiles(mask, grid, placeholder):
+    """The mask's tile table: per 16 x 16 granule of its own (unbroadcast) extent, 0 if nothing is kept, 1
+    if mixed, 2 if everything is kept, as a uint8 view of the (B, Hq, Lq / 16, Lk / 16) grid and its
+    strides (0 where the mask broadcasts: a mask shared by batches or heads is analysed once)."""
+    if mask is None:
+        return placeholder, (0, 0, 0, 0)
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    g = int(MASK_GRANULE)
+    pad = [0, (-m.shape[3]) % g if m.shape[3] > 1 else 0, 0, (-m.shape[2]) % g if m.shape[2] > 1 else 0]
+    blocks = lambda t: t.view(  # noqa: E731
+        t.shape[0], t.shape[1], max(t.shape[2] // g, 1), min(t.shape[2], g), max(t.shape[3] // g, 1), min(t.shape[3], g)
+    )
+    kept = m.to(torch.uint8)
+    some = blocks(torch.nn.functional.pad(kept, pad, value=0)).amax((3, 5))
+    every = blocks(torch.nn.functional.pad(kept, pad, value=1)).amin((3, 5))
+    codes = (some + every).expand(grid[0], grid[1], -(-grid[2] // g), -(-grid[3] // g))
+    return codes, codes.stride()
 
 
 def _slopes(alibi_slopes, batch, q_heads, placeholder):
@@ -834,14 +910,15 @@ def _common_args(
     grid = (batch, q_heads, q_len, k.shape[2])
     bias_t, bias_strides = _grid_strides(bias, grid, q)
     mask_t, mask_strides = _grid_strides(mask, grid, q)
+    tiles_t, tiles_strides = _mask_tiles(mask, grid, q)
     problems = batch if segments is None else segments.shape[0] - 1  # ALiBi slopes per batch or sequence
     slopes_t, slopes_strides = _slopes(alibi_slopes, problems, q_heads, q)
     seed = rng_seed.to(q.device) if dropout_p > 0 else q
     key_range_t = key_range.contiguous() if key_range is not None else q
     segments_t = segments.contiguous() if segments is not None else q
     tiles = _tile_counter if _tile_counter is not None else q
-    tensors = (bias_t, mask_t, slopes_t, seed, key_range_t, segments_t, tiles)
-    strides = (*bias_strides, *mask_strides, *slopes_strides)
+    tensors = (bias_t, mask_t, tiles_t, slopes_t, seed, key_range_t, segments_t, tiles)
+    strides = (*bias_strides, *mask_strides, *tiles_strides, *slopes_strides)
     scalars = (
         float(scale),
         float(softcap),
