@@ -528,3 +528,65 @@ def test_mask_tiles_with_nothing_kept_are_skipped():
     torch.testing.assert_close(
         bmkernels.attention(q, k, v, mask=kept, backend="triton"), bmkernels.attention(q, k, v, backend="triton")
     )
+
+
+_LOWER_FORWARD = textwrap.dedent("""
+    import inspect, json, sys
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from bmkernels.triton import attention as ta
+
+    dtype = sys.argv[1]
+    block_dv = ta._value_block(24, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    flags = {"HAS_BIAS": False, "HAS_MASK": False, "HAS_ALIBI": False, "HAS_SOFTCAP": False, "HAS_DROPOUT": False,
+             "HAS_KEY_RANGE": False, "HAS_SEGMENTS": False, "COUNT_TILES": False, "BLOCK_D": 64,
+             "BLOCK_DV": block_dv, "BLOCK_M": 128, "BLOCK_N": 64}
+    pointers = {"Lse": "*fp32", "Slopes": "*fp32", "Mask": "*u8", "MaskTiles": "*u8", "Seed": "*i64",
+                "KeyRange": "*i64", "Segments": "*i64", "Tiles": "*i32"}
+    signature, consts = {}, {}
+    for name in inspect.signature(ta._fwd_kernel.fn.fn).parameters:
+        if name in flags:
+            signature[name], consts[name] = "constexpr", flags[name]
+        elif name in pointers or name in ("Q", "K", "V", "Bias", "Out"):
+            signature[name] = pointers.get(name, "*" + dtype)
+        else:
+            signature[name] = "fp32" if name in ("scale", "softcap", "dropout_p", "dropout_scale") else "i32"
+    compiled = triton.compile(ASTSource(fn=ta._fwd_kernel.fn, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    print(json.dumps([line for line in compiled.asm["ttgir"].splitlines() if "#ttg.nvidia_mma<" in line]))
+""")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels run (test_value_head_dim_below_key_head_dim_every_config)")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_forward_lowering_avoids_the_narrow_value_wgmma(dtype):
+    """The H200 failure (fp16/bf16, D = 40, Dv = 24, 128 x 64 tiles, 4 warps, 3 stages) had the P @ V
+    product on a 16x32x16 wgmma; with the value block at 64 every wgmma of the forward is 16x64x16."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", _LOWER_FORWARD, dtype], env=env, capture_output=True, text=True, timeout=600, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    layouts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert layouts and all("instrShape = [16, 64, 16]" in line for line in layouts), layouts
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_value_head_dim_below_key_head_dim_every_config(dtype):
+    """The shape that failed on an H200, run with each forward autotune config in turn."""
+    q, k, v = qkv(dtype, q_len=97, k_len=333, head_dim=40, q_heads=2, kv_heads=2)
+    v = rand(*v.shape[:3], 24, dtype=dtype)
+    expected = bmkernels.attention(q.double(), k.double(), v.double(), backend="reference")
+    kernel = triton_attention._fwd_kernel
+    configs = list(kernel.configs)
+    try:
+        for config in configs:
+            kernel.configs, kernel.cache = [config], {}
+            out = bmkernels.attention(q, k, v, backend="triton")
+            err = (out.double() - expected).abs().max().item()
+            assert err < 2e-2, (config, err)
+    finally:
+        kernel.configs, kernel.cache = configs, {}

@@ -784,6 +784,15 @@ def _block(n):
     return max(16, triton.next_power_of_2(n))
 
 
+def _value_block(dv, dtype):
+    """Value head-dim block. fp16/bf16 use at least 64: at 32 the P @ V product lowers on sm_90 to a
+    16x32x16 wgmma fed by a layout conversion from the 16x64x16 accumulator of q @ k^T, the one pattern
+    in the H200 run that gave a wrong forward (D = 40, Dv = 24, 128 x 64 tiles); fp32 (FMA dots) and the
+    interpreter are unaffected. tests/test_triton_attention.py checks the lowering here and, on a GPU,
+    every forward config at that shape."""
+    return max(64 if dtype in (torch.float16, torch.bfloat16) else 16, triton.next_power_of_2(dv))
+
+
 def _grid_strides(t, grid, placeholder):
     """t (broadcastable to the (B, Hq, Lq, Lk) grid) and its 4 strides as a grid view (0 where
     broadcast); (placeholder, zeros) when t is None."""
@@ -938,7 +947,7 @@ def _common_args(
         "HAS_SEGMENTS": segments is not None,
         "COUNT_TILES": _tile_counter is not None,
         "BLOCK_D": _block(q.shape[3]),
-        "BLOCK_DV": _block(v.shape[3]),
+        "BLOCK_DV": _value_block(v.shape[3], v.dtype),
     }
     return tensors, strides, scalars, flags
 
