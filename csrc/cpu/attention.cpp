@@ -102,6 +102,28 @@ void scale_row(T* x, int64_t n, T factor) {
   for (; c < n; ++c) x[c] *= factor;
 }
 
+// tanh for the softcap, about 4x cheaper than Sleef's in float (where it cost as much as the rest of
+// the forward): the odd Taylor series to x^13 below |x| = 0.4 (truncation < 1e-8 relative), and
+// (1 - e) / (1 + e) with e = exp(-2|x|) above (a few ulp: e <= 0.45, no cancellation). double keeps
+// the library tanh (the float64 tolerance is 1e-10).
+template <typename T>
+Vec<T> fast_tanh(const Vec<T>& x) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return x.tanh();
+  } else {
+    const Vec<T> ax = x.abs(), x2 = x * x;
+    Vec<T> poly(T(21844.0 / 6081075.0));
+    for (const T c : {T(-1382.0 / 155925.0), T(62.0 / 2835.0), T(-17.0 / 315.0), T(2.0 / 15.0), T(-1.0 / 3.0)}) {
+      poly = at::vec::fmadd(poly, x2, Vec<T>(c));
+    }
+    poly = at::vec::fmadd(poly * x2, x, x);
+    const Vec<T> e = (ax * Vec<T>(T(-2))).exp();
+    const Vec<T> big = (Vec<T>(T(1)) - e) / (Vec<T>(T(1)) + e);
+    const Vec<T> signed_big = Vec<T>::blendv(big, -big, x < Vec<T>(T(0)));
+    return Vec<T>::blendv(signed_big, poly, ax < Vec<T>(T(0.4)));
+  }
+}
+
 // The optional per-score terms: bias, boolean mask, ALiBi, softcap (bmkernels/reference/attention.py).
 template <typename scalar_t, typename acc_t>
 struct ScoreTerms {
@@ -129,7 +151,7 @@ struct ScoreTerms {
       const V inv(acc_t(1) / softcap), cap(softcap), one(1);
       for (int64_t c = 0; c < n; c += W) {
         const int64_t m = std::min(W, n - c);
-        const V t = (V::loadu(s + c, m) * inv).tanh();
+        const V t = fast_tanh(V::loadu(s + c, m) * inv);
         (t * cap).store(s + c, m);
         if (softcap_grad) (one - t * t).store(softcap_grad + c, m);
       }
