@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from bmkernels.nn.conv import Conv2d
-from bmkernels.ops.conv import fold_batchnorm
 
 # activation modules the conv kernel applies itself -> the kernel's activation spec
 _KERNEL_ACTIVATIONS = {
@@ -81,27 +80,6 @@ def _folded_with_grad(conv, bn):
     return (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
 
 
-def _state_key(conv, bn):
-    """What the folded weights depend on: each tensor's identity, version (in-place updates), storage,
-    dtype and device, and eps. Built on every eval call, so kept to plain attribute reads."""
-    key = [bn.eps]
-    for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
-        if t is not None:
-            key += (id(t), t._version, t.data_ptr(), t.dtype, t.device)
-    return tuple(key)
-
-
-def _folded_no_grad(conv, bn):
-    """bmkernels.fold_batchnorm's weight and bias, recomputed only when a parameter or statistic changed."""
-    key = _state_key(conv, bn)
-    cached = getattr(bn, "_bmkernels_fold_cache", None)
-    if cached is None or cached[0] != key:
-        folded = fold_batchnorm(conv, bn)
-        cached = (key, folded.weight.detach(), folded.bias.detach())
-        bn._bmkernels_fold_cache = cached
-    return cached[1], cached[2]
-
-
 def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
     """act(bn(conv(x)) + residual) by the rule in the module docstring. conv: a bmkernels Conv2d
     (fused) or a torch.nn.Conv2d (torch's modules throughout); bn: a BatchNorm2d or None; activation:
@@ -110,7 +88,7 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
     if not isinstance(conv, Conv2d):
         fused = False
     elif bn is None:
-        return conv.conv(x, conv.weight, conv.bias, activation=activation, residual=residual)
+        return conv.conv(x, *conv.weights_for(x), activation=activation, residual=residual)
     else:
         fused = _bn_folds(bn)
     if fused:
@@ -118,7 +96,7 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
             p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None
         )
         compiling = torch.compiler.is_compiling()
-        weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else _folded_no_grad(conv, bn)
+        weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else conv.eval_weights(x, bn)
         return conv.conv(x, weight, bias, activation=activation, residual=residual)
     if bn is not None and isinstance(conv, Conv2d) and not _has_hooks(conv):
         out = bn(conv.conv(x, conv.weight, conv.bias, private=True))  # BatchNorm only reads it
@@ -204,10 +182,10 @@ def _set_fused_class(module, mixin):
 
 def unfuse(module):
     """Put back the class a fusion replaced (no-op for any other module)."""
-    original = getattr(type(module), _UNFUSED_CLASS, None)
-    if original is not None:
+    while (original := getattr(type(module), _UNFUSED_CLASS, None)) is not None:  # fusions may stack
         module.__class__ = original
-        module.__dict__.pop("_bmkernels_groups", None)
+    for attribute in ("_bmkernels_groups", _LAYOUT_CHOICES, "_bmkernels_first_conv"):
+        module.__dict__.pop(attribute, None)
 
 
 def _sequence_groups(children):
@@ -326,3 +304,100 @@ def fuse_resnet_blocks(model, report):
         what = "stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add"
         report.fused.append(([name or "<model>"], f"{type(module).__name__}: {what}"))
         _set_fused_class(module, mixin)
+
+
+# ------------------------------------------------------------------- channels_last inside the model
+
+_LAYOUT_CHOICES = "_bmkernels_layout_choices"
+_MEASURE_ROUNDS = 3  # timed runs per layout (after one untimed run each) when the eval choice is measured
+# channels_last is kept only when clearly faster: a first-call timing is noisy, NCHW is the user's layout
+_CHANNELS_LAST_MARGIN = 0.97
+
+
+def _is_nchw_image(x):
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.is_floating_point()
+        and x.size(1) > 1
+        and x.is_contiguous()
+        and not x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _to_contiguous(out):
+    """The output as the model computes it from NCHW input: 4-D tensors back to contiguous NCHW."""
+    if isinstance(out, torch.Tensor):
+        return out.contiguous() if out.dim() == 4 else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_contiguous(o) for o in out)
+    if isinstance(out, dict):
+        return type(out)((k, _to_contiguous(v)) for k, v in out.items())
+    return out
+
+
+class _ChannelsLastInside:
+    """Runs on channels_last activations when the input is NCHW and that measured faster (bmkernels.nn.fused)."""
+
+    def forward(self, *args, **kwargs):
+        if not args or not _is_nchw_image(args[0]):
+            return super().forward(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        first_conv = self.__dict__.get("_bmkernels_first_conv")
+        if first_conv is None:  # kept in __dict__, not as a submodule (no change to the module tree)
+            first_conv = next(m for m in self.modules() if isinstance(m, Conv2d))
+            self.__dict__["_bmkernels_first_conv"] = first_conv
+        no_grad = not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
+        key = (tuple(x.shape), x.dtype, no_grad, _channels_last_weights(first_conv))
+        choices = self.__dict__.setdefault(_LAYOUT_CHOICES, {})
+        if key not in choices:
+            choices[key] = self._choose_layout(x, rest, kwargs, no_grad, key[-1])
+        if not choices[key]:
+            return super().forward(*args, **kwargs)
+        return _to_contiguous(super().forward(x.contiguous(memory_format=torch.channels_last), *rest, **kwargs))
+
+    def _choose_layout(self, x, args, kwargs, no_grad, weights_channels_last):
+        """channels_last or not, for calls like this one. With grad the weights are the model's own: an
+        NCHW weight would be reordered on every channels_last call (forward and backward), so the layout
+        follows the weights'. Without grad (eval weights are cached in x's layout) and with every module
+        in eval mode (a forward then changes no state) both layouts are timed, interleaved."""
+        if not no_grad or any(m.training for m in self.modules()) or torch.compiler.is_compiling():
+            return weights_channels_last
+        import time
+
+        runs = {False: lambda: super(_ChannelsLastInside, self).forward(x, *args, **kwargs)}
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        runs[True] = lambda: super(_ChannelsLastInside, self).forward(x_cl, *args, **kwargs)
+        best = {False: float("inf"), True: float("inf")}
+        with torch.no_grad():
+            for round in range(_MEASURE_ROUNDS + 1):
+                for layout, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    if round:  # round 0 warms up (engine choices, cached eval weights of each layout)
+                        best[layout] = min(best[layout], time.perf_counter() - start)
+        return best[True] < _CHANNELS_LAST_MARGIN * best[False]
+
+
+def _channels_last_weights(conv):
+    return (
+        conv.weight.dim() == 4
+        and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        and not (conv.weight.is_contiguous())
+    )
+
+
+def keep_channels_last(model, report):
+    """FUSERS entry (last): a model holding bmkernels Conv2d modules runs NCHW CPU float input on
+    channels_last activations inside when that is faster, and returns 4-D outputs in NCHW as the
+    original would. Eval without grad: timed once per input shape (both layouts, interleaved) and
+    cached; with grad or in training: channels_last exactly when the model's conv weights are
+    (model.to(memory_format=torch.channels_last)). Channels_last input is left as it is."""
+    if not any(isinstance(m, Conv2d) for m in model.modules()):
+        return
+    _set_fused_class(model, _ChannelsLastInside)
+    report.notes.append(
+        f"<model>: {type(model).__name__} runs NCHW input on channels_last activations where measured faster "
+        "(its 4-D outputs are returned in NCHW)"
+    )
