@@ -306,6 +306,193 @@ def fuse_resnet_blocks(model, report):
         _set_fused_class(module, mixin)
 
 
+# ------------------------------------------------------------------------------- timm fusions
+
+
+def _timm_norm_activation(norm):
+    """(fusable, kernel activation spec) of a timm BatchNormAct2d (its own activation kept), or of a
+    plain BatchNorm2d (no activation)."""
+    if type(norm) is torch.nn.BatchNorm2d:
+        return True, None
+    from timm.layers import BatchNormAct2d  # only reached for timm models (timm imported)
+
+    if type(norm) is not BatchNormAct2d or type(norm.drop) is not torch.nn.Identity:
+        return False, None
+    if type(norm.act) is torch.nn.Identity:
+        return True, None
+    spec = kernel_activation(norm.act)
+    return spec is not None, spec
+
+
+def conv_norm_act(conv, norm, x, residual=None):
+    """norm(conv(x)) (+ residual) for a timm BatchNormAct2d / BatchNorm2d `norm`: folded into one
+    bmkernels.conv2d with the norm's activation when the norm is in eval mode (conv_bn_act's rule),
+    else timm's module itself (batch statistics, its activation). A residual only with no activation."""
+    _, spec = _timm_norm_activation(norm)
+    if isinstance(conv, Conv2d) and _bn_folds(norm):
+        return conv_bn_act(conv, norm, x, spec, residual)
+    out = norm(conv(x))
+    return out if residual is None else out + residual
+
+
+class _FusedTimmBasicBlock:
+    """timm BasicBlock: conv1/bn1/act1 and conv2/bn2 + shortcut + act2 as fused blocks."""
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, kernel_activation(self.act1), act_module=self.act1)
+        return conv_bn_act(
+            self.conv2, self.bn2, out, kernel_activation(self.act2), residual=shortcut, act_module=self.act2
+        )
+
+
+class _FusedTimmBottleneck:
+    """timm Bottleneck: conv1/bn1/act1, conv2/bn2/act2 and conv3/bn3 + shortcut + act3 as fused blocks."""
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, kernel_activation(self.act1), act_module=self.act1)
+        out = conv_bn_act(self.conv2, self.bn2, out, kernel_activation(self.act2), act_module=self.act2)
+        return conv_bn_act(
+            self.conv3, self.bn3, out, kernel_activation(self.act3), residual=shortcut, act_module=self.act3
+        )
+
+
+class _FusedTimmResNet:
+    """timm ResNet: the stem's conv1/bn1/act1 as one fused block (unless gradient checkpointing is on)."""
+
+    def forward_features(self, x):
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        x = self.maxpool(conv_bn_act(self.conv1, self.bn1, x, kernel_activation(self.act1), act_module=self.act1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class _FusedTimmEfficientNet:
+    """timm EfficientNet: conv_stem/bn1 and conv_head/bn2 as fused blocks (unless gradient checkpointing is on)."""
+
+    def forward_features(self, x):
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        x = self.blocks(conv_norm_act(self.conv_stem, self.bn1, x))
+        return conv_norm_act(self.conv_head, self.bn2, x)
+
+
+class _FusedTimmDepthwiseSeparable:
+    """timm DepthwiseSeparableConv: conv_dw/bn1 and conv_pw/bn2 (+ shortcut) as fused blocks."""
+
+    def forward(self, x):
+        out = self.se(self.aa(conv_norm_act(self.conv_dw, self.bn1, x)))
+        return conv_norm_act(self.conv_pw, self.bn2, out, residual=x if self.has_skip else None)
+
+
+class _FusedTimmInvertedResidual:
+    """timm InvertedResidual: conv_pw/bn1, conv_dw/bn2 and conv_pwl/bn3 (+ shortcut) as fused blocks."""
+
+    def forward(self, x):
+        out = conv_norm_act(self.conv_dw, self.bn2, conv_norm_act(self.conv_pw, self.bn1, x))
+        out = self.se(self.aa(out))
+        return conv_norm_act(self.conv_pwl, self.bn3, out, residual=x if self.has_skip else None)
+
+
+def _timm_layouts():
+    """timm class -> (fused mixin, conv names, norm names, names that must be Identity or None, what)."""
+    from timm.models import _efficientnet_blocks as blocks
+    from timm.models import efficientnet, resnet
+
+    return {
+        resnet.BasicBlock: (
+            _FusedTimmBasicBlock,
+            ("conv1", "conv2"),
+            ("bn1", "bn2"),
+            ("drop_block", "aa", "se", "drop_path"),
+            "conv+bn+act blocks, the last one with the residual add",
+        ),
+        resnet.Bottleneck: (
+            _FusedTimmBottleneck,
+            ("conv1", "conv2", "conv3"),
+            ("bn1", "bn2", "bn3"),
+            ("drop_block", "aa", "se", "drop_path"),
+            "conv+bn+act blocks, the last one with the residual add",
+        ),
+        resnet.ResNet: (_FusedTimmResNet, ("conv1",), ("bn1",), (), "stem conv1+bn1+act1"),
+        efficientnet.EfficientNet: (
+            _FusedTimmEfficientNet,
+            ("conv_stem", "conv_head"),
+            ("bn1", "bn2"),
+            (),
+            "stem and head conv+BatchNormAct2d",
+        ),
+        blocks.DepthwiseSeparableConv: (
+            _FusedTimmDepthwiseSeparable,
+            ("conv_dw", "conv_pw"),
+            ("bn1", "bn2"),
+            ("conv_s2d", "drop_path"),
+            "conv+BatchNormAct2d blocks, the last one with the residual add",
+        ),
+        blocks.InvertedResidual: (
+            _FusedTimmInvertedResidual,
+            ("conv_pw", "conv_dw", "conv_pwl"),
+            ("bn1", "bn2", "bn3"),
+            ("conv_s2d", "drop_path"),
+            "conv+BatchNormAct2d blocks, the last one with the residual add",
+        ),
+    }
+
+
+_TIMM_RESNET_CLASSES = ()
+
+
+def _timm_blocker(module, convs, norms, identities):
+    """Why a timm block cannot be fused, or None."""
+    if not all(isinstance(getattr(module, c), Conv2d) and getattr(module, c).activation is None for c in convs):
+        return "its convs were not swapped"
+    fusable = [_timm_norm_activation(getattr(module, n)) for n in norms]
+    if not all(ok for ok, _ in fusable):
+        return "a norm layer is not BatchNorm2d / BatchNormAct2d with a kernel activation"
+    if any(
+        getattr(module, n, None) is not None and type(getattr(module, n)) is not torch.nn.Identity for n in identities
+    ):
+        return f"one of {', '.join(identities)} is in use"
+    if isinstance(module, _TIMM_RESNET_CLASSES) and any(
+        kernel_activation(getattr(module, f"act{i}")) is None for i in range(1, len(norms) + 1)
+    ):
+        return "an activation the conv kernel does not have"
+    if fusable[-1][1] is not None and hasattr(module, "has_skip") and module.has_skip:
+        return "an activation between the last norm and the residual add"
+    parts = [getattr(module, n) for n in (*convs, *norms)]
+    if any(_has_hooks(m) for m in parts):
+        return "a layer inside has hooks"
+    return None
+
+
+def fuse_timm_blocks(model, report):
+    """FUSERS entry (timm imported): timm ResNet BasicBlock / Bottleneck and stem, EfficientNet stem /
+    head, DepthwiseSeparableConv and InvertedResidual (exactly those classes; BatchNormAct2d keeps its
+    activation) whose convs were swapped and whose optional parts (drop path, anti-aliasing, SE in
+    ResNet blocks, space-to-depth) are not in use."""
+    import sys
+
+    if "timm" not in sys.modules:
+        return
+    from timm.models import resnet
+
+    global _TIMM_RESNET_CLASSES
+    _TIMM_RESNET_CLASSES = (resnet.BasicBlock, resnet.Bottleneck, resnet.ResNet)  # their acts are act1, act2, ...
+    layouts = _timm_layouts()
+    for name, module in model.named_modules():
+        layout = layouts.get(type(module))
+        if layout is None:
+            continue
+        mixin, convs, norms, identities, what = layout
+        why = _timm_blocker(module, convs, norms, identities)
+        if why is not None:
+            report.notes.append(f"{name or '<model>'}: timm {type(module).__name__} not fused ({why})")
+            continue
+        report.fused.append(([name or "<model>"], f"timm {type(module).__name__}: {what}"))
+        _set_fused_class(module, mixin)
+
+
 # ------------------------------------------------------------------- channels_last inside the model
 
 _LAYOUT_CHOICES = "_bmkernels_layout_choices"
