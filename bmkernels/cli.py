@@ -1,6 +1,6 @@
 """The `bmkernels` command (also `python -m bmkernels`).
 
-    bmkernels bench [--quick | --full] [--op OP] [--filter TEXT] [--reps N] [--json PATH] [--list]
+    bmkernels bench [--quick | --full] [--op OP] [--models] [--filter TEXT] [--reps N] [--json PATH] [--list]
     bmkernels info [--json]
     bmkernels train MODEL [options]      (MODEL: transformer, cnn, autoencoder, gru; see --help)
 
@@ -65,7 +65,15 @@ def build_parser():
         action="append",
         choices=sorted(bench.OPS),
         metavar="OP",
-        help=f"op family to benchmark, repeatable (default: all: {', '.join(sorted(bench.OPS))})",
+        help=f"op family to benchmark, repeatable (default: {', '.join(sorted(bench.DEFAULT_OPS))})",
+    )
+    p.add_argument(
+        "--models",
+        action="append_const",
+        dest="op",
+        const="cnn_models",
+        help="whole CNNs (torchvision ResNet-18/50, MobileNetV2; timm resnet18, efficientnet_b0, convnext_atto): "
+        "swapped vs eager vs torch.compile, eval and an SGD step, NCHW and channels_last (= --op cnn_models)",
     )
     p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT, e.g. 'fwd+bwd' or '2048'")
     p.add_argument(

@@ -33,7 +33,12 @@ import torch
 from bmkernels import nn as bmk_nn
 from bmkernels.nn import fused as bmk_fused
 
-FUSERS = [bmk_fused.fuse_sequences, bmk_fused.fuse_resnet_blocks]
+FUSERS = [
+    bmk_fused.fuse_sequences,
+    bmk_fused.fuse_resnet_blocks,
+    bmk_fused.fuse_timm_blocks,
+    bmk_fused.keep_channels_last,
+]
 
 _SAVED_NESTED_FLAG = "_bmkernels_saved_use_nested_tensor"
 _SAVED_ATTN_IMPLEMENTATION = "_bmkernels_saved_attn_implementation"

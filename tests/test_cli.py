@@ -190,7 +190,16 @@ def test_list_covers_every_op_family(capsys):
     code, out, _ = run_main(capsys, "bench", "--full", "--list")
     assert code == 0
     assert {"attention", "conv", "gru"} <= set(bench.OPS)
-    assert len(out.splitlines()) == sum(len(bench.case_module(op).cases("full")) for op in bench.OPS)
+    assert len(out.splitlines()) == sum(len(bench.case_module(op).cases("full")) for op in bench.DEFAULT_OPS)
+
+
+def test_models_flag_lists_the_whole_cnn_cases(capsys):
+    code, out, _ = run_main(capsys, "bench", "--models", "--list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines and all(line.startswith("cnn_models ") for line in lines)
+    assert "cnn_models resnet18 train B=8 160px cl  (bmkernels, eager, compiled)" in lines
+    assert "cnn_models" not in bench.DEFAULT_OPS, "whole CNNs run only when asked for"
 
 
 # -- the engine, in process --------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 
 import bmkernels
 from bmkernels.nn import Conv2d, ConvBNAct, conv_bn_act
+from bmkernels.nn import conv as nn_conv
 from bmkernels.nn import fused as nn_fused
 from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
 
@@ -147,8 +148,8 @@ def test_eval_no_grad_uses_fold_batchnorm_and_refolds_after_updates(monkeypatch)
     original = _Unfused(conv, bn, torch.nn.ReLU()).eval()
     fused = _Fused(Conv2d.from_torch(copy.deepcopy(conv)), copy.deepcopy(bn), torch.nn.ReLU()).eval()
     folds = []
-    real = nn_fused.fold_batchnorm
-    monkeypatch.setattr(nn_fused, "fold_batchnorm", lambda *a: folds.append(1) or real(*a))
+    real = nn_conv.fold_batchnorm
+    monkeypatch.setattr(nn_conv, "fold_batchnorm", lambda *a: folds.append(1) or real(*a))
     x = torch.randn(2, 5, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         for _ in range(2):
@@ -158,6 +159,10 @@ def test_eval_no_grad_uses_fold_batchnorm_and_refolds_after_updates(monkeypatch)
             model.conv.weight.mul_(1.5)
             model.bn.running_var.add_(0.25)
         assert max_abs_diff(fused(x), original(x)) <= 1e-12 and len(folds) == 2
+        x_cl = x.contiguous(memory_format=torch.channels_last)  # the cached weight follows x's layout
+        assert max_abs_diff(fused(x_cl), original(x_cl)) <= 1e-12 and len(folds) == 3
+        weight = fused.conv.__dict__["_bmkernels_eval_cache"][1]
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def test_conv_bn_act_float32_within_rule():

@@ -244,3 +244,34 @@ def test_bottleneck_block_with_downsample():
         assert_same64(original, swapped, x)
     bmkernels.unswap(swapped)
     assert type(swapped[0]) is Bottleneck and type(swapped[0].conv2) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("margin", [1e9, 0.0], ids=["channels_last_chosen", "nchw_chosen"])
+def test_nchw_input_layout_choice_both_ways(margin, monkeypatch):
+    """An eval model on NCHW input runs channels_last inside when measured faster (forced here both
+    ways): outputs equal the original's, 4-D outputs come back NCHW, the choice is cached per shape,
+    and training follows the weights' layout (the same gradients either way)."""
+    from bmkernels.nn import fused as nn_fused
+
+    monkeypatch.setattr(nn_fused, "_CHANNELS_LAST_MARGIN", margin)
+    original = resnet18().eval()
+    swapped = copy.deepcopy(original)
+    report = bmkernels.swap_modules(swapped)
+    assert any("channels_last" in note for note in report.notes)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        out = swapped(x)
+        assert max_abs_diff(out, original(x)) <= float64_tolerance(magnitude(out))
+        features = torch.nn.Sequential(*list(swapped.children())[:-2])  # a 4-D output
+    choices = swapped.__dict__[nn_fused._LAYOUT_CHOICES]
+    assert list(choices.values()) == [margin > 1]
+    trunk = copy.deepcopy(torch.nn.Sequential(*list(original.children())[:-2]))
+    bmkernels.swap_modules(features)
+    with torch.no_grad():
+        y = features(x)
+    assert y.is_contiguous() and max_abs_diff(y, trunk(x)) <= float64_tolerance(magnitude(y))
+    original.train()
+    swapped.train()
+    assert_same64(original, swapped, x)
+    bmkernels.unswap(swapped)
+    assert type(swapped) is torchvision.models.ResNet and nn_fused._LAYOUT_CHOICES not in swapped.__dict__

@@ -142,8 +142,11 @@ CASE_MODULES = {
     "conv": "bmkernels.bench.conv",
     "models": "bmkernels.bench.models",
     "attention_workloads": "bmkernels.bench.attention_workloads",
+    "cnn_models": "bmkernels.bench.cnn_models",
 }
 OPS = tuple(CASE_MODULES)
+# what runs without --op: whole CNNs (minutes, with torch.compile) only on request (`--models`)
+DEFAULT_OPS = tuple(op for op in OPS if op != "cnn_models")
 
 
 def case_module(op):
@@ -156,7 +159,7 @@ def cases_for(ops=None, preset="default", name_filter=None):
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
     out = []
-    for op in ops or OPS:
+    for op in ops or DEFAULT_OPS:
         out += [c for c in case_module(op).cases(preset) if not name_filter or name_filter in c.name]
     return out
 

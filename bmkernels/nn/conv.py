@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bmkernels import _backend
 from bmkernels.nn._convert import rebuild
-from bmkernels.ops.conv import _ACTIVATION_CODES, _DTYPES, _activation, _derivative_from_output, conv2d
+from bmkernels.ops.conv import _ACTIVATION_CODES, _DTYPES, _activation, _derivative_from_output, conv2d, fold_batchnorm
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -146,5 +146,48 @@ class Conv2d(torch.nn.Conv2d):
             out = out.clone()
         return out
 
+    def weights_for(self, x):
+        """(weight, bias) for a call on x: the parameters themselves, or, without grad on a
+        channels_last x, the cached channels_last copy of eval_weights."""
+        if x.dim() != 4 or not _channels_last(x) or _channels_last(self.weight) or torch.compiler.is_compiling():
+            return self.weight, self.bias
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (self.weight, self.bias)):
+            return self.weight, self.bias
+        return self.eval_weights(x)
+
+    def eval_weights(self, x, bn=None):
+        """(weight, bias) for a call without grad on x: the eval-mode BatchNorm `bn` (running
+        statistics) folded in (bmkernels.fold_batchnorm's float64 math), the weight in x's memory
+        format (oneDNN would reorder an NCHW weight on every channels_last call). Cached on the module
+        and recomputed only when a parameter, statistic or x's layout changed (each tensor's identity,
+        version counter, storage, dtype and device are the key); costs one weight-sized copy."""
+        fmt = torch.channels_last if x.dim() == 4 and _channels_last(x) else torch.contiguous_format
+        key = [fmt] if bn is None else [fmt, bn.eps]
+        tensors = (self.weight, self.bias) if bn is None else (self.weight, self.bias, *_bn_tensors(bn))
+        for t in tensors:
+            key += (None,) if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+        cached = self.__dict__.get("_bmkernels_eval_cache")
+        if cached is None or cached[0] != key:
+            self.__dict__.pop("_bmkernels_eval_cache", None)  # stale; fold_batchnorm copies the module
+            with torch.no_grad():
+                weight, bias = (self.weight, self.bias) if bn is None else _fold(self, bn)
+                weight = weight.detach().contiguous(memory_format=fmt)
+                cached = (key, weight, None if bias is None else bias.detach())
+            self._bmkernels_eval_cache = cached
+        return cached[1], cached[2]
+
     def forward(self, input):
-        return self.conv(input, self.weight, self.bias, activation=self.activation)
+        return self.conv(input, *self.weights_for(input), activation=self.activation)
+
+
+def _channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _bn_tensors(bn):
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def _fold(conv, bn):
+    folded = fold_batchnorm(conv, bn)
+    return folded.weight, folded.bias

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from bmkernels.nn.conv import Conv2d
-from bmkernels.ops.conv import fold_batchnorm
 
 # activation modules the conv kernel applies itself -> the kernel's activation spec
 _KERNEL_ACTIVATIONS = {
@@ -81,27 +80,6 @@ def _folded_with_grad(conv, bn):
     return (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
 
 
-def _state_key(conv, bn):
-    """What the folded weights depend on: each tensor's identity, version (in-place updates), storage,
-    dtype and device, and eps. Built on every eval call, so kept to plain attribute reads."""
-    key = [bn.eps]
-    for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
-        if t is not None:
-            key += (id(t), t._version, t.data_ptr(), t.dtype, t.device)
-    return tuple(key)
-
-
-def _folded_no_grad(conv, bn):
-    """bmkernels.fold_batchnorm's weight and bias, recomputed only when a parameter or statistic changed."""
-    key = _state_key(conv, bn)
-    cached = getattr(bn, "_bmkernels_fold_cache", None)
-    if cached is None or cached[0] != key:
-        folded = fold_batchnorm(conv, bn)
-        cached = (key, folded.weight.detach(), folded.bias.detach())
-        bn._bmkernels_fold_cache = cached
-    return cached[1], cached[2]
-
-
 def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
     """act(bn(conv(x)) + residual) by the rule in the module docstring. conv: a bmkernels Conv2d
     (fused) or a torch.nn.Conv2d (torch's modules throughout); bn: a BatchNorm2d or None; activation:
@@ -110,7 +88,7 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
     if not isinstance(conv, Conv2d):
         fused = False
     elif bn is None:
-        return conv.conv(x, conv.weight, conv.bias, activation=activation, residual=residual)
+        return conv.conv(x, *conv.weights_for(x), activation=activation, residual=residual)
     else:
         fused = _bn_folds(bn)
     if fused:
@@ -118,7 +96,7 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
             p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None
         )
         compiling = torch.compiler.is_compiling()
-        weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else _folded_no_grad(conv, bn)
+        weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else conv.eval_weights(x, bn)
         return conv.conv(x, weight, bias, activation=activation, residual=residual)
     if bn is not None and isinstance(conv, Conv2d) and not _has_hooks(conv):
         out = bn(conv.conv(x, conv.weight, conv.bias, private=True))  # BatchNorm only reads it
@@ -204,10 +182,10 @@ def _set_fused_class(module, mixin):
 
 def unfuse(module):
     """Put back the class a fusion replaced (no-op for any other module)."""
-    original = getattr(type(module), _UNFUSED_CLASS, None)
-    if original is not None:
+    while (original := getattr(type(module), _UNFUSED_CLASS, None)) is not None:  # fusions may stack
         module.__class__ = original
-        module.__dict__.pop("_bmkernels_groups", None)
+    for attribute in ("_bmkernels_groups", _LAYOUT_CHOICES, "_bmkernels_first_conv"):
+        module.__dict__.pop(attribute, None)
 
 
 def _sequence_groups(children):
@@ -326,3 +304,287 @@ def fuse_resnet_blocks(model, report):
         what = "stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add"
         report.fused.append(([name or "<model>"], f"{type(module).__name__}: {what}"))
         _set_fused_class(module, mixin)
+
+
+# ------------------------------------------------------------------------------- timm fusions
+
+
+def _timm_norm_activation(norm):
+    """(fusable, kernel activation spec) of a timm BatchNormAct2d (its own activation kept), or of a
+    plain BatchNorm2d (no activation)."""
+    if type(norm) is torch.nn.BatchNorm2d:
+        return True, None
+    from timm.layers import BatchNormAct2d  # only reached for timm models (timm imported)
+
+    if type(norm) is not BatchNormAct2d or type(norm.drop) is not torch.nn.Identity:
+        return False, None
+    if type(norm.act) is torch.nn.Identity:
+        return True, None
+    spec = kernel_activation(norm.act)
+    return spec is not None, spec
+
+
+def conv_norm_act(conv, norm, x, residual=None):
+    """norm(conv(x)) (+ residual) for a timm BatchNormAct2d / BatchNorm2d `norm`: folded into one
+    bmkernels.conv2d with the norm's activation when the norm is in eval mode (conv_bn_act's rule),
+    else timm's module itself (batch statistics, its activation). A residual only with no activation."""
+    _, spec = _timm_norm_activation(norm)
+    if isinstance(conv, Conv2d) and _bn_folds(norm):
+        return conv_bn_act(conv, norm, x, spec, residual)
+    out = norm(conv(x))
+    return out if residual is None else out + residual
+
+
+class _FusedTimmBasicBlock:
+    """timm BasicBlock: conv1/bn1/act1 and conv2/bn2 + shortcut + act2 as fused blocks."""
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, kernel_activation(self.act1), act_module=self.act1)
+        return conv_bn_act(
+            self.conv2, self.bn2, out, kernel_activation(self.act2), residual=shortcut, act_module=self.act2
+        )
+
+
+class _FusedTimmBottleneck:
+    """timm Bottleneck: conv1/bn1/act1, conv2/bn2/act2 and conv3/bn3 + shortcut + act3 as fused blocks."""
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, kernel_activation(self.act1), act_module=self.act1)
+        out = conv_bn_act(self.conv2, self.bn2, out, kernel_activation(self.act2), act_module=self.act2)
+        return conv_bn_act(
+            self.conv3, self.bn3, out, kernel_activation(self.act3), residual=shortcut, act_module=self.act3
+        )
+
+
+class _FusedTimmResNet:
+    """timm ResNet: the stem's conv1/bn1/act1 as one fused block (unless gradient checkpointing is on)."""
+
+    def forward_features(self, x):
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        x = self.maxpool(conv_bn_act(self.conv1, self.bn1, x, kernel_activation(self.act1), act_module=self.act1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class _FusedTimmEfficientNet:
+    """timm EfficientNet: conv_stem/bn1 and conv_head/bn2 as fused blocks (unless gradient checkpointing is on)."""
+
+    def forward_features(self, x):
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        x = self.blocks(conv_norm_act(self.conv_stem, self.bn1, x))
+        return conv_norm_act(self.conv_head, self.bn2, x)
+
+
+class _FusedTimmDepthwiseSeparable:
+    """timm DepthwiseSeparableConv: conv_dw/bn1 and conv_pw/bn2 (+ shortcut) as fused blocks."""
+
+    def forward(self, x):
+        out = self.se(self.aa(conv_norm_act(self.conv_dw, self.bn1, x)))
+        return conv_norm_act(self.conv_pw, self.bn2, out, residual=x if self.has_skip else None)
+
+
+class _FusedTimmInvertedResidual:
+    """timm InvertedResidual: conv_pw/bn1, conv_dw/bn2 and conv_pwl/bn3 (+ shortcut) as fused blocks."""
+
+    def forward(self, x):
+        out = conv_norm_act(self.conv_dw, self.bn2, conv_norm_act(self.conv_pw, self.bn1, x))
+        out = self.se(self.aa(out))
+        return conv_norm_act(self.conv_pwl, self.bn3, out, residual=x if self.has_skip else None)
+
+
+def _timm_layouts():
+    """timm class -> (fused mixin, conv names, norm names, names that must be Identity or None, what)."""
+    from timm.models import _efficientnet_blocks as blocks
+    from timm.models import efficientnet, resnet
+
+    return {
+        resnet.BasicBlock: (
+            _FusedTimmBasicBlock,
+            ("conv1", "conv2"),
+            ("bn1", "bn2"),
+            ("drop_block", "aa", "se", "drop_path"),
+            "conv+bn+act blocks, the last one with the residual add",
+        ),
+        resnet.Bottleneck: (
+            _FusedTimmBottleneck,
+            ("conv1", "conv2", "conv3"),
+            ("bn1", "bn2", "bn3"),
+            ("drop_block", "aa", "se", "drop_path"),
+            "conv+bn+act blocks, the last one with the residual add",
+        ),
+        resnet.ResNet: (_FusedTimmResNet, ("conv1",), ("bn1",), (), "stem conv1+bn1+act1"),
+        efficientnet.EfficientNet: (
+            _FusedTimmEfficientNet,
+            ("conv_stem", "conv_head"),
+            ("bn1", "bn2"),
+            (),
+            "stem and head conv+BatchNormAct2d",
+        ),
+        blocks.DepthwiseSeparableConv: (
+            _FusedTimmDepthwiseSeparable,
+            ("conv_dw", "conv_pw"),
+            ("bn1", "bn2"),
+            ("conv_s2d", "drop_path"),
+            "conv+BatchNormAct2d blocks, the last one with the residual add",
+        ),
+        blocks.InvertedResidual: (
+            _FusedTimmInvertedResidual,
+            ("conv_pw", "conv_dw", "conv_pwl"),
+            ("bn1", "bn2", "bn3"),
+            ("conv_s2d", "drop_path"),
+            "conv+BatchNormAct2d blocks, the last one with the residual add",
+        ),
+    }
+
+
+_TIMM_RESNET_CLASSES = ()
+
+
+def _timm_blocker(module, convs, norms, identities):
+    """Why a timm block cannot be fused, or None."""
+    if not all(isinstance(getattr(module, c), Conv2d) and getattr(module, c).activation is None for c in convs):
+        return "its convs were not swapped"
+    fusable = [_timm_norm_activation(getattr(module, n)) for n in norms]
+    if not all(ok for ok, _ in fusable):
+        return "a norm layer is not BatchNorm2d / BatchNormAct2d with a kernel activation"
+    if any(
+        getattr(module, n, None) is not None and type(getattr(module, n)) is not torch.nn.Identity for n in identities
+    ):
+        return f"one of {', '.join(identities)} is in use"
+    if isinstance(module, _TIMM_RESNET_CLASSES) and any(
+        kernel_activation(getattr(module, f"act{i}")) is None for i in range(1, len(norms) + 1)
+    ):
+        return "an activation the conv kernel does not have"
+    if fusable[-1][1] is not None and hasattr(module, "has_skip") and module.has_skip:
+        return "an activation between the last norm and the residual add"
+    parts = [getattr(module, n) for n in (*convs, *norms)]
+    if any(_has_hooks(m) for m in parts):
+        return "a layer inside has hooks"
+    return None
+
+
+def fuse_timm_blocks(model, report):
+    """FUSERS entry (timm imported): timm ResNet BasicBlock / Bottleneck and stem, EfficientNet stem /
+    head, DepthwiseSeparableConv and InvertedResidual (exactly those classes; BatchNormAct2d keeps its
+    activation) whose convs were swapped and whose optional parts (drop path, anti-aliasing, SE in
+    ResNet blocks, space-to-depth) are not in use."""
+    import sys
+
+    if "timm" not in sys.modules:
+        return
+    from timm.models import resnet
+
+    global _TIMM_RESNET_CLASSES
+    _TIMM_RESNET_CLASSES = (resnet.BasicBlock, resnet.Bottleneck, resnet.ResNet)  # their acts are act1, act2, ...
+    layouts = _timm_layouts()
+    for name, module in model.named_modules():
+        layout = layouts.get(type(module))
+        if layout is None:
+            continue
+        mixin, convs, norms, identities, what = layout
+        why = _timm_blocker(module, convs, norms, identities)
+        if why is not None:
+            report.notes.append(f"{name or '<model>'}: timm {type(module).__name__} not fused ({why})")
+            continue
+        report.fused.append(([name or "<model>"], f"timm {type(module).__name__}: {what}"))
+        _set_fused_class(module, mixin)
+
+
+# ------------------------------------------------------------------- channels_last inside the model
+
+_LAYOUT_CHOICES = "_bmkernels_layout_choices"
+_MEASURE_ROUNDS = 3  # timed runs per layout (after one untimed run each) when the eval choice is measured
+# channels_last is kept only when clearly faster: a first-call timing is noisy, NCHW is the user's layout
+_CHANNELS_LAST_MARGIN = 0.97
+
+
+def _is_nchw_image(x):
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.is_floating_point()
+        and x.size(1) > 1
+        and x.is_contiguous()
+        and not x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _to_contiguous(out):
+    """The output as the model computes it from NCHW input: 4-D tensors back to contiguous NCHW."""
+    if isinstance(out, torch.Tensor):
+        return out.contiguous() if out.dim() == 4 else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_contiguous(o) for o in out)
+    if isinstance(out, dict):
+        return type(out)((k, _to_contiguous(v)) for k, v in out.items())
+    return out
+
+
+class _ChannelsLastInside:
+    """Runs on channels_last activations when the input is NCHW and that measured faster (bmkernels.nn.fused)."""
+
+    def forward(self, *args, **kwargs):
+        if not args or not _is_nchw_image(args[0]):
+            return super().forward(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        first_conv = self.__dict__.get("_bmkernels_first_conv")
+        if first_conv is None:  # kept in __dict__, not as a submodule (no change to the module tree)
+            first_conv = next(m for m in self.modules() if isinstance(m, Conv2d))
+            self.__dict__["_bmkernels_first_conv"] = first_conv
+        no_grad = not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
+        key = (tuple(x.shape), x.dtype, no_grad, _channels_last_weights(first_conv))
+        choices = self.__dict__.setdefault(_LAYOUT_CHOICES, {})
+        if key not in choices:
+            choices[key] = self._choose_layout(x, rest, kwargs, no_grad, key[-1])
+        if not choices[key]:
+            return super().forward(*args, **kwargs)
+        return _to_contiguous(super().forward(x.contiguous(memory_format=torch.channels_last), *rest, **kwargs))
+
+    def _choose_layout(self, x, args, kwargs, no_grad, weights_channels_last):
+        """channels_last or not, for calls like this one. With grad the weights are the model's own: an
+        NCHW weight would be reordered on every channels_last call (forward and backward), so the layout
+        follows the weights'. Without grad (eval weights are cached in x's layout) and with every module
+        in eval mode (a forward then changes no state) both layouts are timed, interleaved."""
+        if not no_grad or any(m.training for m in self.modules()) or torch.compiler.is_compiling():
+            return weights_channels_last
+        import time
+
+        runs = {False: lambda: super(_ChannelsLastInside, self).forward(x, *args, **kwargs)}
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        runs[True] = lambda: super(_ChannelsLastInside, self).forward(x_cl, *args, **kwargs)
+        best = {False: float("inf"), True: float("inf")}
+        with torch.no_grad():
+            for round in range(_MEASURE_ROUNDS + 1):
+                for layout, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    if round:  # round 0 warms up (engine choices, cached eval weights of each layout)
+                        best[layout] = min(best[layout], time.perf_counter() - start)
+        return best[True] < _CHANNELS_LAST_MARGIN * best[False]
+
+
+def _channels_last_weights(conv):
+    return (
+        conv.weight.dim() == 4
+        and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        and not (conv.weight.is_contiguous())
+    )
+
+
+def keep_channels_last(model, report):
+    """FUSERS entry (last): a model holding bmkernels Conv2d modules runs NCHW CPU float input on
+    channels_last activations inside when that is faster, and returns 4-D outputs in NCHW as the
+    original would. Eval without grad: timed once per input shape (both layouts, interleaved) and
+    cached; with grad or in training: channels_last exactly when the model's conv weights are
+    (model.to(memory_format=torch.channels_last)). Channels_last input is left as it is."""
+    if not any(isinstance(m, Conv2d) for m in model.modules()):
+        return
+    _set_fused_class(model, _ChannelsLastInside)
+    report.notes.append(
+        f"<model>: {type(model).__name__} runs NCHW input on channels_last activations where measured faster "
+        "(its 4-D outputs are returned in NCHW)"
+    )
