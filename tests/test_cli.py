@@ -320,3 +320,14 @@ def test_conv_presets_and_flops():
     assert {c.name for c in conv_bench.cases("small")} < {c.name for c in default}
     assert conv_bench.conv_flops(16, 512, 512, 7, 3, 1) == 2 * 16 * 512 * 49 * 512 * 9
     assert conv_bench.conv_flops(2, 8, 8, 5, 3, 8, backward=True) == 3 * 2 * 2 * 8 * 25 * 9
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_attention_workloads_varlen_contenders_run(backward):
+    """Every contender of the varlen case runs once on a tiny batch (the fwd+bwd case once failed:
+    its padded views were made before their bases required grad)."""
+    from bmkernels.bench import attention_workloads
+
+    case = attention_workloads._varlen_case(backward, lengths=(5, 1, 3), heads=2, dim=8)
+    res = bench.run_case(case, reps=1, warmup_s=0.0, min_sample_s=0.0)
+    assert set(res.times_s) == set(case.contenders) and all(len(t) == 1 for t in res.times_s.values())

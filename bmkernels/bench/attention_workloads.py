@@ -75,11 +75,12 @@ def _varlen_case(backward, lengths=VARLEN_LENGTHS, heads=8, dim=64):
                 p[s, :n] = x[cu[s] : cu[s] + n]
         ranges = torch.tensor([[0, n] for n in lengths], dtype=torch.int64)
         pad_mask = torch.arange(longest)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
+        if backward:  # before the views below, so that they are part of the graph
+            for t in packed + padded:
+                t.requires_grad_(True)
         inp = {"packed": packed, "padded": [p.transpose(1, 2) for p in padded], "ranges": ranges}
         inp["sdpa_mask"] = ~pad_mask[:, None, None, :]
         if backward:
-            for t in packed + padded:
-                t.requires_grad_(True)
             inp["grad_inputs"] = packed
             inp["grad_out"] = torch.randn(total, heads, dim, generator=g)
         return inp
