@@ -307,6 +307,43 @@ def test_non_contiguous_inputs(layout, dtype):
     )
 
 
+# bf16 runs its forward GEMMs in bf16 where AMX makes that faster (BMK_CPU_BF16_GEMM=auto); both
+# paths are forced here so that each is tested on every machine.
+BF16_GEMM_CASES = ["plain", "causal_bottom_right_lq_lt_lk", "mask_full", "key_padding_mask", "softcap", "gqa"]
+BF16_GEMM_CASES += ["v_head_dim_differs", "large_scores", "everything"]
+
+
+@pytest.mark.parametrize("gemm", ("native", "fp32"))
+@pytest.mark.parametrize("case", BF16_GEMM_CASES)
+def test_bf16_gemm_paths(case, gemm, monkeypatch):
+    monkeypatch.setenv("BMK_CPU_BF16_GEMM", gemm)
+    shape, options, extra = FEATURES[case]
+    dims = {"batch": B, "q_heads": H, "q_len": LQ, "k_len": LK, "head_dim": D, **shape}
+    q, k, v = make_qkv(**dims, dtype=torch.bfloat16)
+    inputs = {"q": q, "k": k, "v": v, **(extra(torch.bfloat16) if extra else {})}
+    options = {**options, "return_lse": True}
+    check_against_reference(kernel_fn(**options), reference_fn(**options), inputs, torch.bfloat16)
+
+
+@pytest.mark.parametrize("gemm", ("native", "fp32"))
+@pytest.mark.parametrize("head_dim,v_head_dim,q_len,k_len", [(1, 1, 5, 7), (59, 24, 97, 333), (128, 128, 130, 300)])
+def test_bf16_gemm_paths_shapes(head_dim, v_head_dim, q_len, k_len, gemm, monkeypatch):
+    """Odd head dims and lengths that are not multiples of the tiles, through sliced (strided) inputs."""
+    monkeypatch.setenv("BMK_CPU_BF16_GEMM", gemm)
+    q, k, v = make_qkv(
+        q_len=q_len, k_len=k_len, head_dim=head_dim, v_head_dim=v_head_dim, dtype=torch.bfloat16, layout="sliced"
+    )
+    options = {"causal": True, "causal_alignment": "bottom_right", "dropout_p": 0.0, "return_lse": True}
+    check_against_reference(kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.bfloat16)
+
+
+def test_bf16_gemm_bad_setting(monkeypatch):
+    monkeypatch.setenv("BMK_CPU_BF16_GEMM", "amx")
+    q, k, v = make_qkv(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="BMK_CPU_BF16_GEMM must be auto, native or fp32; got 'amx'"):
+        bmkernels.attention(q, k, v)
+
+
 def test_broadcast_incoming_gradients():
     """out.sum() and lse.sum() send stride-0 (expanded) gradients into the backward."""
     q, k, v = make_qkv(q_heads=4, kv_heads=2, q_len=21, k_len=18, head_dim=12, dtype=torch.float64)

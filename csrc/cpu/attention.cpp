@@ -374,14 +374,21 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
   // Short keys need a smaller score tile: a 128 KiB scratch is mmap'ed (and page-faulted) per call.
   const int64_t key_block = tile_width(max_k, kFwdKeyBlock, kFwdKeyBlock);
   const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, sh.q_len, sh.k_len, kFwdQueryBlock, true);
+  // bf16 GEMMs on bf16 tiles (Q and K as given, P rounded to bf16 as FlashAttention does) where they
+  // are faster; else every tile in acc_t
+  constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  const bool lowp = kBf16 && native_bf16_gemm();
   run_tasks(first_task.back(), [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
-    std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(kFwdQueryBlock * D);
+    std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(lowp ? 0 : kFwdQueryBlock * D);
     std::vector<acc_t> keep_row(drop.on() ? key_block : 0);  // dropout multipliers of one score row
     // This thread's copy of its current kv head: K transposed (D x k_ld) and, for reduced precision,
     // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
     // with no full-size temporary and no extra parallel region.
-    std::vector<acc_t> kt_head(D * k_ld), v_acc(std::is_same_v<scalar_t, acc_t> ? 0 : max_k * Dv);
+    std::vector<acc_t> kt_head(lowp ? 0 : D * k_ld), v_acc(std::is_same_v<scalar_t, acc_t> || lowp ? 0 : max_k * Dv);
+    // the bf16 path's tiles: Q, K transposed, P
+    std::vector<scalar_t> q_lp(lowp ? kFwdQueryBlock * D : 0), kt_lp(lowp ? D * k_ld : 0);
+    std::vector<scalar_t> p_lp(lowp ? kFwdQueryBlock * key_block : 0);
     int64_t packed_head = -1;  // segment * kv_heads + kv head
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t s = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
@@ -393,21 +400,30 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const AttentionWindow& win = seg.win;  // padding keys: whole blocks skipped
       ScoreTerms<scalar_t, acc_t> seg_terms = terms;
       seg_terms.diag_offset = win.diag_offset;
-      pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once
+      if (lowp) {  // Q unscaled (no second rounding); its scores are scaled in fp32 below
+        pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scalar_t(1), q_lp.data());
+      } else {
+        pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once
+      }
       if (s * sh.kv_heads + hk != packed_head) {
-        pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
+        if (lowp) {
+          pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, scalar_t(1), kt_lp.data());
+        } else {
+          pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
+        }
         if (!v_acc.empty()) pack_rows(v + lay.v.at(b, hk, seg.k0), Lk, Dv, lay.v.row, acc_t(1), v_acc.data());
         packed_head = s * sh.kv_heads + hk;
       }
-      const acc_t* v_head;
-      int64_t v_ld;
+      const acc_t* v_head = nullptr;
+      int64_t v_ld = lay.v.row;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         v_head = v + lay.v.at(b, hk, seg.k0);
         v_ld = lay.v.row;
-      } else {
+      } else if (!lowp) {
         v_head = v_acc.data();
         v_ld = Dv;
       }
+      const scalar_t* v_lp = v + lay.v.at(b, hk, seg.k0);  // the bf16 path reads V as given
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
@@ -418,7 +434,12 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const bool mask_kept = hulls.all_kept(b, h, i0 / kFwdQueryBlock);
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
-        tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, k_ld, scores.data(), key_block, false);
+        if constexpr (kBf16) {
+          if (lowp)
+            tile_gemm_bf16(rows, cols, D, q_lp.data(), D, kt_lp.data() + j0, k_ld, scores.data(), key_block, false);
+        }
+        if (!lowp)
+          tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, k_ld, scores.data(), key_block, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           acc_t* row = scores.data() + r * key_block;
@@ -427,6 +448,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           std::fill(row, row + lo, acc_t(0));
           std::fill(row + hi, row + cols, acc_t(0));
           if (lo == hi) continue;
+          if (lowp) scale_row(row + lo, hi - lo, scale);
           if (terms.any())
             seg_terms.logits(row + lo, hi - lo, seg.terms_batch, h, i, j0 + lo, 0, 1, nullptr, mask_kept);
           const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
@@ -443,7 +465,15 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
             for (int64_t c = lo; c < hi; ++c) row[c] *= keep_row[c - lo];
           }
         }
-        tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
+        if constexpr (kBf16) {
+          if (lowp) {
+            for (int64_t r = 0; r < rows; ++r)
+              at::vec::convert(scores.data() + r * key_block, p_lp.data() + r * key_block, cols);
+            tile_gemm_bf16(rows, Dv, cols, p_lp.data(), key_block, v_lp + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
+          }
+        }
+        if (!lowp)
+          tile_gemm(rows, Dv, cols, scores.data(), key_block, v_head + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* out_row = out + lay.out.at(b, h, seg.q0 + i0 + r);
