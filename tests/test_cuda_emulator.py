@@ -138,29 +138,43 @@ def test_plan_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# Attention forward in the emulator, every feature, against the float64 reference.
+# Attention in the emulator, every feature, forward and every gradient, against the float64 reference.
 
 
 def _inputs(case, dtype):
     shape, options, extra = FEATURES[case]
     sizes = {"batch": B, "q_heads": H, "q_len": LQ, "k_len": LK, "head_dim": 16, **shape}
-    q, k, v = make_qkv(**sizes, dtype=dtype, requires_grad=False)
+    q, k, v = make_qkv(**sizes, dtype=dtype)
     inputs = {"q": q, "k": k, "v": v}
     if extra is not None:
-        inputs.update({n: t.detach() if t.is_floating_point() else t for n, t in extra(dtype).items()})
+        inputs.update(extra(dtype))
     return inputs, options
 
 
 @needs_emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", FEATURES)
-def test_forward_feature_matches_reference(case, dtype):
+def test_feature_matches_reference(case, dtype):
     inputs, options = _inputs(case, dtype)
     check_against_reference(
         kernel_fn(backend="cuda_emulated", return_lse=True, **options),
         reference_fn(return_lse=True, **options),
         inputs,
         dtype,
+    )
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["plain", "gqa", "softcap", "bias_full_grad"])
+def test_gradient_through_lse(case, dtype):
+    inputs, options = _inputs(case, dtype)
+    check_against_reference(
+        kernel_fn(backend="cuda_emulated", return_lse=True, **options),
+        reference_fn(return_lse=True, **options),
+        inputs,
+        dtype,
+        lse_grad=True,
     )
 
 
@@ -178,7 +192,7 @@ def test_forward_feature_matches_reference(case, dtype):
         (200, 56, 1, 40),
     ],
 )
-def test_forward_head_dims_and_lengths(dtype, head_dim, v_head_dim, q_len, k_len):
+def test_head_dims_and_lengths(dtype, head_dim, v_head_dim, q_len, k_len):
     q, k, v = make_qkv(
         batch=1,
         q_heads=2,
@@ -188,7 +202,6 @@ def test_forward_head_dims_and_lengths(dtype, head_dim, v_head_dim, q_len, k_len
         head_dim=head_dim,
         v_head_dim=v_head_dim,
         dtype=dtype,
-        requires_grad=False,
     )
     check_against_reference(
         kernel_fn(backend="cuda_emulated", return_lse=True, causal=True, causal_alignment="bottom_right"),
@@ -201,10 +214,8 @@ def test_forward_head_dims_and_lengths(dtype, head_dim, v_head_dim, q_len, k_len
 @needs_emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_forward_non_contiguous(dtype, layout):
-    q, k, v = make_qkv(
-        batch=2, q_heads=2, q_len=9, k_len=12, head_dim=16, dtype=dtype, layout=layout, requires_grad=False
-    )
+def test_non_contiguous(dtype, layout):
+    q, k, v = make_qkv(batch=2, q_heads=2, q_len=9, k_len=12, head_dim=16, dtype=dtype, layout=layout)
     inputs = {"q": q, "k": k, "v": v}
     out = check_against_reference(kernel_fn(backend="cuda_emulated"), reference_fn(), inputs, dtype)[0]
     if layout == "transposed":  # out takes q's projection layout, as the CPU kernel's
@@ -214,9 +225,13 @@ def test_forward_non_contiguous(dtype, layout):
 @needs_emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_fully_masked_rows(dtype):
-    q, k, v = make_qkv(batch=1, q_heads=2, q_len=5, k_len=7, head_dim=16, dtype=dtype, requires_grad=False)
+    q, k, v = make_qkv(batch=1, q_heads=2, q_len=5, k_len=7, head_dim=16, dtype=dtype)
     mask = torch.ones(5, 7, dtype=torch.bool)
     mask[1] = False
+    inputs = {"q": q, "k": k, "v": v, "mask": mask}
+    grads = check_against_reference(kernel_fn(backend="cuda_emulated"), reference_fn(), inputs, dtype)[2]
+    assert not grads["q"][:, :, 1].any()
+    q, k, v = (t.detach() for t in (q, k, v))
     out, lse = bmkernels.attention(q, k, v, mask=mask, return_lse=True, backend="cuda_emulated")
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
     assert torch.isneginf(lse[:, :, 1]).all() and torch.isfinite(lse[:, :, [0, 2, 3, 4]]).all()
@@ -230,8 +245,8 @@ def test_forward_fully_masked_rows(dtype):
 @needs_emulator
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("options", [{}, {"causal": True, "window": (4, 2)}], ids=["plain", "causal_window"])
-def test_forward_dropout_uses_the_cpu_mask(dtype, options):
-    q, k, v = make_qkv(batch=B, q_heads=H, q_len=LQ, k_len=LK, head_dim=16, dtype=dtype, requires_grad=False)
+def test_dropout_uses_the_cpu_mask(dtype, options):
+    q, k, v = make_qkv(batch=B, q_heads=H, q_len=LQ, k_len=LK, head_dim=16, dtype=dtype)
     kern, _ = dropout_pair(7, 0.3, (B, H, LQ, LK), backend="cuda_emulated", **options)
     _, ref = dropout_pair(7, 0.3, (B, H, LQ, LK), **options)
     check_against_reference(kern, ref, {"q": q, "k": k, "v": v}, dtype)

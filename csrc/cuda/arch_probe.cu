@@ -71,7 +71,10 @@ int launch_arch_probe(const uint16_t* tile, bool bf16, uint32_t* out, Stream str
   return 0;
 #else
   auto* kernel = bf16 ? arch_probe_kernel<arch::bf16> : arch_probe_kernel<arch::f16>;
-  kernel<<<1, 32, 512, static_cast<cudaStream_t>(stream)> > >(tile, out);
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  // clang-format off
+  kernel<<<1, 32, 512, cuda_stream>>>(tile, out);
+  // clang-format on
   return int(cudaGetLastError());
 #endif
 }
@@ -82,7 +85,10 @@ int launch_arch_race_demo(int variant, int32_t* out, Stream stream) {
   emu::launch({}, {64, 1, 1}, 64 * 4, [&] { arch_race_body(variant, out); });
   return 0;
 #else
-  arch_race_kernel<<<1, 64, 64 * 4, static_cast<cudaStream_t>(stream)> > >(variant, out);
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  // clang-format off
+  arch_race_kernel<<<1, 64, 64 * 4, cuda_stream>>>(variant, out);
+  // clang-format on
   return int(cudaGetLastError());
 #endif
 }

@@ -30,6 +30,19 @@ struct AttentionFwdParams {
   float scale, softcap, dropout_p;
 };
 
+// The backward's extra inputs and outputs; fwd holds the forward's arguments.
+struct AttentionBwdParams {
+  AttentionFwdParams fwd;
+  const void* dout;    // grad of out, strides dout_stride
+  const float* lse;    // (B, Hq, Lq) contiguous
+  const float* delta;  // (B, Hq, Lq): rowsum(dout * out) - grad_lse
+  void* dq;            // (B, Hq, Lq, D) contiguous, q's dtype
+  void* dk;            // (B, Hkv, Lk, D) contiguous
+  void* dv;            // (B, Hkv, Lk, Dv) contiguous
+  float* dbias;        // (B, Hq, Lq, Lk) contiguous float32, or null
+  int64_t dout_stride[4];
+};
+
 // One per instantiation file (attention_fwd_<dtype>_<bucket>.cu, written by generate.py); each returns the
 // launch's error code (0: none).
 int launch_attention_fwd_f16_64(const AttentionFwdParams& p, const AttentionFwdPlan& plan, Stream stream);
@@ -42,6 +55,16 @@ int launch_attention_fwd_f32_64(const AttentionFwdParams& p, const AttentionFwdP
 int launch_attention_fwd_f32_128(const AttentionFwdParams& p, const AttentionFwdPlan& plan, Stream stream);
 int launch_attention_fwd_f32_256(const AttentionFwdParams& p, const AttentionFwdPlan& plan, Stream stream);
 
+int launch_attention_bwd_f16_64(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_f16_128(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_f16_256(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_bf16_64(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_bf16_128(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_bf16_256(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_f32_64(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_f32_128(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+int launch_attention_bwd_f32_256(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream);
+
 // Launches the planned forward instantiation on `stream`.
 inline int launch_attention_fwd(const AttentionFwdParams& p, const AttentionFwdPlan& plan, Stream stream) {
   using Launch = int (*)(const AttentionFwdParams&, const AttentionFwdPlan&, Stream);
@@ -53,4 +76,17 @@ inline int launch_attention_fwd(const AttentionFwdParams& p, const AttentionFwdP
   return kTable[static_cast<int>(plan.dtype)][bucket](p, plan, stream);
 }
 
+}  // namespace bmk::BMK_CUDA_NS
+
+namespace bmk::BMK_CUDA_NS {
+// Launches the planned backward instantiation (dK/dV kernel, then dQ kernel) on `stream`.
+inline int launch_attention_bwd(const AttentionBwdParams& p, const AttentionBwdPlan& plan, Stream stream) {
+  using Launch = int (*)(const AttentionBwdParams&, const AttentionBwdPlan&, Stream);
+  static constexpr Launch kTable[3][3] = {
+      {launch_attention_bwd_f16_64, launch_attention_bwd_f16_128, launch_attention_bwd_f16_256},
+      {launch_attention_bwd_bf16_64, launch_attention_bwd_bf16_128, launch_attention_bwd_bf16_256},
+      {launch_attention_bwd_f32_64, launch_attention_bwd_f32_128, launch_attention_bwd_f32_256}};
+  const int bucket = plan.head_bucket == 64 ? 0 : plan.head_bucket == 128 ? 1 : 2;
+  return kTable[static_cast<int>(plan.dtype)][bucket](p, plan, stream);
+}
 }  // namespace bmk::BMK_CUDA_NS

@@ -20,6 +20,40 @@ constexpr CudaDtype dtype_of() {
                                          : CudaDtype::f32;
 }
 
+// The logit of score (b, h, i, j) from the raw dot product: scale, softcap, + bias, - ALiBi distance;
+// -inf where masked, outside the window or key range, or past Lk. softcap_grad: d logit / d (scaled dot).
+template <typename T>
+BMK_DEVICE float attention_logit(const AttentionFwdParams& p, const AttentionWindow& win, float dot, int64_t b,
+                                 int64_t h, int64_t i, int64_t j, float slope, float* softcap_grad = nullptr) {
+  if (i >= p.q_len || j < win.first_key(i) || j >= win.end_key(i)) return -INFINITY;
+  float x = dot * p.scale;
+  if (p.softcap > 0) {
+    const float th = arch::tanh(x / p.softcap);
+    x = p.softcap * th;
+    if (softcap_grad) *softcap_grad = 1.0f - th * th;
+  } else if (softcap_grad) {
+    *softcap_grad = 1.0f;
+  }
+  if (p.bias) {
+    const auto* bias = static_cast<const typename T::storage*>(p.bias);
+    x += arch::to_float(
+        T{}, bias[b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3]]);
+  }
+  if (p.alibi) {
+    const int64_t distance = i + p.diag_offset - j;
+    x -= slope * static_cast<float>(distance < 0 ? -distance : distance);
+  }
+  if (p.mask && !p.mask[b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3]])
+    return -INFINITY;
+  return x;
+}
+
+// The window of batch b's problem (its key range applied).
+BMK_DEVICE AttentionWindow attention_window(const AttentionFwdParams& p, int64_t b) {
+  const AttentionWindow win{p.window_left, p.window_right, p.diag_offset, p.q_len, p.k_len};
+  return p.key_range ? win.for_keys(p.key_range[2 * b], p.key_range[2 * b + 1]) : win;
+}
+
 template <typename T, int HeadBucket, int BlockN>
 struct AttentionFwdKernel {
   using storage = typename T::storage;
@@ -66,8 +100,7 @@ struct AttentionFwdKernel {
     storage* sv = sk + BlockN * kPitch;
     float* sp = reinterpret_cast<float*>(sv + BlockN * kPitch) + warp * 16 * BlockN;  // f32 only
 
-    AttentionWindow win{p.window_left, p.window_right, p.diag_offset, Lq, Lk};
-    if (p.key_range) win = win.for_keys(p.key_range[2 * b], p.key_range[2 * b + 1]);
+    const AttentionWindow win = attention_window(p, b);
     const int64_t last_row = min64(m0 + kAttentionBlockM, Lq) - 1;
     const int64_t key_lo = win.first_key(m0) / BlockN * BlockN, key_hi = win.end_key(last_row);
     const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
@@ -94,7 +127,7 @@ struct AttentionFwdKernel {
         BMK_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int64_t i = rows[e / 2], col = kb + j * 8 + 2 * t + (e & 1);
-          s[j][e] = logit(p, win, s[j][e], b, h, i, col, slope);
+          s[j][e] = attention_logit<T>(p, win, s[j][e], b, h, i, col, slope);
           tile_max[e / 2] = s[j][e] > tile_max[e / 2] ? s[j][e] : tile_max[e / 2];
         }
       }
@@ -158,27 +191,6 @@ struct AttentionFwdKernel {
         p.lse[(b * p.q_heads + h) * Lq + i] = row_sum[r] > 0 ? row_max[r] + arch::log(row_sum[r]) : -INFINITY;
       }
     }
-  }
-
-  // The logit of score (b, h, i, j) from the raw dot product: scale, softcap, + bias, - ALiBi distance;
-  // -inf where masked, outside the window or key range, or past Lk.
-  static BMK_DEVICE float logit(const AttentionFwdParams& p, const AttentionWindow& win, float dot, int64_t b,
-                                int64_t h, int64_t i, int64_t j, float slope) {
-    if (i >= p.q_len || j < win.first_key(i) || j >= win.end_key(i)) return -INFINITY;
-    float x = dot * p.scale;
-    if (p.softcap > 0) x = p.softcap * arch::tanh(x / p.softcap);
-    if (p.bias) {
-      const auto* bias = static_cast<const storage*>(p.bias);
-      x += arch::to_float(
-          T{}, bias[b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3]]);
-    }
-    if (p.alibi) {
-      const int64_t distance = i + p.diag_offset - j;
-      x -= slope * static_cast<float>(distance < 0 ? -distance : distance);
-    }
-    if (p.mask && !p.mask[b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3]])
-      return -INFINITY;
-    return x;
   }
 
   // s[j] += this warp's 16 query rows (wq) times key tile j of sk, over the first D columns.
@@ -288,8 +300,11 @@ int launch_attention_fwd_bucket(const AttentionFwdParams& p, const AttentionFwdP
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
     if (err != cudaSuccess) return int(err);
   }
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  // clang-format off
   kernel<<<dim3(unsigned(plan.grid[0]), unsigned(plan.grid[1]), unsigned(plan.grid[2])), kAttentionThreads,
-           plan.shared_bytes, static_cast<cudaStream_t>(stream)> > >(p, plan.vector_loads);
+           plan.shared_bytes, cuda_stream>>>(p, plan.vector_loads);
+  // clang-format on
   return int(cudaGetLastError());
 #endif
 }

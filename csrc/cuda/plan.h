@@ -90,4 +90,50 @@ inline AttentionFwdPlan plan_attention_fwd(CudaDtype dtype, int64_t head_dim, in
   return plan;
 }
 
+// The backward (SIMT, f32 tiles in shared memory): a dK/dV kernel per (key block, kv head, batch) looping
+// over the GQA group and the query blocks in order, and a dQ kernel per (query block, head, batch): no
+// atomics, deterministic.
+// Keys of a dK/dV block, queries of a dQ block: dK and dV take 2 x block x bucket / 128 registers per thread.
+constexpr int attention_bwd_block(int bucket) { return bucket >= 256 ? 16 : 32; }
+
+constexpr size_t attention_bwd_shared_bytes(int bucket) {
+  // K, V, Q, dO tiles (block x bucket) and the P and dS tiles (block x block), all f32
+  const size_t block = attention_bwd_block(bucket);
+  return (4 * block * bucket + 2 * block * block) * 4;
+}
+
+struct AttentionBwdPlan {
+  CudaDtype dtype = CudaDtype::f32;
+  int head_bucket = 0, block = 0, threads = kAttentionThreads;
+  int64_t dkdv_grid[3] = {0, 0, 0};  // (key blocks, Hkv, B)
+  int64_t dq_grid[3] = {0, 0, 0};    // (query blocks, Hq, B)
+  size_t shared_bytes = 0;
+};
+
+inline AttentionBwdPlan plan_attention_bwd(CudaDtype dtype, int64_t head_dim, int64_t v_head_dim, int64_t q_len,
+                                           int64_t k_len, int64_t batch, int64_t q_heads, int64_t kv_heads,
+                                           size_t shared_limit, std::string& error) {
+  AttentionBwdPlan plan;
+  plan.dtype = dtype;
+  const AttentionFwdPlan fwd =
+      plan_attention_fwd(dtype, head_dim, v_head_dim, q_len, k_len, batch, q_heads, ~size_t(0), false, error);
+  if (!error.empty()) return plan;
+  plan.head_bucket = fwd.head_bucket;
+  plan.block = attention_bwd_block(plan.head_bucket);
+  plan.shared_bytes = attention_bwd_shared_bytes(plan.head_bucket);
+  if (plan.shared_bytes > shared_limit) {
+    error = "the head-dim-" + std::to_string(plan.head_bucket) + " backward needs " +
+            std::to_string(plan.shared_bytes) + " bytes of shared memory per block; this device allows " +
+            std::to_string(shared_limit);
+    return plan;
+  }
+  const int64_t blocks = attention_bwd_block(plan.head_bucket);
+  plan.dkdv_grid[0] = (k_len + blocks - 1) / blocks, plan.dkdv_grid[1] = kv_heads, plan.dkdv_grid[2] = batch;
+  plan.dq_grid[0] = (q_len + blocks - 1) / blocks, plan.dq_grid[1] = q_heads, plan.dq_grid[2] = batch;
+  if (plan.dkdv_grid[0] > 2147483647 || plan.dq_grid[0] > 2147483647 || q_heads > 65535 || batch > 65535) {
+    error = "backward grids exceed CUDA's limits (2^31 - 1, 65535, 65535): L / block, H, B";
+  }
+  return plan;
+}
+
 }  // namespace bmk
