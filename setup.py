@@ -3,6 +3,8 @@ a CUDA toolkit and a CUDA build of torch are present).
 
 Environment:
   BMK_FORCE_CUDA=1   a missing CUDA toolkit is an error      BMK_SKIP_CUDA=1   build CPU only
+  BMK_CUDA_EMULATOR=1  also build the CUDA kernel sources with g++ into the SIMT emulator (CPU tensors,
+                     backend "cuda_emulated"; no toolkit needed)
   TORCH_CUDA_ARCH_LIST  default "8.0;9.0"                   MAX_JOBS          parallel compile jobs
   CUDA_HOME / CUDA_PATH  the toolkit root (else found next to nvcc, checked for libcudart)
 """
@@ -102,6 +104,15 @@ def isa_kernel_sources():
     return sorted(p for p in (CSRC / "cpu").glob("*.cpp") if p.name not in CPU_ONCE)
 
 
+def cuda_kernel_sources():
+    return sorted((CSRC / "cuda").glob("*.cu"))
+
+
+def cuda_glue_sources():
+    """The torch glue of the CUDA kernels (compiled by the host compiler; the emulator runtime apart)."""
+    return sorted(p for p in (CSRC / "cuda").glob("*.cpp") if p.name not in ("emulator.cpp", "plan.cpp"))
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension plus one step before it: the per-ISA CPU kernel objects, built by
     ninja (incremental, parallel) with their own flags, then linked into _C as extra objects."""
@@ -113,6 +124,8 @@ class BuildExtension(cpp_extension.BuildExtension):
         super().build_extensions()
 
     def build_isa_objects(self):
+        """Also the SIMT emulator's objects (BMK_CUDA_EMULATOR=1): every CUDA kernel source and its glue
+        compiled by g++ with -DBMK_CUDA_EMULATOR, plus the emulator runtime."""
         out_dir = Path(self.build_temp).resolve() / "isa"
         out_dir.mkdir(parents=True, exist_ok=True)
         includes = [str(CSRC)] + cpp_extension.include_paths()
@@ -135,6 +148,12 @@ class BuildExtension(cpp_extension.BuildExtension):
                 objects.append(str(obj))
                 isa_flags = [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"] + flags
                 lines += [f"build {obj}: compile {src}", "  isaflags = " + " ".join(isa_flags)]
+        if env_flag("BMK_CUDA_EMULATOR"):
+            emulated = cuda_kernel_sources() + cuda_glue_sources() + [CSRC / "cuda" / "emulator.cpp"]
+            for src in emulated:
+                obj = out_dir / f"cuda_emulated.{src.stem}{'.cu' if src.suffix == '.cu' else ''}.o"
+                objects.append(str(obj))
+                lines += [f"build {obj}: compile {src}", "  isaflags = -DBMK_CUDA_EMULATOR -x c++"]
         (out_dir / "build.ninja").write_text("\n".join(lines) + "\n")
         subprocess.check_call(["ninja", "-C", str(out_dir), "-j", max_jobs()])
         return objects
@@ -147,10 +166,12 @@ def make_extension():
         CSRC / "registration.cpp",
         *(CSRC / "cpu" / name for name in CPU_ONCE),
         *sorted((CSRC / "autograd").glob("*.cpp")),
+        CSRC / "cuda" / "plan.cpp",
     ]
     sources = [str(p.relative_to(ROOT)) for p in sources]
     isa_names = ",".join("scalar" if isa == "DEFAULT" else isa.lower() for isa in CPU_ISAS)
-    cxx = CXX_FLAGS + [f"-DBMK_CPU_ISAS={isa_names}"]
+    emulated = ["-DBMK_CUDA_EMULATED"] if env_flag("BMK_CUDA_EMULATOR") else []  # build_info reports it
+    cxx = CXX_FLAGS + [f"-DBMK_CPU_ISAS={isa_names}"] + emulated
     include_dirs = [str(CSRC)]
     if cuda_home is None:
         return cpp_extension.CppExtension(
@@ -164,7 +185,7 @@ def make_extension():
     cpp_extension.CUDA_HOME = cuda_home
     os.environ["CUDA_HOME"] = cuda_home
     archs = cuda_arch_list()
-    cu_sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
+    cu_sources = [str(p.relative_to(ROOT)) for p in cuda_kernel_sources() + cuda_glue_sources()]
     arch_names = archs.replace(";", ",").replace(" ", ",")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
     return cpp_extension.CUDAExtension(

@@ -30,6 +30,8 @@ def build_info():
         "active_cpu_isa": _extension.active_cpu_isa(),
         "cuda_archs": _extension.compiled_cuda_archs(),
         "cuda_kernels": _extension.cuda_kernels(),
+        "cuda_verified": sorted(_backend.CUDA_VERIFIED),
+        "cuda_emulated_kernels": _extension.emulated_kernels(),
         "triton_available": _backend.triton_available(),
         "triton_kernels": sorted(_backend.triton_ops()),
         "torch": torch.__version__,

@@ -2,6 +2,10 @@
 
 auto: CPU tensor -> the CPU C++ kernel; CUDA tensor -> the CUDA C++ kernel if compiled, else the
 Triton kernel, else an error that says how to get one. "reference" (plain PyTorch) always works.
+"cuda_emulated": the CUDA kernels run by the SIMT emulator on CPU tensors (builds with BMK_CUDA_EMULATOR=1),
+for testing them without a GPU; never chosen by auto.
+auto picks the CUDA C++ kernel for CUDA tensors only for ops in CUDA_VERIFIED (passed on a real GPU);
+until then the GPU-tested Triton kernel runs and the CUDA kernel only when asked for (backend="cuda").
 A backend asked for explicitly that cannot run raises an error naming what is missing: nothing
 silently falls back to something else.
 """
@@ -14,7 +18,10 @@ import torch
 
 from bmkernels import _extension
 
-BACKENDS = ("cpu", "cuda", "triton", "reference")
+BACKENDS = ("cpu", "cuda", "triton", "reference", "cuda_emulated")
+
+# Op families whose CUDA C++ kernel has passed its tests on a GPU (none yet: no GPU run so far).
+CUDA_VERIFIED = frozenset()
 
 
 def triton_available():
@@ -54,7 +61,9 @@ def choose(op, device, backend=None):
         if kind == "cpu":
             name = "cpu"
         elif kind == "cuda":
-            name = "cuda" if op in _extension.cuda_kernels() else "triton"
+            name = "cuda" if op in CUDA_VERIFIED and op in _extension.cuda_kernels() else "triton"
+            if name == "triton" and op not in triton_ops() and op in _extension.cuda_kernels():
+                name = "cuda"
         else:
             raise RuntimeError(f"bmkernels {op}: no backend for {kind} tensors; use backend='reference'")
         if name == "triton" and op not in triton_ops():
@@ -75,6 +84,15 @@ def choose(op, device, backend=None):
             raise RuntimeError(
                 f"bmkernels {op}: backend 'cuda' requested but this build has no CUDA kernel "
                 f"for {op} (compiled CUDA archs: {_extension.compiled_cuda_archs() or 'none'})"
+            )
+    elif name == "cuda_emulated":
+        if kind != "cpu":
+            raise RuntimeError(f"bmkernels {op}: backend 'cuda_emulated' needs CPU tensors; got {kind} tensors")
+        _extension.require(f"bmkernels {op} backend 'cuda_emulated'")
+        if op not in _extension.emulated_kernels():
+            raise RuntimeError(
+                f"bmkernels {op}: backend 'cuda_emulated' requested but this build has no emulated CUDA kernel "
+                f"for {op} (build with BMK_CUDA_EMULATOR=1)"
             )
     elif name == "triton":
         if not triton_available():

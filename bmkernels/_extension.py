@@ -57,5 +57,18 @@ def cuda_kernels():
     ]
 
 
+def emulated_kernels():
+    """Op families whose CUDA kernels the SIMT emulator runs on CPU tensors (BMK_CUDA_EMULATOR=1 builds)."""
+    if not loaded():
+        return []
+    import torch
+
+    return [
+        op
+        for op in ("attention",)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"bmkernels::{op}_emulated_fwd", "CPU")
+    ]
+
+
 def active_cpu_isa():
     return _C.active_cpu_isa() if loaded() else None

@@ -136,6 +136,8 @@ def cmd_info(args):
         "active_cpu_isa": "active CPU ISA",
         "cuda_archs": "CUDA archs compiled",
         "cuda_kernels": "CUDA kernels",
+        "cuda_verified": "CUDA kernels GPU-verified (auto)",
+        "cuda_emulated_kernels": "CUDA kernels emulated",
         "triton_available": "Triton installed",
         "triton_kernels": "Triton kernels",
         "torch": "torch",

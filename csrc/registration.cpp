@@ -46,6 +46,22 @@ TORCH_LIBRARY(bmkernels, m) {
       "Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, "
       "int window_left, int window_right, int diag_offset, float dropout_p, bool bias_grad, "
       "Tensor? key_range=None, Tensor? segments=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The CUDA kernels run by the SIMT emulator on CPU tensors (builds with BMK_CUDA_EMULATOR=1; backend
+  // "cuda_emulated"): the arguments and results of attention_fwd / attention_bwd.
+  m.def(
+      "attention_emulated_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, "
+      "Tensor? rng_seed, float scale, float softcap, int window_left, int window_right, int diag_offset, "
+      "float dropout_p, Tensor? key_range=None, Tensor? segments=None) -> (Tensor, Tensor)");
+  m.def(
+      "attention_emulated_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, "
+      "float softcap, int window_left, int window_right, int diag_offset, float dropout_p, bool bias_grad, "
+      "Tensor? key_range=None, Tensor? segments=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The architecture layer's probe (csrc/cuda/arch_probe.cu): per-lane registers of ldmatrix, mma, shuffles
+  // and cp.async on a 16 x 16 tile (f16 bits, or bf16 when bf16), on a GPU or in the emulator.
+  m.def("arch_probe(Tensor tile, bool bf16) -> Tensor");
+  // Two rounds of a shared-memory exchange, variant 0 (correct) .. 4 (a barrier missing): for the race detector.
+  m.def("arch_race_demo(Tensor device_like, int variant) -> Tensor");
   // Attention of q (B, Lq, Hq, D) over a KV cache (FlashAttention's flash_attn_with_kvcache, forward only):
   // k_cache/v_cache (rows, L, Hkv, D) dense, batch b reading cache row cache_batch_idx[b] (else b), or pages
   // (blocks, block_size, Hkv, D) through block_table (B, max_blocks); batch b sees its first cache_seqlens[b]
@@ -94,7 +110,13 @@ TORCH_LIBRARY(bmkernels, m) {
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:s}", "cpu_isas", BMK_CPU_ISAS_STR, "cuda_archs", BMK_CUDA_ARCHS_STR);
+#ifdef BMK_CUDA_EMULATED
+  const bool emulated = true;
+#else
+  const bool emulated = false;
+#endif
+  return Py_BuildValue("{s:s,s:s,s:O}", "cpu_isas", BMK_CPU_ISAS_STR, "cuda_archs", BMK_CUDA_ARCHS_STR, "cuda_emulator",
+                       emulated ? Py_True : Py_False);
 }
 
 PyObject* active_cpu_isa(PyObject*, PyObject*) {

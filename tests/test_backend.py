@@ -166,11 +166,24 @@ def test_triton_kernels_listed(monkeypatch):
 
 
 @pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")
-def test_auto_on_cuda_without_cuda_kernel_is_triton(monkeypatch):
+def test_auto_on_cuda_is_triton_until_the_cuda_kernel_is_gpu_verified(monkeypatch):
     monkeypatch.setattr(_extension, "cuda_kernels", lambda: [])
     assert _backend.choose("attention", torch.device("cuda")) == "triton"
     monkeypatch.setattr(_extension, "cuda_kernels", lambda: ["attention"])
+    assert _backend.choose("attention", torch.device("cuda")) == "triton"  # compiled, not yet verified on a GPU
+    monkeypatch.setattr(_backend, "CUDA_VERIFIED", frozenset({"attention"}))
     assert _backend.choose("attention", torch.device("cuda")) == "cuda"
+
+
+def test_cuda_emulated_backend_is_checked(monkeypatch):
+    monkeypatch.setattr(_extension, "emulated_kernels", lambda: ["attention"])
+    assert _backend.choose("attention", CPU, "cuda_emulated") == "cuda_emulated"
+    monkeypatch.setenv("BMK_BACKEND", "cuda_emulated")
+    assert _backend.choose("attention", CPU) == "cuda_emulated"
+    with pytest.raises(RuntimeError, match="no emulated CUDA kernel for conv2d"):
+        _backend.choose("conv2d", CPU, "cuda_emulated")
+    with pytest.raises(RuntimeError, match="'cuda_emulated' needs CPU tensors"):
+        _backend.choose("attention", torch.device("cuda"), "cuda_emulated")
 
 
 @pytest.mark.skipif(not _backend.triton_available(), reason="triton is not installed")

@@ -18,6 +18,8 @@ KEYS = {
     "active_cpu_isa",
     "cuda_archs",
     "cuda_kernels",
+    "cuda_verified",
+    "cuda_emulated_kernels",
     "triton_available",
     "triton_kernels",
     "torch",
@@ -37,6 +39,8 @@ def test_build_info_keys_and_values():
     assert set(info["cuda_kernels"]) <= {"attention", "conv2d", "gru"}
     if not info["cuda_archs"]:
         assert info["cuda_kernels"] == [], "CUDA kernels reported without any compiled CUDA arch"
+    assert set(info["cuda_verified"]) <= set(info["cuda_kernels"]) | {"attention", "conv2d", "gru"}
+    assert set(info["cuda_emulated_kernels"]) <= {"attention"}
     assert info["triton_available"] is (importlib.util.find_spec("triton") is not None)
     assert info["triton_kernels"] == sorted(_backend.triton_ops())
     assert info["torch"] == torch.__version__

@@ -274,7 +274,8 @@ def attention(
             scale=scale,
             return_lse=return_lse,
         )
-    rng_seed = _draw_seed() if dropout_p > 0 else None
+    # the CUDA kernel reads its seed from device memory (no host sync, capturable by CUDA graphs)
+    rng_seed = _draw_seed(q.device if name == "cuda" else None) if dropout_p > 0 else None
     out, lse = _forward_op(name)(
         q,
         k,
@@ -295,7 +296,10 @@ def attention(
 
 
 def _forward_op(backend):
-    """The attention_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin)."""
+    """The attention_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin;
+    'cuda_emulated': the CUDA kernel in the SIMT emulator)."""
+    if backend == "cuda_emulated":
+        return torch.ops.bmkernels.attention_emulated_fwd
     if backend == "triton":
         from bmkernels.triton import attention as triton_attention  # imports triton: only when asked for
 
@@ -303,9 +307,9 @@ def _forward_op(backend):
     return torch.ops.bmkernels.attention_fwd
 
 
-def _draw_seed():
-    """A Philox seed from torch's default generator: reproducible under torch.manual_seed."""
-    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+def _draw_seed(device=None):
+    """A Philox seed from torch's default generator (of `device`): reproducible under torch.manual_seed."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(rng_seed, batch, heads, q_len, k_len, dropout_p):
@@ -508,8 +512,9 @@ def backward_with(bwd_op):
 
 
 if _extension.loaded():
-    torch.library.register_fake("bmkernels::attention_fwd")(_fake_fwd)
-    torch.library.register_fake("bmkernels::attention_bwd")(_fake_bwd)
+    for fwd, bwd in (("attention_fwd", "attention_bwd"), ("attention_emulated_fwd", "attention_emulated_bwd")):
+        torch.library.register_fake(f"bmkernels::{fwd}")(_fake_fwd)
+        torch.library.register_fake(f"bmkernels::{bwd}")(_fake_bwd)
     torch.library.register_fake("bmkernels::attention_kvcache_fwd")(
         lambda q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, *scalars: (
             _same_device_or_fail(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes),

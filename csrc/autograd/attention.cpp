@@ -24,7 +24,18 @@ std::optional<at::Tensor> or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+// The forward and backward operators of one attention implementation (the kernels, or the emulated CUDA ones).
+struct KernelOps {
+  static constexpr const char* fwd = "bmkernels::attention_fwd";
+  static constexpr const char* bwd = "bmkernels::attention_bwd";
+};
+struct EmulatedOps {
+  static constexpr const char* fwd = "bmkernels::attention_emulated_fwd";
+  static constexpr const char* bwd = "bmkernels::attention_emulated_bwd";
+};
+
+template <typename Ops>
+class AttentionFunction : public torch::autograd::Function<AttentionFunction<Ops>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
@@ -33,8 +44,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                int64_t diag_offset, double dropout_p, const std::optional<at::Tensor>& key_range,
                                const std::optional<at::Tensor>& segments) {
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bmkernels::attention_fwd", "")
-                         .typed<AttentionFwdResult(
+                         .findSchemaOrThrow(Ops::fwd, "")
+                         .template typed<AttentionFwdResult(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                              const std::optional<at::Tensor>&, double, double, int64_t, int64_t, int64_t, double,
@@ -58,8 +69,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op =
         c10::Dispatcher::singleton()
-            .findSchemaOrThrow("bmkernels::attention_bwd", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            .findSchemaOrThrow(Ops::bwd, "")
+            .template typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                 const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -85,6 +96,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
+template <typename Ops>
 AttentionFwdResult attention_fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                                           const std::optional<at::Tensor>& alibi_slopes,
@@ -92,13 +104,16 @@ AttentionFwdResult attention_fwd_autograd(const at::Tensor& q, const at::Tensor&
                                           int64_t window_left, int64_t window_right, int64_t diag_offset,
                                           double dropout_p, const std::optional<at::Tensor>& key_range,
                                           const std::optional<at::Tensor>& segments) {
-  auto result = AttentionFunction::apply(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                                         window_right, diag_offset, dropout_p, key_range, segments);
+  auto result = AttentionFunction<Ops>::apply(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+                                              window_right, diag_offset, dropout_p, key_range, segments);
   return {result[0], result[1]};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bmkernels, Autograd, m) { m.impl("attention_fwd", &attention_fwd_autograd); }
+TORCH_LIBRARY_IMPL(bmkernels, Autograd, m) {
+  m.impl("attention_fwd", &attention_fwd_autograd<KernelOps>);
+  m.impl("attention_emulated_fwd", &attention_fwd_autograd<EmulatedOps>);
+}
 
 }  // namespace bmk::autograd

@@ -51,6 +51,16 @@ struct AttentionWindow {
   }
 };
 
+// The window with bounds past every position unbounded and the diagonal offset capped, so that the
+// position sums (i + offset +- bound) cannot overflow int64 however large the raw arguments are.
+BMK_HOST_DEVICE AttentionWindow saturated_window(int64_t left, int64_t right, int64_t diag_offset, int64_t q_len,
+                                                 int64_t k_len) {
+  const int64_t span = q_len + k_len;
+  constexpr int64_t kMaxOffset = int64_t(1) << 61;
+  return {left > span ? -1 : left, right > span ? -1 : right, min64(max64(diag_offset, -kMaxOffset), kMaxOffset), q_len,
+          k_len};
+}
+
 // Philox counter of score (b, h, i, j) in a (B, H, Lq, Lk) grid: independent of any tiling.
 BMK_HOST_DEVICE uint64_t dropout_counter(int64_t bh, int64_t i, int64_t j, int64_t q_len, int64_t k_len) {
   return (static_cast<uint64_t>(bh) * q_len + i) * k_len + j;

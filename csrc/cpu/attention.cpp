@@ -692,15 +692,6 @@ void check_broadcasts(const char* name, const at::Tensor& t, const std::vector<i
               " cannot broadcast to the score grid (B, Hq, ", "Lq, Lk) = ", at::IntArrayRef(grid));
 }
 
-// Window bounds past every position are unbounded, and the diagonal offset is capped, so that the
-// position sums (i + offset +- bound) cannot overflow int64 however large the raw arguments are.
-AttentionWindow saturated_window(int64_t left, int64_t right, int64_t diag_offset, int64_t q_len, int64_t k_len) {
-  const int64_t span = q_len + k_len;
-  constexpr int64_t kMaxOffset = int64_t(1) << 61;
-  return {left > span ? -1 : left, right > span ? -1 : right, std::clamp(diag_offset, -kMaxOffset, kMaxOffset), q_len,
-          k_len};
-}
-
 Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,

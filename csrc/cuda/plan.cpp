@@ -1,0 +1,34 @@
+// The launch planning of the CUDA kernels (csrc/cuda/plan.h) as an operator, so that the tests check
+// every plan on the CPU: compiled into every build, with or without CUDA.
+#include "cuda/plan.h"
+
+#include <torch/library.h>
+
+#include <vector>
+
+namespace bmk {
+namespace {
+
+// [head_bucket, block_n, threads, grid x, grid y, grid z, shared bytes, vector loads]; raises the plan's error.
+std::vector<int64_t> attention_cuda_plan(int64_t dtype, int64_t head_dim, int64_t v_head_dim, int64_t q_len,
+                                         int64_t k_len, int64_t batch, int64_t q_heads, int64_t shared_limit,
+                                         bool aligned16) {
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, "attention_cuda_plan: dtype must be 0 (f16), 1 (bf16) or 2 (f32); got ", dtype);
+  std::string error;
+  const AttentionFwdPlan p = plan_attention_fwd(static_cast<CudaDtype>(dtype), head_dim, v_head_dim, q_len, k_len,
+                                                batch, q_heads, static_cast<size_t>(shared_limit), aligned16, error);
+  TORCH_CHECK(error.empty(), "bmkernels attention (CUDA kernel): ", error);
+  return {p.head_bucket, p.block_n, p.threads, p.grid[0], p.grid[1], p.grid[2], static_cast<int64_t>(p.shared_bytes),
+          p.vector_loads};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bmkernels, m) {
+  m.def(
+      "attention_cuda_plan(int dtype, int head_dim, int v_head_dim, int q_len, int k_len, int batch, int q_heads, "
+      "int shared_limit, bool aligned16) -> int[]",
+      &attention_cuda_plan);
+}
+
+}  // namespace bmk
