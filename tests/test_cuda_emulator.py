@@ -239,6 +239,42 @@ def test_head_dims_and_lengths(backend, dtype, head_dim, v_head_dim, q_len, k_le
     )
 
 
+def _long_case(name, q_len, k_len, dtype):
+    """Options and extra tensors of a feature at lengths that span several key and query blocks."""
+    gen = torch.Generator().manual_seed(4)
+    if name == "bias":
+        return {}, {"bias": torch.randn(q_len, k_len, generator=gen).to(dtype).requires_grad_()}
+    if name == "mask":
+        return {}, {"mask": torch.rand(2, 1, q_len, k_len, generator=gen) < 0.6}
+    options = {
+        "plain": {},
+        "causal": {"causal": True},
+        "causal_bottom_right": {"causal": True, "causal_alignment": "bottom_right"},
+        "window": {"window": (20, 9)},
+        "softcap_alibi": {"softcap": 2.0},
+    }[name]
+    extra = {"alibi_slopes": torch.rand(2, generator=gen)} if name == "softcap_alibi" else {}
+    return options, extra
+
+
+@pytest.mark.parametrize("backend", RUNNERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "feature", ["plain", "causal", "causal_bottom_right", "window", "softcap_alibi", "bias", "mask"]
+)
+def test_several_blocks(backend, dtype, feature):
+    """70 queries x 150 keys: two query blocks and three key blocks in the forward (the online softmax's
+    rescaling, the key-block loop and its barriers), several blocks in both backward kernels."""
+    q, k, v = make_qkv(batch=2, q_heads=2, kv_heads=1, q_len=70, k_len=150, head_dim=24, dtype=dtype)
+    options, extra = _long_case(feature, 70, 150, dtype)
+    check_against_reference(
+        kernel(backend, return_lse=True, **options),
+        reference_fn(return_lse=True, **options),
+        {"q": q, "k": k, "v": v, **extra},
+        dtype,
+    )
+
+
 @pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
