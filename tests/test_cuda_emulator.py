@@ -7,7 +7,7 @@ Marked `emulator`; tiny shapes only (the emulator runs one fiber per CUDA thread
 import pytest
 import torch
 from conftest import check_against_reference, make_qkv
-from test_attention import FEATURES, LK, LQ, B, H, kernel_fn, reference_fn
+from test_attention import FEATURES, LK, LQ, B, H, _fwd_args, kernel_fn, reference_fn
 
 import bmkernels
 from bmkernels import _extension
@@ -337,3 +337,10 @@ def test_forward_refuses_what_it_does_not_support():
     with pytest.raises(RuntimeError, match="segments"):
         args = (None, None, None, None, 1.0, 0.0, -1, -1, 0, 0.0, None, segments)
         torch.ops.bmkernels.attention_emulated_fwd(q, k, v, *args)
+
+
+@needs_emulator
+@pytest.mark.parametrize("optional", (False, True), ids=("no_optional", "all_optional"))
+def test_opcheck_emulated_ops(optional):
+    """Schema, fake kernel, autograd registration of the emulated operators (torch.compile traces them)."""
+    torch.library.opcheck(torch.ops.bmkernels.attention_emulated_fwd.default, _fwd_args(optional))
