@@ -4,7 +4,7 @@
    fails on any spill, any stack frame, or registers over the kernel family's budget.
 2. Given the built extension and cuobjdump (from triton's wheel, or on PATH): `cuobjdump -res-usage`
    (registers, shared, local memory per kernel: local memory fails) and the SASS of the attention
-   kernels (f16/bf16 must use HMMA, LDSM and LDGSTS; no kernel may use LDL/STL).
+   forward kernels (f16/bf16 must use HMMA, LDSM and LDGSTS; no kernel may use LDL/STL).
 Prints a table; no CUDA kernels in the build is reported, not failed."""
 
 import re
@@ -74,7 +74,8 @@ def check_binary(so, failures):
             func = m.group(1)
         elif func and (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)):
             regs, stack, shared, local = map(int, m.groups())
-            print(f"cuobjdump: {func}: {regs} registers, stack {stack}, static shared {shared}, local {local}")
+            name = demangle([func])[func]
+            print(f"cuobjdump: {name}: {regs} registers, stack {stack}, static shared {shared}, local {local}")
             if local or stack:
                 failures.append(f"{func}: {local} B local memory, {stack} B stack (cuobjdump)")
     sass = subprocess.run([tool, "-sass", so], capture_output=True, text=True).stdout
@@ -83,12 +84,12 @@ def check_binary(so, failures):
         ops = set(re.findall(r"\b([A-Z][A-Z0-9]+)(?:\.[A-Z0-9.]+)?\s", block))
         if {"LDL", "STL"} & ops:
             failures.append(f"{name}: local loads/stores in SASS")
-        if "attention" in name and ("f16" in name or "bf16" in name):
+        if "attention_fwd" in name and ("f16" in name or "bf16" in name):  # the backward is SIMT (v1)
             missing = [op for op in TENSOR_CORE_SASS if op not in ops]
             if missing:
                 failures.append(f"{name}: SASS lacks {', '.join(missing)}")
             else:
-                print(f"sass: {name}: {', '.join(TENSOR_CORE_SASS)} present")
+                print(f"sass: {demangle([name])[name]}: {', '.join(TENSOR_CORE_SASS)} present")
 
 
 def main(log, so=None):

@@ -1,5 +1,6 @@
-"""GPU benchmark of the Triton attention kernels (bmkernels/triton/attention.py) against PyTorch's
-SDPA (its FlashAttention backend where it applies), reporting TFLOP/s. Skipped without a CUDA GPU
+"""GPU benchmark of the Triton attention kernels (bmkernels/triton/attention.py) and, in a CUDA build,
+the CUDA C++ kernels (csrc/cuda/) against PyTorch's SDPA (its FlashAttention backend where it
+applies), reporting TFLOP/s. Skipped without a CUDA GPU
 (the Triton interpreter's timings mean nothing).
 
     python -m pytest benchmarks/bench_triton_attention.py --benchmark-only
@@ -29,6 +30,7 @@ import triton  # noqa: E402
 
 import bmkernels  # noqa: E402
 from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
+from bmkernels import _extension  # noqa: E402
 
 # (batch, q_heads, kv_heads, length, head_dim)
 SHAPES = (
@@ -39,7 +41,7 @@ SHAPES = (
     (2, 16, 16, 2048, 256),
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-CONTENDERS = ("triton", "sdpa")
+CONTENDERS = ("triton", *(("cuda",) if "attention" in _extension.cuda_kernels() else ()), "sdpa")
 
 
 def make_case(shape, dtype, causal, backward):
@@ -56,8 +58,8 @@ def make_case(shape, dtype, causal, backward):
     gqa = q_heads != kv_heads
 
     def run(contender):
-        if contender == "triton":
-            out = bmkernels.attention(q, k, v, causal=causal, backend="triton")
+        if contender in ("triton", "cuda"):
+            out = bmkernels.attention(q, k, v, causal=causal, backend=contender)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         if backward:
@@ -97,7 +99,7 @@ def test_triton_attention(benchmark, case, contender):
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'case':<52} {'triton ms':>10} {'TFLOP/s':>8} {'sdpa ms':>10} {'TFLOP/s':>8} {'sdpa/triton':>11}")
+    print(f"{'case':<52}" + "".join(f" {c + ' ms':>10} {'TFLOP/s':>8}" for c in CONTENDERS) + f" {'sdpa/triton':>11}")
     for name, case in CASES:
         run, flops = make_case(*case)
         for contender in CONTENDERS:
@@ -107,10 +109,8 @@ def main():
             for contender in CONTENDERS:
                 times[contender] += measure(run, contender, reps=1)
         med = {c: statistics.median(t) for c, t in times.items()}
-        print(
-            f"{name:<52} {med['triton']:>10.3f} {flops / med['triton'] / 1e9:>8.1f} {med['sdpa']:>10.3f} "
-            f"{flops / med['sdpa'] / 1e9:>8.1f} {med['sdpa'] / med['triton']:>11.2f}"
-        )
+        cells = "".join(f" {med[c]:>10.3f} {flops / med[c] / 1e9:>8.1f}" for c in CONTENDERS)
+        print(f"{name:<52}{cells} {med['sdpa'] / med['triton']:>11.2f}")
         sys.stdout.flush()
 
 

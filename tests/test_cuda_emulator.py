@@ -1,19 +1,47 @@
-"""The CUDA C++ kernels without a GPU: the architecture layer's probe against the PTX ISA's fragment
-tables, the emulator's race detector, the launch planning, and attention run by the SIMT emulator
-(backend "cuda_emulated", builds with BMK_CUDA_EMULATOR=1) against the float64 reference.
+"""The CUDA C++ kernels: the architecture layer's probe against the PTX ISA's fragment tables, the
+emulator's race detector, the launch planning, and attention against the float64 reference, run by
+the SIMT emulator on CPU tensors (backend "cuda_emulated", builds with BMK_CUDA_EMULATOR=1) and, on a
+machine with a GPU and a CUDA build, by the GPU (backend "cuda", the same tests: .ci/gpu_check).
 Marked `emulator`; tiny shapes only (the emulator runs one fiber per CUDA thread)."""
 
 import pytest
 import torch
 from conftest import check_against_reference, make_qkv
-from test_attention import FEATURES, LK, LQ, B, H, dropout_pair, kernel_fn, reference_fn
+from test_attention import FEATURES, LK, LQ, B, H, _fwd_args, kernel_fn, reference_fn
 
 import bmkernels
 from bmkernels import _extension
+from bmkernels.reference import attention as reference
 
 pytestmark = pytest.mark.emulator
 EMULATED = "attention" in _extension.emulated_kernels()
 needs_emulator = pytest.mark.skipif(not EMULATED, reason="built without BMK_CUDA_EMULATOR=1")
+ON_GPU = torch.cuda.is_available() and "attention" in _extension.cuda_kernels()
+# where the CUDA kernels run: the emulator, and the GPU when there is one
+RUNNERS = [
+    pytest.param("cuda_emulated", marks=needs_emulator),
+    pytest.param("cuda", marks=pytest.mark.skipif(not ON_GPU, reason="no GPU or no CUDA build")),
+]
+PROBE_DEVICES = [
+    pytest.param("cpu", marks=needs_emulator),
+    pytest.param("cuda", marks=pytest.mark.skipif(not ON_GPU, reason="no GPU or no CUDA build")),
+]
+
+
+def kernel(backend, **options):
+    """bmkernels.attention on `backend` as a function of CPU tensors (moved to the GPU and back for "cuda")."""
+    fn = kernel_fn(backend=backend, **options)
+    if backend == "cuda_emulated":
+        return fn
+
+    def on_gpu(q, k, v, **tensors):
+        moved = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in tensors.items()}
+        result = fn(q.cuda(), k.cuda(), v.cuda(), **moved)
+        return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+    return on_gpu
+
+
 LOW = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, *LOW)
 
@@ -53,13 +81,13 @@ def _probe_expected(tile_bits, dtype):
     return rows
 
 
-@needs_emulator
+@pytest.mark.parametrize("device", PROBE_DEVICES)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_arch_probe_matches_ptx_tables(dtype):
+def test_arch_probe_matches_ptx_tables(dtype, device):
     # small integers: every product and sum is exact in f32, so D must match exactly
     tile = torch.randint(-8, 9, (16, 16), generator=torch.Generator().manual_seed(0)).to(dtype)
     bits = tile.view(torch.int16)
-    got = torch.ops.bmkernels.arch_probe(tile, dtype == torch.bfloat16)
+    got = torch.ops.bmkernels.arch_probe(tile.to(device), dtype == torch.bfloat16).cpu()
     words = got.to(torch.int64) & 0xFFFFFFFF
     as_float = got.view(torch.float32)
     for lane, (plain, trans, mma, shuffled, copied) in enumerate(_probe_expected(bits, dtype)):
@@ -72,20 +100,20 @@ def test_arch_probe_matches_ptx_tables(dtype):
         assert words[lane, 16:20].tolist() == copied, f"cp.async lane {lane}"
 
 
-@needs_emulator
-def test_arch_probe_mma_rounds_like_a_matmul():
+@pytest.mark.parametrize("device", PROBE_DEVICES)
+def test_arch_probe_mma_rounds_like_a_matmul(device):
     """Random f16 values: the emulated mma against a float64 matmul of the same operands."""
     tile = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)).half()
-    got = torch.ops.bmkernels.arch_probe(tile, False).view(torch.float32)[:, 11:15]
+    got = torch.ops.bmkernels.arch_probe(tile.to(device), False).cpu().view(torch.float32)[:, 11:15]
     rows = _probe_expected(tile.view(torch.int16), torch.float16)
     want = torch.tensor([r[2] for r in rows])
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-@needs_emulator
+@pytest.mark.parametrize("device", PROBE_DEVICES)
 @pytest.mark.parametrize("variant", [0, 3], ids=["block_barriers", "warp_sync"])
-def test_race_detector_silent_on_correct_kernels(variant):
-    out = torch.ops.bmkernels.arch_race_demo(torch.empty(0), variant)
+def test_race_detector_silent_on_correct_kernels(variant, device):
+    out = torch.ops.bmkernels.arch_race_demo(torch.empty(0, device=device), variant).cpu()
     tid = torch.arange(64)
     neighbour = (tid // 32) * 32 + (tid + 1) % 32 if variant == 3 else (tid + 1) % 64
     assert torch.equal(out, torch.stack([neighbour * 10, neighbour * 10 + 1]).int())
@@ -151,26 +179,26 @@ def _inputs(case, dtype):
     return inputs, options
 
 
-@needs_emulator
+@pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", FEATURES)
-def test_feature_matches_reference(case, dtype):
+def test_feature_matches_reference(backend, case, dtype):
     inputs, options = _inputs(case, dtype)
     check_against_reference(
-        kernel_fn(backend="cuda_emulated", return_lse=True, **options),
+        kernel(backend, return_lse=True, **options),
         reference_fn(return_lse=True, **options),
         inputs,
         dtype,
     )
 
 
-@needs_emulator
+@pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["plain", "gqa", "softcap", "bias_full_grad"])
-def test_gradient_through_lse(case, dtype):
+def test_gradient_through_lse(backend, case, dtype):
     inputs, options = _inputs(case, dtype)
     check_against_reference(
-        kernel_fn(backend="cuda_emulated", return_lse=True, **options),
+        kernel(backend, return_lse=True, **options),
         reference_fn(return_lse=True, **options),
         inputs,
         dtype,
@@ -178,7 +206,7 @@ def test_gradient_through_lse(case, dtype):
     )
 
 
-@needs_emulator
+@pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "head_dim,v_head_dim,q_len,k_len",
@@ -192,7 +220,7 @@ def test_gradient_through_lse(case, dtype):
         (200, 56, 1, 40),
     ],
 )
-def test_head_dims_and_lengths(dtype, head_dim, v_head_dim, q_len, k_len):
+def test_head_dims_and_lengths(backend, dtype, head_dim, v_head_dim, q_len, k_len):
     q, k, v = make_qkv(
         batch=1,
         q_heads=2,
@@ -204,51 +232,95 @@ def test_head_dims_and_lengths(dtype, head_dim, v_head_dim, q_len, k_len):
         dtype=dtype,
     )
     check_against_reference(
-        kernel_fn(backend="cuda_emulated", return_lse=True, causal=True, causal_alignment="bottom_right"),
+        kernel(backend, return_lse=True, causal=True, causal_alignment="bottom_right"),
         reference_fn(return_lse=True, causal=True, causal_alignment="bottom_right"),
         {"q": q, "k": k, "v": v},
         dtype,
     )
 
 
-@needs_emulator
+def _long_case(name, q_len, k_len, dtype):
+    """Options and extra tensors of a feature at lengths that span several key and query blocks."""
+    gen = torch.Generator().manual_seed(4)
+    if name == "bias":
+        return {}, {"bias": torch.randn(q_len, k_len, generator=gen).to(dtype).requires_grad_()}
+    if name == "mask":
+        return {}, {"mask": torch.rand(2, 1, q_len, k_len, generator=gen) < 0.6}
+    options = {
+        "plain": {},
+        "causal": {"causal": True},
+        "causal_bottom_right": {"causal": True, "causal_alignment": "bottom_right"},
+        "window": {"window": (20, 9)},
+        "softcap_alibi": {"softcap": 2.0},
+    }[name]
+    extra = {"alibi_slopes": torch.rand(2, generator=gen)} if name == "softcap_alibi" else {}
+    return options, extra
+
+
+@pytest.mark.parametrize("backend", RUNNERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "feature", ["plain", "causal", "causal_bottom_right", "window", "softcap_alibi", "bias", "mask"]
+)
+def test_several_blocks(backend, dtype, feature):
+    """70 queries x 150 keys: two query blocks and three key blocks in the forward (the online softmax's
+    rescaling, the key-block loop and its barriers), several blocks in both backward kernels."""
+    q, k, v = make_qkv(batch=2, q_heads=2, kv_heads=1, q_len=70, k_len=150, head_dim=24, dtype=dtype)
+    options, extra = _long_case(feature, 70, 150, dtype)
+    check_against_reference(
+        kernel(backend, return_lse=True, **options),
+        reference_fn(return_lse=True, **options),
+        {"q": q, "k": k, "v": v, **extra},
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-def test_non_contiguous(dtype, layout):
+def test_non_contiguous(backend, dtype, layout):
     q, k, v = make_qkv(batch=2, q_heads=2, q_len=9, k_len=12, head_dim=16, dtype=dtype, layout=layout)
     inputs = {"q": q, "k": k, "v": v}
-    out = check_against_reference(kernel_fn(backend="cuda_emulated"), reference_fn(), inputs, dtype)[0]
+    out = check_against_reference(kernel(backend), reference_fn(), inputs, dtype)[0]
     if layout == "transposed":  # out takes q's projection layout, as the CPU kernel's
         assert out.stride(1) < out.stride(2)
 
 
-@needs_emulator
+@pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_fully_masked_rows(dtype):
+def test_fully_masked_rows(backend, dtype):
     q, k, v = make_qkv(batch=1, q_heads=2, q_len=5, k_len=7, head_dim=16, dtype=dtype)
     mask = torch.ones(5, 7, dtype=torch.bool)
     mask[1] = False
     inputs = {"q": q, "k": k, "v": v, "mask": mask}
-    grads = check_against_reference(kernel_fn(backend="cuda_emulated"), reference_fn(), inputs, dtype)[2]
+    grads = check_against_reference(kernel(backend), reference_fn(), inputs, dtype)[2]
     assert not grads["q"][:, :, 1].any()
     q, k, v = (t.detach() for t in (q, k, v))
-    out, lse = bmkernels.attention(q, k, v, mask=mask, return_lse=True, backend="cuda_emulated")
+    out, lse = kernel(backend, return_lse=True)(q, k, v, mask=mask)
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
     assert torch.isneginf(lse[:, :, 1]).all() and torch.isfinite(lse[:, :, [0, 2, 3, 4]]).all()
-    empty = torch.zeros(1, 2)
-    out, lse = bmkernels.attention(
-        q, k, v, key_range=empty.long().expand(1, 2).contiguous(), return_lse=True, backend="cuda_emulated"
-    )
+    out, lse = kernel(backend, return_lse=True)(q, k, v, key_range=torch.zeros(1, 2, dtype=torch.int64))
     assert not out.any() and torch.isneginf(lse).all()
 
 
-@needs_emulator
+@pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("options", [{}, {"causal": True, "window": (4, 2)}], ids=["plain", "causal_window"])
-def test_dropout_uses_the_cpu_mask(dtype, options):
+def test_dropout_uses_the_cpu_mask(backend, dtype, options):
+    """The keep-mask is the CPU kernel's for the seed drawn (on the GPU: from the device's generator)."""
     q, k, v = make_qkv(batch=B, q_heads=H, q_len=LQ, k_len=LK, head_dim=16, dtype=dtype)
-    kern, _ = dropout_pair(7, 0.3, (B, H, LQ, LK), backend="cuda_emulated", **options)
-    _, ref = dropout_pair(7, 0.3, (B, H, LQ, LK), **options)
+    torch.manual_seed(7)
+    device = "cpu" if backend == "cuda_emulated" else "cuda"
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device).cpu()
+    keep = bmkernels.dropout_keep_mask(seed, B, H, LQ, LK, 0.3)
+
+    def kern(q, k, v):
+        torch.manual_seed(7)
+        return kernel(backend, dropout_p=0.3, **options)(q, k, v)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, dropout_p=0.3, dropout_mask=keep, **options)
+
     check_against_reference(kern, ref, {"q": q, "k": k, "v": v}, dtype)
 
 
@@ -265,3 +337,23 @@ def test_forward_refuses_what_it_does_not_support():
     with pytest.raises(RuntimeError, match="segments"):
         args = (None, None, None, None, 1.0, 0.0, -1, -1, 0, 0.0, None, segments)
         torch.ops.bmkernels.attention_emulated_fwd(q, k, v, *args)
+
+
+@needs_emulator
+@pytest.mark.parametrize("optional", (False, True), ids=("no_optional", "all_optional"))
+def test_opcheck_emulated_ops(optional):
+    """Schema, fake kernel, autograd registration of the emulated operators (torch.compile traces them)."""
+    torch.library.opcheck(torch.ops.bmkernels.attention_emulated_fwd.default, _fwd_args(optional))
+
+
+@pytest.mark.parametrize("backend", RUNNERS)
+def test_backward_is_deterministic(backend):
+    """No atomics: two runs give bit-identical gradients (GQA, bias gradient, dropout)."""
+    q, k, v = make_qkv(batch=1, q_heads=4, kv_heads=1, q_len=40, k_len=70, head_dim=16, dtype=torch.float16)
+    bias = torch.randn(40, 70).half().requires_grad_()
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        out = kernel(backend, dropout_p=0.2, causal=True)(q, k, v, bias=bias)
+        grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v, bias)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

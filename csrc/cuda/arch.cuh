@@ -17,7 +17,7 @@
 #include <cuda_runtime.h>
 #define BMK_DEVICE __device__ __forceinline__
 #define BMK_UNROLL _Pragma("unroll")
-#define BMK_KERNEL_ATTRS(threads) __global__ void __launch_bounds__(threads)
+#define BMK_KERNEL_ATTRS(threads) __global__ void __launch_bounds__(threads, 1)
 #else
 #include <cmath>
 #include <string>

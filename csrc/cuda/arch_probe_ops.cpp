@@ -2,33 +2,21 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <stdexcept>
-
 #include "cuda/arch_probe.h"
-
-#if !defined(BMK_CUDA_EMULATOR)
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
+#include "cuda/torch_launch.h"
 
 namespace bmk::BMK_CUDA_NS {
 namespace {
 
-// Runs launch(stream) and turns an emulator report or a launch error into a TORCH_CHECK.
+// The device of `on` current for the launch (the emulator needs none).
 template <typename F>
 void run(const char* what, const at::Tensor& on, F&& launch) {
 #if defined(BMK_CUDA_EMULATOR)
   (void)on;
-  try {
-    launch(nullptr);
-  } catch (const std::runtime_error& e) {
-    TORCH_CHECK(false, what, ": ", e.what());
-  }
 #else
   const c10::cuda::CUDAGuard guard(on.device());
-  const int err = launch(at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, what, ": launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 #endif
+  run_launch(what, launch);
 }
 
 at::Tensor arch_probe(const at::Tensor& tile, bool bf16) {

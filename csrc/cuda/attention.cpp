@@ -8,16 +8,11 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <tuple>
 
 #include "common/attention_math.h"
-
-#if !defined(BMK_CUDA_EMULATOR)
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
+#include "cuda/torch_launch.h"
 
 namespace bmk::BMK_CUDA_NS {
 namespace {
@@ -159,21 +154,6 @@ size_t shared_limit() {
 #endif
 }
 
-// Runs launch(stream); an emulator report or a launch error becomes a TORCH_CHECK.
-template <typename F>
-void run(F&& launch) {
-#if defined(BMK_CUDA_EMULATOR)
-  try {
-    launch(nullptr);
-  } catch (const std::runtime_error& e) {
-    TORCH_CHECK(false, kWhat, ": ", e.what());
-  }
-#else
-  const int err = launch(at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, kWhat, ": launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-#endif
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
@@ -200,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   if (plan.empty()) return {out, lse};
   p.out = out.mutable_data_ptr(), p.lse = lse.mutable_data_ptr<float>();
   strides_of(out, p.out_stride);
-  run([&](Stream s) { return launch_attention_fwd(p, plan, s); });
+  run_launch(kWhat, [&](Stream s) { return launch_attention_fwd(p, plan, s); });
   return {out, lse};
 }
 
@@ -244,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   bp.dq = dq.mutable_data_ptr(), bp.dk = dk.mutable_data_ptr(), bp.dv = dv.mutable_data_ptr();
   bp.dbias = bias_grad ? dbias.mutable_data_ptr<float>() : nullptr;
   strides_of(dout, bp.dout_stride);
-  run([&](Stream s) { return launch_attention_bwd(bp, plan, s); });
+  run_launch(kWhat, [&](Stream s) { return launch_attention_bwd(bp, plan, s); });
   return {dq, dk, dv, dbias};
 }
 
