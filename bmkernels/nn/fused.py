@@ -583,8 +583,11 @@ def keep_channels_last(model, report):
     (model.to(memory_format=torch.channels_last)). Channels_last input is left as it is."""
     if not any(isinstance(m, Conv2d) for m in model.modules()):
         return
+    original = type(model)
+    while getattr(original, _UNFUSED_CLASS, None) is not None:  # the class before any fusion
+        original = getattr(original, _UNFUSED_CLASS)
     _set_fused_class(model, _ChannelsLastInside)
     report.notes.append(
-        f"<model>: {type(model).__name__} runs NCHW input on channels_last activations where measured faster "
+        f"<model>: {original.__name__} runs NCHW input on channels_last activations where measured faster "
         "(its 4-D outputs are returned in NCHW)"
     )
