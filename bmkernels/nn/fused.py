@@ -105,7 +105,8 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
         if bn is not None:
             out = bn(out)
     if residual is not None:
-        out = out + residual
+        # in place on BatchNorm's fresh output, as torchvision's `out += identity` (its backward does not read it)
+        out = out.add_(residual) if type(bn) is torch.nn.BatchNorm2d else out + residual
     return act_module(out) if act_module is not None else _functional(activation)(out)
 
 
