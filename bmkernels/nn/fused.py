@@ -549,8 +549,13 @@ class _ChannelsLastInside:
         """channels_last or not, for calls like this one. With grad the weights are the model's own: an
         NCHW weight would be reordered on every channels_last call (forward and backward), so the layout
         follows the weights'. Without grad (eval weights are cached in x's layout) and with every module
-        in eval mode (a forward then changes no state) both layouts are timed, interleaved."""
-        if not no_grad or any(m.training for m in self.modules()) or torch.compiler.is_compiling():
+        in eval mode without hooks (a forward then changes nothing anyone sees) both layouts are timed,
+        interleaved."""
+        if (
+            not no_grad
+            or torch.compiler.is_compiling()
+            or any(m.training or _has_hooks(m) for m in self.modules())  # extra runs would show (hooks fire)
+        ):
             return weights_channels_last
         import time
 
