@@ -275,3 +275,13 @@ def test_nchw_input_layout_choice_both_ways(margin, monkeypatch):
     assert_same64(original, swapped, x)
     bmkernels.unswap(swapped)
     assert type(swapped) is torchvision.models.ResNet and nn_fused._LAYOUT_CHOICES not in swapped.__dict__
+
+
+def test_layout_choice_is_not_timed_when_hooks_would_see_it():
+    model = resnet18().eval()
+    bmkernels.swap_modules(model)
+    calls = []
+    model.layer1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 40, 40, dtype=torch.float64))
+    assert len(calls) == 1, "one call, one hook call (no timing runs)"

@@ -344,12 +344,13 @@ def format_table(results, dram_gbps=None):
         names = list(rs[0].case.contenders)
         primary = rs[0].case.primary
         baselines = [n for n in names if n != primary]
-        any_mem = any(r.case.backward for r in rs)
+        any_mem = any(r.case.backward and r.case.forward for r in rs)  # cases with a memory probe
         any_bytes = any(r.case.bytes for r in rs)
+        any_rate = any_bytes or any(r.case.flops for r in rs)  # whole models count neither
         head = (
             ["case", "reps"]
             + [f"{n} ms" for n in names]
-            + [f"{n} GB/s" if any_bytes else f"{n} GFLOP/s" for n in names]
+            + ([f"{n} GB/s" if any_bytes else f"{n} GFLOP/s" for n in names] if any_rate else [])
             + ([f"{primary} % DRAM"] if any_bytes and dram_gbps else [])
             + [f"vs {b}" for b in baselines]
             + ["vs best"]
@@ -361,12 +362,13 @@ def format_table(results, dram_gbps=None):
             c = r.case
             row = [c.name, str(r.reps)]
             row += [_cell(c, n, r.median(n), 1e3, _ms_text) for n in names]
-            row += [_cell(c, n, r.gbps(n) if any_bytes else r.gflops(n), 1, ".1f") for n in names]
+            if any_rate:
+                row += [_cell(c, n, r.gbps(n) if any_bytes else r.gflops(n), 1, ".1f") for n in names]
             if any_bytes and dram_gbps:
                 row.append(_cell(c, primary, r.gbps(primary), 100 / dram_gbps, ".0f"))
             row += [_ratio_cell(r.ratio(b)) for b in baselines] + [_ratio_cell(r.best_ratio())]
             if any_mem:
-                if c.backward:
+                if c.backward and c.forward:
                     row.append(" / ".join(_cell(c, n, r.saved_bytes.get(n), 1 / 2**20, ".1f") for n in names))
                 else:
                     row.append("—")

@@ -105,7 +105,8 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
         if bn is not None:
             out = bn(out)
     if residual is not None:
-        out = out + residual
+        # in place on BatchNorm's fresh output, as torchvision's `out += identity` (its backward does not read it)
+        out = out.add_(residual) if type(bn) is torch.nn.BatchNorm2d else out + residual
     return act_module(out) if act_module is not None else _functional(activation)(out)
 
 
@@ -548,8 +549,13 @@ class _ChannelsLastInside:
         """channels_last or not, for calls like this one. With grad the weights are the model's own: an
         NCHW weight would be reordered on every channels_last call (forward and backward), so the layout
         follows the weights'. Without grad (eval weights are cached in x's layout) and with every module
-        in eval mode (a forward then changes no state) both layouts are timed, interleaved."""
-        if not no_grad or any(m.training for m in self.modules()) or torch.compiler.is_compiling():
+        in eval mode without hooks (a forward then changes nothing anyone sees) both layouts are timed,
+        interleaved."""
+        if (
+            not no_grad
+            or torch.compiler.is_compiling()
+            or any(m.training or _has_hooks(m) for m in self.modules())  # extra runs would show (hooks fire)
+        ):
             return weights_channels_last
         import time
 
@@ -583,8 +589,11 @@ def keep_channels_last(model, report):
     (model.to(memory_format=torch.channels_last)). Channels_last input is left as it is."""
     if not any(isinstance(m, Conv2d) for m in model.modules()):
         return
+    original = type(model)
+    while getattr(original, _UNFUSED_CLASS, None) is not None:  # the class before any fusion
+        original = getattr(original, _UNFUSED_CLASS)
     _set_fused_class(model, _ChannelsLastInside)
     report.notes.append(
-        f"<model>: {type(model).__name__} runs NCHW input on channels_last activations where measured faster "
+        f"<model>: {original.__name__} runs NCHW input on channels_last activations where measured faster "
         "(its 4-D outputs are returned in NCHW)"
     )

@@ -178,7 +178,8 @@ ConvBwdResult aten_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at
   const at::MemoryFormat fmt = format_of(x);
   const auto none = [&] { return at::empty({0}, x.options()); };
   at::Tensor dz = activation_grad(grad_out, act_saved, activation, slope).contiguous(fmt);
-  if (dz.is_same(grad_out)) dz = dz.clone();  // an operator's output must not alias its input
+  // dz is returned only as the residual gradient, and an operator's output must not alias its input
+  if (need_dres && dz.is_same(grad_out)) dz = dz.clone();
   at::Tensor dx = none(), dw = none(), db = none();
   if (need_dx || need_dw) {
     const auto [xin, pad] = aten_input(x, padding);
