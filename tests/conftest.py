@@ -207,3 +207,15 @@ def _clean_env(monkeypatch):
     """Tests start without backend/ISA overrides from the caller's shell."""
     monkeypatch.delenv("BMK_BACKEND", raising=False)
     monkeypatch.delenv("BMK_CPU_ISA", raising=False)
+
+
+def random_batchnorm_statistics(model):
+    """Non-trivial BatchNorm statistics and affine parameters, so eval mode's folding is exercised."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)

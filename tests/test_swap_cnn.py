@@ -12,7 +12,7 @@ import torch
 
 import bmkernels
 from bmkernels.nn import GRU, Conv2d, GRUCell
-from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
+from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff, random_batchnorm_statistics
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.resnet import BasicBlock  # noqa: E402
@@ -21,27 +21,15 @@ from torchvision.models.resnet import BasicBlock  # noqa: E402
 def resnet18(dtype=torch.float64):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).to(dtype)
-    _random_statistics(model)
+    random_batchnorm_statistics(model)
     return model
 
 
 def mobilenet(dtype=torch.float64):
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).to(dtype)
-    _random_statistics(model)
+    random_batchnorm_statistics(model)
     return model
-
-
-def _random_statistics(model):
-    """Non-trivial BatchNorm statistics and affine parameters, so eval mode's folding is exercised."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
 
 
 def forward_backward(model, x, seed=3):
@@ -232,7 +220,7 @@ def test_bottleneck_block_with_downsample():
     torch.manual_seed(0)
     downsample = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))
     original = torch.nn.Sequential(Bottleneck(8, 4, stride=2, downsample=downsample), Bottleneck(16, 4)).double()
-    _random_statistics(original)
+    random_batchnorm_statistics(original)
     swapped = copy.deepcopy(original)
     report = bmkernels.swap_modules(swapped)
     assert [names for names, _ in report.fused] == [["0.downsample.0", "0.downsample.1"], ["0"], ["1"]]

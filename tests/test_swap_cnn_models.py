@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bmkernels
-from tests.conftest import float64_tolerance, magnitude, max_abs_diff
+from tests.conftest import float64_tolerance, magnitude, max_abs_diff, random_batchnorm_statistics
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -48,14 +48,7 @@ def _params():
 def build(name, layout):
     torch.manual_seed(0)
     model = MODELS[name][0]().double()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    random_batchnorm_statistics(model)
     return model.to(memory_format=torch.channels_last) if layout == "cl" else model
 
 
