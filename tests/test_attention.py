@@ -13,15 +13,15 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+
+import bmkernels
+from bmkernels.reference import attention as reference
+from bmkernels.testing import (
     FLOAT_DTYPES,
     check_against_reference,
     cpu_supports,
     make_qkv,
 )
-
-import bmkernels
-from bmkernels.reference import attention as reference
 
 ISAS = ("scalar", "avx2", "avx512")
 

@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_qkv
 from test_attention import _op_args
 
 import bmkernels
 from bmkernels.reference import attention as reference
+from bmkernels.testing import make_qkv
 
 
 def _fwd_args(q, k, v, **changes):

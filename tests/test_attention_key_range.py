@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, check_against_reference, make_qkv
 
 import bmkernels
 from bmkernels.ops.attention import key_range_of
 from bmkernels.reference import attention as reference
+from bmkernels.testing import FLOAT_DTYPES, check_against_reference, make_qkv
 
 
 def kernel_fn(backend=None, **options):

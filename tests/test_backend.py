@@ -7,12 +7,12 @@ import types
 
 import pytest
 import torch
-from conftest import make_qkv
 
 import bmkernels
 from bmkernels import _backend, _extension
 from bmkernels.ops import attention as ops_attention
 from bmkernels.reference import attention as reference
+from bmkernels.testing import make_qkv
 
 CPU = torch.device("cpu")
 

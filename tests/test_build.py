@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import cpu_supports, make_qkv
 
 import bmkernels
 from bmkernels import _backend
+from bmkernels.testing import cpu_supports, make_qkv
 
 ISAS = ("scalar", "avx2", "avx512")
 KEYS = {

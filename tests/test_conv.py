@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_against_reference, cpu_supports
 
 import bmkernels
 from bmkernels.reference import conv as reference
+from bmkernels.testing import check_against_reference, cpu_supports
 
 ISAS = ("scalar", "avx2", "avx512")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -6,12 +6,12 @@ Marked `emulator`; tiny shapes only (the emulator runs one fiber per CUDA thread
 
 import pytest
 import torch
-from conftest import check_against_reference, make_qkv
 from test_attention import FEATURES, LK, LQ, B, H, _fwd_args, kernel_fn, reference_fn
 
 import bmkernels
 from bmkernels import _extension
 from bmkernels.reference import attention as reference
+from bmkernels.testing import check_against_reference, make_qkv
 
 pytestmark = pytest.mark.emulator
 EMULATED = "attention" in _extension.emulated_kernels()

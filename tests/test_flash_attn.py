@@ -5,10 +5,10 @@ appends, rotary), with their bad inputs."""
 
 import pytest
 import torch
-from conftest import check_against_reference
 
 from bmkernels import flash_attn
 from bmkernels.reference import flash_attn as ref
+from bmkernels.testing import check_against_reference
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 FEATURES = {

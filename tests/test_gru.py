@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_within_rule, cpu_supports, magnitude
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import bmkernels
 from bmkernels.reference import gru as reference
+from bmkernels.testing import assert_within_rule, cpu_supports, magnitude
 
 ISAS = ("scalar", "avx2", "avx512")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_within_rule
+
+from bmkernels.testing import assert_within_rule
 
 timm = pytest.importorskip("timm")
 

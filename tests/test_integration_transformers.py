@@ -9,7 +9,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_within_rule
+
+from bmkernels.testing import assert_within_rule
 
 transformers = pytest.importorskip("transformers")
 bmk_transformers = pytest.importorskip("bmkernels.integrations.transformers")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import bmkernels
 from bmkernels.models import TransformerClassifier, TransformerLM
-from tests.conftest import float64_tolerance, magnitude, max_abs_diff
+from bmkernels.testing import float64_tolerance, magnitude, max_abs_diff
 
 SMALL = dict(max_len=24, d_model=32, n_heads=4, n_layers=2)
 

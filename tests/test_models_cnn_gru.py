@@ -7,7 +7,7 @@ import torch
 
 from bmkernels.models import CNN, GRULM, ConvAutoencoder
 from bmkernels.nn import GRU, Conv2d
-from tests.conftest import float64_tolerance, magnitude, max_abs_diff
+from bmkernels.testing import float64_tolerance, magnitude, max_abs_diff
 
 
 def images():

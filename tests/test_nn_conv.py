@@ -10,7 +10,7 @@ import bmkernels
 from bmkernels.nn import Conv2d, ConvBNAct, conv_bn_act
 from bmkernels.nn import conv as nn_conv
 from bmkernels.nn import fused as nn_fused
-from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
+from bmkernels.testing import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
 
 
 def forward_backward(model, x, seed=3, **kwargs):

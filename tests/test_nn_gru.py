@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 from bmkernels.nn import GRU, GRUCell
-from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
+from bmkernels.testing import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
 
 I, H = 5, 7
 

@@ -11,7 +11,7 @@ import torch
 import bmkernels
 import bmkernels.nn.attention as nn_attention
 from bmkernels.nn import MultiheadAttention
-from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
+from bmkernels.testing import assert_within_rule, float64_tolerance, magnitude, max_abs_diff
 
 D, HEADS = 16, 4
 

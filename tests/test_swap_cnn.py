@@ -12,7 +12,13 @@ import torch
 
 import bmkernels
 from bmkernels.nn import GRU, Conv2d, GRUCell
-from tests.conftest import assert_within_rule, float64_tolerance, magnitude, max_abs_diff, random_batchnorm_statistics
+from bmkernels.testing import (
+    assert_within_rule,
+    float64_tolerance,
+    magnitude,
+    max_abs_diff,
+    random_batchnorm_statistics,
+)
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.resnet import BasicBlock  # noqa: E402

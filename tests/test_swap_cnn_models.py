@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bmkernels
-from tests.conftest import float64_tolerance, magnitude, max_abs_diff, random_batchnorm_statistics
+from bmkernels.testing import float64_tolerance, magnitude, max_abs_diff, random_batchnorm_statistics
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")

@@ -25,11 +25,10 @@ ON_GPU = torch.cuda.is_available()
 # Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
 triton_attention = pytest.importorskip("bmkernels.triton.attention", reason="triton is not installed")
 
-from conftest import check_against_reference, make_qkv  # noqa: E402
-
 import bmkernels  # noqa: E402
 from bmkernels import _backend, _extension  # noqa: E402
 from bmkernels.reference import attention as reference  # noqa: E402
+from bmkernels.testing import check_against_reference, make_qkv  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = (

@@ -18,12 +18,12 @@ ON_GPU = torch.cuda.is_available()
 # Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
 triton_conv = pytest.importorskip("bmkernels.triton.conv", reason="triton is not installed")
 
-from conftest import check_against_reference  # noqa: E402
 from test_conv import CASES, _case_inputs, make_inputs, reference_fn  # noqa: E402  (the CPU op's cases)
 
 import bmkernels  # noqa: E402
 from bmkernels import _backend  # noqa: E402
 from bmkernels.reference import conv as reference  # noqa: E402
+from bmkernels.testing import check_against_reference  # noqa: E402
 
 # tanh and sigmoid from exp saturate correctly where exp overflows to inf; numpy (the interpreter) warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
