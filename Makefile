@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.14.1
 TORCHVISION_VERSION ?= 0.29.1
 
-.PHONY: setup test bench bench-quick bench-full bench-pytest lint format info clean distclean
+.PHONY: setup test test-fast test-all bench bench-quick bench-full bench-pytest lint format info clean distclean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,17 @@ setup:
 	$(BIN)/pip install transformers==5.23.0 timm==1.0.31 expecttest ruff==0.17.6 clang-format==21.1.8
 	$(BIN)/pip install --no-build-isolation -e .
 
+# What CI runs (the README's test command): everything but the tests marked exhaustive.
 test:
 	$(BIN)/python -m pytest tests -q
+
+# The edit loop: about a minute on 2 cores.
+test-fast:
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+# Every test, the exhaustive ones (beyond CI's time budget) included.
+test-all:
+	$(BIN)/python -m pytest tests -q --exhaustive
 
 # The default preset: a few minutes on 2 cores. `make bench BENCH_ARGS="--json bench_out/attn.json"`.
 bench:

@@ -18,3 +18,33 @@ def _clean_env(monkeypatch):
     """Tests start without backend/ISA overrides from the caller's shell."""
     monkeypatch.delenv("BMK_BACKEND", raising=False)
     monkeypatch.delenv("BMK_CPU_ISA", raising=False)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--exhaustive",
+        action="store_true",
+        help="also run the tests marked exhaustive (beyond CI's time budget; `make test-all`)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by subject folder, GPU-only tests skipped without a GPU, exhaustive ones deselected unless asked."""
+    on_gpu = torch.cuda.is_available()
+    kept, deselected = [], []
+    for item in items:
+        folder = item.path.parent.name
+        if folder == "triton" and not on_gpu:
+            item.add_marker(pytest.mark.interpreter)
+        if folder == "cuda":
+            item.add_marker(pytest.mark.emulator)
+        gpu = item.get_closest_marker("gpu")
+        if gpu is not None and not on_gpu:
+            item.add_marker(pytest.mark.skip(reason=gpu.kwargs.get("reason", "needs a CUDA GPU")))
+        if item.get_closest_marker("exhaustive") is not None and not config.getoption("--exhaustive"):
+            deselected.append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

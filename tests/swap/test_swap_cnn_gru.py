@@ -60,6 +60,7 @@ def assert_same64(original, swapped, x):
 
 
 @pytest.mark.parametrize("build", [resnet18, mobilenet])
+@pytest.mark.slow
 def test_torchvision_float64_train_and_eval(build):
     original = build()
     swapped = copy.deepcopy(original)
@@ -99,6 +100,7 @@ def test_mobilenet_fuses_conv_bn_activation_runs():
     assert isinstance(block, torchvision.ops.Conv2dNormActivation) and type(block).__name__.startswith("Fused")
 
 
+@pytest.mark.slow
 def test_float32_within_rule_train_and_eval():
     truth = resnet18()
     same = resnet18(torch.float32)
@@ -241,6 +243,7 @@ def test_bottleneck_block_with_downsample():
 
 
 @pytest.mark.parametrize("margin", [1e9, 0.0], ids=["channels_last_chosen", "nchw_chosen"])
+@pytest.mark.slow
 def test_nchw_input_layout_choice_both_ways(margin, monkeypatch):
     """An eval model on NCHW input runs channels_last inside when measured faster (forced here both
     ways): outputs equal the original's, 4-D outputs come back NCHW, the choice is cached per shape,

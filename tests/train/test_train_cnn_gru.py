@@ -1,6 +1,6 @@
 """`bmkernels train cnn|autoencoder|gru`: runs through the CLI (checkpoint, --compile, --resume), a
 clear error without scikit-learn or with bad flags, and convergence of bmkernels vs torch kernels
-from the same seed. One torch thread, as in test_train.py."""
+from the same seed. One torch thread, as in test_train_transformer.py."""
 
 import sys
 
@@ -90,6 +90,7 @@ LEARNED = {"cnn": 0.7, "autoencoder": 0.3, "gru": 0.7}
 
 
 @pytest.mark.parametrize("model", ["cnn", "autoencoder", "gru"])
+@pytest.mark.slow
 def test_convergence_bmkernels_vs_torch(model, tmp_path):
     runs = {
         k: run_api(model, "--steps", "100", "--eval-every", "100", "--kernels", k, "--out", str(tmp_path / k))

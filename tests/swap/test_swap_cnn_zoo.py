@@ -41,7 +41,7 @@ FAST = {("resnet18", "nchw"), ("timm_resnet18", "cl"), ("timm_efficientnet_b0", 
 def _params():
     for name, (_, _, _, slow) in MODELS.items():
         for layout in ("nchw", "cl"):
-            marks = [pytest.mark.slow] if slow and (name, layout) not in FAST else []
+            marks = [pytest.mark.slow] + ([pytest.mark.exhaustive] if slow and (name, layout) not in FAST else [])
             yield pytest.param(name, layout, marks=marks, id=f"{name}-{layout}")
 
 

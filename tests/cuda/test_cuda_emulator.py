@@ -6,25 +6,24 @@ Marked `emulator`; tiny shapes only (the emulator runs one fiber per CUDA thread
 
 import pytest
 import torch
-from test_attention import FEATURES, LK, LQ, B, H, _fwd_args, kernel_fn, reference_fn
 
 import bmkernels
 from bmkernels import _extension
 from bmkernels.reference import attention as reference
 from bmkernels.testing import check_against_reference, make_qkv
+from tests.ops.test_attention import FEATURES, LK, LQ, B, H, _fwd_args, kernel_fn, reference_fn
 
-pytestmark = pytest.mark.emulator
 EMULATED = "attention" in _extension.emulated_kernels()
 needs_emulator = pytest.mark.skipif(not EMULATED, reason="built without BMK_CUDA_EMULATOR=1")
 ON_GPU = torch.cuda.is_available() and "attention" in _extension.cuda_kernels()
 # where the CUDA kernels run: the emulator, and the GPU when there is one
 RUNNERS = [
     pytest.param("cuda_emulated", marks=needs_emulator),
-    pytest.param("cuda", marks=pytest.mark.skipif(not ON_GPU, reason="no GPU or no CUDA build")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no CUDA build")]),
 ]
 PROBE_DEVICES = [
     pytest.param("cpu", marks=needs_emulator),
-    pytest.param("cuda", marks=pytest.mark.skipif(not ON_GPU, reason="no GPU or no CUDA build")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no CUDA build")]),
 ]
 
 
@@ -262,6 +261,7 @@ def _long_case(name, q_len, k_len, dtype):
 @pytest.mark.parametrize(
     "feature", ["plain", "causal", "causal_bottom_right", "window", "softcap_alibi", "bias", "mask"]
 )
+@pytest.mark.slow
 def test_several_blocks(backend, dtype, feature):
     """70 queries x 150 keys: two query blocks and three key blocks in the forward (the online softmax's
     rescaling, the key-block loop and its barriers), several blocks in both backward kernels."""

@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from test_attention import _op_args
 
 import bmkernels
 from bmkernels.reference import attention as reference
 from bmkernels.testing import make_qkv
+from tests.ops.test_attention import _op_args
 
 
 def _fwd_args(q, k, v, **changes):
@@ -26,6 +26,7 @@ def _run_isolated(code):
     return result.returncode, result.stderr
 
 
+@pytest.mark.slow
 def test_zero_heads_forward_and_backward_do_not_crash():
     """0 heads: empty results and gradients (a division by the group size used to kill the process)."""
     code, err = _run_isolated(

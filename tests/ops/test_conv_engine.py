@@ -6,11 +6,11 @@ the raw operators check every argument either engine indexes by."""
 
 import pytest
 import torch
-from test_conv import kernel_fn, make_inputs, out_size_of, reference_fn
 
 import bmkernels
 from bmkernels.ops import conv as ops_conv
 from bmkernels.testing import check_against_reference
+from tests.ops.test_conv import kernel_fn, make_inputs, out_size_of, reference_fn
 
 CASES = {
     "3x3_bias_relu": (dict(batch=2, c_in=8, size=9, c_out=12, kernel=3), dict(padding=1, activation="relu")),

@@ -414,6 +414,7 @@ class TinyGRUModel(torch.nn.Module):
         return self.head(h), out
 
 
+@pytest.mark.slow
 def test_compile_fullgraph():
     """A GRU model compiles with torch.compile(fullgraph=True) -- no graph breaks -- and matches eager,
     forward and backward."""
@@ -628,6 +629,7 @@ def test_buffer_pool_reuses_blocks_and_empties():
     assert bmkernels.cpu_cache_bytes() == 0
 
 
+@pytest.mark.slow
 def test_buffer_pool_can_be_turned_off():
     code = (
         "import torch, bmkernels; x = torch.randn(16, 64, 32, requires_grad=True); "

@@ -13,6 +13,7 @@ Where it runs:
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -24,16 +25,13 @@ ON_GPU = torch.cuda.is_available()
 # Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
 triton_gru = pytest.importorskip("bmkernels.triton.gru", reason="triton is not installed")
 
-from test_gru import check_rule, gru_fn, gru_weights, rand  # noqa: E402
-
 import bmkernels  # noqa: E402
 from bmkernels import _backend, _extension  # noqa: E402
 from bmkernels.reference import gru as reference  # noqa: E402
+from tests.ops.test_gru import check_rule, gru_fn, gru_weights, rand  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-GPU_ONLY = pytest.mark.skipif(
-    not ON_GPU, reason="needs a CUDA GPU: large shapes and bfloat16 are beyond the Triton interpreter"
-)
+GPU_ONLY = pytest.mark.gpu(reason="needs a CUDA GPU: large shapes and bfloat16 are beyond the Triton interpreter")
 INTERPRETER_ONLY = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
 
 
@@ -115,6 +113,7 @@ def seq_case(name, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", list(SEQ_CASES))
+@pytest.mark.slow
 def test_gru_matches_reference(case, kernel_path):
     x, h0, weights, layers, bi, lengths = seq_case(case)
     check_rule(
@@ -171,6 +170,7 @@ def layer_op_fn(bias):
 
 @pytest.mark.parametrize("dtype", (torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)), ids=str)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
+@pytest.mark.slow
 def test_layer_op_low_precision(dtype, bias, kernel_path):
     x, h0 = sequence(7, 3, 5, 17, dtype=dtype)
     weights = on_device(gru_weights(5, 17, bias=bias, dtype=dtype, seed=9))
@@ -329,7 +329,7 @@ def test_interpreter_uses_one_small_config():
 
 def test_compile_fullgraph(kernel_path):
     """Dynamo traces the Triton ops (a bidirectional layer with lengths and a cell) without a graph
-    break. Under the interpreter only with the 'eager' backend (see tests/test_triton_attention.py)."""
+    break. Under the interpreter only with the 'eager' backend (see tests/triton/test_triton_attention.py)."""
     torch._dynamo.reset()
     x, h0 = sequence(4, 3, 3, 5, directions=2)
     # the layer's 8 weights, then a cell's 4 taking the layer's output (2H = 10 features)
@@ -435,6 +435,7 @@ AOT_COMPILE = textwrap.dedent("""
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels run")
 @pytest.mark.parametrize("dtype, arch", (("fp32", 80), ("bf16", 90)))
+@pytest.mark.slow
 def test_kernels_compile_for_gpus(dtype, arch):
     """The interpreter does not type-check the GPU lowering (tl.dot operand dtypes and shapes, layouts):
     every kernel, every flag on, its largest autotune config, lowered to a cubin for A100 (sm_80) / H100
@@ -442,7 +443,7 @@ def test_kernels_compile_for_gpus(dtype, arch):
     the A100's (the autotuner skips a config that does not fit the device)."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     result = subprocess.run(
         [sys.executable, "-c", AOT_COMPILE, dtype, str(arch)],
         env=env,

@@ -286,7 +286,7 @@ def test_kvcache_matches_reference(dtype, case, layout):
         q.double(), k_cache.double(), v_cache.double(), seqlens, **kwargs, **opts
     )
     same, _, _ = ref.kvcache_attention(q, k_cache, v_cache, seqlens, **kwargs, **opts)
-    from conftest import assert_within_rule
+    from bmkernels.testing import assert_within_rule
 
     assert out.shape == (batch, q_len, heads, v_dim) and out.dtype == dtype
     assert_within_rule("out", out, truth, same, dtype)

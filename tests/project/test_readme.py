@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 NUMBER = re.compile(r"\d+\.\d+e[-+]\d+")
 
 
@@ -28,6 +28,7 @@ def test_readme_has_examples():
 
 
 @pytest.mark.parametrize("index", range(len(examples())))
+@pytest.mark.slow
 def test_readme_example_prints_what_it_says(index):
     code, expected = examples()[index]
     if "transformers" in code or "timm" in code:

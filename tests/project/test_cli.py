@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from bmkernels import bench, cli
 from bmkernels.bench import attention as attention_bench
 from bmkernels.bench import gru as gru_bench
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[2])
 
 
 def run_cli(*args, timeout=120):
@@ -49,6 +50,7 @@ def quick_run(tmp_path_factory):
 
 
 @pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+@pytest.mark.slow
 class TestBenchQuick:
     def test_table_rows_and_columns(self, quick_run):
         proc, _ = quick_run
@@ -119,6 +121,7 @@ class TestBenchQuick:
         assert "below the protocol" in proc.stdout
 
 
+@pytest.mark.slow
 def test_info_prints_isa():
     proc = run_cli("info")
     assert proc.returncode == 0, proc.stderr
@@ -130,6 +133,7 @@ def test_info_prints_isa():
         assert ", ".join(info["cpu_isas"]) in proc.stdout
 
 
+@pytest.mark.slow
 def test_info_json():
     proc = run_cli("info", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -163,6 +167,7 @@ def test_bad_command_line(capsys, args, message):
     assert message in err and "usage: bmkernels" in err
 
 
+@pytest.mark.slow
 def test_bad_flag_exit_status_of_the_command():
     proc = run_cli("bench", "--bogus")
     assert proc.returncode == 2
@@ -268,6 +273,7 @@ def test_saved_activation_bytes_sees_the_score_matrix():
 
 
 @pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+@pytest.mark.slow
 def test_gru_bench_quick():
     proc = run_cli("bench", "--quick", "--op", "gru", "--reps", "3", "--no-memory", timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -298,6 +304,7 @@ def test_gru_presets_and_flops():
 
 
 @pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
+@pytest.mark.slow
 def test_bench_quick_conv():
     from bmkernels.bench import conv as conv_bench
 

@@ -4,7 +4,8 @@ lengths) or a silent broadcast."""
 
 import pytest
 import torch
-from test_gru import _layer_args
+
+from tests.ops.test_gru import _layer_args
 
 
 def _fwd(**changes):

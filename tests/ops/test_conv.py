@@ -19,7 +19,7 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 @pytest.fixture(autouse=True)
 def own_engine(monkeypatch):
-    """These tests are of bmkernels' own conv kernels: no engine choice (tests/test_conv_engine.py)."""
+    """These tests are of bmkernels' own conv kernels: no engine choice (tests/ops/test_conv_engine.py)."""
     monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
 
 

@@ -142,7 +142,7 @@ def test_cuda_backend_on_cpu_tensors(via, monkeypatch, ran):
 @pytest.mark.parametrize("via", ("argument", "env"))
 def test_triton_backend_on_cpu_needs_the_interpreter(via, monkeypatch, ran):
     """The Triton kernels take CPU tensors only under TRITON_INTERPRET=1: otherwise an error, never a
-    fallback (tests/test_triton_attention.py runs them under the interpreter)."""
+    fallback (tests/triton/test_triton_attention.py runs them under the interpreter)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = make_qkv(requires_grad=False)
     kwargs = {"backend": "triton"} if via == "argument" else {}

@@ -14,6 +14,7 @@ Where it runs:
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -36,15 +37,13 @@ DTYPES = (
     torch.float16,
     pytest.param(
         torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"
+        marks=pytest.mark.gpu(
+            reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"
         ),
     ),
 )
 INTERPRETER_ONLY_SKIP = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
-GPU_ONLY = pytest.mark.skipif(
-    not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton interpreter"
-)
+GPU_ONLY = pytest.mark.gpu(reason="needs a CUDA GPU: large shapes are too slow for the Triton interpreter")
 # lengths and head dims: small awkward ones under the interpreter, GPU-sized ones on a GPU
 SIZE = {"short": 97 if ON_GPU else 17, "mid": 333 if ON_GPU else 33, "long": 1029 if ON_GPU else 97}
 
@@ -166,6 +165,7 @@ def build_case(shape, options, extras, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.slow
 def test_feature_matches_reference(feature, dtype):
     shape, options, extras, lse_grad = FEATURES[feature]
     options, tensors = build_case(shape, options, extras, dtype)
@@ -382,13 +382,14 @@ SHARED_MEMORY_LIMIT = 232448
     [("bf16", 128, 64, "1"), ("fp32", 256, 256, "0")],
     ids=["first-config-bf16-d128", "untuned-fp32-d256"],
 )
+@pytest.mark.slow
 def test_kernels_compile_for_gpu(dtype, block_d, block_dv, autotune):
     """Every kernel, every feature on, lowered to an sm_90 cubin that fits shared memory: the first
     autotune config in bfloat16, and the config used without tuning (BMK_TRITON_AUTOTUNE=0) at the
     largest tiles, float32 head dim 256 (the first autotune config needs 426 KB there: on an H200 it
     failed with OutOfResources)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"BMK_TRITON_AUTOTUNE": autotune}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_GPU, dtype, "90", str(block_d), str(block_dv)],
         env=env,
@@ -503,6 +504,7 @@ def test_key_range_skips_whole_key_blocks():
     assert all(r < a for r, a in zip(counts["range"], counts["all"], strict=True))
 
 
+@pytest.mark.slow
 def test_mask_tiles_with_nothing_kept_are_skipped():
     """A bool mask is analysed per tile (a table of 16 x 16 granules): the three kernels visit exactly the
     tiles where the mask keeps something (a 4-document mask: the block diagonal), and give the reference's
@@ -559,11 +561,12 @@ _LOWER_FORWARD = textwrap.dedent("""
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels run (test_value_head_dim_below_key_head_dim_every_config)")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.slow
 def test_forward_lowering_avoids_the_narrow_value_wgmma(dtype):
     """The H200 failure (fp16/bf16, D = 40, Dv = 24, 128 x 64 tiles, 4 warps, 3 stages) had the P @ V
     product on a 16x32x16 wgmma; with the value block at 64 every wgmma of the forward is 16x64x16."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     result = subprocess.run(
         [sys.executable, "-c", _LOWER_FORWARD, dtype], env=env, capture_output=True, text=True, timeout=600, cwd=root
     )
@@ -572,7 +575,7 @@ def test_forward_lowering_avoids_the_narrow_value_wgmma(dtype):
     assert layouts and all("instrShape = [16, 64, 16]" in line for line in layouts), layouts
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu(reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_value_head_dim_below_key_head_dim_every_config(dtype):
     """The shape that failed on an H200, run with each forward autotune config in turn."""

@@ -1,5 +1,5 @@
 """The Triton conv2d kernels (bmkernels/triton/conv.py) against the reference: forward and every
-gradient (input, weight, bias, residual) on the CPU op's cases (tests/test_conv.py: odd channels, 1x1,
+gradient (input, weight, bias, residual) on the CPU op's cases (tests/ops/test_conv.py: odd channels, 1x1,
 3x3, 7x7 stem, stride 2, dilation 2, padding "same"/"valid", rectangular, groups, depthwise with and
 without a channel multiplier), both memory formats, every activation, non-contiguous and empty
 inputs, routing, determinism, bad inputs. Tolerance rule: tests/conftest.py.
@@ -18,26 +18,23 @@ ON_GPU = torch.cuda.is_available()
 # Without a GPU, tests/conftest.py switched the Triton interpreter on before anything imported triton.
 triton_conv = pytest.importorskip("bmkernels.triton.conv", reason="triton is not installed")
 
-from test_conv import CASES, _case_inputs, make_inputs, reference_fn  # noqa: E402  (the CPU op's cases)
-
 import bmkernels  # noqa: E402
 from bmkernels import _backend  # noqa: E402
 from bmkernels.reference import conv as reference  # noqa: E402
 from bmkernels.testing import check_against_reference  # noqa: E402
+from tests.ops.test_conv import CASES, _case_inputs, make_inputs, reference_fn  # noqa: E402  (the CPU op's cases)
 
 # tanh and sigmoid from exp saturate correctly where exp overflows to inf; numpy (the interpreter) warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 BF16 = pytest.param(
     torch.bfloat16,
-    marks=pytest.mark.skipif(
-        not ON_GPU, reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"
+    marks=pytest.mark.gpu(
+        reason="the Triton interpreter cannot compute in bfloat16 (test_interpreter_refuses_bfloat16)"
     ),
 )
 INTERPRETER_ONLY_SKIP = pytest.mark.skipif(ON_GPU, reason="checks the interpreter set-up")
-GPU_ONLY = pytest.mark.skipif(
-    not ON_GPU, reason="needs a CUDA GPU: large shapes are too slow for the Triton interpreter"
-)
+GPU_ONLY = pytest.mark.gpu(reason="needs a CUDA GPU: large shapes are too slow for the Triton interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +68,7 @@ LAYOUTS = [(torch.float32, False), (torch.float16, True)] + (
     "dtype,channels_last", LAYOUTS, ids=[f"{str(d)[6:]}-{'channels_last' if c else 'nchw'}" for d, c in LAYOUTS]
 )
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_matches_reference(case, dtype, channels_last):
     inputs, options = _case_inputs(case, dtype, channels_last, residual=case not in ("1x1", "valid"))
     out, _, grads = check(inputs, dtype, **options)
@@ -84,6 +82,7 @@ ACTIVATIONS = reference.ACTIVATIONS + (("leaky_relu", 0.0), ("leaky_relu", -1.5)
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, BF16), ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.slow
 def test_every_activation(activation, dtype):
     """Each activation with a residual: the derivative read off the output (None, relu, leaky_relu with a
     positive slope) or off the saved pre-activation (the others)."""

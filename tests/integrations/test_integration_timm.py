@@ -42,6 +42,7 @@ def run(model, x):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_swapped_model_matches_unpatched(name):
     x = images(name)
     truth_model, torch_model, bmk_model = build(name).double(), build(name), build(name)

@@ -15,7 +15,7 @@ import torch
 
 from bmkernels import cli, data, train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = [
     "--d-model",
     "32",
@@ -182,6 +182,7 @@ def test_init_from_lm_fine_tunes_classifier(tmp_path):
     assert checkpoint(tmp_path / "clf2")["model"]["backbone.embed.weight"].shape == (256, 48)
 
 
+@pytest.mark.slow
 def test_torch_kernels_and_compile_run(tmp_path):
     for extra in (["--kernels", "torch"], ["--compile"]):
         out = tmp_path / extra[-1].strip("-")
@@ -205,6 +206,7 @@ def test_data_split_is_deterministic_and_disjoint():
     assert x.shape == (6, 40) and set(y.tolist()) <= {0, 1, 2} and len(snippets.classes) == 3
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     """2-process DDP (gloo) on halves of each global batch ends with the parameters a single
     process reaches on the whole batches."""
@@ -253,6 +255,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 CONVERGENCE_RTOL = 1e-3
 
 
+@pytest.mark.slow
 def test_convergence_bmkernels_vs_torch(tmp_path):
     argv = [
         "--d-model",

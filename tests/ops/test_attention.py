@@ -6,6 +6,7 @@ opcheck, torch.compile, bad inputs and empty tensors. Tolerance rule: tests/conf
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -517,6 +518,7 @@ _TRITON_RAND = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_philox_matches_triton_rand():
     try:
         import triton  # noqa: F401
@@ -530,7 +532,7 @@ def test_philox_matches_triton_rand():
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=str(pathlib.Path(__file__).resolve().parents[2]),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -711,6 +713,7 @@ def _compare_compiled(fn, inputs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_attention():
     torch._dynamo.reset()
     q, k, v = make_qkv(q_heads=4, kv_heads=2, q_len=11, k_len=13, head_dim=8)

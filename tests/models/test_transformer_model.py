@@ -106,6 +106,7 @@ def test_swap_turns_torch_model_into_bmkernels_model():
     assert max_abs_diff(ref(idx), ours(idx)) <= float64_tolerance(magnitude(ours(idx)))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
     model = build(TransformerLM, "bmkernels", n_layers=1)
     compiled = torch.compile(model, fullgraph=True)
