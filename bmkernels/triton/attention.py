@@ -788,7 +788,7 @@ def _value_block(dv, dtype):
     """Value head-dim block. fp16/bf16 use at least 64: at 32 the P @ V product lowers on sm_90 to a
     16x32x16 wgmma fed by a layout conversion from the 16x64x16 accumulator of q @ k^T, the one pattern
     in the H200 run that gave a wrong forward (D = 40, Dv = 24, 128 x 64 tiles); fp32 (FMA dots) and the
-    interpreter are unaffected. tests/test_triton_attention.py checks the lowering here and, on a GPU,
+    interpreter are unaffected. tests/triton/test_triton_attention.py checks the lowering here and, on a GPU,
     every forward config at that shape."""
     return max(64 if dtype in (torch.float16, torch.bfloat16) else 16, triton.next_power_of_2(dv))
 
@@ -1146,6 +1146,6 @@ def _fake_fwd_contiguous(*args):
 if INTERPRETED:
     # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake
     # tensors: under the interpreter the ops get the C++ ops' fake kernels (same outputs), so that
-    # torch.compile can trace them (tests/test_triton_attention.py). Compiled triton needs none.
+    # torch.compile can trace them (tests/triton/test_triton_attention.py). Compiled triton needs none.
     attention_fwd.register_fake(_fake_fwd_contiguous)
     attention_bwd.register_fake(ops_attention._fake_bwd)

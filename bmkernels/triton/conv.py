@@ -952,6 +952,6 @@ torch.library.register_autograd(
 if INTERPRETED:
     # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake
     # tensors: under the interpreter the ops get the C++ ops' fake kernels (same outputs), so that
-    # torch.compile can trace them (tests/test_triton_conv.py). Compiled triton needs none.
+    # torch.compile can trace them (tests/triton/test_triton_conv.py). Compiled triton needs none.
     conv2d_fwd.register_fake(ops_conv._fake_fwd)
     conv2d_bwd.register_fake(ops_conv._fake_bwd)

@@ -699,7 +699,7 @@ torch.library.register_autograd("bmkernels::gru_triton_cell_fwd", _cell_backward
 if INTERPRETED:
     # Fake-tensor tracing of a triton_op runs its body, and the interpreter cannot run a kernel on fake
     # tensors: under the interpreter the ops get the C++ ops' fake kernels (same outputs), so that
-    # torch.compile can trace them (tests/test_triton_gru.py). Compiled triton needs none.
+    # torch.compile can trace them (tests/triton/test_triton_gru.py). Compiled triton needs none.
     gru_layer_fwd.register_fake(ops_gru._fake_layer_fwd)
     gru_cell_fwd.register_fake(ops_gru._fake_cell_fwd)
     gru_layer_bwd.register_fake(ops_gru._fake_layer_bwd)
