@@ -13,6 +13,7 @@ import math
 import torch
 
 from bmkernels import _backend, _extension
+from bmkernels.ops._fake import same_device_or_fail
 from bmkernels.reference import attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -401,14 +402,6 @@ def _mask_as_4d(m, query):
     return _as_4d(m)
 
 
-def _same_device_or_fail(*tensors):
-    """The fake kernels refuse tensors on different devices, as the real kernels (and torch's meta
-    functions) do, instead of allocating on the first one's device."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"bmkernels attention: all tensors must be on one device; got {sorted(map(str, devices))}")
-
-
 def _empty_output(q, v_head_dim):
     """out laid out as q is (the C++ kernel's rule, csrc/cpu/attention.cpp empty_output): rows of heads
     (B, Lq, Hq, Dv) when q's head stride is below its row stride, else contiguous."""
@@ -435,7 +428,7 @@ def _fake_fwd(
     key_range=None,
     segments=None,
 ):
-    _same_device_or_fail(q, k, v, bias, mask, alibi_slopes, key_range, segments)
+    same_device_or_fail("attention", q, k, v, bias, mask, alibi_slopes, key_range, segments)
     batch, heads, q_len, _ = q.shape
     out = _empty_output(q, v.shape[-1])
     lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
@@ -464,7 +457,9 @@ def _fake_bwd(
     key_range=None,
     segments=None,
 ):
-    _same_device_or_fail(grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, key_range, segments)
+    same_device_or_fail(
+        "attention", grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, key_range, segments
+    )
     dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -517,7 +512,9 @@ if _extension.loaded():
         torch.library.register_fake(f"bmkernels::{bwd}")(_fake_bwd)
     torch.library.register_fake("bmkernels::attention_kvcache_fwd")(
         lambda q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, *scalars: (
-            _same_device_or_fail(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes),
+            same_device_or_fail(
+                "attention", q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes
+            ),
             q.new_empty(*q.shape[:3], v_cache.shape[-1]),
             q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=_acc_dtype(q.dtype)),
         )[1:]

@@ -13,6 +13,7 @@ import math
 import torch
 
 from bmkernels import _backend, _extension
+from bmkernels.ops._fake import same_device_or_fail
 from bmkernels.reference import conv as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -121,6 +122,11 @@ def conv2d(
     _check_tensor("weight", weight, x)
     if weight.dim() != 4:
         _fail(ValueError, f"weight must be 4-D (C_out, C_in / groups, kH, kW); got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1 or min(weight.shape[2:]) < 1:
+        _fail(
+            ValueError,
+            f"weight must have C_out >= 1 and a kernel of at least 1x1 (as torch); got shape {tuple(weight.shape)}",
+        )
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         _fail(ValueError, f"groups must be a positive int; got {groups!r}")
     in_c, out_c = x.shape[-3], weight.shape[0]
@@ -142,17 +148,15 @@ def conv2d(
     dilation = _pair("dilation", dilation, 1)
     kernel = tuple(weight.shape[2:])
     pads = _padding(padding, kernel, stride, dilation)
-    out_hw = tuple(
-        (size + lo + hi - d * (k - 1) - 1) // s + 1
-        for size, lo, hi, k, s, d in zip(x.shape[-2:], pads[0::2], pads[1::2], kernel, stride, dilation, strict=True)
-    )
+    *_, out_channels, out_h, out_w = output_shape((1, *x.shape[-3:]), weight.shape, stride, pads, dilation)
+    out_hw = (out_h, out_w)
     if min(out_hw) <= 0:
         _fail(
             ValueError,
             f"output size {out_hw} must be positive: input {tuple(x.shape[-2:])}, kernel {kernel}, "
             f"padding {pads} (top, bottom, left, right), stride {stride}, dilation {dilation}",
         )
-    out_shape = (*x.shape[:-3], out_c, *out_hw)
+    out_shape = (*x.shape[:-3], out_channels, *out_hw)
     if residual is not None:
         _check_tensor("residual", residual, x)
         if tuple(residual.shape) != out_shape:
@@ -225,16 +229,22 @@ def clear_engine_choices():
         _extension._C.clear_conv_engine_choices()
 
 
-def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
-    out_hw = [
+def output_shape(x_shape, weight_shape, stride, padding, dilation):
+    """(N, C_out, H_out, W_out) of x (N, C_in, H, W) convolved with weight (C_out, C_in / groups, kH, kW),
+    padding (top, bottom, left, right); x with 0 channels gives torch's result, (N, 0, H_out, W_out)."""
+    out_hw = (
         (size + lo + hi - d * (k - 1) - 1) // s + 1
         for size, lo, hi, k, s, d in zip(
-            x.shape[-2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True
+            x_shape[2:], padding[0::2], padding[1::2], weight_shape[2:], stride, dilation, strict=True
         )
-    ]
-    out = torch.empty(
-        (x.shape[0], weight.shape[0], *out_hw), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
     )
+    return (x_shape[0], weight_shape[0] if x_shape[1] else 0, *out_hw)
+
+
+def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
+    same_device_or_fail("conv2d", x, weight, bias, residual)
+    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
     return out, preact
 
@@ -242,8 +252,9 @@ def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, acti
 def _fake_bwd(
     grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, saved_is_output, output_mask
 ):
+    same_device_or_fail("conv2d", grad_out, x, weight, act_saved)
     fmt = _memory_format(x)
-    out_shape = (x.shape[0], weight.shape[0], *grad_out.shape[2:])
+    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     wanted = (
         torch.empty_like(x, memory_format=fmt),
         weight.new_empty(weight.shape),

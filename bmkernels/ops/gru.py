@@ -13,6 +13,7 @@ import os
 import torch
 
 from bmkernels import _backend, _extension
+from bmkernels.ops._fake import same_device_or_fail
 from bmkernels.reference import gru as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -263,18 +264,21 @@ def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_
         x, h, _ = layer_fwd(x, h_layer, w_ih, w_hh, b_ih, b_hh, lengths, save)
         h_n.append(h)
         if dropout > 0 and layer < num_layers - 1:
-            x = x * reference.dropout_keep(x.shape, dropout, x.device) / (1 - dropout)
+            x = reference.layer_dropout(x, dropout)
     return x, torch.cat(h_n)
 
 
 def _fake_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save_workspace):
+    same_device_or_fail("gru", x, h, w_ih, w_hh, b_ih, b_hh)
     batch, hidden = h.shape
     return x.new_empty(batch, hidden), x.new_empty(
         batch if save_workspace else 0, 5 * hidden, dtype=_acc_dtype(x.dtype)
     )
 
 
+# lengths may stay on the CPU (the kernels copy them): not part of the device checks
 def _fake_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
+    same_device_or_fail("gru", x, h0, w_ih, w_hh, b_ih, b_hh)
     steps, batch, _ = x.shape
     directions, _, hidden = h0.shape
     ws_shape = (directions, steps, batch, 5 * hidden) if save_workspace else (0,)
@@ -286,6 +290,7 @@ def _fake_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
 
 
 def _fake_layer_bwd(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias):
+    same_device_or_fail("gru", grad_out, grad_h_n, x, h0, w_ih, w_hh, workspace)
     bias_shape = (w_ih.shape[0], w_ih.shape[1]) if has_bias else (0,)
     return (
         x.new_empty(x.shape),

@@ -19,10 +19,13 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return (1 - z) * n + z * h
 
 
-def dropout_keep(shape, dropout, device):
-    """The inter-layer dropout keep-mask: drawn in float32 from torch's default generator, so every
-    dtype (and the kernels' wrapper, which calls this too) sees the same mask under torch.manual_seed."""
-    return torch.rand(shape, device=device) >= dropout
+def layer_dropout(x, dropout):
+    """The inter-layer dropout: the keep-mask drawn in float32 from torch's default generator, so every
+    dtype (and the kernels' wrapper, which calls this too) sees the same mask under torch.manual_seed.
+    dropout = 1 drops everything, as torch does: x * 0 (no 0 / 0), nothing drawn."""
+    if dropout == 1:
+        return x * 0
+    return x * (torch.rand(x.shape, device=x.device) >= dropout) / (1 - dropout)
 
 
 def gru_direction(x, h, w_ih, w_hh, b_ih, b_hh, reverse, lengths=None):
@@ -44,7 +47,7 @@ def gru_direction(x, h, w_ih, w_hh, b_ih, b_hh, reverse, lengths=None):
 def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, training, lengths=None):
     """Multi-layer GRU as torch.nn.GRU: x (T, B, I) ((B, T, I) if batch_first; (T, I) unbatched),
     h0 (L*D, B, H) or None (zeros; (L*D, H) unbatched), weights in torch.nn.GRU._flat_weights order.
-    dropout (when training) on every layer's output but the last, mask from dropout_keep.
+    dropout (when training) on every layer's output but the last, as layer_dropout draws it.
     lengths (B,): per-sequence lengths for padded sequences. Returns (output, h_n)."""
     unbatched = x.dim() == 2
     if unbatched:
@@ -70,8 +73,7 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
             h_n.append(h)
         layer_input = torch.cat(outs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
-            keep = dropout_keep(layer_input.shape, dropout, layer_input.device)
-            layer_input = layer_input * keep / (1 - dropout)
+            layer_input = layer_dropout(layer_input, dropout)
     output, h_n = layer_input, torch.stack(h_n)
     if unbatched:
         return output.squeeze(1), h_n.squeeze(1)

@@ -717,10 +717,11 @@ def _depthwise_dweight_kernel(
 # Operators
 
 
-def _check(what, x, weight, groups, stride, padding, dilation, out_sized):
-    """The dtype, and the shapes a direct operator call could get wrong (bmkernels.conv2d has checked
-    everything with clearer messages): kernels must never read or write outside a tensor.
-    out_sized: (name, tensor or None) pairs that must have the output's shape (N, C_out, H_out, W_out)."""
+def _check(what, x, weight, groups, stride, padding, dilation, activation, same_dtype):
+    """Every argument the kernels index by, as the C++ operator checks them (bmkernels.conv2d has checked
+    them with clearer messages): kernels must never read or write outside a tensor, nor divide by 0.
+    same_dtype: (name, tensor or None, must have the output's shape) triples of x's dtype and device.
+    Returns the output shape (N, C_out, H_out, W_out)."""
     if x.dtype not in DTYPES:
         raise TypeError(
             f"bmkernels conv2d backend 'triton': x must be float16, bfloat16 or float32; got {x.dtype} "
@@ -731,30 +732,37 @@ def _check(what, x, weight, groups, stride, padding, dilation, out_sized):
             "bmkernels conv2d backend 'triton': the Triton interpreter (CPU tensors) cannot compute in "
             f"bfloat16 (it returns garbage); bfloat16 runs on CUDA tensors ({what})"
         )
+    for name, values, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(values) != (4 if name == "padding" else 2) or min(values) < least:
+            raise ValueError(f"{what}: {name} must be {len(values)} ints >= {least}; got {list(values)}")
+    if not 0 <= activation <= 5:
+        raise ValueError(f"{what}: activation must be a code 0..5 of bmk::Activation; got {activation}")
     if not (
         x.dim() == 4
         and weight.dim() == 4
-        and len(stride) == 2
-        and len(padding) == 4
-        and len(dilation) == 2
         and groups > 0
+        and weight.shape[0] >= 1
         and weight.shape[0] % groups == 0
         and weight.shape[1] * groups == x.shape[1]
+        and min(weight.shape[2:]) >= 1
     ):
         raise ValueError(
-            f"{what}: x {tuple(x.shape)} and weight {tuple(weight.shape)} (groups {groups}, stride "
-            f"{stride}, padding {padding}, dilation {dilation}) do not make a conv2d"
+            f"{what}: x {tuple(x.shape)} and weight {tuple(weight.shape)} (groups {groups}) do not make a conv2d "
+            "(expected 4-D x, weight (C_out >= 1, C_in / groups, kH >= 1, kW >= 1))"
         )
-    out_hw = [
-        (size + lo + hi - d * (k - 1) - 1) // s + 1
-        for size, lo, hi, k, s, d in zip(
-            x.shape[2:], padding[0::2], padding[1::2], weight.shape[2:], stride, dilation, strict=True
-        )
-    ]
-    out_shape = (x.shape[0], weight.shape[0], *out_hw)
-    for name, t in out_sized:
-        if t is not None and tuple(t.shape) != out_shape:
+    out_shape = ops_conv.output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"{what}: the (padded) input {tuple(x.shape)} is smaller than the (dilated) kernel")
+    for name, t, out_sized in (("weight", weight, False), *same_dtype):
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(
+                f"{what}: {name} must have x's dtype {x.dtype} and device {x.device}; got {t.dtype} {t.device}"
+            )
+        if out_sized and tuple(t.shape) != out_shape:
             raise ValueError(f"{what}: {name} must have the output's shape {out_shape}; got {tuple(t.shape)}")
+    return out_shape
 
 
 def _geometry(x, weight, out_hw, groups):
@@ -800,7 +808,17 @@ def conv2d_fwd(
     save_preact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.conv2d_fwd: (out in x's memory format, pre-activation or empty)."""
-    _check("conv2d_fwd", x, weight, groups, stride, padding, dilation, [("residual", residual)])
+    _check(
+        "conv2d_fwd",
+        x,
+        weight,
+        groups,
+        stride,
+        padding,
+        dilation,
+        activation,
+        [("residual", residual, True), ("bias", bias, False)],
+    )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"conv2d_fwd: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
     # the C++ op's output allocation (its fake kernel): out in x's memory format, preact like out or empty
@@ -858,8 +876,18 @@ def conv2d_bwd(
     """Triton twin of torch.ops.bmkernels.conv2d_bwd: (dx, dweight, dbias, dresidual), each empty unless
     output_mask asks for it."""
     _check(
-        "conv2d_bwd", x, weight, groups, stride, padding, dilation, [("grad_out", grad_out), ("act_saved", act_saved)]
+        "conv2d_bwd",
+        x,
+        weight,
+        groups,
+        stride,
+        padding,
+        dilation,
+        activation,
+        [("grad_out", grad_out, True), ("act_saved", act_saved if activation else None, True)],
     )
+    if not activation:  # not read: any output-shaped tensor fills the kernel's arguments
+        act_saved = grad_out
     # every gradient is allocated (dresidual holds dZ, which dx and dweight read); the ones not asked for are dropped
     dx, dw, db, dres = ops_conv._fake_bwd(
         grad_out,
@@ -877,7 +905,7 @@ def conv2d_bwd(
     )
     batch, out_c, out_h, out_w = grad_out.shape
     pixels = batch * out_h * out_w
-    if pixels == 0:  # nothing flows back: zero gradients
+    if pixels == 0 or out_c == 0:  # nothing flows back (no pixels, or x has 0 channels): zero gradients
         for g in (dx, dw, db, dres):
             g.zero_()
     else:

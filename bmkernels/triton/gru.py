@@ -496,6 +496,56 @@ def _check(x, what):
         )
 
 
+def _check_args(what, x, expected):
+    """x's dtype, then each (name, tensor or None, shape) of expected: x's dtype and device, that shape.
+    The C++ operators' checks (bmkernels.gru has checked with clearer messages): kernels must never read
+    or write outside a tensor."""
+    _check(x, what)
+    for name, t, shape in expected:
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(
+                f"bmkernels {what}: {name} must have x's dtype {x.dtype} and device {x.device}; "
+                f"got {t.dtype} {t.device}"
+            )
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"bmkernels {what}: {name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
+
+
+def _check_layer(what, x, h0, w_ih, w_hh, b_ih, b_hh, lengths):
+    """The layer operators' arguments: x (T, B, I), h0 (D, B, H), w_ih (D, 3H, I), w_hh (D, 3H, H), biases (D, 3H),
+    lengths int64 (B,) in [0, T]."""
+    if x.dim() != 3 or w_hh.dim() != 3 or w_hh.shape[0] not in (1, 2) or w_hh.shape[2] < 1 or x.shape[0] < 1:
+        raise ValueError(
+            f"bmkernels {what}: expected x (T >= 1, B, I) and w_hh (D = 1 or 2, 3H, H >= 1); got x "
+            f"{tuple(x.shape)}, w_hh {tuple(w_hh.shape)}"
+        )
+    (steps, batch, input_size), directions, hidden = x.shape, w_hh.shape[0], w_hh.shape[2]
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"bmkernels {what}: pass both b_ih and b_hh or neither")
+    bias_shape = (directions, 3 * hidden)
+    _check_args(
+        what,
+        x,
+        [
+            ("h0", h0, (directions, batch, hidden)),
+            ("w_ih", w_ih, (directions, 3 * hidden, input_size)),
+            ("w_hh", w_hh, (directions, 3 * hidden, hidden)),
+            ("b_ih", b_ih, bias_shape),
+            ("b_hh", b_hh, bias_shape),
+        ],
+    )
+    if lengths is not None:
+        if lengths.dtype != torch.int64 or tuple(lengths.shape) != (batch,):
+            raise ValueError(
+                f"bmkernels {what}: lengths must be int64 (B,) = ({batch},); got {lengths.dtype} {tuple(lengths.shape)}"
+            )
+        in_range = torch.compiler.is_compiling() or bool(((lengths >= 0) & (lengths <= steps)).all())
+        if batch and not in_range:  # the kernels index steps by them
+            raise ValueError(f"bmkernels {what}: lengths must lie in [0, T] = [0, {steps}]; got {lengths.tolist()}")
+
+
 def _step_grid(batch, hidden, directions):
     return lambda meta: (
         triton.cdiv(batch, meta["BLOCK_B"]),
@@ -522,7 +572,6 @@ def _input_projection(x, w_ih, b_ih, b_hh):
 
 
 def _layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
-    _check(x, "gru_layer_fwd")
     steps, batch, _ = x.shape
     directions, _, hidden = h0.shape
     out = x.new_empty(steps, batch, directions * hidden)
@@ -559,6 +608,7 @@ def gru_layer_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.gru_layer_fwd: (out (T, B, D*H), h_n (D, B, H), workspace
     (D, T, B, 5H) float32, empty unless save_workspace)."""
+    _check_layer("gru_layer_fwd", x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     return _layer_forward(x.contiguous(), h0, w_ih, w_hh.contiguous(), b_ih, b_hh, lengths, save_workspace)
 
 
@@ -574,7 +624,24 @@ def gru_cell_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.gru_cell_fwd: (h_next (B, H), workspace (B, 5H) float32,
     (0, 5H) unless save_workspace); a one-step, one-direction layer."""
-    batch, hidden = h.shape
+    if x.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[0] != 3 * w_hh.shape[1] or w_hh.shape[1] < 1:
+        raise ValueError(
+            f"bmkernels gru_cell_fwd: expected x (B, I) and w_hh (3H, H >= 1); got x {tuple(x.shape)}, "
+            f"w_hh {tuple(w_hh.shape)}"
+        )
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("bmkernels gru_cell_fwd: pass both b_ih and b_hh or neither")
+    (batch, input_size), hidden = x.shape, w_hh.shape[1]
+    _check_args(
+        "gru_cell_fwd",
+        x,
+        [
+            ("h", h, (batch, hidden)),
+            ("w_ih", w_ih, (3 * hidden, input_size)),
+            ("b_ih", b_ih, (3 * hidden,)),
+            ("b_hh", b_hh, (3 * hidden,)),
+        ],
+    )
     out, _, ws = _layer_forward(
         x.unsqueeze(0).contiguous(),
         h.unsqueeze(0),
@@ -602,13 +669,22 @@ def gru_layer_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.gru_layer_bwd: (dx, dh0, dw_ih, dw_hh, db_ih, db_hh), the
     bias gradients (D, 3H) when has_bias, else empty."""
-    _check(x, "gru_layer_bwd")
+    _check_layer("gru_layer_bwd", x, h0, w_ih, w_hh, None, None, lengths)
     steps, batch, input_size = x.shape
     directions, _, hidden = h0.shape
-    if workspace.shape != (directions, steps, batch, WORKSPACE_GATES * hidden):
+    _check_args(
+        "gru_layer_bwd",
+        x,
+        [
+            ("grad_out", grad_out, (steps, batch, directions * hidden)),
+            ("grad_h_n", grad_h_n, (directions, batch, hidden)),
+        ],
+    )
+    ws_shape = (directions, steps, batch, WORKSPACE_GATES * hidden)
+    if workspace.dtype != torch.float32 or workspace.shape != ws_shape:
         raise ValueError(
-            f"bmkernels gru_layer_bwd: workspace must be the forward's (D, T, B, 5H) = "
-            f"{(directions, steps, batch, WORKSPACE_GATES * hidden)}; got {tuple(workspace.shape)}"
+            f"bmkernels gru_layer_bwd: workspace must be the forward's float32 (D, T, B, 5H) = {ws_shape}; "
+            f"got {tuple(workspace.shape)} {workspace.dtype}"
         )
     workspace = workspace.contiguous()
     dtype = x.dtype

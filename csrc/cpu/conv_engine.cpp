@@ -198,9 +198,17 @@ ConvBwdResult aten_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at
   return {dx, dw, db, need_dres ? dz : none()};
 }
 
+// A tensor argument the kernels read as x's dtype, on x's device.
+void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "bmkernels conv2d: ", name, " must have x's dtype ", x.scalar_type(),
+              "; got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "bmkernels conv2d: ", name, " must be on x's device ", x.device(), "; got ",
+              t.device());
+}
+
 // The output shape (N, Cout, Ho, Wo) after checking every argument either engine indexes by: stride,
 // dilation and groups >= 1 (a 0 divides), padding >= 0, channels that match the groups, a known
-// activation. x and weight of other ranks are left to bmkernels' kernel, which names them.
+// activation, dtypes. x with 0 channels gives torch's result: (N, 0, Ho, Wo).
 std::vector<int64_t> checked_output_shape(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                           int64_t activation) {
@@ -215,18 +223,22 @@ std::vector<int64_t> checked_output_shape(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(groups >= 1, "bmkernels conv2d: groups must be >= 1; got ", groups);
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "bmkernels conv2d: x and weight must be 4-D; got x ", x.sizes(),
               ", weight ", weight.sizes());
-  TORCH_CHECK(
-      x.size(1) >= 1 && x.size(1) % groups == 0 && weight.size(1) == x.size(1) / groups && weight.size(0) % groups == 0,
-      "bmkernels conv2d: x has ", x.size(1), " channels and weight ", weight.sizes(), " with groups = ", groups,
-      "; expected input channels >= 1, a multiple of groups, weight (Cout, Cin / groups, kh, kw) ",
-      "and Cout a multiple of groups");
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "bmkernels conv2d: x must be float32, float64 or bfloat16; got ", dtype);
+  check_like_x("weight", weight, x);
+  TORCH_CHECK(x.size(1) % groups == 0 && weight.size(1) == x.size(1) / groups && weight.size(0) >= 1 &&
+                  weight.size(0) % groups == 0,
+              "bmkernels conv2d: x has ", x.size(1), " channels and weight ", weight.sizes(), " with groups = ", groups,
+              "; expected input channels a multiple of groups, weight (Cout, Cin / groups, kh, kw) ",
+              "and Cout >= 1 a multiple of groups");
   TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "bmkernels conv2d: the kernel must be at least 1x1; got ",
               "weight ", weight.sizes());
   const int64_t h = x.size(2) + padding[0] + padding[1] - dilation[0] * (weight.size(2) - 1) - 1;
   const int64_t w = x.size(3) + padding[2] + padding[3] - dilation[1] * (weight.size(3) - 1) - 1;
   TORCH_CHECK(h >= 0 && w >= 0, "bmkernels conv2d: the (padded) input ", x.sizes(), " is smaller than the ",
               "(dilated) kernel ", weight.sizes());
-  return {x.size(0), weight.size(0), h / stride[0] + 1, w / stride[1] + 1};
+  return {x.size(0), x.size(1) == 0 ? 0 : weight.size(0), h / stride[0] + 1, w / stride[1] + 1};
 }
 
 }  // namespace
@@ -236,11 +248,17 @@ ConvFwdResult conv2d_fwd_engine(const at::Tensor& x, const at::Tensor& weight, c
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation,
                                 double slope, bool save_preact, OwnConvFwd own_fwd) {
   const std::vector<int64_t> out_shape = checked_output_shape(x, weight, stride, padding, dilation, groups, activation);
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == out_shape[1]),
-              "bmkernels conv2d: bias must have shape (Cout,) = (", out_shape[1], "); got ", bias->sizes());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+              "bmkernels conv2d: bias must have shape (Cout,) = (", weight.size(0), "); got ", bias->sizes());
   TORCH_CHECK(!residual || residual->sizes() == at::IntArrayRef(out_shape),
               "bmkernels conv2d: residual must have the output's shape ", at::IntArrayRef(out_shape), "; got ",
               residual->sizes());
+  if (bias) check_like_x("bias", *bias, x);
+  if (residual) check_like_x("residual", *residual, x);
+  if (x.size(1) == 0) {  // torch's result: an empty (N, 0, Ho, Wo) map, bias unused
+    at::Tensor out = at::empty(out_shape, x.options().memory_format(format_of(x)));
+    return {out, save_preact ? at::empty_like(out) : at::empty({0}, x.options())};
+  }
   const auto own = [&] {
     return own_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
   };
@@ -264,6 +282,14 @@ ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x,
   TORCH_CHECK(activation == 0 || act_saved.sizes() == at::IntArrayRef(out_shape),
               "bmkernels conv2d backward: ", "act_saved must have the output's shape ", at::IntArrayRef(out_shape),
               "; got ", act_saved.sizes());
+  check_like_x("grad_out", grad_out, x);
+  if (activation != 0) check_like_x("act_saved", act_saved, x);
+  if (x.size(1) == 0) {  // nothing reaches the (empty) output: zero gradients, as torch's
+    const auto [need_dx, need_dw, need_db, need_dres] = output_mask;
+    const auto none = [&] { return at::empty({0}, x.options()); };
+    return {need_dx ? at::zeros_like(x) : none(), need_dw ? at::zeros_like(weight) : none(),
+            need_db ? at::zeros({weight.size(0)}, weight.options()) : none(), need_dres ? grad_out.clone() : none()};
+  }
   const auto own = [&] {
     return own_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope,
                    saved_is_output, output_mask);

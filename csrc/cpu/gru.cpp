@@ -589,6 +589,12 @@ GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& gr
               B, ", ", H, "); got ", grad_h_n.sizes());
   TORCH_CHECK(workspace.sizes() == at::IntArrayRef({D, T_len, B, kWorkspaceGates * H}),
               "gru_layer_bwd: workspace must be (D, T, B, 5H); got ", workspace.sizes());
+  const at::ScalarType dtype = x.scalar_type(), ws_dtype = compute_type(dtype);
+  TORCH_CHECK(grad_out.scalar_type() == dtype && grad_h_n.scalar_type() == dtype,
+              "gru_layer_bwd: grad_out and grad_h_n must have x's dtype ", dtype, "; got ", grad_out.scalar_type(),
+              ", ", grad_h_n.scalar_type());
+  TORCH_CHECK(workspace.scalar_type() == ws_dtype, "gru_layer_bwd: workspace must be the forward's ", ws_dtype,
+              " workspace; got ", workspace.scalar_type());
   const auto xc = as_compute(x), wi = as_compute(w_ih), wh = as_compute(w_hh);
   const auto go = as_compute(grad_out), ghn = as_compute(grad_h_n), ws = as_compute(workspace);
   const auto len = lengths_contiguous(lengths);
