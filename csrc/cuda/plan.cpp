@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cuda/conv_plan.h"
+#include "cuda/gru.h"
 
 namespace bmk {
 namespace {
@@ -43,9 +44,18 @@ std::vector<int64_t> conv_cuda_plan(int64_t numel, int64_t channels, int64_t inn
           static_cast<int64_t>(g.partial_floats)};
 }
 
+// [threads, blocks] of the GRU gate kernels (csrc/cuda/gru.h) for one step; raises the plan's error.
+std::vector<int64_t> gru_cuda_plan(int64_t directions, int64_t batch, int64_t hidden) {
+  std::string error;
+  const GruGatesPlan p = plan_gru_gates(directions, batch, hidden, error);
+  TORCH_CHECK(error.empty(), "bmkernels gru (CUDA kernel): ", error);
+  return {p.threads, p.blocks};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bmkernels, m) {
+  m.def("gru_cuda_plan(int directions, int batch, int hidden) -> int[]", &gru_cuda_plan);
   m.def("conv_cuda_plan(int numel, int channels, int inner, int pixels) -> int[]", &conv_cuda_plan);
   m.def(
       "attention_cuda_plan(int dtype, int head_dim, int v_head_dim, int q_len, int k_len, int batch, int q_heads, "
