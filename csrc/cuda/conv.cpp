@@ -23,26 +23,11 @@ namespace {
 
 #if defined(BMK_CUDA_EMULATOR)
 constexpr const char* kWhat = "bmkernels conv2d (CUDA kernel, emulated)";
-constexpr const char* kDeviceName = "CPU";
-bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
 #else
 constexpr const char* kWhat = "bmkernels conv2d (CUDA kernel)";
-constexpr const char* kDeviceName = "CUDA";
-bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 #endif
 
-CudaDtype dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return CudaDtype::f16;
-    case at::kBFloat16:
-      return CudaDtype::bf16;
-    case at::kFloat:
-      return CudaDtype::f32;
-    default:
-      TORCH_CHECK(false, kWhat, ": x must be float16, bfloat16 or float32; got ", t);
-  }
-}
+CudaDtype dtype_code(at::ScalarType t) { return BMK_CUDA_NS::dtype_code(t, kWhat, "x"); }
 
 at::MemoryFormat format_of(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous() ? at::MemoryFormat::ChannelsLast

@@ -5,19 +5,10 @@
 #include "common/activations.h"
 #include "cuda/arch.cuh"
 #include "cuda/conv.h"
+#include "cuda/elementwise.cuh"
 
 namespace bmk::BMK_CUDA_NS {
 namespace {
-
-template <typename T>
-BMK_DEVICE float load(const void* base, int64_t i) {
-  return arch::to_float(T{}, static_cast<const typename T::storage*>(base)[i]);
-}
-
-template <typename T>
-BMK_DEVICE void store(void* base, int64_t i, float v) {
-  static_cast<typename T::storage*>(base)[i] = arch::from_float(T{}, v);
-}
 
 template <typename T>
 struct ConvEpilogueKernel {
@@ -131,28 +122,14 @@ int launch_conv_epilogue(const ConvEpilogueParams& params, const ConvEpiloguePla
   if (plan.empty()) return 0;
   ConvEpilogueParams p = params;
   p.grid_stride = plan.blocks * kConvThreads;
-  switch (p.dtype) {
-    case CudaDtype::f16:
-      return launch_epilogue<arch::f16>(p, plan, stream);
-    case CudaDtype::bf16:
-      return launch_epilogue<arch::bf16>(p, plan, stream);
-    default:
-      return launch_epilogue<arch::f32>(p, plan, stream);
-  }
+  return by_dtype(p.dtype, [&]<typename T>() { return launch_epilogue<T>(p, plan, stream); });
 }
 
 int launch_conv_grad(const ConvGradParams& params, const ConvGradPlan& plan, Stream stream) {
   if (plan.empty()) return 0;
   ConvGradParams p = params;
   p.channels_per_block = plan.channels_per_block, p.chunk_pixels = plan.chunk_pixels, p.chunks = plan.grid[1];
-  switch (p.dtype) {
-    case CudaDtype::f16:
-      return launch_grad<arch::f16>(p, plan, stream);
-    case CudaDtype::bf16:
-      return launch_grad<arch::bf16>(p, plan, stream);
-    default:
-      return launch_grad<arch::f32>(p, plan, stream);
-  }
+  return by_dtype(p.dtype, [&]<typename T>() { return launch_grad<T>(p, plan, stream); });
 }
 
 }  // namespace bmk::BMK_CUDA_NS

@@ -3,20 +3,11 @@
 // the gate gradients and the direct part of dL/dh. One thread per (direction, batch row, unit); float32 math.
 #include "common/gru_math.h"
 #include "cuda/arch.cuh"
+#include "cuda/elementwise.cuh"
 #include "cuda/gru.h"
 
 namespace bmk::BMK_CUDA_NS {
 namespace {
-
-template <typename T>
-BMK_DEVICE float load(const void* base, int64_t i) {
-  return arch::to_float(T{}, static_cast<const typename T::storage*>(base)[i]);
-}
-
-template <typename T>
-BMK_DEVICE void store(void* base, int64_t i, float v) {
-  static_cast<typename T::storage*>(base)[i] = arch::from_float(T{}, v);
-}
 
 template <typename T>
 struct GruFwdStepKernel {
@@ -111,26 +102,12 @@ int launch_bwd(const GruBwdStepParams& p, const GruGatesPlan& plan, Stream strea
 
 int launch_gru_fwd_step(const GruFwdStepParams& p, const GruGatesPlan& plan, Stream stream) {
   if (plan.empty()) return 0;
-  switch (p.dtype) {
-    case CudaDtype::f16:
-      return launch_fwd<arch::f16>(p, plan, stream);
-    case CudaDtype::bf16:
-      return launch_fwd<arch::bf16>(p, plan, stream);
-    default:
-      return launch_fwd<arch::f32>(p, plan, stream);
-  }
+  return by_dtype(p.dtype, [&]<typename T>() { return launch_fwd<T>(p, plan, stream); });
 }
 
 int launch_gru_bwd_step(const GruBwdStepParams& p, const GruGatesPlan& plan, Stream stream) {
   if (plan.empty()) return 0;
-  switch (p.dtype) {
-    case CudaDtype::f16:
-      return launch_bwd<arch::f16>(p, plan, stream);
-    case CudaDtype::bf16:
-      return launch_bwd<arch::bf16>(p, plan, stream);
-    default:
-      return launch_bwd<arch::f32>(p, plan, stream);
-  }
+  return by_dtype(p.dtype, [&]<typename T>() { return launch_bwd<T>(p, plan, stream); });
 }
 
 }  // namespace bmk::BMK_CUDA_NS
