@@ -92,7 +92,10 @@ int launch_epilogue(const ConvEpilogueParams& p, const ConvEpiloguePlan& plan, S
   emu::launch({unsigned(plan.blocks), 1, 1}, {kConvThreads, 1, 1}, 0, [&] { ConvEpilogueKernel<T>::run(p); });
   return 0;
 #else
-  conv_epilogue_kernel<T><<<unsigned(plan.blocks), kConvThreads, 0, static_cast<cudaStream_t>(stream)> > >(p);
+  auto* kernel = conv_epilogue_kernel<T>;
+  // clang-format off
+  kernel<<<unsigned(plan.blocks), kConvThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  // clang-format on
   return int(cudaGetLastError());
 #endif
 }
@@ -109,7 +112,8 @@ int launch_grad(const ConvGradParams& p, const ConvGradPlan& plan, Stream stream
 #else
   const auto s = static_cast<cudaStream_t>(stream);
   // clang-format off
-  conv_grad_kernel<T><<<dim3(unsigned(plan.grid[0]), unsigned(plan.grid[1])), kConvThreads, plan.shared_bytes, s>>>(p);
+  auto* kernel = conv_grad_kernel<T>;
+  kernel<<<dim3(unsigned(plan.grid[0]), unsigned(plan.grid[1])), kConvThreads, plan.shared_bytes, s>>>(p);
   if (p.partial) conv_bias_reduce_kernel<<<reduce_blocks, kConvThreads, 0, s>>>(p);
   // clang-format on
   return int(cudaGetLastError());

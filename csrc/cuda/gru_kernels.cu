@@ -81,7 +81,10 @@ int launch_fwd(const GruFwdStepParams& p, const GruGatesPlan& plan, Stream strea
   emu::launch({unsigned(plan.blocks), 1, 1}, {kGruThreads, 1, 1}, 0, [&] { GruFwdStepKernel<T>::run(p); });
   return 0;
 #else
-  gru_fwd_step_kernel<T><<<unsigned(plan.blocks), kGruThreads, 0, static_cast<cudaStream_t>(stream)> > >(p);
+  auto* kernel = gru_fwd_step_kernel<T>;
+  // clang-format off
+  kernel<<<unsigned(plan.blocks), kGruThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  // clang-format on
   return int(cudaGetLastError());
 #endif
 }
@@ -93,7 +96,10 @@ int launch_bwd(const GruBwdStepParams& p, const GruGatesPlan& plan, Stream strea
   emu::launch({unsigned(plan.blocks), 1, 1}, {kGruThreads, 1, 1}, 0, [&] { GruBwdStepKernel<T>::run(p); });
   return 0;
 #else
-  gru_bwd_step_kernel<T><<<unsigned(plan.blocks), kGruThreads, 0, static_cast<cudaStream_t>(stream)> > >(p);
+  auto* kernel = gru_bwd_step_kernel<T>;
+  // clang-format off
+  kernel<<<unsigned(plan.blocks), kGruThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  // clang-format on
   return int(cudaGetLastError());
 #endif
 }
