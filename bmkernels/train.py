@@ -71,9 +71,33 @@ def load_checkpoint(path, model_name=None):
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TrainError(f"{path!r} is not a bmkernels training checkpoint (format {FORMAT})")
+    problem = _payload_problem(payload)
+    if problem:
+        raise TrainError(f"checkpoint {path!r} is damaged or was edited: {problem}")
     if model_name is not None and payload["model_name"] != model_name:
         raise TrainError(f"checkpoint {path!r} is of a {payload['model_name']} model, not {model_name}")
     return payload
+
+
+def _payload_problem(payload):
+    """What is wrong with the structure of a checkpoint payload that torch.load read (None if nothing):
+    an edited file can hold any pickle-safe values, and the loop must not fail on them half-way."""
+    kinds = {"model_name": str, "config": dict, "step": int, "model": dict, "optimizer": dict, "history": dict}
+    for key, kind in kinds.items():
+        if not isinstance(payload.get(key), kind) or isinstance(payload.get(key), bool):
+            return f"{key!r} must be a {kind.__name__}; got {type(payload.get(key)).__name__}"
+    if payload["step"] < 0:
+        return f"'step' must be >= 0; got {payload['step']}"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["model"].items()):
+        return "'model' must map parameter names to tensors"
+    if not all(isinstance(payload["optimizer"].get(k), kind) for k, kind in (("state", dict), ("param_groups", list))):
+        return "'optimizer' must hold 'state' (a dict) and 'param_groups' (a list)"
+    if not all(isinstance(payload["history"].get(k), list) for k in ("train", "val")):
+        return "'history' must hold 'train' and 'val' lists"
+    rng = payload.get("rng")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        return f"'rng' must be a uint8 tensor (torch.get_rng_state()); got {type(rng).__name__}"
+    return None
 
 
 def plot_curves(history, path, title, ylabel="cross-entropy (nats)"):
@@ -564,7 +588,13 @@ def _prepare(args):
     if args.resume:
         resume = load_checkpoint(path, args.model)
         for key in trainer_cls.ARCH_KEYS + ("seed", "batch_size", "kernels"):
-            config[key] = resume["config"][key]
+            value = resume["config"].get(key)
+            if type(value) is not type(config[key]) and config[key] is not None:
+                raise TrainError(
+                    f"checkpoint {path!r} is damaged or was edited: config[{key!r}] must be a "
+                    f"{type(config[key]).__name__}; got {value!r}"
+                )
+            config[key] = value
         if args.steps <= resume["step"]:
             raise TrainError(f"--steps {args.steps} is not beyond the checkpoint's step {resume['step']}")
     elif os.path.exists(path) and not args.overwrite:
@@ -591,12 +621,37 @@ def run(args):
         dist.close()
 
 
+def _restore(path, resume, model, optimizer):
+    """Model, optimizer and RNG state from a resume payload; TrainError naming `path` where they do
+    not fit this model (an edited checkpoint), before any step runs or any file is written."""
+    try:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        for param, state in optimizer.state.items():
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"optimizer state {name!r} of shape {tuple(value.shape)} for a parameter of "
+                        f"shape {tuple(param.shape)}"
+                    )
+        torch.set_rng_state(resume["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise TrainError(f"checkpoint {path!r} does not fit this model (damaged or edited): {e}") from None
+
+
 def _train(config, out, resume, init, dist):
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     trainer = TRAINERS[config["model"]](config)
     torch.manual_seed(config["seed"])
-    model = trainer.build_model(config["kernels"])
+    try:
+        model = trainer.build_model(config["kernels"])
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
+        if resume is None:
+            raise
+        raise TrainError(
+            f"checkpoint {os.path.join(out, CHECKPOINT)!r}: its config builds no model (edited?): {e}"
+        ) from None
     progress = Progress(config["steps"], resume["step"] if resume else 0, dist.main and not config["quiet"])
     if init is not None:
         loaded = trainer.init_from(model, init)
@@ -605,10 +660,8 @@ def _train(config, out, resume, init, dist):
     history = {"train": [], "val": []}
     start = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        _restore(os.path.join(out, CHECKPOINT), resume, model, optimizer)
         history, start = resume["history"], resume["step"]
-        torch.set_rng_state(resume["rng"])
         progress.message(f"resumed from {os.path.join(out, CHECKPOINT)} at step {start}")
     if dist.main:
         os.makedirs(out, exist_ok=True)

@@ -290,3 +290,66 @@ def test_convergence_bmkernels_vs_torch(tmp_path):
         initial = summary["history"]["train"][0][1]
         assert initial > 5.0, "starts near ln(256)"
         assert summary["val"]["loss"] < 0.7 * initial, f"{k} did not learn: {summary['val']['loss']:.3f}"
+
+
+def _tampered(payload, edit):
+    """`payload` (a checkpoint) after one edit a damaged disk or a careless hand could make."""
+    payload = dict(payload, config=dict(payload["config"]), model=dict(payload["model"]))
+    opt = payload["optimizer"] = {**payload["optimizer"], "state": dict(payload["optimizer"]["state"])}
+    name = next(iter(payload["model"]))
+    if edit == "no config":
+        del payload["config"]
+    elif edit == "step is text":
+        payload["step"] = "2"
+    elif edit == "rng is float":
+        payload["rng"] = torch.zeros(8)
+    elif edit == "history is None":
+        payload["history"] = None
+    elif edit == "d_model is text":
+        payload["config"]["d_model"] = "32"
+    elif edit == "n_heads 0":
+        payload["config"]["n_heads"] = 0
+    elif edit == "weight shape":
+        payload["model"][name] = payload["model"][name][..., :1]
+    elif edit == "weight missing":
+        del payload["model"][name]
+    elif edit == "optimizer state shape":
+        first = next(iter(opt["state"]))
+        opt["state"][first] = {k: v[..., :1] if v.dim() else v for k, v in opt["state"][first].items()}
+    elif edit == "rng length":
+        payload["rng"] = payload["rng"][:10]
+    return payload
+
+
+TAMPERINGS = (
+    "no config",
+    "step is text",
+    "rng is float",
+    "history is None",
+    "d_model is text",
+    "n_heads 0",
+    "weight shape",
+    "weight missing",
+    "optimizer state shape",
+    "rng length",
+)
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    run_api(*TINY, "--steps", "2", "--out", str(out), "--no-plot")
+    return checkpoint(out)
+
+
+@pytest.mark.parametrize("edit", TAMPERINGS)
+def test_resume_from_tampered_checkpoint_fails_cleanly(edit, good_checkpoint, tmp_path, capsys):
+    """An edited checkpoint that torch.load reads (weights_only) stops --resume with an error naming the
+    file, exit status 1 and no traceback, before a step runs: the file is left as it was."""
+    path = tmp_path / train.CHECKPOINT
+    torch.save(_tampered(good_checkpoint, edit), path)
+    before = path.read_bytes()
+    assert run_cli(*TINY, "--steps", "4", "--out", str(tmp_path), "--resume") == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "edited" in err, err
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [train.CHECKPOINT]
