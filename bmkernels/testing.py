@@ -17,6 +17,7 @@ head dim instead of a magic atol. Float64 kernels are held to a plain tight tole
 (the float64 reference *is* the truth, so PyTorch's error there is 0).
 """
 
+import math
 import pathlib
 
 import torch
@@ -62,7 +63,10 @@ def max_abs_diff(a, b):
     a, b = a.detach().double(), b.detach().double()
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     finite = torch.isfinite(b)
-    if not torch.equal(torch.isfinite(a), finite) or not torch.equal(a[~finite], b[~finite]):
+    # non-finite entries must match exactly: NaN for NaN (NaN != NaN, hence nan_to_num), inf with its sign
+    if not torch.equal(torch.isfinite(a), finite) or not torch.equal(
+        a[~finite].nan_to_num(0.0, math.inf, -math.inf), b[~finite].nan_to_num(0.0, math.inf, -math.inf)
+    ):
         return float("inf")
     if a.numel() == 0 or not finite.any():
         return 0.0

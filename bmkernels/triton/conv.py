@@ -91,7 +91,7 @@ def _activation(z, slope, ACT: tl.constexpr):
     """bmk::activation_forward on a float32 tile (codes of bmk::Activation)."""
     y = z
     if ACT == 1:
-        y = tl.where(z > 0, z, 0.0)
+        y = tl.where(z <= 0, 0.0, z)  # NaN stays NaN, as in torch.relu
     elif ACT == 2:
         y = tl.where(z > 0, z, z * slope)
     elif ACT == 3:
@@ -110,11 +110,11 @@ def _activation_derivative(s, slope, ACT: tl.constexpr, FROM_OUTPUT: tl.constexp
     d = tl.full(s.shape, 1.0, tl.float32)
     if FROM_OUTPUT:
         if ACT == 1:
-            d = tl.where(s > 0, 1.0, 0.0)
+            d = tl.where(s <= 0, 0.0, 1.0)  # 1 at NaN, as torch's threshold_backward
         elif ACT == 2:
             d = tl.where(s > 0, 1.0, slope)
     elif ACT == 1:
-        d = tl.where(s > 0, 1.0, 0.0)
+        d = tl.where(s <= 0, 0.0, 1.0)
     elif ACT == 2:
         d = tl.where(s > 0, 1.0, slope)
     elif ACT == 3:
@@ -122,7 +122,10 @@ def _activation_derivative(s, slope, ACT: tl.constexpr, FROM_OUTPUT: tl.constexp
         d = cdf + s * 0.39894228040143267794 * tl.exp(-0.5 * s * s)
     elif ACT == 4:
         t = _tanh(0.79788456080286535588 * (s + 0.044715 * s * s * s))
-        d = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * 0.79788456080286535588 * (1.0 + 3 * 0.044715 * s * s)
+        s_capped = tl.minimum(tl.maximum(s, -1000.0), 1000.0)  # as bmk::activation_derivative: 0 * finite
+        d = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * 0.79788456080286535588 * (
+            1.0 + 3 * 0.044715 * s_capped * s_capped
+        )
     elif ACT == 5:
         sig = 1.0 / (1.0 + tl.exp(-s))
         d = sig * (1.0 + s * (1.0 - sig))
@@ -502,7 +505,8 @@ def _dx_kernel(
                         oc = (g * COUT_G + o).to(tl.int64)
                         dzt = tl.load(dz_tap[:, None] + oc[None, :] * sdc, mask=ok[:, None] & in_o[None, :], other=0.0)
                         wt = tl.load(w_tap[None, :] + oc[:, None] * swo, mask=in_o[:, None] & in_c[None, :], other=0.0)
-                        acc += tl.dot(dzt, wt, input_precision="ieee")
+                        # rows with no such output pixel add nothing, not 0 * w (NaN for an infinite weight)
+                        acc += tl.where(ok[:, None], tl.dot(dzt, wt, input_precision="ieee"), 0.0)
     cin = (g * CIN_G + c).to(tl.int64)
     tl.store(
         DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + cin[None, :] * sxc,
@@ -569,7 +573,7 @@ def _depthwise_dx_kernel(
                     other=0.0,
                 )
                 wt = tl.load(W + oc * swo + kh * swh + kw * sww, mask=in_c, other=0.0)
-                acc += dzt.to(tl.float32) * wt.to(tl.float32)[None, :]
+                acc += tl.where(ok[:, None], dzt.to(tl.float32) * wt.to(tl.float32)[None, :], 0.0)  # see _dx_kernel
     tl.store(
         DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + c.to(tl.int64)[None, :] * sxc,
         acc.to(DX.dtype.element_ty),

@@ -15,7 +15,7 @@ template <typename T>
 BMK_HOST_DEVICE T activation_forward(Activation act, T z, T slope) {
   switch (act) {
     case Activation::relu:
-      return z > T(0) ? z : T(0);
+      return z <= T(0) ? T(0) : z;  // NaN stays NaN, as in torch.relu
     case Activation::leaky_relu:
       return z > T(0) ? z : z * slope;
     case Activation::gelu:
@@ -36,7 +36,7 @@ template <typename T>
 BMK_HOST_DEVICE T activation_derivative(Activation act, T z, T slope) {
   switch (act) {
     case Activation::relu:
-      return z > T(0) ? T(1) : T(0);
+      return z <= T(0) ? T(0) : T(1);  // 1 at NaN, as torch's threshold_backward
     case Activation::leaky_relu:
       return z > T(0) ? T(1) : slope;
     case Activation::gelu: {
@@ -46,8 +46,10 @@ BMK_HOST_DEVICE T activation_derivative(Activation act, T z, T slope) {
     }
     case Activation::gelu_tanh: {
       const T k = T(0.79788456080286535588);
-      const T z2 = z * z;
-      const T t = std::tanh(k * (z + T(0.044715) * z2 * z));
+      const T t = std::tanh(k * (z + T(0.044715) * z * z * z));
+      // beyond |z| = 1000 tanh is exactly +-1 and the second term 0: a capped z2 keeps it 0 * finite, not 0 * inf
+      const T z_capped = z > T(1000) ? T(1000) : (z < T(-1000) ? T(-1000) : z);
+      const T z2 = z_capped * z_capped;
       return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * k * (T(1) + T(3 * 0.044715) * z2);
     }
     case Activation::silu: {
@@ -69,7 +71,8 @@ BMK_HOST_DEVICE bool derivative_from_output(Activation act, double slope) {
 template <typename T>
 BMK_HOST_DEVICE T activation_derivative_from_output(Activation act, T y, T slope) {
   if (act == Activation::none) return T(1);
-  return y > T(0) ? T(1) : (act == Activation::relu ? T(0) : slope);
+  if (act == Activation::relu) return y <= T(0) ? T(0) : T(1);  // 1 at NaN, as torch's threshold_backward
+  return y > T(0) ? T(1) : slope;
 }
 
 }  // namespace bmk

@@ -71,6 +71,13 @@ T row_max(const T* x, int64_t n) {
   return best;
 }
 
+// exp(x), except NaN stays NaN (exp_u20 clamps its input, turning NaN into a finite value): a NaN or
+// inf - inf score then poisons its row's sum, out and lse, and in backward P, as in torch.
+template <typename T>
+Vec<T> exp_keeping_nan(const Vec<T>& x) {
+  return Vec<T>::blendv(x.exp_u20(), x, x.isnan());
+}
+
 // x <- exp(x - shift) in place; returns the sum.
 template <typename T>
 T exp_shift_sum(T* x, int64_t n, T shift) {
@@ -78,12 +85,12 @@ T exp_shift_sum(T* x, int64_t n, T shift) {
   Vec<T> acc(T(0));
   int64_t c = 0;
   for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+    const Vec<T> e = exp_keeping_nan(Vec<T>::loadu(x + c) - shift_vec);
     e.store(x + c);
     acc = acc + e;
   }
   if (c < n) {
-    const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
+    const Vec<T> e = exp_keeping_nan(Vec<T>::loadu(x + c, n - c) - shift_vec);
     e.store(x + c, n - c);
     acc = acc + Vec<T>::set(Vec<T>(T(0)), e, n - c);
   }
@@ -505,7 +512,7 @@ void scores_to_grads(acc_t* p_row, acc_t* ds_row, const acc_t* lse, const acc_t*
   if (drop.on()) drop.multipliers(first, stride, hi - lo, keep_scale, keep);
   for (int64_t c = lo; c < hi; c += Vec<acc_t>::size()) {
     const int64_t n = std::min<int64_t>(Vec<acc_t>::size(), hi - c);
-    const Vec<acc_t> p = (Vec<acc_t>::loadu(p_row + c, n) - Vec<acc_t>::loadu(lse + c, n)).exp_u20();
+    const Vec<acc_t> p = exp_keeping_nan(Vec<acc_t>::loadu(p_row + c, n) - Vec<acc_t>::loadu(lse + c, n));
     Vec<acc_t> dp = Vec<acc_t>::loadu(ds_row + c, n), p_dropped = p;
     if (drop.on()) {
       const Vec<acc_t> m = Vec<acc_t>::loadu(keep + (c - lo), n);

@@ -62,7 +62,7 @@ inline T act_grad(T saved, T slope, bool from_output) {
     return T(1);
   } else if constexpr (A == Activation::relu || A == Activation::leaky_relu) {
     (void)from_output;  // y > 0 exactly where z > 0
-    return saved > T(0) ? T(1) : (A == Activation::relu ? T(0) : slope);
+    return activation_derivative_from_output(A, saved, slope);
   } else {
     return from_output ? activation_derivative_from_output(A, saved, slope) : activation_derivative(A, saved, slope);
   }

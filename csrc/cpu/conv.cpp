@@ -552,7 +552,7 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
 template <typename acc_t>
 void scale_by_derivative(Activation act, acc_t slope, bool from_output, const acc_t* v, acc_t* t, int64_t n) {
   if (from_output && act == Activation::relu) {  // a select, so the loop vectorizes
-    for (int64_t i = 0; i < n; ++i) t[i] = v[i] > acc_t(0) ? t[i] : acc_t(0);
+    for (int64_t i = 0; i < n; ++i) t[i] = v[i] <= acc_t(0) ? acc_t(0) : t[i];
   } else if (from_output) {
     for (int64_t i = 0; i < n; ++i) t[i] *= activation_derivative_from_output(act, v[i], slope);
   } else {
