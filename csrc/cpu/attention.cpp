@@ -67,30 +67,39 @@ T row_max(const T* x, int64_t n) {
   T lanes[Vec<T>::size()];
   acc.store(lanes);
   T best = neg_inf<T>();
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) {
+    // a NaN score counts as +inf: the callers' std::max keeps it, and its row's softmax is NaN either way
+    if (std::isnan(lanes[l])) return std::numeric_limits<T>::infinity();
+    best = std::max(best, lanes[l]);
+  }
   return best;
 }
 
-// exp(x), except NaN stays NaN (exp_u20 clamps its input, turning NaN into a finite value): a NaN or
-// inf - inf score then poisons its row's sum, out and lse, and in backward P, as in torch.
+// exp(x), except NaN stays NaN (exp_u20 clamps its input, turning NaN into a finite value), so that a
+// row whose lse is NaN gets P = NaN in backward, as in torch.
 template <typename T>
 Vec<T> exp_keeping_nan(const Vec<T>& x) {
   return Vec<T>::blendv(x.exp_u20(), x, x.isnan());
 }
 
-// x <- exp(x - shift) in place; returns the sum.
+// x <- exp(x - shift) in place; returns the sum. shift = +inf (a +inf or NaN score, see row_max): the
+// row's softmax is NaN (inf - inf), so x and the sum are NaN, and with them the row's out and lse.
 template <typename T>
 T exp_shift_sum(T* x, int64_t n, T shift) {
+  if (shift == std::numeric_limits<T>::infinity()) {
+    std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
+    return std::numeric_limits<T>::quiet_NaN();
+  }
   const Vec<T> shift_vec(shift);
   Vec<T> acc(T(0));
   int64_t c = 0;
   for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> e = exp_keeping_nan(Vec<T>::loadu(x + c) - shift_vec);
+    const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
     e.store(x + c);
     acc = acc + e;
   }
   if (c < n) {
-    const Vec<T> e = exp_keeping_nan(Vec<T>::loadu(x + c, n - c) - shift_vec);
+    const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
     e.store(x + c, n - c);
     acc = acc + Vec<T>::set(Vec<T>(T(0)), e, n - c);
   }
