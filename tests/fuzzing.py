@@ -1,6 +1,7 @@
 """Property-based fuzzing of the ops (hypothesis): the case strategies, the input layouts and the checks
 shared by tests/ops/test_fuzz.py (CPU kernels), tests/triton/test_fuzz_triton.py (Triton interpreter)
-and tests/cuda/test_fuzz_cuda_emulated.py (the SIMT emulator).
+and tests/cuda/test_fuzz_emulator.py (the SIMT emulator). The cases are built as CPU tensors; `device`
+runs the kernel on copies on another device (a GPU), its results and gradients coming back.
 
 A case is a plain dict (shapes, options, layouts, seeds), so a failure prints a readable, replayable
 example; `build_*` turns it into tensors. Every float input is drawn in some layout: contiguous, dims
@@ -35,13 +36,27 @@ settings.register_profile(
 settings.register_profile("long", deadline=None, print_blob=True, suppress_health_check=_QUIET)
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"BMK_FUZZ_PROFILE must be 'ci' or 'long'; got {PROFILE!r}")
-LONG_FACTOR = 25  # the long profile runs this many times the CI profile's examples
+# the long profile runs this many times the CI profile's examples (BMK_FUZZ_LONG_FACTOR: a shorter or longer run)
+LONG_FACTOR = int(os.environ.get("BMK_FUZZ_LONG_FACTOR", "25"))
 
 
 def fuzz_settings(ci_examples):
     """The active profile with `ci_examples` examples in CI (LONG_FACTOR times as many in the long one)."""
     examples = ci_examples if PROFILE == "ci" else ci_examples * LONG_FACTOR
     return settings(settings.get_profile(PROFILE), max_examples=examples)
+
+
+def on_device(fn, device):
+    """fn run on copies of its tensor arguments on `device`, its results moved back (gradients flow back too)."""
+    if torch.device(device).type == "cpu":
+        return fn
+
+    def moved(*args, **kwargs):
+        to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        result = fn(*map(to, args), **{n: to(t) for n, t in kwargs.items()})
+        return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+    return moved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,10 +192,10 @@ def build_attention(case):
     return inputs, dict(case["options"])
 
 
-def check_attention(case, backend):
+def check_attention(case, backend, device="cpu"):
     inputs, options = build_attention(case)
     check_against_reference(
-        lambda q, k, v, **t: bmkernels.attention(q, k, v, backend=backend, **options, **t),
+        on_device(lambda q, k, v, **t: bmkernels.attention(q, k, v, backend=backend, **options, **t), device),
         lambda q, k, v, **t: reference_attention.attention(q, k, v, **options, **t),
         inputs,
         case["dtype"],
@@ -254,10 +269,10 @@ def build_conv(case):
     return inputs, opts
 
 
-def check_conv(case, backend):
+def check_conv(case, backend, device="cpu"):
     inputs, options = build_conv(case)
     check_against_reference(
-        lambda x, weight, **t: bmkernels.conv2d(x, weight, backend=backend, **options, **t),
+        on_device(lambda x, weight, **t: bmkernels.conv2d(x, weight, backend=backend, **options, **t), device),
         lambda x, weight, **t: reference_conv.conv2d(x, weight, **options, **t),
         inputs,
         case["dtype"],
@@ -310,9 +325,9 @@ def _reference_cell(x, h, w_hh, **weights):
     return reference_gru.gru_cell(x, h, w_hh=w_hh, **weights)
 
 
-def check_gru_cell(case, backend):
+def check_gru_cell(case, backend, device="cpu"):
     check_against_reference(
-        lambda **t: bmkernels.gru_cell(**t, backend=backend),
+        on_device(lambda **t: bmkernels.gru_cell(**t, backend=backend), device),
         _reference_cell,
         build_gru_cell(case),
         case["dtype"],
@@ -381,11 +396,11 @@ def _gru_as_one(impl, options, n_weights, **backend):
     return fn
 
 
-def check_gru(case, backend):
+def check_gru(case, backend, device="cpu"):
     inputs, options = build_gru(case)
     n = len(inputs) - 2
     check_against_reference(
-        _gru_as_one(bmkernels.gru, options, n, backend=backend),
+        on_device(_gru_as_one(bmkernels.gru, options, n, backend=backend), device),
         _gru_as_one(reference_gru.gru, options, n),
         inputs,
         case["dtype"],
