@@ -113,6 +113,7 @@ def _broadcast_shape(draw, full, keep_last=False):
 
 seeds = st.integers(0, 2**31 - 1)
 layouts = st.sampled_from(LAYOUTS)
+_unexpanded = st.sampled_from([layout for layout in LAYOUTS if layout != "expanded"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +137,10 @@ def attention_cases(draw, dtypes, max_len=40, max_dim=72, max_kv_heads=3):
         "q": (batch, q_heads, q_len, head_dim),
         "k": (batch, kv_heads, k_len, head_dim),
         "v": (batch, kv_heads, k_len, v_dim),
-        "layouts": draw(st.tuples(layouts, layouts, layouts)),
+        # k or v expanded along the keys (batch and heads 1) makes every key (value) the same: the exact dq (dk)
+        # is 0 and the kernel's is the cancellation noise of the low-precision ds (1.7 float16 ulps on the
+        # emulated CUDA kernel), which no rule relative to the truth bounds
+        "layouts": draw(st.tuples(layouts, *[layouts if batch * kv_heads > 1 else _unexpanded] * 2)),
         "seed": draw(seeds),
         "options": {
             "causal": draw(st.booleans()),

@@ -203,20 +203,11 @@ def gru_cases(backend):
     cell = [w.requires_grad_() for w in gru_weights(5, 6)]
     layers = [w.requires_grad_() for w in gru_weights(5, 4, num_layers=2, bidirectional=True, seed=1)]
 
+    options = dict(num_layers=2, bidirectional=True, batch_first=True, dropout=0.0, training=False)
+
     def gru(x, h0, lengths, **weights):
         w = [weights[f"w{i}"] for i in range(len(weights))]
-        return bmkernels.gru(
-            x,
-            h0,
-            w,
-            num_layers=2,
-            bidirectional=True,
-            batch_first=True,
-            dropout=0.0,
-            training=False,
-            lengths=lengths,
-            backend=backend,
-        )
+        return bmkernels.gru(x, h0, w, lengths=lengths, backend=backend, **options)
 
     return {
         "cell": (
