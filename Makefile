@@ -28,7 +28,8 @@ test-all:
 	$(BIN)/python -m pytest tests -q --exhaustive
 
 # The property-based fuzz tests (CPU kernels, Triton interpreter, CUDA emulator) with the long hypothesis
-# profile: 25x the CI examples, about 40 minutes on 2 cores; BMK_FUZZ_LONG_FACTOR=5 for a shorter run.
+# profile: 25x the CI examples, over an hour on 2 shared cores (docs/reliability.md); BMK_FUZZ_LONG_FACTOR=5
+# for a shorter run.
 fuzz:
 	BMK_FUZZ_PROFILE=long $(BIN)/python -m pytest tests/ops/test_fuzz.py tests/triton/test_fuzz_triton.py \
 		tests/cuda/test_fuzz_emulator.py -q $(PYTEST_ARGS)
