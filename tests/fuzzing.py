@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import bmkernels
 from bmkernels.reference import attention as reference_attention
+from bmkernels.reference import batch_norm as reference_batch_norm
 from bmkernels.reference import conv as reference_conv
 from bmkernels.reference import gru as reference_gru
 from bmkernels.testing import check_against_reference
@@ -406,6 +407,54 @@ def check_gru(case, backend, device="cpu"):
     check_against_reference(
         on_device(_gru_as_one(bmkernels.gru, options, n, backend=backend), device),
         _gru_as_one(reference_gru.gru, options, n),
+        inputs,
+        case["dtype"],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# batch_norm_act (training mode: batch statistics)
+
+
+@st.composite
+def batch_norm_cases(draw, dtypes, max_size=6, max_channels=5):
+    """x (N, C, H, W) with more than one value per channel, weight/bias/residual or none, every activation,
+    eps, and which inputs need a gradient; x and residual in any layout (channels_last too)."""
+    batch, size = draw(st.integers(1, 3)), (draw(st.integers(1, max_size)), draw(st.integers(1, max_size)))
+    if batch * size[0] * size[1] == 1:
+        size = (size[0] + 1, size[1])
+    x_layouts = st.sampled_from(LAYOUTS + ("channels_last",))
+    return {
+        "dtype": draw(st.sampled_from(dtypes)),
+        "x": (batch, draw(st.integers(1, max_channels)), *size),
+        "affine": draw(st.sampled_from(("both", "weight", "bias", "none"))),
+        "residual": draw(st.booleans()),
+        "layouts": {"x": draw(x_layouts), "residual": draw(x_layouts), "weight": draw(layouts)},
+        "grads": draw(st.sampled_from(("all", "x", "params", "none"))),
+        "seed": draw(seeds),
+        "options": {"eps": draw(st.sampled_from((1e-5, 1e-3, 0.1))), "activation": draw(st.sampled_from(ACTIVATIONS))},
+    }
+
+
+def build_batch_norm(case):
+    dtype, seed, lay = case["dtype"], case["seed"], case["layouts"]
+    grads = {"all": "xwbr", "x": "x", "params": "wb", "none": ""}[case["grads"]]
+    channels = case["x"][1]
+    inputs = {"x": randn(case["x"], dtype, lay["x"], seed, requires_grad="x" in grads)}
+    if case["affine"] in ("both", "weight"):
+        inputs["weight"] = randn((channels,), dtype, lay["weight"], seed + 1, requires_grad="w" in grads)
+    if case["affine"] in ("both", "bias"):
+        inputs["bias"] = randn((channels,), dtype, lay["weight"], seed + 2, requires_grad="b" in grads)
+    if case["residual"]:
+        inputs["residual"] = randn(case["x"], dtype, lay["residual"], seed + 3, requires_grad="r" in grads)
+    return inputs, dict(case["options"])
+
+
+def check_batch_norm(case, backend):
+    inputs, options = build_batch_norm(case)
+    check_against_reference(
+        lambda x, **t: bmkernels.batch_norm_act(x, None, None, training=True, backend=backend, **options, **t),
+        lambda x, **t: reference_batch_norm.batch_norm_act(x, None, None, training=True, **options, **t),
         inputs,
         case["dtype"],
     )
