@@ -27,9 +27,12 @@ test-fast:
 test-all:
 	$(BIN)/python -m pytest tests -q --exhaustive
 
-# The property-based fuzz tests with the long hypothesis profile (about 10 minutes on 2 cores).
+# The property-based fuzz tests (CPU kernels, Triton interpreter, CUDA emulator) with the long hypothesis
+# profile: 25x the CI examples, over an hour on 2 shared cores (docs/reliability.md); BMK_FUZZ_LONG_FACTOR=5
+# for a shorter run.
 fuzz:
-	BMK_FUZZ_PROFILE=long $(BIN)/python -m pytest tests/ops/test_fuzz.py tests/triton/test_fuzz_triton.py -q $(PYTEST_ARGS)
+	BMK_FUZZ_PROFILE=long $(BIN)/python -m pytest tests/ops/test_fuzz.py tests/triton/test_fuzz_triton.py \
+		tests/cuda/test_fuzz_emulator.py -q $(PYTEST_ARGS)
 
 # The CPU op tests on the kernels built with ASan + UBSan (setup.py's BMK_SANITIZE), in a copy of the
 # tree (build/asan-tree) so that the normal build stays; twice: the best ISA, then scalar (ASan does

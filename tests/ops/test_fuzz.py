@@ -1,5 +1,5 @@
 """Property-based fuzzing of the CPU kernels (hypothesis; strategies and checks in tests/fuzzing.py):
-attention, conv2d, the GRU cell and the multi-layer GRU, with random shapes, options, dtypes and input
+attention, conv2d, the GRU cell, the multi-layer GRU and batch_norm_act, with random shapes, options, dtypes and input
 layouts, forward and every gradient against the float64 reference. CI runs the fixed "ci" profile;
 `make fuzz` the long one (BMK_FUZZ_PROFILE=long)."""
 
@@ -40,3 +40,29 @@ def test_gru_cell(case):
 @given(case=fuzzing.gru_cases(DTYPES))
 def test_gru(case):
     fuzzing.check_gru(case, "cpu")
+
+
+@fuzzing.fuzz_settings(150)
+@given(case=fuzzing.batch_norm_cases(DTYPES + (torch.float16,)))
+def test_batch_norm_act(case):
+    fuzzing.check_batch_norm(case, "cpu")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="batch_norm_act CPU backward: dx 22x over the rule here (found by the long profile)"
+)
+def test_batch_norm_act_two_values_per_channel_channels_last():
+    """Two values per channel, x channels_last (permuted storage of a (1, 2, 2, 1) tensor): the exact dx is
+    3e-6 (1 - xhat^2 ~ eps / var) and the kernel's error 2.4e-5, torch's 3.5e-8; the NCHW layout of the
+    same case is within the rule. Passes once the kernel's backward is as accurate as torch's there."""
+    case = {
+        "dtype": torch.float32,
+        "x": (1, 2, 2, 1),
+        "affine": "both",
+        "residual": False,
+        "layouts": {"x": "permuted", "residual": "contiguous", "weight": "contiguous"},
+        "grads": "all",
+        "seed": 0,
+        "options": {"eps": 1e-05, "activation": None},
+    }
+    fuzzing.check_batch_norm(case, "cpu")
