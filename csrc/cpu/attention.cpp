@@ -884,25 +884,74 @@ Vec<acc_t> load_as(const scalar_t* x, int64_t m) {
   }
 }
 
-// out[r * ld] = <q row r, key> for R rows: the key is loaded (and converted) once for all of them, and
-// the R accumulators stay in registers (R is a compile-time constant).
+// Rows of a register block: R query rows share each key/value vector load (R accumulators in registers).
+template <typename F>
+void for_row_blocks(int64_t rows, const F& body) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) body(std::integral_constant<int, 8>{}, r);
+  for (; r + 4 <= rows; r += 4) body(std::integral_constant<int, 4>{}, r);
+  for (; r + 2 <= rows; r += 2) body(std::integral_constant<int, 2>{}, r);
+  for (; r < rows; ++r) body(std::integral_constant<int, 1>{}, r);
+}
+
+// part[r * W * W] = the lane-wise partial sums of <q row r, key> for R rows (W = the vector width): the
+// key is loaded (and converted) once for all of them; the horizontal sums come later, W keys at once.
 template <typename scalar_t, typename T, int R>
-void dot_rows_of(const T* q_rows, int64_t D, const scalar_t* key, T* out, int64_t ld) {
+void dot_partials(const T* q_rows, int64_t D, const scalar_t* key, T* part) {
+  constexpr int64_t W = Vec<T>::size();
   std::array<Vec<T>, R> acc;
   acc.fill(Vec<T>(T(0)));
-  for (int64_t d = 0; d < D; d += Vec<T>::size()) {
-    const int64_t m = std::min<int64_t>(Vec<T>::size(), D - d);
+  for (int64_t d = 0; d < D; d += W) {
+    const int64_t m = std::min<int64_t>(W, D - d);
     const Vec<T> k = load_as<scalar_t, T>(key + d, m);
     for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec<T>::loadu(q_rows + r * D + d, m), k, acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r * ld] = at::vec::vec_reduce_all<T>(std::plus<Vec<T>>(), acc[r]);
+  for (int r = 0; r < R; ++r) acc[r].store(part + r * W * W);
 }
 
+// out[c] = the sum of the lanes of vector c of v (W vectors of W lanes), c < n. With AVX-512 in float, a
+// transpose-add tree (45 shuffles and adds for 16 sums, where one horizontal sum costs 8).
+template <typename T>
+void sum_lanes(const T* v, int64_t n, T* out) {
+  constexpr int64_t W = Vec<T>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; ++i) {  // within 128-bit blocks: pairs of vectors
+      const __m512 a = _mm512_loadu_ps(v + 2 * i * W), b = _mm512_loadu_ps(v + (2 * i + 1) * W);
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    for (int i = 0; i < 4; ++i) {  // quadruples: block lane l holds vector 4i + l's block sum
+      u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    }
+    for (int i = 0; i < 2; ++i) {  // across the four 128-bit blocks, two steps
+      w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    }
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), sums);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < n; ++c) out[c] = at::vec::vec_reduce_all<T>(std::plus<Vec<T>>(), Vec<T>::loadu(v + c * W));
+}
+
+// scores[r * ld + c] = <q row r, keys[c]> for rows <= kCacheRowBlock and c < n. part: scratch of
+// kCacheRowBlock * W * W.
 template <typename scalar_t, typename T>
-void dot_rows(const T* q_rows, int64_t rows, int64_t D, const scalar_t* key, T* out, int64_t ld) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) dot_rows_of<scalar_t, T, 4>(q_rows + r * D, D, key, out + r * ld, ld);
-  for (; r < rows; ++r) dot_rows_of<scalar_t, T, 1>(q_rows + r * D, D, key, out + r * ld, ld);
+void score_tile(const T* q_rows, int64_t rows, int64_t D, const scalar_t* const* keys, int64_t n, T* part, T* scores,
+                int64_t ld) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t c0 = 0; c0 < n; c0 += W) {
+    const int64_t width = std::min(W, n - c0);
+    for_row_blocks(rows, [&](auto R, int64_t r) {
+      for (int64_t c = 0; c < width; ++c) {
+        dot_partials<scalar_t, T, R>(q_rows + r * D, D, keys[c0 + c], part + (r * W + c) * W);
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r) sum_lanes(part + r * W * W, width, scores + r * ld + c0);
+  }
 }
 
 // out[r, :] += sum_c p[r * ld + c] * values[c][:] for R rows and c < n: each vector of the rows' outputs
@@ -924,9 +973,19 @@ void accumulate_values_of(const T* p, int64_t ld, const scalar_t* const* values,
 template <typename scalar_t, typename T>
 void accumulate_values(const T* p, int64_t ld, int64_t rows, const scalar_t* const* values, int64_t n, int64_t Dv,
                        T* out) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) accumulate_values_of<scalar_t, T, 4>(p + r * ld, ld, values, n, Dv, out + r * Dv);
-  for (; r < rows; ++r) accumulate_values_of<scalar_t, T, 1>(p + r * ld, ld, values, n, Dv, out + r * Dv);
+  for_row_blocks(rows, [&](auto R, int64_t r) {
+    accumulate_values_of<scalar_t, T, R>(p + r * ld, ld, values, n, Dv, out + r * Dv);
+  });
+}
+
+// Asks for the cache lines of a row ahead of use (into L2): one head's rows lie a whole cache row (all
+// heads) apart, a stride the hardware prefetchers do not follow across pages.
+template <typename scalar_t>
+void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t size = n * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t off = 0; off < size; off += 64) __builtin_prefetch(bytes + off, 0, 2);
+  __builtin_prefetch(bytes + size - 1, 0, 2);
 }
 
 template <typename T>
@@ -964,7 +1023,9 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
   std::vector<acc_t> part_out(splits * problems * kCacheRowBlock * std::max<int64_t>(Dv, 1), acc_t(0));
   run_tasks(problems * splits, [&](const auto& next_task) {
     std::vector<acc_t> q_tile(kCacheRowBlock * D), scores(kCacheRowBlock * kCacheKeyTile);
-    const scalar_t* value_at[kCacheKeyTile];  // the tile's value rows in the cache
+    std::vector<acc_t> part(kCacheRowBlock * Vec<acc_t>::size() * Vec<acc_t>::size(), acc_t(0));
+    const scalar_t* key_at[kCacheKeyTile];  // the tile's key and value rows in the cache
+    const scalar_t* value_at[kCacheKeyTile];
     std::vector<int64_t> lo(kCacheRowBlock), hi(kCacheRowBlock);
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t problem = task / splits, split = task % splits;
@@ -989,12 +1050,17 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
       acc_t* run_max = part_max.data() + task * kCacheRowBlock;
       acc_t* run_sum = part_sum.data() + task * kCacheRowBlock;
       acc_t* acc_out = part_out.data() + task * kCacheRowBlock * Dv;
+      const auto key_row = [&](int64_t j) { return k + k_rows.at(b, j) + hk * sh.k_head; };
+      for (int64_t j = first; j < std::min(end, first + kCacheKeyTile); ++j) prefetch_row(key_row(j), D);
       for (int64_t j0 = first; j0 < end; j0 += kCacheKeyTile) {
         const int64_t n = std::min(kCacheKeyTile, end - j0);
-        for (int64_t c = 0; c < n; ++c) {
+        for (int64_t c = 0; c < n; ++c) {  // this tile's values and the next tile's keys arrive while it scores
+          key_at[c] = key_row(j0 + c);
           value_at[c] = v + v_rows.at(b, j0 + c) + hk * sh.v_head;
-          dot_rows(q_tile.data(), rows, D, k + k_rows.at(b, j0 + c) + hk * sh.k_head, scores.data() + c, kCacheKeyTile);
+          prefetch_row(value_at[c], Dv);
+          if (j0 + kCacheKeyTile + c < end) prefetch_row(key_row(j0 + kCacheKeyTile + c), D);
         }
+        score_tile(q_tile.data(), rows, D, key_at, n, part.data(), scores.data(), kCacheKeyTile);
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = scores.data() + r * kCacheKeyTile;
           const int64_t a = std::clamp<int64_t>(lo[r] - j0, 0, n), z = std::clamp<int64_t>(hi[r] - j0, a, n);
