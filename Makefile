@@ -6,11 +6,11 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.14.1
 TORCHVISION_VERSION ?= 0.29.1
 
-.PHONY: setup test test-fast test-all bench bench-quick bench-full bench-pytest lint format info clean distclean
+.PHONY: setup test test-fast test-all fuzz test-asan bench bench-quick bench-full bench-pytest lint format info clean distclean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja pybind11 matplotlib
+	$(BIN)/pip install torch==$(TORCH_VERSION) numpy pytest pytest-benchmark hypothesis ninja pybind11 matplotlib
 	$(BIN)/pip install torchvision==$(TORCHVISION_VERSION) scikit-learn
 	$(BIN)/pip install transformers==5.23.0 timm==1.0.31 expecttest ruff==0.17.6 clang-format==21.1.8
 	$(BIN)/pip install --no-build-isolation -e .
@@ -26,6 +26,28 @@ test-fast:
 # Every test, the exhaustive ones (beyond CI's time budget) included.
 test-all:
 	$(BIN)/python -m pytest tests -q --exhaustive
+
+# The property-based fuzz tests with the long hypothesis profile (about 10 minutes on 2 cores).
+fuzz:
+	BMK_FUZZ_PROFILE=long $(BIN)/python -m pytest tests/ops/test_fuzz.py tests/triton/test_fuzz_triton.py -q $(PYTEST_ARGS)
+
+# The CPU op tests on the kernels built with ASan + UBSan (setup.py's BMK_SANITIZE), in a copy of the
+# tree (build/asan-tree) so that the normal build stays; twice: the best ISA, then scalar (ASan does
+# not see AVX-512 masked loads). python is not instrumented: libasan is preloaded, then libstdc++
+# (else the first C++ exception aborts). About an hour on 2 cores, the build included.
+ASAN_TREE  ?= build/asan-tree
+ASAN_TESTS ?= tests/ops
+ASAN_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+test-asan:
+	mkdir -p $(ASAN_TREE)
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(ASAN_TREE)
+	cd $(ASAN_TREE) && BMK_SANITIZE=address,undefined BMK_SKIP_CUDA=1 MAX_JOBS=$${MAX_JOBS:-1} \
+		$(abspath $(BIN))/python setup.py build_ext --inplace > sanitize-build.log 2>&1 \
+		|| { tail -n 40 sanitize-build.log; exit 1; }
+	cd $(ASAN_TREE) && $(ASAN_ENV) $(abspath $(BIN))/python -m pytest $(ASAN_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+	cd $(ASAN_TREE) && $(ASAN_ENV) BMK_TEST_CPU_ISA=scalar $(abspath $(BIN))/python -m pytest $(ASAN_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The default preset: a few minutes on 2 cores. `make bench BENCH_ARGS="--json bench_out/attn.json"`.
 bench:

@@ -7,6 +7,8 @@ Environment:
                      backend "cuda_emulated"; no toolkit needed)
   TORCH_CUDA_ARCH_LIST  default "8.0;9.0"                   MAX_JOBS          parallel compile jobs
   CUDA_HOME / CUDA_PATH  the toolkit root (else found next to nvcc, checked for libcudart)
+  BMK_SANITIZE=address,undefined  CPU kernels only, built with -fsanitize=... (and -O1 -g), objects in
+                     build/sanitize; build it in a copy of the tree, as `make test-asan` does
 """
 
 import os
@@ -30,6 +32,23 @@ CPU_ISAS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+
+
+def sanitize_flags():
+    """-fsanitize flags from BMK_SANITIZE (e.g. "address,undefined"), or [] for the normal build.
+
+    vptr is left out: torch's classes' type info lives in other libraries, so UBSan's dynamic-type
+    check reports every virtual call into them. -O1 keeps the reports' line numbers true.
+    """
+    kinds = os.environ.get("BMK_SANITIZE", "").strip()
+    if not kinds:
+        return []
+    flags = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={kinds}"]
+    return flags + (["-fno-sanitize=vptr"] if "undefined" in kinds.split(",") else [])
+
+
+SANITIZE = sanitize_flags()
+CXX_FLAGS += SANITIZE
 
 
 def env_flag(name):
@@ -75,6 +94,10 @@ def cuda_plan():
         sys.exit("setup.py: BMK_FORCE_CUDA and BMK_SKIP_CUDA are both set; pick one")
     if skip:
         return None
+    if SANITIZE:
+        if force:
+            sys.exit("setup.py: BMK_SANITIZE builds the CPU kernels only; it cannot go with BMK_FORCE_CUDA")
+        return None
     if torch.version.cuda is None:
         if force:
             sys.exit(f"setup.py: BMK_FORCE_CUDA=1 but torch {torch.__version__} is not a CUDA build")
@@ -116,6 +139,11 @@ def cuda_glue_sources():
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension plus one step before it: the per-ISA CPU kernel objects, built by
     ninja (incremental, parallel) with their own flags, then linked into _C as extra objects."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        if SANITIZE:  # the sanitized objects never mix with (or replace) the normal build's
+            self.build_temp = str(ROOT / "build" / "sanitize")
 
     def build_extensions(self):
         objects = self.build_isa_objects()
@@ -179,7 +207,7 @@ def make_extension():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + SANITIZE,
         )
     # torch.utils.cpp_extension reads CUDA_HOME at import; point it at the real toolkit
     cpp_extension.CUDA_HOME = cuda_home

@@ -17,7 +17,7 @@ FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
 # register budget per kernel family (mangled names contain the family): at most 255 with 128 threads
-BUDGET = {"attention": 255, "arch_": 64}
+BUDGET = {"attention": 255, "arch_": 64, "conv_": 64, "gru_": 64}  # conv_/gru_: element-wise, 256 threads
 TENSOR_CORE_SASS = ("HMMA", "LDSM", "LDGSTS")
 
 

@@ -1,5 +1,6 @@
-"""GPU benchmark of the Triton conv2d kernels (bmkernels/triton/conv.py) against cuDNN (F.conv2d with
-its bias) followed by the eager epilogue (+ residual, activation), reporting TFLOP/s. Skipped without
+"""GPU benchmark of the Triton conv2d kernels (bmkernels/triton/conv.py) and, where compiled, the CUDA C++
+ones (csrc/cuda/conv*: cuDNN through ATen + fused epilogue) against cuDNN (F.conv2d with its bias)
+followed by the eager epilogue (+ residual, activation), reporting TFLOP/s. Skipped without
 a CUDA GPU (the Triton interpreter's timings mean nothing).
 
     python -m pytest benchmarks/bench_triton_conv.py --benchmark-only
@@ -34,10 +35,11 @@ import triton  # noqa: E402
 import bmkernels  # noqa: E402
 from benchmarks.bench_triton_attention import measure  # noqa: E402  (do_bench, L2 flushed)
 from benchmarks.conftest import run_gpu_benchmark  # noqa: E402
+from bmkernels import _extension  # noqa: E402
 
 BATCH = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CONTENDERS = ("triton", "cudnn")
+CONTENDERS = ("triton", *(("cuda",) if "conv2d" in _extension.cuda_kernels() else ()), "cudnn")
 
 
 def make_case(layer, dtype, layout, backward):
@@ -58,9 +60,9 @@ def make_case(layer, dtype, layout, backward):
     grad = rand(BATCH, c_out, out_hw, out_hw)
 
     def run(contender):
-        if contender == "triton":
+        if contender in ("triton", "cuda"):
             out = bmkernels.conv2d(
-                x, w, b, stride, padding, 1, groups, activation="relu", residual=residual, backend="triton"
+                x, w, b, stride, padding, 1, groups, activation="relu", residual=residual, backend=contender
             )
         else:
             out = F.conv2d(x, w, b, stride, padding, 1, groups)
@@ -95,7 +97,7 @@ def main():
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"batch {BATCH}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}"
     )
-    print(f"{'case':<40} {'triton ms':>10} {'TFLOP/s':>8} {'cudnn ms':>10} {'TFLOP/s':>8} {'cudnn/triton':>12}")
+    print(f"{'case':<40} " + " ".join(f"{c + ' ms':>10} {'TFLOP/s':>8}" for c in CONTENDERS) + f" {'cudnn/best':>10}")
     for name, case in CASES:
         run, flops = make_case(*case)
         for contender in CONTENDERS:
@@ -105,9 +107,11 @@ def main():
             for contender in CONTENDERS:
                 times[contender] += measure(run, contender, reps=1)
         med = {c: statistics.median(t) for c, t in times.items()}
+        best = min(t for c, t in med.items() if c != "cudnn")
         print(
-            f"{name:<40} {med['triton']:>10.3f} {flops / med['triton'] / 1e9:>8.1f} {med['cudnn']:>10.3f} "
-            f"{flops / med['cudnn'] / 1e9:>8.1f} {med['cudnn'] / med['triton']:>12.2f}"
+            f"{name:<40} "
+            + " ".join(f"{med[c]:>10.3f} {flops / med[c] / 1e9:>8.1f}" for c in CONTENDERS)
+            + f" {med['cudnn'] / best:>10.2f}"
         )
         sys.stdout.flush()
 

@@ -4,6 +4,7 @@ import torch
 
 from bmkernels import _backend, _extension
 from bmkernels.ops.attention import attention, dropout_keep_mask, scaled_dot_product_attention
+from bmkernels.ops.batch_norm import batch_norm_act
 from bmkernels.ops.conv import conv2d, fold_batchnorm
 from bmkernels.ops.gru import gru, gru_cell
 
@@ -16,7 +17,7 @@ __all__ = [
     "empty_cache",
     "scaled_dot_product_attention",
 ]
-__all__ += ["conv2d", "fold_batchnorm"]
+__all__ += ["batch_norm_act", "conv2d", "fold_batchnorm"]
 __all__ += ["gru", "gru_cell"]
 
 

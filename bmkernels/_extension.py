@@ -63,10 +63,13 @@ def emulated_kernels():
         return []
     import torch
 
+    # the family's emulated forward operator
+    ops = {"attention": "attention_emulated_fwd", "conv2d": "conv2d_emulated_fwd", "gru": "gru_layer_emulated_fwd"}
     return [
         op
-        for op in ("attention",)
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"bmkernels::{op}_emulated_fwd", "CPU")
+        for op, name in ops.items()
+        if hasattr(torch.ops.bmkernels, name)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"bmkernels::{name}", "CPU")
     ]
 
 

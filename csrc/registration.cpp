@@ -105,6 +105,39 @@ TORCH_LIBRARY(bmkernels, m) {
       "conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor act_saved, int[2] stride, int[4] padding, "
       "int[2] dilation, int groups, int activation, float slope, bool saved_is_output, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Training-mode BatchNorm over (N, H, W) of x (N, C, H, W) fused with what follows it in a CNN block:
+  // out = act((x - mean) * invstd * weight + bias + residual). Returns out (in x's memory format), the
+  // batch mean, invstd and biased variance (float; double for double x) and, when save_preact, the
+  // pre-activation (else empty). The running statistics are the caller's (bmkernels/ops/batch_norm.py).
+  m.def(
+      "batch_norm_act_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, int activation, "
+      "float slope, bool save_preact) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of batch_norm_act_fwd: act_saved is its output (saved_is_output) or pre-activation;
+  // output_mask picks (dx, dweight, dbias, dresidual); gradients not asked for are empty.
+  m.def(
+      "batch_norm_act_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor act_saved, "
+      "int activation, float slope, bool saved_is_output, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The CUDA conv2d and GRU kernels run by the SIMT emulator on CPU tensors (BMK_CUDA_EMULATOR=1 builds;
+  // backend "cuda_emulated"), the convolutions and GEMMs in ATen: the arguments and results of conv2d_fwd,
+  // conv2d_bwd, gru_cell_fwd, gru_layer_fwd and gru_layer_bwd.
+  m.def(
+      "conv2d_emulated_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, int activation, float slope, bool save_preact) -> (Tensor, Tensor)");
+  m.def(
+      "conv2d_emulated_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor act_saved, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups, int activation, float slope, bool saved_is_output, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_cell_emulated_fwd(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool save_workspace) -> (Tensor, Tensor)");
+  m.def(
+      "gru_layer_emulated_fwd(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, bool save_workspace) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_layer_emulated_bwd(Tensor grad_out, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? lengths, Tensor workspace, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -15,9 +15,12 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    """Tests start without backend/ISA overrides from the caller's shell."""
+    """Tests start without backend/ISA overrides from the caller's shell; BMK_TEST_CPU_ISA runs the
+    whole suite on one CPU instruction set (`make test-asan` runs it once on scalar)."""
     monkeypatch.delenv("BMK_BACKEND", raising=False)
     monkeypatch.delenv("BMK_CPU_ISA", raising=False)
+    if os.environ.get("BMK_TEST_CPU_ISA"):
+        monkeypatch.setenv("BMK_CPU_ISA", os.environ["BMK_TEST_CPU_ISA"])
 
 
 def pytest_addoption(parser):

@@ -7,8 +7,10 @@ One rule for every fused block (`conv_bn_act`), equal to the unfused torch modul
   residual and activation run as one bmkernels.conv2d.
 - BatchNorm in training mode (or without running statistics): it normalizes with the batch's own
   statistics and updates its running statistics, so no fixed weight can fold it: the conv runs in
-  bmkernels, then the BatchNorm2d module itself, the residual add and the activation, exactly as
-  torch's modules do.
+  bmkernels, then bmkernels.batch_norm_act normalizes, adds the residual and applies the activation
+  in one kernel (an activation it lacks runs after it), with BatchNorm2d's own bookkeeping of the
+  running statistics (`batch_norm_of`); a BatchNorm subclass other than timm's BatchNormAct2d runs
+  as its own module.
 
 What swap_modules(fuse=True) does with them (the module tree, state_dict keys, parameters and
 `isinstance` checks all stay as they were; only the forward of the container changes):
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bmkernels.nn.conv import Conv2d
+from bmkernels.ops.batch_norm import batch_norm_act
 
 # activation modules the conv kernel applies itself -> the kernel's activation spec
 _KERNEL_ACTIVATIONS = {
@@ -80,6 +83,30 @@ def _folded_with_grad(conv, bn):
     return (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
 
 
+def batch_norm_of(bn, x, activation=None, residual=None):
+    """act(bn(x) + residual) through bmkernels.batch_norm_act, with BatchNorm2d.forward's bookkeeping
+    (num_batches_tracked, momentum None as a cumulative average, untracked statistics) for `bn`, a
+    BatchNorm2d or a timm BatchNormAct2d (whose drop and activation the caller handles)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    tracked = not bn.training or bn.track_running_stats
+    return batch_norm_act(
+        x,
+        bn.running_mean if tracked else None,
+        bn.running_var if tracked else None,
+        bn.weight,
+        bn.bias,
+        batch_stats,
+        factor,
+        bn.eps,
+        activation=activation,
+        residual=residual,
+    )
+
+
 def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
     """act(bn(conv(x)) + residual) by the rule in the module docstring. conv: a bmkernels Conv2d
     (fused) or a torch.nn.Conv2d (torch's modules throughout); bn: a BatchNorm2d or None; activation:
@@ -99,7 +126,13 @@ def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
         weight, bias = _folded_with_grad(conv, bn) if needs_grad or compiling else conv.eval_weights(x, bn)
         return conv.conv(x, weight, bias, activation=activation, residual=residual)
     if bn is not None and isinstance(conv, Conv2d) and not _has_hooks(conv):
-        out = bn(conv.conv(x, conv.weight, conv.bias, private=True))  # BatchNorm only reads it
+        out = conv.conv(x, conv.weight, conv.bias, private=True)  # BatchNorm only reads it
+        if type(bn) is torch.nn.BatchNorm2d and not _has_hooks(bn):
+            # batch statistics, residual and activation in one kernel; an activation it lacks after it
+            if act_module is not None and activation is None:
+                return act_module(batch_norm_of(bn, out, residual=residual))
+            return batch_norm_of(bn, out, activation, residual)
+        out = bn(out)
     else:
         out = conv(x)
         if bn is not None:
@@ -329,9 +362,11 @@ def conv_norm_act(conv, norm, x, residual=None):
     """norm(conv(x)) (+ residual) for a timm BatchNormAct2d / BatchNorm2d `norm`: folded into one
     bmkernels.conv2d with the norm's activation when the norm is in eval mode (conv_bn_act's rule),
     else timm's module itself (batch statistics, its activation). A residual only with no activation."""
-    _, spec = _timm_norm_activation(norm)
+    fusable, spec = _timm_norm_activation(norm)
     if isinstance(conv, Conv2d) and _bn_folds(norm):
         return conv_bn_act(conv, norm, x, spec, residual)
+    if isinstance(conv, Conv2d) and fusable and not _has_hooks(conv) and not _has_hooks(norm):
+        return batch_norm_of(norm, conv.conv(x, conv.weight, conv.bias, private=True), spec, residual)
     out = norm(conv(x))
     return out if residual is None else out + residual
 

@@ -88,6 +88,20 @@ def _memory_format(x):
     return torch.contiguous_format
 
 
+def _check_dtype(dtype, name):
+    """The dtypes beyond float32 / bfloat16 that backend `name` takes: float64 (not the CUDA kernels),
+    float16 (Triton and the CUDA kernels)."""
+    cuda = name in ("cuda", "cuda_emulated")
+    if dtype == torch.float64 and cuda:
+        _fail(TypeError, f"x must be float16, bfloat16 or float32 on backend '{name}'; got {dtype}")
+    if dtype not in _DTYPES and not (dtype == torch.float16 and (cuda or name == "triton")):
+        _fail(
+            TypeError,
+            f"x must be float32, float64 or bfloat16 (float16 on backend='triton', 'cuda', 'cuda_emulated'); "
+            f"got {dtype}",
+        )
+
+
 def _check_tensor(name, t, x, dtype_of="x"):
     if not isinstance(t, torch.Tensor):
         _fail(TypeError, f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -103,7 +117,8 @@ def conv2d(
     """act(conv2d(x, weight) + bias + residual) in one pass.
 
     x: (N, C_in, H, W) or unbatched (C_in, H, W), float32 / float64 / bfloat16 (float32 accumulation
-    for bfloat16; float16 too on backend="triton"), NCHW or channels_last: the output keeps x's memory format.
+    for bfloat16; float16 too on backend="triton", "cuda" and "cuda_emulated", float64 not on the last two),
+    NCHW or channels_last: the output keeps x's memory format.
     weight: (C_out, C_in / groups, kH, kW); bias: (C_out,) or None; stride, padding, dilation,
     groups as in torch.nn.functional.conv2d (padding also "same" / "valid").
     residual: a tensor of the output's shape, added before the activation (a ResNet block).
@@ -114,10 +129,8 @@ def conv2d(
         _fail(TypeError, f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() not in (3, 4):
         _fail(ValueError, f"x must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W); got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES and not (
-        x.dtype == torch.float16 and _backend.choose("conv2d", x.device, backend) == "triton"
-    ):
-        _fail(TypeError, f"x must be float32, float64 or bfloat16 (float16 on backend='triton'); got {x.dtype}")
+    if x.dtype not in _DTYPES or x.dtype == torch.float64:
+        _check_dtype(x.dtype, _backend.choose("conv2d", x.device, backend))
     _check_tensor("weight", weight, x)
     if weight.dim() != 4:
         _fail(ValueError, f"weight must be 4-D (C_out, C_in / groups, kH, kW); got shape {tuple(weight.shape)}")
@@ -175,7 +188,10 @@ def conv2d(
 
 
 def _forward_op(backend):
-    """The conv2d_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin)."""
+    """The conv2d_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin;
+    'cuda_emulated': the CUDA kernels in the SIMT emulator)."""
+    if backend == "cuda_emulated":
+        return torch.ops.bmkernels.conv2d_emulated_fwd
     if backend == "triton":
         from bmkernels.triton import conv as triton_conv  # imports triton: only when asked for
 
@@ -290,5 +306,6 @@ def backward_with(bwd_op):
 
 
 if _extension.loaded():
-    torch.library.register_fake("bmkernels::conv2d_fwd")(_fake_fwd)
-    torch.library.register_fake("bmkernels::conv2d_bwd")(_fake_bwd)
+    for fwd, bwd in (("conv2d_fwd", "conv2d_bwd"), ("conv2d_emulated_fwd", "conv2d_emulated_bwd")):
+        torch.library.register_fake(f"bmkernels::{fwd}")(_fake_fwd)
+        torch.library.register_fake(f"bmkernels::{bwd}")(_fake_bwd)

@@ -15,7 +15,10 @@ import torch
 from bmkernels import _backend, _extension
 from bmkernels.reference import gru as reference
 
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# backends whose kernels take float16 (the CPU ones do not), and those that do not take float64
+_FLOAT16_BACKENDS = ("cuda", "cuda_emulated", "triton")
+_NO_FLOAT64_BACKENDS = ("cuda", "cuda_emulated")
 
 
 def _acc_dtype(dtype):
@@ -27,11 +30,22 @@ def _check_tensor(op, name, t, dtype=None, device=None):
         raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
     if dtype is None:
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float64 or bfloat16; got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16; got {t.dtype}")
     elif t.dtype != dtype:
         raise TypeError(f"{op}: {name} must have the input's dtype {dtype}; got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} must be on the input's device {device}; got {t.device}")
+
+
+def _check_backend_dtype(op, dtype, backend):
+    """float16 only where the backend's kernels take it, float64 not on the CUDA kernels."""
+    if dtype == torch.float16 and backend not in _FLOAT16_BACKENDS:
+        raise TypeError(
+            f"{op}: float16 runs on backend 'cuda', 'cuda_emulated' or 'triton'; backend '{backend}' takes "
+            "float32, float64 or bfloat16"
+        )
+    if dtype == torch.float64 and backend in _NO_FLOAT64_BACKENDS:
+        raise TypeError(f"{op}: backend '{backend}' takes float16, bfloat16 or float32; got {dtype}")
 
 
 def _check_shape(op, name, t, shape):
@@ -62,7 +76,8 @@ def _choose(op, device, backend):
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     """One GRU step, as torch.nn.GRUCell: x (B, I) or (I,), h (B, H) or (H,) (None: zeros),
     w_ih (3H, I), w_hh (3H, H), b_ih and b_hh (3H,) or None. Returns h' in x's dtype.
-    float32, float64, bfloat16 (bfloat16 computes in float32)."""
+    float32, float64, bfloat16 (bfloat16 computes in float32); float16 on backend "cuda", "cuda_emulated",
+    "triton"; float64 not on the first two."""
     try:
         hot = (
             backend is None
@@ -115,6 +130,7 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
         _check_shape(op, "b_ih", b_ih, (3 * hidden,))
         _check_shape(op, "b_hh", b_hh, (3 * hidden,))
     name = _choose("gru", device, backend)
+    _check_backend_dtype(op, dtype, name)
     if name == "reference":
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if unbatched:
@@ -205,6 +221,7 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
         lengths = _check_lengths(lengths, batch, steps, device)
 
     name = _choose(op, device, backend)
+    _check_backend_dtype(op, dtype, name)
     if name == "reference":
         out, h_n = reference.gru(
             seq,
@@ -239,7 +256,9 @@ def _stacked(tensors):
 
 def _forward_op(backend, which):
     """The gru_<which> operator ('cell_fwd' / 'layer_fwd') of a compiled backend ('cpu'/'cuda': the C++
-    op; 'triton': its twin, same arguments)."""
+    op; 'triton': its twin, same arguments; 'cuda_emulated': the CUDA kernels in the SIMT emulator)."""
+    if backend == "cuda_emulated":
+        return getattr(torch.ops.bmkernels, f"gru_{which.replace('_fwd', '_emulated_fwd')}")
     if backend == "triton":
         from bmkernels.triton import gru as triton_gru  # imports triton: only when asked for
 
@@ -298,6 +317,7 @@ def _fake_layer_bwd(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, h
 
 
 if _extension.loaded():
-    torch.library.register_fake("bmkernels::gru_cell_fwd")(_fake_cell_fwd)
-    torch.library.register_fake("bmkernels::gru_layer_fwd")(_fake_layer_fwd)
-    torch.library.register_fake("bmkernels::gru_layer_bwd")(_fake_layer_bwd)
+    for infix in ("", "emulated_"):
+        torch.library.register_fake(f"bmkernels::gru_cell_{infix}fwd")(_fake_cell_fwd)
+        torch.library.register_fake(f"bmkernels::gru_layer_{infix}fwd")(_fake_layer_fwd)
+        torch.library.register_fake(f"bmkernels::gru_layer_{infix}bwd")(_fake_layer_bwd)

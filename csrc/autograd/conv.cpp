@@ -20,7 +20,18 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+// The forward and backward operators of one conv2d implementation (the kernels, or the emulated CUDA ones).
+struct KernelOps {
+  static constexpr const char* fwd = "bmkernels::conv2d_fwd";
+  static constexpr const char* bwd = "bmkernels::conv2d_bwd";
+};
+struct EmulatedOps {
+  static constexpr const char* fwd = "bmkernels::conv2d_emulated_fwd";
+  static constexpr const char* bwd = "bmkernels::conv2d_emulated_bwd";
+};
+
+template <typename Ops>
+class Conv2dFunction : public torch::autograd::Function<Conv2dFunction<Ops>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const OptTensor& bias, const OptTensor& residual, c10::IntArrayRef stride,
@@ -28,10 +39,10 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                                double slope, bool save_preact) {
     static const auto op =
         c10::Dispatcher::singleton()
-            .findSchemaOrThrow("bmkernels::conv2d_fwd", "")
-            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                                      const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
-                                                      c10::IntArrayRef, int64_t, int64_t, double, bool)>();
+            .findSchemaOrThrow(Ops::fwd, "")
+            .template typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                               const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
+                                                               c10::IntArrayRef, int64_t, int64_t, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, preact] =
         op.call(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
@@ -55,8 +66,8 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         c10::Dispatcher::singleton()
-            .findSchemaOrThrow("bmkernels::conv2d_bwd", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            .findSchemaOrThrow(Ops::bwd, "")
+            .template typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
                 c10::IntArrayRef, c10::IntArrayRef, int64_t, int64_t, double, bool, std::array<bool, 4>)>();
     const auto saved = ctx->get_saved_variables();
@@ -94,18 +105,22 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
 };
 
+template <typename Ops>
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_autograd(const at::Tensor& x, const at::Tensor& weight,
                                                        const OptTensor& bias, const OptTensor& residual,
                                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                        c10::IntArrayRef dilation, int64_t groups, int64_t activation,
                                                        double slope, bool save_preact) {
-  auto result = Conv2dFunction::apply(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
-                                      save_preact);
+  auto result = Conv2dFunction<Ops>::apply(x, weight, bias, residual, stride, padding, dilation, groups, activation,
+                                           slope, save_preact);
   return {result[0], result[1]};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bmkernels, Autograd, m) { m.impl("conv2d_fwd", &conv2d_fwd_autograd); }
+TORCH_LIBRARY_IMPL(bmkernels, Autograd, m) {
+  m.impl("conv2d_fwd", &conv2d_fwd_autograd<KernelOps>);
+  m.impl("conv2d_emulated_fwd", &conv2d_fwd_autograd<EmulatedOps>);
+}
 
 }  // namespace bmk::autograd

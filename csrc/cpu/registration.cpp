@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/batch_norm.h"
 #include "cpu/conv.h"
 #include "cpu/conv_engine.h"
 #include "cpu/gru.h"
@@ -146,6 +147,21 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& x, const 
                            saved_is_output, output_mask, &own_conv2d_bwd);
 }
 
+BatchNormActFwdResult batch_norm_act_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& residual, double eps, int64_t activation,
+                                         double slope, bool save_preact) {
+  return BMK_ISA_CALL(batch_norm_act_fwd, x, weight, bias, residual, eps, activation, slope, save_preact);
+}
+
+BatchNormActBwdResult batch_norm_act_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                         const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const at::Tensor& act_saved, int64_t activation,
+                                         double slope, bool saved_is_output, std::array<bool, 4> output_mask) {
+  return BMK_ISA_CALL(batch_norm_act_bwd, grad_out, x, weight, mean, invstd, act_saved, activation, slope,
+                      saved_is_output, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
@@ -158,6 +174,8 @@ TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
   m.impl("gru_layer_bwd", &gru_layer_bwd);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);
+  m.impl("batch_norm_act_fwd", &batch_norm_act_fwd);
+  m.impl("batch_norm_act_bwd", &batch_norm_act_bwd);
 }
 
 }  // namespace bmk::cpu

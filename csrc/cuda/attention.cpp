@@ -19,27 +19,12 @@ namespace {
 
 #if defined(BMK_CUDA_EMULATOR)
 constexpr const char* kWhat = "bmkernels attention (CUDA kernel, emulated)";
-constexpr const char* kDeviceName = "CPU";
 constexpr size_t kSharedLimit = 227 * 1024;  // sm_90's opt-in limit: the emulator checks the largest plan
-bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
 #else
 constexpr const char* kWhat = "bmkernels attention (CUDA kernel)";
-constexpr const char* kDeviceName = "CUDA";
-bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 #endif
 
-CudaDtype dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return CudaDtype::f16;
-    case at::kBFloat16:
-      return CudaDtype::bf16;
-    case at::kFloat:
-      return CudaDtype::f32;
-    default:
-      TORCH_CHECK(false, kWhat, ": q must be float16, bfloat16 or float32; got ", t);
-  }
-}
+CudaDtype dtype_code(at::ScalarType t) { return BMK_CUDA_NS::dtype_code(t, kWhat, "q"); }
 
 // rows of the last dim contiguous; a copy where not
 at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

@@ -6,6 +6,9 @@
 
 #include <vector>
 
+#include "cuda/conv_plan.h"
+#include "cuda/gru.h"
+
 namespace bmk {
 namespace {
 
@@ -22,9 +25,38 @@ std::vector<int64_t> attention_cuda_plan(int64_t dtype, int64_t head_dim, int64_
           p.vector_loads};
 }
 
+// [epilogue threads, epilogue blocks, grad channels per block, grad threads per channel, grad grid x, grad grid y,
+// chunk pixels, grad shared bytes, partial floats]: conv_plan.h's plans for an output of numel elements
+// viewed as [outer, channels, inner] with pixels = outer x inner; raises the grad plan's error.
+std::vector<int64_t> conv_cuda_plan(int64_t numel, int64_t channels, int64_t inner, int64_t pixels) {
+  std::string error;
+  const ConvEpiloguePlan e = plan_conv_epilogue(numel);
+  const ConvGradPlan g = plan_conv_grad(channels, inner, pixels, error);
+  TORCH_CHECK(error.empty(), "bmkernels conv2d (CUDA kernel): ", error);
+  return {e.threads,
+          e.blocks,
+          g.channels_per_block,
+          g.threads_per_channel,
+          g.grid[0],
+          g.grid[1],
+          g.chunk_pixels,
+          static_cast<int64_t>(g.shared_bytes),
+          static_cast<int64_t>(g.partial_floats)};
+}
+
+// [threads, blocks] of the GRU gate kernels (csrc/cuda/gru.h) for one step; raises the plan's error.
+std::vector<int64_t> gru_cuda_plan(int64_t directions, int64_t batch, int64_t hidden) {
+  std::string error;
+  const GruGatesPlan p = plan_gru_gates(directions, batch, hidden, error);
+  TORCH_CHECK(error.empty(), "bmkernels gru (CUDA kernel): ", error);
+  return {p.threads, p.blocks};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bmkernels, m) {
+  m.def("gru_cuda_plan(int directions, int batch, int hidden) -> int[]", &gru_cuda_plan);
+  m.def("conv_cuda_plan(int numel, int channels, int inner, int pixels) -> int[]", &conv_cuda_plan);
   m.def(
       "attention_cuda_plan(int dtype, int head_dim, int v_head_dim, int q_len, int k_len, int batch, int q_heads, "
       "int shared_limit, bool aligned16) -> int[]",

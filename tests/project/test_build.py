@@ -40,7 +40,7 @@ def test_build_info_keys_and_values():
     if not info["cuda_archs"]:
         assert info["cuda_kernels"] == [], "CUDA kernels reported without any compiled CUDA arch"
     assert set(info["cuda_verified"]) <= set(info["cuda_kernels"]) | {"attention", "conv2d", "gru"}
-    assert set(info["cuda_emulated_kernels"]) <= {"attention"}
+    assert set(info["cuda_emulated_kernels"]) <= {"attention", "conv2d", "gru"}
     assert info["triton_available"] is (importlib.util.find_spec("triton") is not None)
     assert info["triton_kernels"] == sorted(_backend.triton_ops())
     assert info["torch"] == torch.__version__
