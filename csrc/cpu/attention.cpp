@@ -20,6 +20,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <type_traits>
@@ -102,25 +103,27 @@ void scale_row(T* x, int64_t n, T factor) {
   for (; c < n; ++c) x[c] *= factor;
 }
 
-// tanh for the softcap, about 4x cheaper than Sleef's in float (where it cost as much as the rest of
-// the forward): the odd Taylor series to x^13 below |x| = 0.4 (truncation < 1e-8 relative), and
-// (1 - e) / (1 + e) with e = exp(-2|x|) above (a few ulp: e <= 0.45, no cancellation). double keeps
-// the library tanh (the float64 tolerance is 1e-10).
+// tanh for the softcap in float: a rational minimax approximation x P(x^2) / Q(x^2) on [-7.9, 7.9] (the
+// form and coefficients Eigen uses; float tanh is +-1 beyond), within 6 ulp, with no exp and no branch
+// blend: 13 vector ops and one division, about 2.5x cheaper than the Taylor/exp pair it replaces. double
+// keeps the library tanh (the float64 tolerance is 1e-10).
 template <typename T>
 Vec<T> fast_tanh(const Vec<T>& x) {
   if constexpr (!std::is_same_v<T, float>) {
     return x.tanh();
   } else {
-    const Vec<T> ax = x.abs(), x2 = x * x;
-    Vec<T> poly(T(21844.0 / 6081075.0));
-    for (const T c : {T(-1382.0 / 155925.0), T(62.0 / 2835.0), T(-17.0 / 315.0), T(2.0 / 15.0), T(-1.0 / 3.0)}) {
-      poly = at::vec::fmadd(poly, x2, Vec<T>(c));
+    const Vec<T> bound(T(7.90531110763549805));
+    const Vec<T> c = at::vec::minimum(at::vec::maximum(x, -bound), bound), c2 = c * c;
+    Vec<T> p(T(-2.76076847742355e-16));
+    for (const T a : {T(2.00018790482477e-13), T(-8.60467152213735e-11), T(5.12229709037114e-08),
+                      T(1.48572235717979e-05), T(6.37261928875436e-04), T(4.89352455891786e-03)}) {
+      p = at::vec::fmadd(p, c2, Vec<T>(a));
     }
-    poly = at::vec::fmadd(poly * x2, x, x);
-    const Vec<T> e = (ax * Vec<T>(T(-2))).exp();
-    const Vec<T> big = (Vec<T>(T(1)) - e) / (Vec<T>(T(1)) + e);
-    const Vec<T> signed_big = Vec<T>::blendv(big, -big, x < Vec<T>(T(0)));
-    return Vec<T>::blendv(signed_big, poly, ax < Vec<T>(T(0.4)));
+    Vec<T> q(T(1.19825839466702e-06));
+    for (const T a : {T(1.18534705686654e-04), T(2.26843463243900e-03), T(4.89352518554385e-03)}) {
+      q = at::vec::fmadd(q, c2, Vec<T>(a));
+    }
+    return p * c / q;
   }
 }
 
@@ -229,7 +232,9 @@ struct MaskHulls {
         bool all_kept = true;
         for (int64_t x = blk * block; x < std::min(along, (blk + 1) * block); ++x) {
           const bool* line = m + x * line_stride;
-          if (all_kept) {  // stops at the first masked entry: a mixed block costs little here
+          if (all_kept && pos_stride == 1) {  // a vectorized search for a masked (zero) byte
+            all_kept = std::memchr(line, 0, across) == nullptr;
+          } else if (all_kept) {  // stops at the first masked entry: a mixed block costs little here
             for (int64_t y = 0; y < across && all_kept; ++y) all_kept = line[y * pos_stride];
           }
           int64_t z = across;  // a kept position at or past hi: the hull grows to z
