@@ -13,6 +13,7 @@ import torch
 from bmkernels import flash_attn
 from bmkernels.reference import flash_attn as ref
 from bmkernels.testing import assert_within_rule, cpu_supports
+from tests.ops.test_flash_attn import _paged
 
 ISAS = ("scalar", "avx2", "avx512")
 
@@ -40,18 +41,6 @@ def _cache(rows, length, heads, dim, *, dtype, seed, strided=False):
     g = torch.Generator().manual_seed(seed)
     full = torch.randn(rows, length, 2 * heads if strided else heads, dim, generator=g).to(dtype)
     return full[:, :, ::2] if strided else full
-
-
-def _paged(dense, block_size, seed):
-    """The dense cache (B, L, H, D) as shuffled pages of block_size rows, and its block table."""
-    batch, length = dense.shape[:2]
-    per_seq = -(-length // block_size)
-    padded = torch.zeros(batch, per_seq * block_size, *dense.shape[2:], dtype=dense.dtype)
-    padded[:, :length] = dense
-    order = torch.randperm(batch * per_seq, generator=torch.Generator().manual_seed(seed))
-    pages = torch.empty(batch * per_seq, block_size, *dense.shape[2:], dtype=dense.dtype)
-    pages[order] = padded.reshape(batch * per_seq, block_size, *dense.shape[2:])
-    return pages, order.view(batch, per_seq).to(torch.int32)
 
 
 def _inputs(case, dtype):
