@@ -227,6 +227,8 @@ void shared_read_by_lane(int lane, const void* p, size_t bytes) {
 }
 
 void async_copy(void* dst, const void* src, size_t bytes, size_t src_bytes) {
+  // on a GPU the copy may land any time from its issue to its wait: its destination counts as written at both
+  check_access(dst, bytes, true, me().tid);
   me().open.push_back({dst, src, bytes, src_bytes});
 }
 void async_commit() {
