@@ -17,8 +17,9 @@ FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
 # register budget per kernel family (mangled names contain the family): at most 255 with 128 threads
-# conv_/gru_: element-wise, 256 threads; conv_igemm (listed first: the first family found wins): tensor cores, 128
-BUDGET = {"attention": 255, "arch_": 64, "conv_igemm": 255, "conv_": 64, "gru_": 64}
+# conv_/gru_: element-wise, 256 threads; listed before them (the first family found wins): conv_igemm (tensor
+# cores, 128 threads) and gru_persistent (one CTA per SM)
+BUDGET = {"attention": 255, "arch_": 64, "conv_igemm": 255, "conv_": 64, "gru_persistent": 255, "gru_": 64}
 TENSOR_CORE_SASS = ("HMMA", "LDSM", "LDGSTS")
 
 

@@ -77,10 +77,30 @@ std::vector<int64_t> gru_cuda_plan(int64_t directions, int64_t batch, int64_t hi
   return {p.threads, p.blocks};
 }
 
+// [threads, slices, units, blocks, weight bytes, shared bytes] of the persistent GRU forward (csrc/cuda/gru.h);
+// raises the reason where it does not fit.
+std::vector<int64_t> gru_persistent_cuda_plan(int64_t directions, int64_t batch, int64_t hidden, int64_t elem_bytes,
+                                              int64_t sms, int64_t shared_limit) {
+  std::string why;
+  const GruPersistentPlan p =
+      plan_gru_persistent(directions, batch, hidden, elem_bytes, sms, static_cast<size_t>(shared_limit), why);
+  TORCH_CHECK(why.empty(), "bmkernels gru (CUDA kernel): ", why);
+  return {p.threads,
+          p.slices,
+          p.units,
+          p.blocks,
+          static_cast<int64_t>(p.weight_bytes),
+          static_cast<int64_t>(p.shared_bytes)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bmkernels, m) {
   m.def("gru_cuda_plan(int directions, int batch, int hidden) -> int[]", &gru_cuda_plan);
+  m.def(
+      "gru_persistent_cuda_plan(int directions, int batch, int hidden, int elem_bytes, int sms, int shared_limit) "
+      "-> int[]",
+      &gru_persistent_cuda_plan);
   m.def("conv_cuda_plan(int numel, int channels, int inner, int pixels) -> int[]", &conv_cuda_plan);
   m.def(
       "conv_igemm_cuda_plan(int dtype, int batch, int channels, int out_channels, int kernel_h, int kernel_w, "
