@@ -10,10 +10,11 @@ import torch
 
 from bmkernels.reference import gru as reference
 
-# the per-step file's layer tests, collected here again and run with this module's engine fixture
+# the per-step file's layer tests and opcheck, collected here again and run with this module's engine fixture
 from tests.cuda.test_cuda_emulator_gru import layers, needs_emulator
 from tests.cuda.test_cuda_emulator_gru import test_gru_lengths_match_reference as test_gru_lengths_match_reference
 from tests.cuda.test_cuda_emulator_gru import test_gru_matches_reference as test_gru_matches_reference
+from tests.cuda.test_cuda_emulator_gru import test_opcheck_emulated_layer as test_opcheck_emulated_layer
 from tests.ops.test_gru import gru_fn, gru_weights, rand
 
 
