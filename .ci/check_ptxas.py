@@ -4,7 +4,7 @@
    fails on any spill, any stack frame, or registers over the kernel family's budget.
 2. Given the built extension and cuobjdump (from triton's wheel, or on PATH): `cuobjdump -res-usage`
    (registers, shared, local memory per kernel: local memory fails) and the SASS of the attention
-   forward kernels (f16/bf16 must use HMMA, LDSM and LDGSTS; no kernel may use LDL/STL).
+   forward and conv_igemm kernels (f16/bf16 must use HMMA, LDSM and LDGSTS; no kernel may use LDL/STL).
 Prints a table; no CUDA kernels in the build is reported, not failed."""
 
 import re
@@ -17,7 +17,9 @@ FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
 # register budget per kernel family (mangled names contain the family): at most 255 with 128 threads
-BUDGET = {"attention": 255, "arch_": 64, "conv_": 64, "gru_": 64}  # conv_/gru_: element-wise, 256 threads
+# conv_/gru_: element-wise, 256 threads; listed before them (the first family found wins): conv_igemm (tensor
+# cores, 128 threads) and gru_persistent (one CTA per SM)
+BUDGET = {"attention": 255, "arch_": 64, "conv_igemm": 255, "conv_": 64, "gru_persistent": 255, "gru_": 64}
 TENSOR_CORE_SASS = ("HMMA", "LDSM", "LDGSTS")
 
 
@@ -84,7 +86,8 @@ def check_binary(so, failures):
         ops = set(re.findall(r"\b([A-Z][A-Z0-9]+)(?:\.[A-Z0-9.]+)?\s", block))
         if {"LDL", "STL"} & ops:
             failures.append(f"{name}: local loads/stores in SASS")
-        if "attention_fwd" in name and ("f16" in name or "bf16" in name):  # the backward is SIMT (v1)
+        # the attention backward is SIMT (v1); conv_igemm is f16/bf16 only
+        if "conv_igemm" in name or ("attention_fwd" in name and ("f16" in name or "bf16" in name)):
             missing = [op for op in TENSOR_CORE_SASS if op not in ops]
             if missing:
                 failures.append(f"{name}: SASS lacks {', '.join(missing)}")

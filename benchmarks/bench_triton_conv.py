@@ -1,7 +1,8 @@
 """GPU benchmark of the Triton conv2d kernels (bmkernels/triton/conv.py) and, where compiled, the CUDA C++
-ones (csrc/cuda/conv*: cuDNN through ATen + fused epilogue) against cuDNN (F.conv2d with its bias)
-followed by the eager epilogue (+ residual, activation), reporting TFLOP/s. Skipped without
-a CUDA GPU (the Triton interpreter's timings mean nothing).
+ones (csrc/cuda/conv*: "cuda" is v1, cuDNN through ATen + fused epilogue; "cuda_igemm" is v2, our
+implicit-GEMM forward with BMK_CUDA_CONV_ENGINE=igemm, v1 where v2 does not apply; column v1/v2 > 1: v2 is
+faster) against cuDNN (F.conv2d with its bias) followed by the eager epilogue (+ residual, activation),
+reporting TFLOP/s. Skipped without a CUDA GPU (the Triton interpreter's timings mean nothing).
 
     python -m pytest benchmarks/bench_triton_conv.py --benchmark-only
     python benchmarks/bench_triton_conv.py          # one interleaved table, medians
@@ -15,6 +16,7 @@ only if torch.backends.cudnn.allow_tf32 (True by default); the Triton kernels us
 compare float32 rows with that in mind.
 """
 
+import os
 import statistics
 import sys
 
@@ -39,7 +41,7 @@ from bmkernels import _extension  # noqa: E402
 
 BATCH = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CONTENDERS = ("triton", *(("cuda",) if "conv2d" in _extension.cuda_kernels() else ()), "cudnn")
+CONTENDERS = ("triton", *(("cuda", "cuda_igemm") if "conv2d" in _extension.cuda_kernels() else ()), "cudnn")
 
 
 def make_case(layer, dtype, layout, backward):
@@ -60,9 +62,12 @@ def make_case(layer, dtype, layout, backward):
     grad = rand(BATCH, c_out, out_hw, out_hw)
 
     def run(contender):
-        if contender in ("triton", "cuda"):
+        if contender in ("triton", "cuda", "cuda_igemm"):
+            # the CUDA op reads the engine per call
+            os.environ["BMK_CUDA_CONV_ENGINE"] = "igemm" if contender == "cuda_igemm" else "aten"
+            backend = "cuda" if contender == "cuda_igemm" else contender
             out = bmkernels.conv2d(
-                x, w, b, stride, padding, 1, groups, activation="relu", residual=residual, backend=contender
+                x, w, b, stride, padding, 1, groups, activation="relu", residual=residual, backend=backend
             )
         else:
             out = F.conv2d(x, w, b, stride, padding, 1, groups)
@@ -97,7 +102,13 @@ def main():
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"batch {BATCH}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}"
     )
-    print(f"{'case':<40} " + " ".join(f"{c + ' ms':>10} {'TFLOP/s':>8}" for c in CONTENDERS) + f" {'cudnn/best':>10}")
+    both = "cuda_igemm" in CONTENDERS
+    print(
+        f"{'case':<40} "
+        + " ".join(f"{c + ' ms':>10} {'TFLOP/s':>8}" for c in CONTENDERS)
+        + f" {'cudnn/best':>10}"
+        + (f" {'v1/v2':>6}" if both else "")
+    )
     for name, case in CASES:
         run, flops = make_case(*case)
         for contender in CONTENDERS:
@@ -112,6 +123,7 @@ def main():
             f"{name:<40} "
             + " ".join(f"{med[c]:>10.3f} {flops / med[c] / 1e9:>8.1f}" for c in CONTENDERS)
             + f" {med['cudnn'] / best:>10.2f}"
+            + (f" {med['cuda'] / med['cuda_igemm']:>6.2f}" if both else "")
         )
         sys.stdout.flush()
 

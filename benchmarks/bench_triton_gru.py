@@ -1,5 +1,6 @@
 """GPU benchmark of the Triton GRU kernels (bmkernels/triton/gru.py) and, where compiled, the CUDA C++ ones
-(csrc/cuda/gru*: cuBLAS GEMMs + fused gate kernels) against cuDNN (torch.nn.GRU on CUDA), reporting
+(csrc/cuda/gru*: "cuda" is cuBLAS GEMMs + fused gate kernels per step; "cuda_persistent" the persistent
+forward, BMK_CUDA_GRU_ENGINE=persistent, per step where it does not fit) against cuDNN (torch.nn.GRU on CUDA), reporting
 TFLOP/s. Skipped without a CUDA GPU (the Triton interpreter's timings mean nothing).
 Both Triton paths are measured on every shape (the persistent kernels and the per-step kernels), so
 the table shows where bmkernels.triton.gru.PERSISTENT_MAX_HIDDEN should sit.
@@ -12,6 +13,7 @@ case measured alternately three times each, median kept. FLOPs as bmkernels.benc
 (2 T B 3H (I + H) per layer and direction; fwd+bwd 3x forward).
 """
 
+import os
 import statistics
 import sys
 
@@ -42,7 +44,8 @@ SHAPES = (
     (512, 8, 128, 128, 1, False),
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONTENDERS = ("persistent", "per_step", *(("cuda",) if "gru" in _extension.cuda_kernels() else ()), "cudnn")
+CUDA = ("cuda", "cuda_persistent") if "gru" in _extension.cuda_kernels() else ()
+CONTENDERS = ("persistent", "per_step", *CUDA, "cudnn")
 
 
 def make_case(shape, dtype, backward):
@@ -56,7 +59,9 @@ def make_case(shape, dtype, backward):
 
     def run(contender):
         if contender != "cudnn":
-            if contender != "cuda":
+            # the CUDA op reads the engine per call
+            os.environ["BMK_CUDA_GRU_ENGINE"] = "persistent" if contender == "cuda_persistent" else "steps"
+            if contender not in CUDA:
                 triton_gru.PERSISTENT_MAX_HIDDEN = 1 << 30 if contender == "persistent" else 0
             out, _ = bmkernels.gru(
                 x,
@@ -67,7 +72,7 @@ def make_case(shape, dtype, backward):
                 batch_first=False,
                 dropout=0.0,
                 training=False,
-                backend="cuda" if contender == "cuda" else "triton",
+                backend="cuda" if contender in CUDA else "triton",
             )
         else:
             out, _ = module(x)

@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -80,6 +82,47 @@ int64_t channels_inner(const at::Tensor& t, at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::ChannelsLast ? 1 : t.size(2) * t.size(3);
 }
 
+// BMK_CUDA_CONV_ENGINE, read per call (cheap) so that it can be switched at run time: "aten" (default, v1) or
+// "igemm" (v2 where plan_conv_igemm takes the problem, v1 elsewhere). No GPU measurement chooses v2 yet.
+bool igemm_engine() {
+  const char* env = std::getenv("BMK_CUDA_CONV_ENGINE");
+  const std::string name = env && *env ? env : "aten";
+  TORCH_CHECK(name == "aten" || name == "igemm", kWhat, ": BMK_CUDA_CONV_ENGINE must be aten or igemm; got '", name,
+              "'");
+  return name == "igemm";
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+// v2 (csrc/cuda/conv_igemm.cu) on NHWC copies of x and weight; the outputs in x's memory format.
+std::tuple<at::Tensor, at::Tensor> conv2d_igemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias_f,
+                                                const at::Tensor& residual, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                at::IntArrayRef out_size, int64_t activation, double slope,
+                                                bool save_preact, const ConvIgemmPlan& plan, const at::Tensor& xc,
+                                                const at::Tensor& wc) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty(out_size, x.options().memory_format(cl));
+  at::Tensor preact = save_preact ? at::empty_like(out) : at::empty({0}, x.options());
+  const at::Tensor res = residual.defined() ? residual.contiguous(cl) : residual;
+  ConvIgemmParams p{};
+  p.x = xc.const_data_ptr(), p.weight = wc.const_data_ptr();
+  p.bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  p.residual = res.defined() ? res.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr(), p.preact = save_preact ? preact.mutable_data_ptr() : nullptr;
+  p.batch = x.size(0), p.in_h = x.size(2), p.in_w = x.size(3), p.channels = x.size(1);
+  p.out_h = out_size[2], p.out_w = out_size[3], p.out_channels = out_size[1];
+  p.kernel_h = static_cast<int>(weight.size(2)), p.kernel_w = static_cast<int>(weight.size(3));
+  p.stride_h = static_cast<int>(stride[0]), p.stride_w = static_cast<int>(stride[1]);
+  p.pad_top = static_cast<int>(padding[0]), p.pad_left = static_cast<int>(padding[2]);
+  p.dilation_h = static_cast<int>(dilation[0]), p.dilation_w = static_cast<int>(dilation[1]);
+  p.activation = static_cast<int>(activation), p.slope = static_cast<float>(slope);
+  p.dtype = dtype_code(x.scalar_type());
+  run_launch(kWhat, [&](Stream s) { return launch_conv_igemm(p, plan, s); });
+  const at::MemoryFormat fmt = format_of(x);
+  return {out.contiguous(fmt), save_preact ? preact.contiguous(fmt) : preact};
+}
+
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias,
                                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
@@ -89,29 +132,45 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& x, const at::Ten
 #if !defined(BMK_CUDA_EMULATOR)
   const c10::cuda::CUDAGuard guard(x.device());
 #endif
-  const at::MemoryFormat fmt = format_of(x);
-  at::Tensor z =
-      at::convolution(g.input(x), weight, std::nullopt, stride, g.pad, dilation, false, {0, 0}, groups).contiguous(fmt);
-  const int64_t C = z.size(1);
+  const int64_t C = weight.size(0);
+  std::vector<int64_t> out_size = {x.size(0), C, 0, 0};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t span = x.size(2 + d) + padding[2 * d] + padding[2 * d + 1] - dilation[d] * (weight.size(2 + d) - 1);
+    out_size[2 + d] = (span - 1) / stride[d] + 1;
+  }
   if (bias) {
     check_tensor("bias", *bias, x);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, kWhat, ": bias must be (C_out,) = (", C, ",); got ",
                 bias->sizes());
   }
-  at::Tensor res;
   if (residual) {
     check_tensor("residual", *residual, x);
-    TORCH_CHECK(residual->sizes() == z.sizes(), kWhat, ": residual must have the output's shape ", z.sizes(), "; got ",
-                residual->sizes());
-    res = residual->contiguous(fmt);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), kWhat, ": residual must have the output's shape ",
+                out_size, "; got ", residual->sizes());
   }
+  const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (igemm_engine()) {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor xc = x.contiguous(cl), wc = weight.contiguous(cl);
+    std::string why;
+    const ConvIgemmPlan plan =
+        plan_conv_igemm(dtype_code(x.scalar_type()), x.size(0), x.size(1), C, weight.size(2), weight.size(3),
+                        out_size[2], out_size[3], groups, aligned16(xc) && aligned16(wc), why);
+    if (why.empty()) {
+      return conv2d_igemm(x, weight, bias_f, residual ? *residual : at::Tensor(), stride, padding, dilation, out_size,
+                          activation, slope, save_preact, plan, xc, wc);
+    }
+  }
+  const at::MemoryFormat fmt = format_of(x);
+  at::Tensor z =
+      at::convolution(g.input(x), weight, std::nullopt, stride, g.pad, dilation, false, {0, 0}, groups).contiguous(fmt);
+  const at::Tensor res = residual ? residual->contiguous(fmt) : at::Tensor();
   at::Tensor preact = save_preact ? at::empty_like(z) : at::empty({0}, x.options());
   const Activation act = static_cast<Activation>(activation);
   if (!bias && !residual && act == Activation::none) {
     if (save_preact) preact.copy_(z);
     return {z, preact};
   }
-  const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   ConvEpilogueParams p{};
   p.z = z.const_data_ptr(), p.out = z.mutable_data_ptr();  // in place: z is ours
   p.bias = bias ? bias_f.const_data_ptr<float>() : nullptr;

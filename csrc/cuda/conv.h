@@ -44,7 +44,25 @@ struct ConvGradParams {
   int64_t chunk_pixels, chunks;  // likewise
 };
 
+// v2, f16/bf16 (csrc/cuda/conv_igemm.cu): the whole forward as an implicit GEMM over NHWC, out = act(x * w + bias
+// + residual) with the epilogue in registers. GEMM rows: output pixels (n, p, q); columns: output channels;
+// reduction: (r, s, c), c fastest. Needs groups == 1, C % 8 == 0 and 16-byte aligned x and weight (plan_conv_igemm).
+struct ConvIgemmParams {
+  const void* x;         // (N, H, W, C) dense
+  const void* weight;    // (K, R, S, C) dense
+  const float* bias;     // (K,) or null
+  const void* residual;  // (N, P, Q, K) dense, or null
+  void* out;             // (N, P, Q, K)
+  void* preact;          // likewise, or null
+  int64_t batch, in_h, in_w, channels, out_h, out_w, out_channels;
+  int kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+  int activation;  // bmk::Activation
+  float slope;
+  CudaDtype dtype;
+};
+
 int launch_conv_epilogue(const ConvEpilogueParams& p, const ConvEpiloguePlan& plan, Stream stream);
+int launch_conv_igemm(const ConvIgemmParams& p, const ConvIgemmPlan& plan, Stream stream);
 int launch_conv_grad(const ConvGradParams& p, const ConvGradPlan& plan, Stream stream);
 
 }  // namespace bmk::BMK_CUDA_NS

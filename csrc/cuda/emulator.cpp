@@ -1,6 +1,7 @@
 // SIMT emulator runtime (csrc/cuda/emulator.h): fibers (ucontext), barriers, warp collectives,
 // cp.async groups and the shared-memory race detector. Blocks run one after another on the calling
-// thread; the state is thread-local, so separate host threads may launch at the same time.
+// thread (a cooperative launch: all at once, for the grid barrier); the state is thread-local, so separate host
+// threads may launch at the same time.
 #include "cuda/emulator.h"
 
 #include <ucontext.h>
@@ -47,6 +48,15 @@ struct Shadow {
   bool many_readers = false;  // more than one thread read it in r_epoch
 };
 
+struct Block;
+
+// A cooperative launch's grid-wide barrier: every live thread of every block arrives.
+struct GridBarrier {
+  std::vector<Block*> blocks;
+  int arrived = 0, live = 0;
+  uint64_t generation = 0;
+};
+
 struct Block {
   Dim3 grid, dim, index;
   std::vector<Fiber> fibers;
@@ -58,7 +68,9 @@ struct Block {
   uint64_t barrier_generation = 0;
   uint64_t changes = 0;  // any progress (arrivals, completions): a pass without any is a deadlock
   int current = 0, live = 0;
-  ucontext_t scheduler;
+  ucontext_t own_scheduler;
+  ucontext_t* scheduler = &own_scheduler;  // a cooperative launch's blocks share one
+  GridBarrier* grid_barrier = nullptr;     // only in a cooperative launch
   std::vector<std::string> reports;
   size_t races = 0;
 };
@@ -72,7 +84,7 @@ Block& block() {
 Fiber& me() { return block().fibers[block().current]; }
 int warp_of(int tid) { return tid / 32; }
 
-void yield() { swapcontext(&me().context, &block().scheduler); }
+void yield() { swapcontext(&me().context, block().scheduler); }
 
 void report(const std::string& what) {
   Block& b = block();
@@ -140,11 +152,13 @@ void fiber_main(unsigned lo, unsigned hi) {
   if (!f.open.empty() || !f.groups.empty()) report(who(f.tid) + " exited with cp.async copies never waited for");
   f.done = true;
   --block().live;
+  if (block().grid_barrier) --block().grid_barrier->live;
   ++block().changes;
   // returning resumes uc_link, the scheduler
 }
 
-void run_block(Block& b, const std::function<void()>& body) {
+// Fresh fibers for body on block b (its index set), shared memory filled with garbage.
+void start_block(Block& b, const std::function<void()>& body) {
   b.epoch = 1;
   b.barrier_arrived = 0;
   std::memset(b.shared.data(), 0xA5, b.shared.size());  // garbage: a read before any write shows up in results
@@ -159,58 +173,117 @@ void run_block(Block& b, const std::function<void()>& body) {
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &b.scheduler;
+    f.context.uc_link = b.scheduler;
     makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 2, static_cast<unsigned>(address),
                 static_cast<unsigned>(address >> 32));
   }
-  while (b.live > 0 && b.reports.empty()) {
-    const uint64_t before = b.changes;
-    for (size_t i = 0; i < b.fibers.size(); ++i) {
-      if (b.fibers[i].done) continue;
-      b.current = static_cast<int>(i);
-      swapcontext(&b.scheduler, &b.fibers[i].context);
+}
+
+// Runs the blocks' fibers in turn until all have finished or one reported; a pass without progress is a deadlock.
+// Returns the first block with reports, or null.
+Block* run_blocks(const std::vector<Block*>& blocks) {
+  const auto first_reported = [&]() -> Block* {
+    for (Block* b : blocks)
+      if (!b->reports.empty()) return b;
+    return nullptr;
+  };
+  const auto live = [&] {
+    int n = 0;
+    for (Block* b : blocks) n += b->live;
+    return n;
+  };
+  const auto changes = [&] {
+    uint64_t n = 0;
+    for (Block* b : blocks) n += b->changes;
+    return n;
+  };
+  while (live() > 0 && !first_reported()) {
+    const uint64_t before = changes();
+    for (Block* b : blocks) {
+      g_block = b;
+      // each block as far as it goes before the next: a cooperative launch's blocks do not run in lockstep, so
+      // one that reads another's results without a grid barrier reads them before they are written
+      uint64_t seen;
+      do {
+        seen = b->changes;
+        for (size_t i = 0; i < b->fibers.size() && b->reports.empty(); ++i) {
+          if (b->fibers[i].done) continue;
+          b->current = static_cast<int>(i);
+          swapcontext(b->scheduler, &b->fibers[i].context);
+        }
+      } while (b->changes != seen && b->live > 0 && b->reports.empty());
     }
-    if (b.changes == before && b.live > 0) {
-      report("deadlock: " + std::to_string(b.live) +
+    if (changes() == before && live() > 0) {
+      g_block = blocks.front();
+      report("deadlock: " + std::to_string(live()) +
              " threads wait at a barrier or warp collective that the others never reach");
     }
   }
+  return first_reported();
+}
+
+std::unique_ptr<Block> make_block(Dim3 grid, Dim3 block_dim, size_t shared_bytes) {
+  const int threads = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
+  if (threads < 1 || threads > 1024) throw std::runtime_error("bmk emulator: block of " + std::to_string(threads));
+  auto b = std::make_unique<Block>();
+  b->grid = grid, b->dim = block_dim;
+  b->fibers.resize(threads);
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = b->fibers[t];
+    f.stack.reset(new char[kStackBytes]);
+    f.tid = t;
+    f.index = {t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
+  }
+  b->warps.resize((threads + 31) / 32);
+  for (int w = 0; w < static_cast<int>(b->warps.size()); ++w) b->warps[w].size = std::min(32, threads - 32 * w);
+  b->shared.resize(shared_bytes);
+  b->shadow.resize(shared_bytes);
+  return b;
+}
+
+[[noreturn]] void throw_reports(const Block& b) {
+  std::string text = "bmk emulator: block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) + ", " +
+                     std::to_string(b.index.z) + "):";
+  for (const std::string& r : b.reports) text += "\n  " + r;
+  if (b.races > kMaxReports) text += "\n  (" + std::to_string(b.races) + " racing accesses in all)";
+  throw std::runtime_error(text);
 }
 
 }  // namespace
 
 void launch(Dim3 grid, Dim3 block_dim, size_t shared_bytes, const std::function<void()>& body) {
-  const int threads = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
-  if (threads < 1 || threads > 1024) throw std::runtime_error("bmk emulator: block of " + std::to_string(threads));
-  Block b;
-  b.grid = grid, b.dim = block_dim;
-  b.fibers.resize(threads);
-  for (int t = 0; t < threads; ++t) {
-    Fiber& f = b.fibers[t];
-    f.stack.reset(new char[kStackBytes]);
-    f.tid = t;
-    f.index = {t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
-  }
-  b.warps.resize((threads + 31) / 32);
-  for (int w = 0; w < static_cast<int>(b.warps.size()); ++w) b.warps[w].size = std::min(32, threads - 32 * w);
-  b.shared.resize(shared_bytes);
-  b.shadow.resize(shared_bytes);
+  const std::unique_ptr<Block> b = make_block(grid, block_dim, shared_bytes);
   Block* outer = g_block;
-  g_block = &b;
-  for (unsigned z = 0; z < grid.z && b.reports.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && b.reports.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && b.reports.empty(); ++x) {
-        b.index = {x, y, z};
-        run_block(b, body);
+  Block* failed = nullptr;
+  for (unsigned z = 0; z < grid.z && !failed; ++z)
+    for (unsigned y = 0; y < grid.y && !failed; ++y)
+      for (unsigned x = 0; x < grid.x && !failed; ++x) {
+        b->index = {x, y, z};
+        start_block(*b, body);
+        failed = run_blocks({b.get()});
       }
   g_block = outer;
-  if (!b.reports.empty()) {
-    std::string text = "bmk emulator: block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) + ", " +
-                       std::to_string(b.index.z) + "):";
-    for (const std::string& r : b.reports) text += "\n  " + r;
-    if (b.races > kMaxReports) text += "\n  (" + std::to_string(b.races) + " racing accesses in all)";
-    throw std::runtime_error(text);
-  }
+  if (failed) throw_reports(*failed);
+}
+
+void launch_cooperative(Dim3 grid, Dim3 block_dim, size_t shared_bytes, const std::function<void()>& body) {
+  std::vector<std::unique_ptr<Block>> owned;
+  GridBarrier barrier;
+  ucontext_t scheduler;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        owned.push_back(make_block(grid, block_dim, shared_bytes));
+        Block& b = *owned.back();
+        b.index = {x, y, z}, b.scheduler = &scheduler, b.grid_barrier = &barrier;
+        start_block(b, body);
+        barrier.blocks.push_back(&b);
+        barrier.live += b.live;
+      }
+  Block* outer = g_block;
+  Block* failed = run_blocks(barrier.blocks);
+  g_block = outer;
+  if (failed) throw_reports(*failed);
 }
 
 Dim3 thread_idx() { return me().index; }
@@ -227,6 +300,8 @@ void shared_read_by_lane(int lane, const void* p, size_t bytes) {
 }
 
 void async_copy(void* dst, const void* src, size_t bytes, size_t src_bytes) {
+  // on a GPU the copy may land any time from its issue to its wait: its destination counts as written at both
+  check_access(dst, bytes, true, me().tid);
   me().open.push_back({dst, src, bytes, src_bytes});
 }
 void async_commit() {
@@ -253,6 +328,21 @@ void syncthreads() {
     return;
   }
   while (b.barrier_generation == generation) yield();
+}
+
+void grid_sync() {
+  Block& b = block();
+  GridBarrier* g = b.grid_barrier;
+  if (!g) fail("grid barrier outside a cooperative launch (launch_cooperative)");
+  const uint64_t generation = g->generation;
+  ++b.changes;
+  if (++g->arrived == g->live) {
+    g->arrived = 0;
+    ++g->generation;
+    for (Block* other : g->blocks) ++other->epoch;  // it orders every block's shared memory too
+    return;
+  }
+  while (g->generation == generation) yield();
 }
 
 void syncwarp() {
@@ -291,8 +381,9 @@ void fail(const std::string& what) {
   report(who(me().tid) + ": " + what);
   me().done = true;
   --b.live;
+  if (b.grid_barrier) --b.grid_barrier->live;
   ++b.changes;
-  setcontext(&b.scheduler);
+  setcontext(b.scheduler);
   __builtin_unreachable();
 }
 

@@ -18,6 +18,9 @@ struct Dim3 {
 // Runs body once per thread of every block of grid; throws std::runtime_error naming the first
 // shared-memory races, a deadlock (a barrier some threads never reach) or a kernel check that failed.
 void launch(Dim3 grid, Dim3 block, size_t shared_bytes, const std::function<void()>& body);
+// A cooperative launch (cudaLaunchCooperativeKernel): every block resident at once, their fibers interleaved,
+// so that grid_sync() can hold all threads of the grid; errors as launch's.
+void launch_cooperative(Dim3 grid, Dim3 block, size_t shared_bytes, const std::function<void()>& body);
 
 // The calling fiber's coordinates.
 Dim3 thread_idx();
@@ -39,6 +42,9 @@ void async_commit();
 void async_wait(int pending_groups);
 
 void syncthreads();
+// The grid-wide barrier of a cooperative launch (cooperative_groups' grid.sync()); it ends every block's barrier
+// interval too. Global memory is not race-checked: the barrier is what orders it.
+void grid_sync();
 void syncwarp();
 
 // A warp collective: every active lane of the warp calls it with the same kind; the last to arrive runs

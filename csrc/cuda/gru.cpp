@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -117,6 +118,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_steps(const at::Tensor& g
   return {out, state[T & 1].to(h0.scalar_type()), ws};
 }
 
+// BMK_CUDA_GRU_ENGINE, read per call so that it can be switched at run time: "steps" (default: per step a batched
+// GEMM and the gate kernel) or "persistent" (one cooperative launch where plan_gru_persistent fits the layer, the
+// steps elsewhere). No GPU measurement chooses the persistent kernel yet.
+bool persistent_engine() {
+  const char* env = std::getenv("BMK_CUDA_GRU_ENGINE");
+  const std::string name = env && *env ? env : "steps";
+  TORCH_CHECK(name == "steps" || name == "persistent", kWhat,
+              ": BMK_CUDA_GRU_ENGINE must be steps or persistent; got '", name, "'");
+  return name == "persistent";
+}
+
+// The persistent plan on this device (the emulator: 4 "SMs", so that small layers still split into several CTAs).
+GruPersistentPlan persistent_plan(const at::Tensor& x, int64_t D, int64_t B, int64_t H, std::string& why) {
+#if defined(BMK_CUDA_EMULATOR)
+  const int64_t sms = 4;
+  const size_t shared_limit = 227 * 1024;
+#else
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t sms = prop->multiProcessorCount;
+  const size_t shared_limit = prop->sharedMemPerBlockOptin;
+#endif
+  return plan_gru_persistent(D, B, H, x.element_size(), sms, shared_limit, why);
+}
+
+// forward_steps' results from one persistent launch: gi the input projections (T B, D 3H).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_persistent(const at::Tensor& gi, const at::Tensor& h0,
+                                                                  const at::Tensor& w_hh, const OptTensor& bias,
+                                                                  const OptTensor& lengths, int64_t T, bool save,
+                                                                  const GruPersistentPlan& plan) {
+  const int64_t D = h0.size(0), B = h0.size(1), H = h0.size(2);
+  const auto opts = gi.options();
+  at::Tensor out = at::empty({T, B, D * H}, opts);
+  at::Tensor state = at::empty({2, D, B, H}, opts.dtype(at::kFloat));
+  state[0].copy_(h0);
+  at::Tensor ws = save ? at::empty({D, T, B, kGruWorkspaceGates * H}, opts.dtype(at::kFloat))
+                       : at::empty({0}, opts.dtype(at::kFloat));
+  const at::Tensor w = w_hh.contiguous();
+  GruPersistentParams p{};
+  p.step.gi = gi.const_data_ptr(), p.step.out = out.mutable_data_ptr();
+  p.step.bias = bias ? bias->const_data_ptr<float>() : nullptr;
+  p.step.ws = save ? ws.mutable_data_ptr<float>() : nullptr;
+  p.step.lengths = lengths ? lengths->const_data_ptr<int64_t>() : nullptr;
+  p.step.steps = T, p.step.batch = B, p.step.hidden = H, p.step.directions = D;
+  p.step.dtype = dtype_code(gi.scalar_type());
+  p.w_hh = w.const_data_ptr(), p.state = state.mutable_data_ptr<float>();
+  p.slices = plan.slices, p.units = plan.units, p.weight_bytes = plan.weight_bytes;
+  run_launch(kWhat, [&](Stream st) { return launch_gru_persistent(p, plan, st); });
+  return {out, state[T & 1].to(h0.scalar_type()), ws};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0,
                                                              const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                              const OptTensor& b_ih, const OptTensor& b_hh,
@@ -129,6 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
   // the input projections of every step and direction: one GEMM, (T B, D 3H)
   const at::Tensor gi = at::mm(x.reshape({T * B, I}), w_ih.reshape({D * 3 * H, I}).t());
   const OptTensor bias = b_ih ? OptTensor(gate_bias(*b_ih, *b_hh, H)) : std::nullopt;
+  if (B > 0 && persistent_engine()) {
+    std::string why;
+    const GruPersistentPlan plan = persistent_plan(x, D, B, H, why);
+    if (why.empty()) return forward_persistent(gi, h0, w_hh, bias, len, T, save_workspace, plan);
+  }
   return forward_steps(gi, h0, w_hh, bias, len, T, save_workspace);
 }
 

@@ -5,6 +5,7 @@
 #include "cuda/arch.cuh"
 #include "cuda/elementwise.cuh"
 #include "cuda/gru.h"
+#include "cuda/gru_gates.cuh"
 
 namespace bmk::BMK_CUDA_NS {
 namespace {
@@ -15,27 +16,11 @@ struct GruFwdStepKernel {
     const int64_t H = p.hidden, B = p.batch, D = p.directions;
     const int64_t e = int64_t(arch::block_x()) * kGruThreads + arch::thread_x();
     if (e >= D * B * H) return;
-    const int64_t d = e / (B * H), b = (e / H) % B, j = e % H;
-    const int64_t t = d == 0 ? p.step : p.steps - 1 - p.step;
-    const float h = p.h[e];
-    float h_new = h, out = 0.0f, r = 0.0f, z = 0.0f, n = 0.0f, hn = 0.0f;
-    const bool live = !p.lengths || t < p.lengths[b];
-    if (live) {
-      const int64_t gi = (t * B + b) * D * 3 * H + d * 3 * H + j, gh = (d * B + b) * 3 * H + j;
-      const float* bias = p.bias ? p.bias + d * 4 * H + j : nullptr;
-      float gi_r = load<T>(p.gi, gi), gi_z = load<T>(p.gi, gi + H), gi_n = load<T>(p.gi, gi + 2 * H);
-      hn = load<T>(p.gh, gh + 2 * H);
-      if (bias) gi_r += bias[0], gi_z += bias[H], gi_n += bias[2 * H], hn += bias[3 * H];
-      gru_gates_forward<ScalarMath>(gi_r, gi_z, gi_n, load<T>(p.gh, gh), load<T>(p.gh, gh + H), hn, h, r, z, n, h_new);
-      out = h_new;
-    }
-    store<T>(p.out, (t * B + b) * D * H + d * H + j, out);
+    const int64_t d = e / (B * H), b = (e / H) % B, j = e % H, gh = (d * B + b) * 3 * H + j;
+    const float h_new = gru_unit_forward<T>(p, d, b, j, p.step, p.h[e], load<T>(p.gh, gh), load<T>(p.gh, gh + H),
+                                            load<T>(p.gh, gh + 2 * H));
     if (p.h_next) p.h_next[e] = h_new;
     if (p.h_next_lp) store<T>(p.h_next_lp, e, h_new);
-    if (p.ws) {
-      float* ws = p.ws + ((d * p.steps + t) * B + b) * kGruWorkspaceGates * H + j;
-      ws[0] = r, ws[H] = z, ws[2 * H] = n, ws[3 * H] = hn, ws[4 * H] = live ? h : 0.0f;
-    }
   }
 };
 

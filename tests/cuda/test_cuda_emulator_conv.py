@@ -9,6 +9,7 @@ import torch
 
 import bmkernels
 from bmkernels import _extension
+from bmkernels.ops import conv as conv_op
 from bmkernels.reference import conv as reference
 from bmkernels.testing import check_against_reference
 from tests.ops.test_conv import CASES, _case_inputs, _fwd_args, make_inputs, rand, reference_fn
@@ -37,20 +38,26 @@ def kernel(backend, **options):
     return run
 
 
+# where each activation's derivative jumps (names the op's table may gain: cnn's relu6 and hardswish)
+KINKS = {"relu": (0.0,), "leaky_relu": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0)}
+
+
 def off_the_kink(inputs, dtype, options):
-    """float16 / bfloat16 with relu or leaky_relu: pre-activations within a few units of rounding of the kink
-    at 0 moved off it (the residual nudged there). v1 rounds ATen's convolution output to the dtype before
-    the epilogue adds bias and residual, as torch's own conv + add does in another order: such a value can
-    land on either side of 0 in the kernel, in torch and in the float64 truth, and the gradient there
-    jumps by the whole incoming gradient (the CPU op keeps its accumulator in float32 and needs no nudge)."""
+    """float16 / bfloat16 with an activation whose derivative jumps (KINKS): pre-activations within a few units
+    of rounding of a kink moved off it (the residual nudged there). v1 rounds ATen's convolution output to the
+    dtype before the epilogue adds bias and residual, as torch's own conv + add does in another order: such a
+    value can land on either side of the kink in the kernel, in torch and in the float64 truth, and the gradient
+    there jumps by the whole incoming gradient (the CPU op keeps its accumulator in float32 and needs no nudge)."""
     activation = options.get("activation")
     name = activation[0] if isinstance(activation, tuple) else activation
-    if dtype == torch.float32 or name not in ("relu", "leaky_relu"):
+    if dtype == torch.float32 or name not in KINKS:
         return inputs
     exact = {n: t.detach().double() for n, t in inputs.items()}
     z = reference.conv2d(**exact, **{**options, "activation": None})
     margin = 8 * torch.finfo(dtype).eps * max(z.abs().max().item(), 1.0)
-    push = torch.where(z < 0, -2 * margin, 2 * margin) * (z.abs() < margin)
+    push = torch.zeros_like(z)
+    for kink in KINKS[name]:
+        push = torch.where((z - kink).abs() < margin, torch.where(z < kink, -2 * margin, 2 * margin), push)
     residual = inputs["residual"]
     nudged = (exact["residual"] + push).to(dtype).contiguous(memory_format=_format(residual))
     return {**inputs, "residual": nudged.requires_grad_(residual.requires_grad)}
@@ -81,7 +88,8 @@ def test_matches_reference(backend, case, channels_last, dtype):
 @pytest.mark.parametrize("backend", RUNNERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_activation_every_gradient(backend, dtype):
-    for activation in reference.ACTIVATIONS + (("leaky_relu", 0.0), ("leaky_relu", -1.5)):
+    # the op's own table: codes added to it are covered here without a change
+    for activation in (*conv_op._ACTIVATION_CODES, ("leaky_relu", 0.0), ("leaky_relu", -1.5)):
         inputs = make_inputs(2, 4, 7, 6, 3, residual=True, out_size=(7, 7), dtype=dtype)
         options = {"padding": 1, "activation": activation}
         check(backend, off_the_kink(inputs, dtype, options), dtype, **options)
