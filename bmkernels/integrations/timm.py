@@ -15,6 +15,8 @@ from bmkernels import _backend
 from bmkernels.ops.attention import scaled_dot_product_attention
 
 # What the forward below uses of timm's Attention; a timm version without one of them is left alone.
+__all__ = ["Attention", "is_attention"]
+
 _ATTRIBUTES = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim", "attn_dim")
 
 
@@ -24,7 +26,7 @@ class Attention(timm.layers.Attention):
     family = "attention"
     torch_class = timm.layers.Attention
 
-    def forward(self, x, attn_mask=None, is_causal=False):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -68,7 +70,7 @@ class Attention(timm.layers.Attention):
         return self
 
 
-def is_attention(module):
+def is_attention(module: torch.nn.Module) -> bool:
     """A timm attention module of any class (for the swap report)."""
     return (
         isinstance(module, torch.nn.Module)

@@ -26,21 +26,21 @@ class Conv2d(torch.nn.Conv2d):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=True,
-        padding_mode="zeros",
-        device=None,
-        dtype=None,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
-        activation=None,
-        backend=None,
-    ):
+        activation: str | tuple[str, float] | None = None,
+        backend: str | None = None,
+    ) -> None:
         super().__init__(
             in_channels,
             out_channels,
@@ -176,7 +176,7 @@ class Conv2d(torch.nn.Conv2d):
             self._bmkernels_eval_cache = cached
         return cached[1], cached[2]
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.conv(input, *self.weights_for(input), activation=self.activation)
 
 

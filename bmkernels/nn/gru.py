@@ -13,6 +13,8 @@ torch._dynamo.config.allow_rnn is set; by default a compiled model runs its GRU 
 break, still the bmkernels kernel), with allow_rnn=True it compiles with fullgraph=True.
 """
 
+from typing import Any
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -50,7 +52,16 @@ class GRUCell(torch.nn.GRUCell):
     family = "gru"
     torch_class = torch.nn.GRUCell
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str | None = None,
+    ) -> None:
         super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
         _backend.requested(backend)
         self.backend = backend
@@ -74,7 +85,7 @@ class GRUCell(torch.nn.GRUCell):
     def extra_repr(self):
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh)}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> torch.Tensor:
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() != input.dim():
@@ -89,7 +100,7 @@ class GRU(torch.nn.GRU):
     family = "gru"
     torch_class = torch.nn.GRU
 
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _backend.requested(backend)
         self.backend = backend
@@ -128,7 +139,9 @@ class GRU(torch.nn.GRU):
     def extra_repr(self):
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh_l0)}"
 
-    def forward(self, input, hx=None):
+    def forward(
+        self, input: torch.Tensor | PackedSequence, hx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor]:
         options = dict(
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,

@@ -102,7 +102,7 @@ void scale_row(T* x, int64_t n, T factor) {
   for (; c < n; ++c) x[c] *= factor;
 }
 
-// tanh for the softcap, about 4x cheaper than Sleef's in float (where it cost as much as the rest of
+// tanh for the softcap, much cheaper than Sleef's in float (where it cost as much as the rest of
 // the forward): the odd Taylor series to x^13 below |x| = 0.4 (truncation < 1e-8 relative), and
 // (1 - e) / (1 + e) with e = exp(-2|x|) above (a few ulp: e <= 0.45, no cancellation). double keeps
 // the library tanh (the float64 tolerance is 1e-10).
