@@ -1,6 +1,6 @@
 """Benchmark cases and the interleaved timing engine behind `bmkernels bench` and `benchmarks/`.
 
-Protocol (see BENCHMARKS.md): every case times bmkernels and its baselines in the same process,
+Protocol (docs/benchmarks.md): every case times bmkernels and its baselines in the same process,
 interleaved -- for each repetition every contender runs once, in an order that rotates from one
 repetition to the next -- after a warm-up, and reports the median time per contender, GFLOP/s and
 ratio = baseline time / bmkernels time (> 1 means bmkernels is faster). Threads: torch's default.
