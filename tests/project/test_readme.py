@@ -117,3 +117,20 @@ PROGRESS_WORDING = re.compile(r"this stop|last stop|next stop|later issue|this s
 def test_no_progress_report_wording():
     found = [f"{p.relative_to(ROOT)}: {m[0]!r}" for p in PAGES for m in PROGRESS_WORDING.finditer(p.read_text())]
     assert not found, found
+
+
+def test_readme_is_one_screenful_per_topic():
+    assert len(README.read_text().splitlines()) <= 250
+
+
+LINK = re.compile(r"\]\((?!https?://|#)(?P<target>[^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_relative_links_resolve():
+    broken = [
+        f"{p.relative_to(ROOT)} -> {m['target']}"
+        for p in PAGES
+        for m in LINK.finditer(p.read_text())
+        if not (p.parent / m["target"]).exists()
+    ]
+    assert not broken, broken
