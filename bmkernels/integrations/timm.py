@@ -8,6 +8,8 @@ whichever path (fused_attn or not) timm would have taken. Subclasses of timm's A
 forward may differ) and timm's other attention classes are left and reported.
 """
 
+from __future__ import annotations
+
 import timm.layers
 import torch
 
@@ -42,7 +44,7 @@ class Attention(timm.layers.Attention):
         return self.proj_drop(self.proj(x))
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a timm.layers.Attention) cannot be swapped, or None."""
         if type(module) is not timm.layers.Attention:
             return (
@@ -59,12 +61,12 @@ class Attention(timm.layers.Attention):
         return None
 
     @classmethod
-    def from_torch(cls, module):
+    def from_torch(cls, module: torch.nn.Module) -> Attention:
         """The same module, its class switched to this drop-in (parameters and state_dict untouched)."""
         module.__class__ = cls
         return module
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         """The same module, back to timm.layers.Attention."""
         self.__class__ = timm.layers.Attention
         return self

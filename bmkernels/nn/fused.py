@@ -190,7 +190,7 @@ class ConvBNAct(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(out_channels, device=device, dtype=dtype)
         self.activation = activation
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

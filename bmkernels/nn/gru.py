@@ -13,6 +13,8 @@ torch._dynamo.config.allow_rnn is set; by default a compiled model runs its GRU 
 break, still the bmkernels kernel), with allow_rnn=True it compiles with fullgraph=True.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 import torch
@@ -70,19 +72,19 @@ class GRUCell(torch.nn.GRUCell):
         return dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a torch.nn.GRUCell) cannot be swapped, or None."""
         return _blocker(cls, module)
 
     @classmethod
-    def from_torch(cls, module, *, backend=None):
+    def from_torch(cls, module: torch.nn.Module, *, backend: str | None = None) -> GRUCell:
         """A bmkernels GRUCell sharing `module`'s parameters, device, dtype, mode and hooks."""
         return rebuild(module, cls, cls._ctor_kwargs(module), backend=backend)
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         return rebuild(self, torch.nn.GRUCell, self._ctor_kwargs())
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh)}"
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,26 +119,26 @@ class GRU(torch.nn.GRU):
         )
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a torch.nn.GRU) cannot be swapped, or None."""
         return _blocker(cls, module)
 
     @classmethod
-    def from_torch(cls, module, *, backend=None):
+    def from_torch(cls, module: torch.nn.Module, *, backend: str | None = None) -> GRU:
         """A bmkernels GRU sharing `module`'s parameters, device, dtype, mode and hooks."""
         new = rebuild(module, cls, cls._ctor_kwargs(module), backend=backend)
         new._init_flat_weights()  # the flat list still names the meta tensors of the constructor
         return new
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         twin = rebuild(self, torch.nn.GRU, self._ctor_kwargs())
         twin._init_flat_weights()
         return twin
 
-    def flatten_parameters(self):
+    def flatten_parameters(self) -> None:
         """Accepted for compatibility; nothing to do (the kernels read the parameters in place)."""
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh_l0)}"
 
     def forward(

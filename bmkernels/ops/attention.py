@@ -80,7 +80,7 @@ def _window_bounds(window, causal):
     return left, right
 
 
-def key_range_of(keep):
+def key_range_of(keep: torch.Tensor) -> torch.Tensor | None:
     """The (B, 2) int64 key ranges [begin, end) of a bool keep-mask (B, Lk) (True = a real token)
     whose kept keys form one run per row (right or left padding, or none), else None. A row with no
     kept key gets [0, 0). Reads the mask's values (a host sync on an accelerator)."""

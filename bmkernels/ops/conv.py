@@ -221,13 +221,13 @@ def fold_batchnorm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.nn.
     return fused
 
 
-def engine_choices():
+def engine_choices() -> dict[str, str]:
     """{shape key: "bmkernels" | "aten"}: the engine each CPU conv2d shape runs (BMK_CONV_ENGINE=auto
     times both on a key's first call and keeps the faster; see docs/conv.md)."""
     return _extension._C.conv_engine_choices() if _extension.loaded() else {}
 
 
-def clear_engine_choices():
+def clear_engine_choices() -> None:
     """Forgets the engine choices: the next call of each shape times both engines again."""
     if _extension.loaded():
         _extension._C.clear_conv_engine_choices()

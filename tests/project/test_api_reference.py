@@ -129,7 +129,11 @@ def test_readme_links_the_api_reference():
 
 def _untyped(fn):
     sig = inspect.signature(fn)
-    missing = [p.name for p in sig.parameters.values() if p.name != "self" and p.annotation is inspect.Parameter.empty]
+    missing = [
+        p.name
+        for p in sig.parameters.values()
+        if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty
+    ]
     return missing + (["return"] if sig.return_annotation is inspect.Signature.empty else [])
 
 
@@ -140,7 +144,8 @@ def test_public_api_is_typed():
         if inspect.isfunction(obj):
             targets = {qualified: obj}
         elif inspect.isclass(obj):
-            targets = {f"{qualified}.{m}": obj.__dict__[m] for m in ("__init__", "forward") if m in obj.__dict__}
+            methods = {m: getattr(v, "__func__", v) for m, v in vars(obj).items() if m == "__init__" or m[0] != "_"}
+            targets = {f"{qualified}.{m}": fn for m, fn in methods.items() if inspect.isfunction(fn)}
         else:
             continue  # constants and the nn module
         untyped |= {name: missing for name, fn in targets.items() if (missing := _untyped(fn))}
