@@ -227,6 +227,7 @@ def make_extension():
 
 setup(
     packages=find_packages(include=["bmkernels", "bmkernels.*"]),
+    package_data={"bmkernels": ["py.typed"]},  # PEP 561: the package ships its type hints
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

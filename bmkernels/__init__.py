@@ -1,5 +1,7 @@
 """bmkernels: fused attention, conv2d and GRU kernels for PyTorch (CPU C++, CUDA C++, Triton)."""
 
+from typing import Any
+
 import torch
 
 from bmkernels import _backend, _extension
@@ -21,7 +23,7 @@ __all__ += ["batch_norm_act", "conv2d", "fold_batchnorm"]
 __all__ += ["gru", "gru_cell"]
 
 
-def build_info():
+def build_info() -> dict[str, Any]:
     """What this installation can run: compiled CPU instruction sets and the active one, CUDA
     archs and kernels (empty for a CPU-only build), Triton, and the torch/CUDA versions."""
     return {
@@ -41,13 +43,13 @@ def build_info():
     }
 
 
-def cpu_cache_bytes():
+def cpu_cache_bytes() -> int:
     """Bytes the CPU kernels' buffer pool holds in freed blocks (kept for the next call of the same size:
     a fresh multi-megabyte buffer page-faults in on every call; cap BMK_CPU_CACHE_MB, default 1024)."""
     return _extension._C.cpu_cache_bytes() if _extension.loaded() else 0
 
 
-def empty_cache():
+def empty_cache() -> None:
     """Frees the blocks the CPU kernels' buffer pool holds (as torch.cuda.empty_cache does for CUDA)."""
     if _extension.loaded():
         _extension._C.empty_cpu_cache()

@@ -1,6 +1,7 @@
 """The `bmkernels` command (also `python -m bmkernels`).
 
-    bmkernels bench [--quick | --full] [--op OP] [--models] [--filter TEXT] [--reps N] [--json PATH] [--list]
+    bmkernels bench [--quick | --full] [--op OP] [--models] [--filter TEXT] [--reps N] [--json PATH]
+                    [--no-ceilings] [--plot DIR [--from-json FILE]] [--list]
     bmkernels info [--json]
     bmkernels train MODEL [options]      (MODEL: transformer, cnn, autoencoder, gru; see --help)
 
@@ -85,6 +86,23 @@ def build_parser():
     )
     p.add_argument("--json", metavar="PATH", help="also write the results, with every sample, as JSON to PATH")
     p.add_argument("--no-memory", action="store_true", help="skip the saved-activation-memory probe")
+    p.add_argument(
+        "--no-ceilings",
+        action="store_true",
+        help="skip measuring the machine's ceilings (fp32/bf16 GEMM, conv, DRAM read rate; seconds) and the "
+        "'%% ceiling' column",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="also write PNG plots to DIR (attention time and memory vs length, conv layers, GRU vs hidden size, "
+        "whole models; needs matplotlib)",
+    )
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="run nothing: print the tables of a saved --json FILE (and plot it with --plot DIR)",
+    )
     p.add_argument("--list", action="store_true", help="list the cases of the preset and exit")
     p.set_defaults(func=cmd_bench)
 
@@ -157,9 +175,36 @@ def cmd_info(args):
     return 0
 
 
+def _plot(data, directory):
+    from bmkernels.bench import plot
+
+    try:
+        paths = plot.plot(data, directory)
+    except OSError as e:
+        raise _Failure(f"cannot write --plot {directory!r}: {e}") from None
+    print(f"Plots written: {', '.join(paths) if paths else 'none (no plottable case)'}.")
+
+
+def _from_json(args):
+    from bmkernels import bench
+
+    try:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        tables = bench.format_table(data["results"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise _Failure(f"cannot read --from-json {args.from_json!r} as `bmkernels bench --json` output: {e}") from None
+    print(tables)
+    if args.plot:
+        _plot(data, args.plot)
+    return 0
+
+
 def cmd_bench(args):
     from bmkernels import _backend, _extension, bench
 
+    if args.from_json:
+        return _from_json(args)
     cases = bench.cases_for(args.op, args.preset, args.filter)
     if not cases:
         raise _Failure(f"no {args.preset} case matches --filter {args.filter!r}; see `bmkernels bench --list`")
@@ -187,11 +232,13 @@ def cmd_bench(args):
     )
     if args.reps is not None and args.reps < 5:
         print(f"# note: --reps {args.reps} is below the protocol's 5 repetitions", flush=True)
-    dram_gbps = None
-    if any(c.bytes for c in cases):  # memory-bound cases report their share of this ceiling
-        dram_gbps = bench.dram_read_gbps()
-        env["dram_read_gbps"] = dram_gbps
-        print(f"# DRAM read rate (sum over 512 MiB, torch's threads): {dram_gbps:.1f} GB/s", flush=True)
+    ceilings = None
+    if not args.no_ceilings:  # each case reports its share of the relevant one
+        ceilings = bench.measure_ceilings(quick=args.preset == "quick")
+        print(
+            f"# ceilings (torch.mm, ATen 3x3 conv, sum over a large buffer): {bench.ceilings_line(ceilings)}",
+            flush=True,
+        )
     start = time.perf_counter()
     knobs = dict(bench.TIMING[args.preset])
     results = []
@@ -201,15 +248,18 @@ def cmd_bench(args):
         bench.print_progress(i, len(cases), case, res)
     total = time.perf_counter() - start
     print()
-    print(bench.format_table(results, dram_gbps))
+    data = bench.to_json(results, args.preset, total, env, ceilings)
+    print(bench.format_table(data["results"]))
     print(f"\nTotal: {total:.1f} s for {len(cases)} cases; load average at the end {bench.load_average()}.")
     if args.json:
         try:
             with open(args.json, "w") as f:
-                json.dump(bench.to_json(results, args.preset, total, env), f, indent=1)
+                json.dump(data, f, indent=1)
         except OSError as e:
             raise _Failure(f"cannot write --json {args.json!r}: {e}") from None
         print(f"Results written to {args.json}.")
+    if args.plot:
+        _plot(data, args.plot)
     return 0
 
 

@@ -23,11 +23,13 @@ the interpreter here, not on a GPU).
 """
 
 import math
+from typing import Any
 
 import torch
 
 from bmkernels import _backend
 from bmkernels.ops import attention as ops_attention
+from bmkernels.ops._common import forward_op
 from bmkernels.reference import flash_attn as reference
 
 __all__ = [
@@ -77,20 +79,20 @@ def _check_rows_of_heads(name, t, dims):
 
 
 def flash_attn_func(
-    q,
-    k,
-    v,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
     *,
-    backend=None,
-):
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention of q (B, Lq, Hq, D) over k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv); returns out (B, Lq, Hq, Dv)
     (with return_attn_probs: (out, softmax_lse (B, Hq, Lq), None)). Differentiable in q, k, v."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -116,14 +118,18 @@ def flash_attn_func(
     return out.transpose(1, 2)
 
 
-def flash_attn_kvpacked_func(q, kv, *args, **kwargs):
+def flash_attn_kvpacked_func(
+    q: torch.Tensor, kv: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_func with kv (B, Lk, 2, Hkv, D) packed."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"flash_attn: kv must be (B, Lk, 2, Hkv, D); got {getattr(kv, 'shape', kv)!r}")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], *args, **kwargs)
 
 
-def flash_attn_qkvpacked_func(qkv, *args, **kwargs):
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_func with qkv (B, L, 3, H, D) packed."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"flash_attn: qkv must be (B, L, 3, H, D); got {getattr(qkv, 'shape', qkv)!r}")
@@ -151,25 +157,25 @@ def _check_cu_seqlens(name, cu, total, count):
 
 
 def flash_attn_varlen_func(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-    block_table=None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
     *,
-    backend=None,
-):
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention over packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
     sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1] of k/v
     (int32, (S + 1,)). Each attends to its own keys only, aligned bottom-right; alibi_slopes (Hq,) or
@@ -210,7 +216,7 @@ def flash_attn_varlen_func(
         return (out, lse, None) if return_attn_probs else out
     segments = torch.stack((cu_seqlens_q, cu_seqlens_k), 1).to(device=q.device, dtype=torch.int64)
     rng_seed = ops_attention._draw_seed() if dropout_p > 0 else None
-    out, lse = ops_attention._forward_op(name)(
+    out, lse = forward_op("attention_fwd", name)(
         q.unsqueeze(0).transpose(1, 2),
         k.unsqueeze(0).transpose(1, 2),
         v.unsqueeze(0).transpose(1, 2),
@@ -231,14 +237,18 @@ def flash_attn_varlen_func(
     return (out, lse.squeeze(0), None) if return_attn_probs else out
 
 
-def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, *args, **kwargs):
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_varlen_func with kv (total_k, 2, Hkv, D) packed."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
         raise ValueError(f"flash_attn: kv must be (total_k, 2, Hkv, D); got {getattr(kv, 'shape', kv)!r}")
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, *args, **kwargs)
 
 
-def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, *args, **kwargs):
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *args: Any, **kwargs: Any
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_varlen_func with qkv (total, 3, H, D) packed (the same sequences for q and k)."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"flash_attn: qkv must be (total, 3, H, D); got {getattr(qkv, 'shape', qkv)!r}")
@@ -264,26 +274,26 @@ def _rotate(x, cos, sin, positions, interleaved):
 
 
 def flash_attn_with_kvcache(
-    q,
-    k_cache,
-    v_cache,
-    k=None,
-    v=None,
-    rotary_cos=None,
-    rotary_sin=None,
-    cache_seqlens=None,
-    cache_batch_idx=None,
-    cache_leftpad=None,
-    block_table=None,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    rotary_interleaved=True,
-    alibi_slopes=None,
-    num_splits=0,
-    return_softmax_lse=False,
-):
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Lq, Hq, D) over a KV cache, for decoding (no gradient, as in FlashAttention).
 
     k_cache/v_cache: (B_cache, L_max, Hkv, D) dense, or (num_blocks, block_size, Hkv, D) pages addressed

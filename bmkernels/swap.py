@@ -58,7 +58,7 @@ class SwapReport:
     notes: list = field(default_factory=list)
     other: dict = field(default_factory=dict)
 
-    def __str__(self):
+    def __str__(self) -> str:
         lines = [f"swapped {len(self.swapped)} module(s), left {len(self.left)}, fused {len(self.fused)}"]
         lines += [f"  swapped {name or '<model>'}: {src} -> {dst}" for name, src, dst in self.swapped]
         lines += [f"  left    {name or '<model>'} ({cls}): {why}" for name, cls, why in self.left]
@@ -154,7 +154,9 @@ def _replace(model, old, new):
             setattr(model.get_submodule(parent_name), child, new)
 
 
-def swap_modules(model, *, attention=True, conv=True, gru=True, fuse=True):
+def swap_modules(
+    model: torch.nn.Module, *, attention: bool = True, conv: bool = True, gru: bool = True, fuse: bool = True
+) -> SwapReport:
     """Replace the torch.nn modules of the selected op families in `model` (in place) with their
     bmkernels drop-ins and, with fuse=True, apply the registered fusions. Families without a
     drop-in in this build (see bmkernels.nn.DROP_INS) are not touched. Returns a SwapReport."""
@@ -225,7 +227,7 @@ def _keep_encoders_on_layers(model, report):
             )
 
 
-def unswap(model):
+def unswap(model: torch.nn.Module) -> torch.nn.Module:
     """Put the torch.nn originals back (sharing the same parameters) in place; returns the model
     (a new object only if `model` itself is a drop-in). Undoes the swap's notes too."""
     drop_in_classes = _drop_in_classes()

@@ -19,6 +19,8 @@ head dim instead of a magic atol. Float64 kernels are held to a plain tight tole
 
 import math
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -53,11 +55,11 @@ FLOOR = {
 FLOAT64_TOL = 1e-10
 
 
-def float64_tolerance(magnitude):
+def float64_tolerance(magnitude: float) -> float:
     return FLOAT64_TOL * max(1.0, magnitude)
 
 
-def max_abs_diff(a, b):
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| over finite entries of b (the truth); inf where a is non-finite there or where
     the non-finite entries of a and b differ."""
     a, b = a.detach().double(), b.detach().double()
@@ -73,13 +75,20 @@ def max_abs_diff(a, b):
     return (a[finite] - b[finite]).abs().max().item()
 
 
-def magnitude(t):
+def magnitude(t: torch.Tensor) -> float:
     t = t.detach().double()
     t = t[torch.isfinite(t)]
     return t.abs().max().item() if t.numel() else 0.0
 
 
-def assert_within_rule(what, got, truth, same_dtype, dtype, problem_scale=1.0):
+def assert_within_rule(
+    what: str,
+    got: torch.Tensor,
+    truth: torch.Tensor,
+    same_dtype: torch.Tensor,
+    dtype: torch.dtype,
+    problem_scale: float = 1.0,
+) -> None:
     """The tolerance rule for one tensor: got (kernel), truth (float64 reference), same_dtype
     (reference in `dtype`). problem_scale: the floor's unit where the truth is identically 0."""
     assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(truth.shape)}"
@@ -128,7 +137,15 @@ def _backward(inputs, out, lse, grad_out, grad_lse):
     return dict(zip(names, torch.autograd.grad(loss, [inputs[n] for n in names]), strict=True))
 
 
-def check_against_reference(kernel_fn, reference_fn, inputs, dtype, *, lse_grad=False, seed=1234):
+def check_against_reference(
+    kernel_fn: Callable[..., Any],
+    reference_fn: Callable[..., Any],
+    inputs: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    lse_grad: bool = False,
+    seed: int = 1234,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Runs kernel_fn and reference_fn on `inputs` (a dict of keyword arguments; float tensors that
     require grad get gradients), and holds out, lse (if returned) and every gradient to the
     tolerance rule against reference_fn in float64. lse_grad: the loss also uses lse (rows with no
@@ -162,18 +179,18 @@ def check_against_reference(kernel_fn, reference_fn, inputs, dtype, *, lse_grad=
 
 
 def make_qkv(
-    batch=2,
-    q_heads=2,
-    kv_heads=None,
-    q_len=17,
-    k_len=None,
-    head_dim=16,
-    v_head_dim=None,
-    dtype=torch.float32,
-    requires_grad=True,
-    layout="contiguous",
-    seed=0,
-):
+    batch: int = 2,
+    q_heads: int = 2,
+    kv_heads: int | None = None,
+    q_len: int = 17,
+    k_len: int | None = None,
+    head_dim: int = 16,
+    v_head_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    requires_grad: bool = True,
+    layout: str = "contiguous",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) as leaves.
     layout="transposed": views of (B, L, H, D) storage (the usual projection layout);
     layout="sliced": views taking every other element of the last dim and a slice of the batch."""
@@ -196,7 +213,7 @@ def make_qkv(
     return one(q_heads, q_len, head_dim), one(kv_heads, k_len, head_dim), one(kv_heads, k_len, v_head_dim)
 
 
-def cpu_supports(isa):
+def cpu_supports(isa: str) -> bool:
     """Whether this CPU runs the kernels' `isa` build (the same flags csrc/cpu/registration.cpp needs)."""
     if isa == "scalar":
         return True
@@ -212,7 +229,7 @@ def cpu_supports(isa):
     return need <= flags
 
 
-def random_batchnorm_statistics(model):
+def random_batchnorm_statistics(model: torch.nn.Module) -> None:
     """Non-trivial BatchNorm statistics and affine parameters, so eval mode's folding is exercised."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

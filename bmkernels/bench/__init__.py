@@ -1,6 +1,6 @@
 """Benchmark cases and the interleaved timing engine behind `bmkernels bench` and `benchmarks/`.
 
-Protocol (see BENCHMARKS.md): every case times bmkernels and its baselines in the same process,
+Protocol (docs/benchmarks.md): every case times bmkernels and its baselines in the same process,
 interleaved -- for each repetition every contender runs once, in an order that rotates from one
 repetition to the next -- after a warm-up, and reports the median time per contender, GFLOP/s and
 ratio = baseline time / bmkernels time (> 1 means bmkernels is faster). Threads: torch's default.
@@ -21,6 +21,7 @@ process peak, and transient buffers freed within forward or backward are not in 
 
 from __future__ import annotations
 
+import datetime
 import gc
 import importlib
 import math
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 PRESETS = ("quick", "small", "default", "full")
 BMK = "bmkernels"
@@ -103,7 +105,8 @@ class Result:
         p = self.median(self.case.primary)
         return min(times) / p if times and p else None
 
-    def to_dict(self):
+    def to_dict(self, ceilings=None):
+        """The result as JSON data; with ceilings (measure_ceilings()), the primary's share of its ceiling."""
         c = self.case
         contenders = {}
         for n in c.contenders:
@@ -119,9 +122,15 @@ class Result:
             if n in self.saved_bytes:
                 d["saved_bytes"] = self.saved_bytes[n]
             contenders[n] = d
+        key = ceiling_key(c.op, c.params, c.flops, c.bytes)
+        ceiling = None
+        if key and ceilings and ceilings.get(key):
+            rate = self.gbps(c.primary) if key == "dram_read_gbps" else self.gflops(c.primary)
+            ceiling = {"name": key, "value": ceilings[key], "share": rate / ceilings[key] if rate else None}
         return {
             "op": c.op,
             "name": c.name,
+            "primary": c.primary,
             "params": c.params,
             "backward": c.backward,
             "flops": c.flops,
@@ -131,6 +140,7 @@ class Result:
             "elapsed_s": self.elapsed_s,
             "contenders": contenders,
             "ratios": {f"vs_{b}": self.ratio(b) for b in c.baselines} | {"vs_best": self.best_ratio()},
+            "ceiling": ceiling,
         }
 
 
@@ -265,6 +275,70 @@ def dram_read_gbps(megabytes=512, reps=5):
     return x.numel() * 4 / best / 1e9
 
 
+def _best_gflops(fn, flops, budget_s):
+    """flops / the fastest of repeated calls of fn (one warm-up call, at least two timed, then until budget_s)."""
+    fn()
+    best, calls, end = math.inf, 0, time.perf_counter() + budget_s
+    while calls < 2 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        best, calls = min(best, time.perf_counter() - t0), calls + 1
+    return flops / best / 1e9
+
+
+def gemm_gflops(dtype=torch.float32, n=2048, budget_s=1.0):
+    """The GEMM rate torch reaches here: torch.mm on n x n operands of `dtype`, torch's threads, best call."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    return _best_gflops(lambda: torch.mm(a, b), 2.0 * n**3, budget_s)
+
+
+def conv_gflops(batch=16, budget_s=1.0):
+    """The best conv rate ATen reaches here: a 3x3 conv 256 -> 256 channels at 28x28, float32, the
+    faster of NCHW and channels_last (oneDNN picks its best algorithm for each)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(batch, 256, 28, 28, generator=g), torch.randn(256, 256, 3, 3, generator=g)
+    flops = 2.0 * batch * 256 * 28 * 28 * 256 * 9
+    rates = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf, wf = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+        with torch.no_grad():
+            rates.append(_best_gflops(lambda xf=xf, wf=wf: F.conv2d(xf, wf, padding=1), flops, budget_s / 2))
+    return max(rates)
+
+
+# ceiling key -> (label in the table, unit): what each case's rate is a share of.
+CEILINGS = {
+    "gemm_fp32_gflops": ("fp32 GEMM", "GFLOP/s"),
+    "gemm_bf16_gflops": ("bf16 GEMM", "GFLOP/s"),
+    "conv_gflops": ("conv", "GFLOP/s"),
+    "dram_read_gbps": ("DRAM", "GB/s"),
+}
+
+
+def measure_ceilings(quick=False):
+    """The machine's ceilings (CEILINGS keys): brief measurements (about 1.5 s) when quick, about 5 s otherwise."""
+    budget = 0.25 if quick else 1.0
+    return {
+        "gemm_fp32_gflops": gemm_gflops(torch.float32, 1024 if quick else 2048, budget),
+        "gemm_bf16_gflops": gemm_gflops(torch.bfloat16, 1024 if quick else 2048, budget),
+        "conv_gflops": conv_gflops(4 if quick else 16, budget),
+        "dram_read_gbps": dram_read_gbps(256 if quick else 512, 3 if quick else 5),
+    }
+
+
+def ceiling_key(op, params, flops, bytes_):
+    """The ceiling a case is measured against: memory-bound cases (a byte count) the DRAM read rate;
+    compute-bound ones the conv rate (conv) or the GEMM rate of their dtype; whole models none."""
+    if bytes_:
+        return "dram_read_gbps"
+    if not flops:
+        return None
+    if op == "conv":
+        return "conv_gflops"
+    return f"gemm_{params.get('dtype', 'fp32')}_gflops"
+
+
 def run(cases, preset="default", reps=None, progress=None):
     """Run cases with the preset's timing knobs; progress(i, n, case, result) after each."""
     knobs = TIMING[preset]
@@ -286,6 +360,7 @@ def environment():
     from bmkernels import _extension
 
     return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -293,6 +368,7 @@ def environment():
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": _cpu_model(),
+        "cpus": os.cpu_count(),
         "load_average": load_average(),
     }
 
@@ -316,9 +392,10 @@ def _cpu_model():
     return platform.processor() or None
 
 
-def _cell(case, name, value, factor, spec):
-    if name in case.skipped:
+def _cell(contender, key, factor, spec):
+    if contender.get("skipped"):
         return "skipped"
+    value = contender.get(key)
     if value is None:
         return "—"
     return spec(value * factor) if callable(spec) else format(value * factor, spec)
@@ -333,25 +410,41 @@ def _ratio_cell(x):
     return "—" if x is None else f"{x:.2f}x"
 
 
-def format_table(results, dram_gbps=None):
-    """Markdown tables, one per op: times, GFLOP/s (GB/s for memory-bound ops, with the share of
-    dram_gbps, the measured DRAM read rate), ratios (baseline / bmkernels), saved memory."""
+def _ceiling_cell(ceiling):
+    if not ceiling or ceiling["share"] is None:
+        return "—"
+    pct = 100 * ceiling["share"]
+    return f"{pct:.{0 if pct >= 10 else 1}f}% {CEILINGS[ceiling['name']][0]}"
+
+
+def ceilings_line(ceilings):
+    """One line naming the measured ceilings, e.g. 'fp32 GEMM 352 GFLOP/s, ..., DRAM 9.8 GB/s'."""
+    return ", ".join(
+        f"{label} {ceilings[k]:.{1 if unit == 'GB/s' else 0}f} {unit}"
+        for k, (label, unit) in CEILINGS.items()
+        if ceilings.get(k)
+    )
+
+
+def format_table(results):
+    """Markdown tables, one per op, from results as JSON data (Result.to_dict): times, GFLOP/s (GB/s for
+    memory-bound ops), the primary's share of its ceiling, ratios (baseline / bmkernels), saved memory."""
     lines, notes = [], []
     by_op = {}  # one table per op and set of contenders (an op's workloads may have different baselines)
     for r in results:
-        by_op.setdefault((r.case.op, tuple(r.case.contenders)), []).append(r)
-    for (op, _), rs in by_op.items():
-        names = list(rs[0].case.contenders)
-        primary = rs[0].case.primary
+        by_op.setdefault((r["op"], tuple(r["contenders"])), []).append(r)
+    for (op, names), rs in by_op.items():
+        primary = rs[0].get("primary", BMK)
         baselines = [n for n in names if n != primary]
-        any_mem = any(r.case.backward and r.case.forward for r in rs)  # cases with a memory probe
-        any_bytes = any(r.case.bytes for r in rs)
-        any_rate = any_bytes or any(r.case.flops for r in rs)  # whole models count neither
+        any_mem = any("saved_bytes" in d for r in rs for d in r["contenders"].values())
+        any_bytes = any(r["bytes"] for r in rs)
+        any_rate = any_bytes or any(r["flops"] for r in rs)  # whole models count neither
+        any_ceiling = any(r.get("ceiling") for r in rs)
         head = (
             ["case", "reps"]
             + [f"{n} ms" for n in names]
             + ([f"{n} GB/s" if any_bytes else f"{n} GFLOP/s" for n in names] if any_rate else [])
-            + ([f"{primary} % DRAM"] if any_bytes and dram_gbps else [])
+            + ([f"{primary} % ceiling"] if any_ceiling else [])
             + [f"vs {b}" for b in baselines]
             + ["vs best"]
         )
@@ -359,26 +452,28 @@ def format_table(results, dram_gbps=None):
             head.append("saved MiB " + " / ".join(names))
         lines += [f"### {op}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
         for r in rs:
-            c = r.case
-            row = [c.name, str(r.reps)]
-            row += [_cell(c, n, r.median(n), 1e3, _ms_text) for n in names]
+            cs = r["contenders"]
+            row = [r["name"], str(r["reps"])]
+            row += [_cell(cs[n], "median_ms", 1, _ms_text) for n in names]
             if any_rate:
-                row += [_cell(c, n, r.gbps(n) if any_bytes else r.gflops(n), 1, ".1f") for n in names]
-            if any_bytes and dram_gbps:
-                row.append(_cell(c, primary, r.gbps(primary), 100 / dram_gbps, ".0f"))
-            row += [_ratio_cell(r.ratio(b)) for b in baselines] + [_ratio_cell(r.best_ratio())]
+                row += [_cell(cs[n], "gbps" if any_bytes else "gflops", 1, ".1f") for n in names]
+            if any_ceiling:
+                row.append(_ceiling_cell(r.get("ceiling")))
+            row += [_ratio_cell(r["ratios"].get(f"vs_{b}")) for b in baselines] + [_ratio_cell(r["ratios"]["vs_best"])]
             if any_mem:
-                if c.backward and c.forward:
-                    row.append(" / ".join(_cell(c, n, r.saved_bytes.get(n), 1 / 2**20, ".1f") for n in names))
+                if any("saved_bytes" in d for d in cs.values()):
+                    row.append(" / ".join(_cell(cs[n], "saved_bytes", 1 / 2**20, ".1f") for n in names))
                 else:
                     row.append("—")
             lines.append("| " + " | ".join(row) + " |")
-            notes += [f"- {c.name}: {why}" for why in c.skipped.values()]
+            notes += [f"- {r['name']}: {d['skipped']}" for d in cs.values() if d.get("skipped")]
         lines += ["", case_module(op).FOOTNOTE, ""]
     lines += [
         "Times are medians over the reps (ms per call); contenders were interleaved in rotating order",
         "in one process after a warm-up. vs X = X time / bmkernels time (> 1: bmkernels faster);",
-        "vs best = against the fastest baseline. saved MiB (fwd+bwd only): saved activation memory, the",
+        "vs best = against the fastest baseline. % ceiling: bmkernels' GFLOP/s over the GEMM rate of its",
+        "dtype (conv: the best ATen conv rate), or its GB/s over the DRAM read rate (memory-bound cases),",
+        "all measured at the start of the run. saved MiB (fwd+bwd only): saved activation memory, the",
         "distinct storages autograd keeps between forward and backward for one call (inputs included),",
         "measured with saved_tensors_hooks; not a process peak.",
     ]
@@ -387,11 +482,18 @@ def format_table(results, dram_gbps=None):
     return "\n".join(lines)
 
 
-def to_json(results, preset, total_s, env=None):
-    """env: environment() taken at the start of the run (its load average then); the end's is added."""
+def to_json(results, preset, total_s, env=None, ceilings=None):
+    """env: environment() taken at the start of the run (its load average then); the end's is added.
+    ceilings: measure_ceilings() of the start of the run (None with --no-ceilings)."""
     env = dict(env or environment())
     env["load_average_end"] = load_average()
-    return {"preset": preset, "total_s": total_s, "environment": env, "results": [r.to_dict() for r in results]}
+    return {
+        "preset": preset,
+        "total_s": total_s,
+        "environment": env,
+        "ceilings": ceilings,
+        "results": [r.to_dict(ceilings) for r in results],
+    }
 
 
 def print_progress(i, n, case, res, stream=sys.stderr):

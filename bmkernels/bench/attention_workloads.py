@@ -4,7 +4,7 @@ variable-length batches (flash_attn_varlen_func) against the same batch padded, 
 
 - decode: GQA 32 query / 8 kv heads, D = 128, one new query per sequence, B 1 and 4, caches of 4k-16k
   keys, fp32 and bf16; vs SDPA on the cache viewed as (B, H, L, D). GB/s counts the K and V bytes read
-  (the floor any kernel must read), and % DRAM its share of the DRAM read rate measured at the start.
+  (the floor any kernel must read), and % ceiling its share of the DRAM read rate measured at the start.
 - varlen: 8 sequences of 64..1024 tokens (H 8, D 64, fp32), forward and forward+backward, vs bmkernels
   and SDPA on the batch padded to the longest sequence (what a user without varlen runs).
 - features: B1 H8 L2048 D64 fp32 forward, each feature vs the plain call of the same shape, SDPA where it
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bmkernels.bench import BMK, Case, fwd_bwd
 
 FOOTNOTE = (
-    "GB/s (decode): K + V bytes of the cache / time; % DRAM: that over the DRAM read rate measured at the "
+    "GB/s (decode): K + V bytes of the cache / time; % ceiling: that over the DRAM read rate measured at the "
     "start of the run. GFLOP/s (varlen, features): 4*L*L*D per head for the real (unpadded) tokens, halved "
     "for causal."
 )

@@ -31,7 +31,7 @@ class sdpa_mode(TorchFunctionMode):  # noqa: N801 -- used like a function: `with
         print(mode.served, mode.fell_through)
     """
 
-    def __init__(self, backend=None):
+    def __init__(self, backend: str | None = None) -> None:
         super().__init__()
         _backend.requested(backend)
         self.backend = backend

@@ -8,6 +8,8 @@ whichever path (fused_attn or not) timm would have taken. Subclasses of timm's A
 forward may differ) and timm's other attention classes are left and reported.
 """
 
+from __future__ import annotations
+
 import timm.layers
 import torch
 
@@ -15,6 +17,8 @@ from bmkernels import _backend
 from bmkernels.ops.attention import scaled_dot_product_attention
 
 # What the forward below uses of timm's Attention; a timm version without one of them is left alone.
+__all__ = ["Attention", "is_attention"]
+
 _ATTRIBUTES = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim", "attn_dim")
 
 
@@ -24,7 +28,7 @@ class Attention(timm.layers.Attention):
     family = "attention"
     torch_class = timm.layers.Attention
 
-    def forward(self, x, attn_mask=None, is_causal=False):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -40,7 +44,7 @@ class Attention(timm.layers.Attention):
         return self.proj_drop(self.proj(x))
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a timm.layers.Attention) cannot be swapped, or None."""
         if type(module) is not timm.layers.Attention:
             return (
@@ -57,18 +61,18 @@ class Attention(timm.layers.Attention):
         return None
 
     @classmethod
-    def from_torch(cls, module):
+    def from_torch(cls, module: torch.nn.Module) -> Attention:
         """The same module, its class switched to this drop-in (parameters and state_dict untouched)."""
         module.__class__ = cls
         return module
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         """The same module, back to timm.layers.Attention."""
         self.__class__ = timm.layers.Attention
         return self
 
 
-def is_attention(module):
+def is_attention(module: torch.nn.Module) -> bool:
     """A timm attention module of any class (for the swap report)."""
     return (
         isinstance(module, torch.nn.Module)

@@ -18,6 +18,9 @@ sequences, overlays such as image tokens or chunked attention, static-cache offs
 holes) gets transformers' own dense boolean mask (B, 1, Lq, Lk) and stays exact.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import transformers
 from transformers import masking_utils
@@ -25,6 +28,7 @@ from transformers import masking_utils
 from bmkernels.ops import attention as ops_attention
 
 NAME = "bmkernels"
+__all__ = ["attention_forward", "is_model", "mask_function", "register"]
 
 
 def _is_sliding_window_causal(mask_function):
@@ -50,15 +54,15 @@ def _is_simple(mask_function):
 
 
 def mask_function(
-    batch_size,
-    q_length,
-    kv_length,
-    q_offset=0,
-    kv_offset=0,
-    mask_function=masking_utils.causal_mask_function,
-    attention_mask=None,
-    **kwargs,
-):
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = masking_utils.causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
     """transformers' AttentionMaskInterface entry: None (no padding), key ranges (B, 2) int64, a
     2-D keep-mask (B, Lk) for padding with holes, or the dense (B, 1, Lq, Lk) keep-mask."""
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
@@ -90,19 +94,19 @@ def mask_function(
 
 
 def attention_forward(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    dropout=0.0,
-    scaling=None,
-    is_causal=None,
-    position_bias=None,
-    sliding_window=None,
-    softcap=None,
-    **kwargs,
-):
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' AttentionInterface entry: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D/Dv),
     attention_mask from mask_function above. Returns (output (B, Lq, Hq, Dv), None)."""
     if kwargs.get("s_aux") is not None:
@@ -141,13 +145,14 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def register():
+def register() -> None:
     """Registers "bmkernels" with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
     transformers.AttentionInterface.register(NAME, attention_forward)
     transformers.AttentionMaskInterface.register(NAME, mask_function)
 
 
-def is_model(model):
+def is_model(model: object) -> bool:
+    """Whether `model` is a transformers PreTrainedModel (swap_modules switches its attention implementation)."""
     return isinstance(model, transformers.PreTrainedModel)
 
 

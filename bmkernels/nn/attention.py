@@ -17,6 +17,8 @@ Where torch's behaviour and the fused core differ:
   torch.manual_seed, but not the mask torch's dropout would draw.
 """
 
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 
@@ -43,20 +45,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def __init__(
         self,
-        embed_dim,
-        num_heads,
-        dropout=0.0,
-        bias=True,
-        add_bias_kv=False,
-        add_zero_attn=False,
-        kdim=None,
-        vdim=None,
-        batch_first=False,
-        device=None,
-        dtype=None,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
-        backend=None,
-    ):
+        backend: str | None = None,
+    ) -> None:
         super().__init__(
             embed_dim,
             num_heads,
@@ -88,7 +90,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         )
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a torch.nn.MultiheadAttention) cannot be swapped, or None."""
         if type(module) is not torch.nn.MultiheadAttention:
             return (
@@ -102,23 +104,23 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return None
 
     @classmethod
-    def from_torch(cls, module, *, backend=None):
+    def from_torch(cls, module: torch.nn.Module, *, backend: str | None = None) -> MultiheadAttention:
         """A bmkernels MultiheadAttention sharing `module`'s parameters (the same Parameter objects,
         so optimizers keep working), device, dtype, train/eval mode and hooks."""
         return rebuild(module, cls, cls._ctor_kwargs(module), backend=backend)
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         """The torch.nn.MultiheadAttention twin, sharing this module's parameters."""
         return rebuild(self, torch.nn.MultiheadAttention, self._ctor_kwargs(), drop_hook=_no_op_pre_hook)
 
-    def backend_in_use(self):
+    def backend_in_use(self) -> str:
         """The backend bmkernels.attention picks for this module's parameters' device."""
         try:
             return _backend.choose("attention", self.out_proj.weight.device, self.backend)
         except RuntimeError as e:
             return f"unavailable ({e})"
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
         if self.dropout:
             s += f", dropout={self.dropout}"
@@ -136,15 +138,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(
         self,
-        query,
-        key,
-        value,
-        key_padding_mask=None,
-        need_weights=True,
-        attn_mask=None,
-        average_attn_weights=True,
-        is_causal=False,
-    ):
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError(
                 "bmkernels MultiheadAttention: nested tensors are not supported; pass padded tensors "

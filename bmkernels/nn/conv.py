@@ -10,6 +10,8 @@ The non-zeros padding modes pad first with torch.nn.functional.pad, exactly as t
 does, then convolve without padding.
 """
 
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 
@@ -26,21 +28,21 @@ class Conv2d(torch.nn.Conv2d):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=True,
-        padding_mode="zeros",
-        device=None,
-        dtype=None,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
-        activation=None,
-        backend=None,
-    ):
+        activation: str | tuple[str, float] | None = None,
+        backend: str | None = None,
+    ) -> None:
         super().__init__(
             in_channels,
             out_channels,
@@ -73,7 +75,7 @@ class Conv2d(torch.nn.Conv2d):
         )
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a torch.nn.Conv2d) cannot be swapped, or None."""
         if type(module) is not torch.nn.Conv2d:
             return f"{type(module).__name__} subclasses nn.Conv2d; its forward may differ from torch's, so it is kept"
@@ -86,12 +88,14 @@ class Conv2d(torch.nn.Conv2d):
         return None
 
     @classmethod
-    def from_torch(cls, module, *, activation=None, backend=None):
+    def from_torch(
+        cls, module: torch.nn.Module, *, activation: str | tuple[str, float] | None = None, backend: str | None = None
+    ) -> Conv2d:
         """A bmkernels Conv2d sharing `module`'s parameters (the same Parameter objects), device,
         dtype, train/eval mode and hooks."""
         return rebuild(module, cls, cls._ctor_kwargs(module), activation=activation, backend=backend)
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         """The torch.nn.Conv2d twin, sharing this module's parameters. A module with an activation
         has no single torch.nn.Conv2d twin: it raises."""
         if self.activation is not None:
@@ -101,19 +105,28 @@ class Conv2d(torch.nn.Conv2d):
             )
         return rebuild(self, torch.nn.Conv2d, self._ctor_kwargs())
 
-    def backend_in_use(self):
+    def backend_in_use(self) -> str:
         try:
             return _backend.choose("conv2d", self.weight.device, self.backend)
         except RuntimeError as e:
             return f"unavailable ({e})"
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.activation is not None:
             s += f", activation={self.activation!r}"
         return s + f", backend={self.backend_in_use()}"
 
-    def conv(self, x, weight, bias, *, activation=None, residual=None, private=False):
+    def conv(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        activation: str | tuple[str, float] | None = None,
+        residual: torch.Tensor | None = None,
+        private: bool = False,
+    ) -> torch.Tensor:
         """act(conv(x, weight) + bias + residual) with this module's geometry and padding mode (the
         fused blocks call it with BatchNorm-folded weights). private=True: the caller only reads the
         result (no copy for in-place safety, see below)."""
@@ -146,7 +159,7 @@ class Conv2d(torch.nn.Conv2d):
             out = out.clone()
         return out
 
-    def weights_for(self, x):
+    def weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) for a call on x: the parameters themselves, or, without grad on a
         channels_last x, the cached channels_last copy of eval_weights."""
         if x.dim() != 4 or not _channels_last(x) or _channels_last(self.weight) or torch.compiler.is_compiling():
@@ -155,7 +168,9 @@ class Conv2d(torch.nn.Conv2d):
             return self.weight, self.bias
         return self.eval_weights(x)
 
-    def eval_weights(self, x, bn=None):
+    def eval_weights(
+        self, x: torch.Tensor, bn: torch.nn.BatchNorm2d | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) for a call without grad on x: the eval-mode BatchNorm `bn` (running
         statistics) folded in (bmkernels.fold_batchnorm's float64 math), the weight in x's memory
         format (oneDNN would reorder an NCHW weight on every channels_last call). Cached on the module
@@ -176,7 +191,7 @@ class Conv2d(torch.nn.Conv2d):
             self._bmkernels_eval_cache = cached
         return cached[1], cached[2]
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.conv(input, *self.weights_for(input), activation=self.activation)
 
 

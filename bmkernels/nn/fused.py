@@ -107,7 +107,14 @@ def batch_norm_of(bn, x, activation=None, residual=None):
     )
 
 
-def conv_bn_act(conv, bn, x, activation=None, residual=None, act_module=None):
+def conv_bn_act(
+    conv: torch.nn.Conv2d,
+    bn: torch.nn.BatchNorm2d | None,
+    x: torch.Tensor,
+    activation: str | tuple[str, float] | None = None,
+    residual: torch.Tensor | None = None,
+    act_module: torch.nn.Module | None = None,
+) -> torch.Tensor:
     """act(bn(conv(x)) + residual) by the rule in the module docstring. conv: a bmkernels Conv2d
     (fused) or a torch.nn.Conv2d (torch's modules throughout); bn: a BatchNorm2d or None; activation:
     the kernel's spec; act_module: the activation module to call on the unfused path (default: the
@@ -151,18 +158,18 @@ class ConvBNAct(torch.nn.Module):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size=3,
-        stride=1,
-        padding=None,
-        groups=1,
-        activation="relu",
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        activation: str | tuple[str, float] | None = "relu",
         *,
-        kernels="bmkernels",
-        device=None,
-        dtype=None,
-    ):
+        kernels: str = "bmkernels",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if kernels not in ("bmkernels", "torch"):
             raise ValueError(f"kernels must be 'bmkernels' or 'torch'; got {kernels!r}")
@@ -183,10 +190,10 @@ class ConvBNAct(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(out_channels, device=device, dtype=dtype)
         self.activation = activation
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
 
-    def forward(self, x, residual=None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return conv_bn_act(self.conv, self.bn, x, self.activation, residual)
 
 

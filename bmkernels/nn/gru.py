@@ -13,6 +13,10 @@ torch._dynamo.config.allow_rnn is set; by default a compiled model runs its GRU 
 break, still the bmkernels kernel), with allow_rnn=True it compiles with fullgraph=True.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -50,7 +54,16 @@ class GRUCell(torch.nn.GRUCell):
     family = "gru"
     torch_class = torch.nn.GRUCell
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str | None = None,
+    ) -> None:
         super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
         _backend.requested(backend)
         self.backend = backend
@@ -59,22 +72,22 @@ class GRUCell(torch.nn.GRUCell):
         return dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a torch.nn.GRUCell) cannot be swapped, or None."""
         return _blocker(cls, module)
 
     @classmethod
-    def from_torch(cls, module, *, backend=None):
+    def from_torch(cls, module: torch.nn.Module, *, backend: str | None = None) -> GRUCell:
         """A bmkernels GRUCell sharing `module`'s parameters, device, dtype, mode and hooks."""
         return rebuild(module, cls, cls._ctor_kwargs(module), backend=backend)
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         return rebuild(self, torch.nn.GRUCell, self._ctor_kwargs())
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh)}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> torch.Tensor:
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() != input.dim():
@@ -89,7 +102,7 @@ class GRU(torch.nn.GRU):
     family = "gru"
     torch_class = torch.nn.GRU
 
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _backend.requested(backend)
         self.backend = backend
@@ -106,29 +119,31 @@ class GRU(torch.nn.GRU):
         )
 
     @classmethod
-    def swap_blocker(cls, module):
+    def swap_blocker(cls, module: torch.nn.Module) -> str | None:
         """Why `module` (a torch.nn.GRU) cannot be swapped, or None."""
         return _blocker(cls, module)
 
     @classmethod
-    def from_torch(cls, module, *, backend=None):
+    def from_torch(cls, module: torch.nn.Module, *, backend: str | None = None) -> GRU:
         """A bmkernels GRU sharing `module`'s parameters, device, dtype, mode and hooks."""
         new = rebuild(module, cls, cls._ctor_kwargs(module), backend=backend)
         new._init_flat_weights()  # the flat list still names the meta tensors of the constructor
         return new
 
-    def to_torch(self):
+    def to_torch(self) -> torch.nn.Module:
         twin = rebuild(self, torch.nn.GRU, self._ctor_kwargs())
         twin._init_flat_weights()
         return twin
 
-    def flatten_parameters(self):
+    def flatten_parameters(self) -> None:
         """Accepted for compatibility; nothing to do (the kernels read the parameters in place)."""
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={_backend_in_use(self, self.weight_hh_l0)}"
 
-    def forward(self, input, hx=None):
+    def forward(
+        self, input: torch.Tensor | PackedSequence, hx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor]:
         options = dict(
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,

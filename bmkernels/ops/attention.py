@@ -13,22 +13,13 @@ import math
 import torch
 
 from bmkernels import _backend, _extension
-from bmkernels.ops._fake import same_device_or_fail
+from bmkernels.ops._common import acc_dtype, check_tensor, forward_op, same_device_or_fail
 from bmkernels.reference import attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _ALIGNMENTS = ("top_left", "bottom_right")
 # Positions, offsets and window bounds stay below this, so the kernels' int64 sums cannot overflow.
 _MAX_POSITION = 2**61
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"attention: {name} must be a torch.Tensor; got {type(t).__name__}")
 
 
 def _check_broadcast(name, t, grid):
@@ -45,7 +36,7 @@ def _check_broadcast(name, t, grid):
 
 def _check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
+        check_tensor("attention", name, t)
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D (B, H, L, D); got shape {tuple(t.shape)}")
     if q.dtype not in _FLOAT_DTYPES:
@@ -89,7 +80,7 @@ def _window_bounds(window, causal):
     return left, right
 
 
-def key_range_of(keep):
+def key_range_of(keep: torch.Tensor) -> torch.Tensor | None:
     """The (B, 2) int64 key ranges [begin, end) of a bool keep-mask (B, Lk) (True = a real token)
     whose kept keys form one run per row (right or left padding, or none), else None. A row with no
     kept key gets [0, 0). Reads the mask's values (a host sync on an accelerator)."""
@@ -107,7 +98,7 @@ def key_range_of(keep):
 
 
 def _check_key_range(key_range, batch, k_len, device):
-    _check_tensor("key_range", key_range)
+    check_tensor("attention", "key_range", key_range)
     if key_range.dtype != torch.int64 or tuple(key_range.shape) != (batch, 2):
         raise ValueError(
             f"attention: key_range must be int64 of shape (B, 2) = {(batch, 2)}; got {key_range.dtype} "
@@ -133,7 +124,7 @@ def _keep_mask(mask, key_padding_mask, grid):
     read), any other padding joins the keep-mask."""
     batch, _, _, k_len = grid
     if mask is not None:
-        _check_tensor("mask", mask)
+        check_tensor("attention", "mask", mask)
         if mask.dtype != torch.bool:
             raise TypeError(
                 f"attention: mask must be bool (True = keep); got {mask.dtype} (an additive float mask goes in bias=)"
@@ -141,7 +132,7 @@ def _keep_mask(mask, key_padding_mask, grid):
         _check_broadcast("mask", mask, grid)
     if key_padding_mask is None:
         return mask, None
-    _check_tensor("key_padding_mask", key_padding_mask)
+    check_tensor("attention", "key_padding_mask", key_padding_mask)
     if key_padding_mask.dtype != torch.bool:
         raise TypeError(f"attention: key_padding_mask must be bool (True = padding); got {key_padding_mask.dtype}")
     if tuple(key_padding_mask.shape) != (batch, k_len):
@@ -158,25 +149,25 @@ def _keep_mask(mask, key_padding_mask, grid):
 
 
 def attention(
-    q,
-    k,
-    v,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     *,
-    causal=False,
-    causal_alignment="top_left",
-    causal_offset=None,
-    bias=None,
-    mask=None,
-    key_padding_mask=None,
-    key_range=None,
-    window=None,
-    softcap=None,
-    alibi_slopes=None,
-    dropout_p=0.0,
-    scale=None,
-    return_lse=False,
-    backend=None,
-):
+    causal: bool = False,
+    causal_alignment: str = "top_left",
+    causal_offset: int | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    key_range: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention of q (B, Hq, Lq, D) over k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv).
 
     GQA/MQA when Hq is a multiple of Hkv. Semantics and order of operations are those of
@@ -215,7 +206,7 @@ def attention(
         if abs(causal_offset) > _MAX_POSITION:
             raise ValueError(f"attention: causal_offset must be within +-2**61; got {causal_offset}")
     if bias is not None:
-        _check_tensor("bias", bias)
+        check_tensor("attention", "bias", bias)
         if bias.dtype != q.dtype:
             raise TypeError(f"attention: bias must have q's dtype {q.dtype}; got {bias.dtype}")
         if bias.device != q.device:
@@ -234,7 +225,7 @@ def attention(
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"attention: softcap must be a finite number >= 0 (0 or None = off); got {softcap!r}")
     if alibi_slopes is not None:
-        _check_tensor("alibi_slopes", alibi_slopes)
+        check_tensor("attention", "alibi_slopes", alibi_slopes)
         if not alibi_slopes.is_floating_point() or tuple(alibi_slopes.shape) not in ((q_heads,), (batch, q_heads)):
             raise ValueError(
                 f"attention: alibi_slopes must be floating, shape (Hq,) = {(q_heads,)} or (B, Hq) = "
@@ -277,7 +268,7 @@ def attention(
         )
     # the CUDA kernel reads its seed from device memory (no host sync, capturable by CUDA graphs)
     rng_seed = _draw_seed(q.device if name == "cuda" else None) if dropout_p > 0 else None
-    out, lse = _forward_op(name)(
+    out, lse = forward_op("attention_fwd", name)(
         q,
         k,
         v,
@@ -296,32 +287,31 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _forward_op(backend):
-    """The attention_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin;
-    'cuda_emulated': the CUDA kernel in the SIMT emulator)."""
-    if backend == "cuda_emulated":
-        return torch.ops.bmkernels.attention_emulated_fwd
-    if backend == "triton":
-        from bmkernels.triton import attention as triton_attention  # imports triton: only when asked for
-
-        return triton_attention.attention_fwd
-    return torch.ops.bmkernels.attention_fwd
-
-
 def _draw_seed(device=None):
     """A Philox seed from torch's default generator (of `device`): reproducible under torch.manual_seed."""
     return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
 
-def dropout_keep_mask(rng_seed, batch, heads, q_len, k_len, dropout_p):
+def dropout_keep_mask(
+    rng_seed: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int, dropout_p: float
+) -> torch.Tensor:
     """The bool keep-mask (B, H, Lq, Lk) that the kernels' dropout draws for rng_seed."""
     _extension.require("dropout_keep_mask")
     return torch.ops.bmkernels.attention_dropout_mask(rng_seed, batch, heads, q_len, k_len, float(dropout_p))
 
 
 def scaled_dot_product_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
-):
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: query (..., Hq, L, E),
     key (..., Hkv, S, E), value (..., Hkv, S, Ev), their leading dims broadcasting together as torch's
     do (a 3-D query against 4-D key/value, batch or head dims of 1); attn_mask bool (True = take
@@ -329,7 +319,7 @@ def scaled_dot_product_attention(
     enable_gqa (Hq a multiple of Hkv). Returns (..., Hq, L, Ev) over the broadcast leading dims.
     A query whose keys are all masked gets zeros (and zero gradients)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
+        check_tensor("attention", name, t)
         if t.dim() < 2:
             raise ValueError(
                 f"scaled_dot_product_attention: {name} must have at least 2 dims (L, E); got shape {tuple(t.shape)}"
@@ -341,7 +331,7 @@ def scaled_dot_product_attention(
         raise ValueError("scaled_dot_product_attention: attn_mask must not be set when is_causal=True")
     bias = mask = None
     if attn_mask is not None:
-        _check_tensor("attn_mask", attn_mask)
+        check_tensor("attention", "attn_mask", attn_mask)
         if attn_mask.dtype == torch.bool:
             mask = _mask_as_4d(attn_mask, query)
         elif attn_mask.dtype == query.dtype:
@@ -431,7 +421,7 @@ def _fake_fwd(
     same_device_or_fail("attention", q, k, v, bias, mask, alibi_slopes, key_range, segments)
     batch, heads, q_len, _ = q.shape
     out = _empty_output(q, v.shape[-1])
-    lse = q.new_empty(batch, heads, q_len, dtype=_acc_dtype(q.dtype))
+    lse = q.new_empty(batch, heads, q_len, dtype=acc_dtype(q.dtype))
     return out, lse
 
 
@@ -465,7 +455,7 @@ def _fake_bwd(
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
         torch.empty_like(v, memory_format=torch.contiguous_format),
-        q.new_empty(dbias_shape, dtype=_acc_dtype(q.dtype)),
+        q.new_empty(dbias_shape, dtype=acc_dtype(q.dtype)),
     )
 
 
@@ -516,7 +506,7 @@ if _extension.loaded():
                 "attention", q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes
             ),
             q.new_empty(*q.shape[:3], v_cache.shape[-1]),
-            q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=_acc_dtype(q.dtype)),
+            q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=acc_dtype(q.dtype)),
         )[1:]
     )
     torch.library.register_fake("bmkernels::attention_dropout_mask")(

@@ -49,7 +49,7 @@ def batch_norm_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
-    activation=None,
+    activation: str | tuple[str, float] | None = None,
     residual: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:

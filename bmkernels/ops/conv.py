@@ -13,7 +13,7 @@ import math
 import torch
 
 from bmkernels import _backend, _extension
-from bmkernels.ops._fake import same_device_or_fail
+from bmkernels.ops._common import check_tensor, forward_op, same_device_or_fail
 from bmkernels.reference import conv as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -103,18 +103,19 @@ def _check_dtype(dtype, name):
         )
 
 
-def _check_tensor(name, t, x, dtype_of="x"):
-    if not isinstance(t, torch.Tensor):
-        _fail(TypeError, f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype != x.dtype:
-        _fail(TypeError, f"{name} must have {dtype_of}'s dtype {x.dtype}; got {t.dtype}")
-    if t.device != x.device:
-        _fail(ValueError, f"{name} must be on x's device {x.device}; got {t.device}")
-
-
 def conv2d(
-    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, residual=None, backend=None
-):
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    activation: str | tuple[str, float] | None = None,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """act(conv2d(x, weight) + bias + residual) in one pass.
 
     x: (N, C_in, H, W) or unbatched (C_in, H, W), float32 / float64 / bfloat16 (float32 accumulation
@@ -132,7 +133,7 @@ def conv2d(
         _fail(ValueError, f"x must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W); got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES or x.dtype == torch.float64:
         _check_dtype(x.dtype, _backend.choose("conv2d", x.device, backend))
-    _check_tensor("weight", weight, x)
+    check_tensor("conv2d", "weight", weight, x, "x")
     if weight.dim() != 4:
         _fail(ValueError, f"weight must be 4-D (C_out, C_in / groups, kH, kW); got shape {tuple(weight.shape)}")
     if weight.shape[0] < 1 or min(weight.shape[2:]) < 1:
@@ -154,7 +155,7 @@ def conv2d(
             f"(C_in / groups = {weight.shape[1]}, groups = {groups}); x {tuple(x.shape)} has {in_c}",
         )
     if bias is not None:
-        _check_tensor("bias", bias, x)
+        check_tensor("conv2d", "bias", bias, x, "x")
         if tuple(bias.shape) != (out_c,):
             _fail(ValueError, f"bias must have shape (C_out,) = ({out_c},); got {tuple(bias.shape)}")
     stride = _pair("stride", stride, 1)
@@ -171,7 +172,7 @@ def conv2d(
         )
     out_shape = (*x.shape[:-3], out_channels, *out_hw)
     if residual is not None:
-        _check_tensor("residual", residual, x)
+        check_tensor("conv2d", "residual", residual, x, "x")
         if tuple(residual.shape) != out_shape:
             _fail(ValueError, f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
     code, slope = _activation(activation)
@@ -187,23 +188,13 @@ def conv2d(
         residual = residual.unsqueeze(0) if residual is not None else None
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     save_preact = needs_grad and not _derivative_from_output(code, slope)
-    out, _ = _forward_op(name)(x, weight, bias, residual, stride, pads, dilation, groups, code, slope, save_preact)
+    out, _ = forward_op("conv2d_fwd", name)(
+        x, weight, bias, residual, stride, pads, dilation, groups, code, slope, save_preact
+    )
     return out.squeeze(0) if unbatched else out
 
 
-def _forward_op(backend):
-    """The conv2d_fwd operator of a compiled backend ('cpu'/'cuda': the C++ op; 'triton': its twin;
-    'cuda_emulated': the CUDA kernels in the SIMT emulator)."""
-    if backend == "cuda_emulated":
-        return torch.ops.bmkernels.conv2d_emulated_fwd
-    if backend == "triton":
-        from bmkernels.triton import conv as triton_conv  # imports triton: only when asked for
-
-        return triton_conv.conv2d_fwd
-    return torch.ops.bmkernels.conv2d_fwd
-
-
-def fold_batchnorm(conv, bn):
+def fold_batchnorm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.nn.Conv2d:
     """A copy of `conv` (torch.nn.Conv2d) with the eval-mode `bn` (torch.nn.BatchNorm2d) folded in:
     fused(x) == bn(conv(x)). Computed in float64 and rounded once to the conv's dtype."""
     if not isinstance(conv, torch.nn.Conv2d):
@@ -233,13 +224,13 @@ def fold_batchnorm(conv, bn):
     return fused
 
 
-def engine_choices():
+def engine_choices() -> dict[str, str]:
     """{shape key: "bmkernels" | "aten"}: the engine each CPU conv2d shape runs (BMK_CONV_ENGINE=auto
     times both on a key's first call and keeps the faster; see docs/conv.md)."""
     return _extension._C.conv_engine_choices() if _extension.loaded() else {}
 
 
-def clear_engine_choices():
+def clear_engine_choices() -> None:
     """Forgets the engine choices: the next call of each shape times both engines again."""
     if _extension.loaded():
         _extension._C.clear_conv_engine_choices()

@@ -9,11 +9,12 @@ or grad disabled) saves nothing.
 """
 
 import os
+from collections.abc import Sequence
 
 import torch
 
 from bmkernels import _backend, _extension
-from bmkernels.ops._fake import same_device_or_fail
+from bmkernels.ops._common import acc_dtype, check_tensor, forward_op, same_device_or_fail
 from bmkernels.reference import gru as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -22,20 +23,10 @@ _FLOAT16_BACKENDS = ("cuda", "cuda_emulated", "triton")
 _NO_FLOAT64_BACKENDS = ("cuda", "cuda_emulated")
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tensor(op, name, t, dtype=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
-    if dtype is None:
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16; got {t.dtype}")
-    elif t.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have the input's dtype {dtype}; got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} must be on the input's device {device}; got {t.device}")
+def _check_input(op, x):
+    check_tensor(op, "x", x)
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: x must be float32, float64, bfloat16 or float16; got {x.dtype}")
 
 
 def _check_backend_dtype(op, dtype, backend):
@@ -74,7 +65,16 @@ def _choose(op, device, backend):
     return _backend.choose(op, device, backend)
 
 
-def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
+def gru_cell(
+    x: torch.Tensor,
+    h: torch.Tensor | None,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """One GRU step, as torch.nn.GRUCell: x (B, I) or (I,), h (B, H) or (H,) (None: zeros),
     w_ih (3H, I), w_hh (3H, H), b_ih and b_hh (3H,) or None. Returns h' in x's dtype.
     float32, float64, bfloat16 (bfloat16 computes in float32); float16 on backend "cuda", "cuda_emulated",
@@ -106,10 +106,10 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
         )
         return _extension._C.gru_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, save)
     op = "gru_cell"
-    _check_tensor(op, "x", x)
+    _check_input(op, x)
     dtype, device = x.dtype, x.device
-    _check_tensor(op, "w_ih", w_ih, dtype, device)
-    _check_tensor(op, "w_hh", w_hh, dtype, device)
+    check_tensor(op, "w_ih", w_ih, x)
+    check_tensor(op, "w_hh", w_hh, x)
     if w_hh.dim() != 2 or w_hh.shape[0] != 3 * w_hh.shape[1] or w_hh.shape[1] == 0:
         raise ValueError(f"{op}: w_hh must have shape (3H, H) with H >= 1; got {tuple(w_hh.shape)}")
     hidden = w_hh.shape[1]
@@ -121,13 +121,13 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     if h is None:
         h = x.new_zeros(batch_shape)
     else:
-        _check_tensor(op, "h", h, dtype, device)
+        check_tensor(op, "h", h, x)
         _check_shape(op, "h", h, batch_shape)
     if (b_ih is None) != (b_hh is None):
         raise ValueError(f"{op}: pass both b_ih and b_hh or neither")
     if b_ih is not None:
-        _check_tensor(op, "b_ih", b_ih, dtype, device)
-        _check_tensor(op, "b_hh", b_hh, dtype, device)
+        check_tensor(op, "b_ih", b_ih, x)
+        check_tensor(op, "b_hh", b_hh, x)
         _check_shape(op, "b_ih", b_ih, (3 * hidden,))
         _check_shape(op, "b_hh", b_hh, (3 * hidden,))
     name = _choose("gru", device, backend)
@@ -136,7 +136,9 @@ def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
         return reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
     if unbatched:
         x, h = x.unsqueeze(0), h.unsqueeze(0)
-    h_next, _ = _forward_op(name, "cell_fwd")(x, h, w_ih, w_hh, b_ih, b_hh, _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh))
+    h_next, _ = forward_op("gru_cell_fwd", name)(
+        x, h, w_ih, w_hh, b_ih, b_hh, _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh)
+    )
     return h_next.squeeze(0) if unbatched else h_next
 
 
@@ -157,7 +159,19 @@ def _check_lengths(lengths, batch, steps, device):
     return lengths.to(device)
 
 
-def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, training, lengths=None, backend=None):
+def gru(
+    x: torch.Tensor,
+    h0: torch.Tensor | None,
+    weights: Sequence[torch.Tensor],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    batch_first: bool,
+    dropout: float,
+    training: bool,
+    lengths: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-layer GRU over a sequence, as torch.nn.GRU: `bmkernels.gru(x, h0, gru._flat_weights,
     num_layers=..., bidirectional=..., batch_first=..., dropout=..., training=...)` equals `gru(x, h0)`.
 
@@ -171,7 +185,7 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
     computes in float32).
     """
     op = "gru"
-    _check_tensor(op, "x", x)
+    _check_input(op, x)
     dtype, device = x.dtype, x.device
     if not (isinstance(num_layers, int) and num_layers >= 1):
         raise ValueError(f"{op}: num_layers must be an int >= 1; got {num_layers!r}")
@@ -199,7 +213,7 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
         )
     per_direction = len(weights) // (num_layers * directions)
     for i, w in enumerate(weights):
-        _check_tensor(op, f"weights[{i}]", w, dtype, device)
+        check_tensor(op, f"weights[{i}]", w, x)
     if weights[1].dim() != 2 or weights[1].shape[0] != 3 * weights[1].shape[1] or weights[1].shape[1] == 0:
         raise ValueError(
             f"{op}: weights[1] (w_hh of layer 0) must have shape (3H, H) with H >= 1; got {tuple(weights[1].shape)}"
@@ -214,7 +228,7 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
     if h0 is None:
         h0 = seq.new_zeros(state_shape)
     else:
-        _check_tensor(op, "h0", h0, dtype, device)
+        check_tensor(op, "h0", h0, x)
         _check_shape(op, "h0", h0, state_shape[:1] + state_shape[2:] if unbatched else state_shape)
         if unbatched:
             h0 = h0.unsqueeze(1)
@@ -244,7 +258,7 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
             directions,
             dropout if training else 0.0,
             lengths,
-            _forward_op(name, "layer_fwd"),
+            forward_op("gru_layer_fwd", name),
         )
     if unbatched:
         return out.squeeze(1), h_n.squeeze(1)
@@ -253,18 +267,6 @@ def gru(x, h0, weights, *, num_layers, bidirectional, batch_first, dropout, trai
 
 def _stacked(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def _forward_op(backend, which):
-    """The gru_<which> operator ('cell_fwd' / 'layer_fwd') of a compiled backend ('cpu'/'cuda': the C++
-    op; 'triton': its twin, same arguments; 'cuda_emulated': the CUDA kernels in the SIMT emulator)."""
-    if backend == "cuda_emulated":
-        return getattr(torch.ops.bmkernels, f"gru_{which.replace('_fwd', '_emulated_fwd')}")
-    if backend == "triton":
-        from bmkernels.triton import gru as triton_gru  # imports triton: only when asked for
-
-        return getattr(triton_gru, f"gru_{which}")
-    return getattr(torch.ops.bmkernels, f"gru_{which}")
 
 
 def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_fwd):
@@ -290,9 +292,7 @@ def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_
 def _fake_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save_workspace):
     same_device_or_fail("gru", x, h, w_ih, w_hh, b_ih, b_hh)
     batch, hidden = h.shape
-    return x.new_empty(batch, hidden), x.new_empty(
-        batch if save_workspace else 0, 5 * hidden, dtype=_acc_dtype(x.dtype)
-    )
+    return x.new_empty(batch, hidden), x.new_empty(batch if save_workspace else 0, 5 * hidden, dtype=acc_dtype(x.dtype))
 
 
 # lengths may stay on the CPU (the kernels copy them): not part of the device checks
@@ -304,7 +304,7 @@ def _fake_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
     return (
         x.new_empty(steps, batch, directions * hidden),
         h0.new_empty(directions, batch, hidden),
-        x.new_empty(ws_shape, dtype=_acc_dtype(x.dtype)),
+        x.new_empty(ws_shape, dtype=acc_dtype(x.dtype)),
     )
 
 

@@ -1,6 +1,6 @@
 // Autograd for bmkernels::conv2d_fwd, registered for the Autograd dispatch key (every device), in C++
-// for the reason given in csrc/autograd/attention.cpp (Python's register_autograd cost ~100 us per
-// call). The backward is the registered op bmkernels::conv2d_bwd, so torch.compile traces both.
+// for the reason given in csrc/autograd/attention.cpp (Python's register_autograd costs more per call
+// than a small kernel). The backward is the registered op bmkernels::conv2d_bwd, so torch.compile traces both.
 // Saved: x, weight and the activation's output (when act' is readable from it) or its pre-activation.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

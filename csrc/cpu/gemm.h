@@ -1,6 +1,6 @@
 #pragma once
 // Tile GEMM for the CPU kernels: C[M x N] (+)= A[M x K] * B[K x N], all row-major with leading
-// dimensions. float goes to torch's brgemm micro-kernel (oneDNN, ~110 GFLOP/s per thread here) when
+// dimensions. float goes to torch's brgemm micro-kernel (oneDNN) when
 // this torch exports it; other types, and torch builds without it, use a vectorized loop.
 // Included by per-ISA kernel sources only (it lives in namespace CPU_CAPABILITY).
 #include <ATen/cpu/vec/vec.h>
@@ -56,9 +56,9 @@ inline void tile_gemm<float>(int64_t M, int64_t N, int64_t K, const float* A, in
 }
 
 // C[M x N] (+)= A * B with bf16 A and B (row-major, unpacked) and float C, for CPUs where torch's
-// bf16 brgemm runs on AMX tiles (could_pack: 300-600 GFLOP/s per thread on a Sapphire Rapids-class
-// Xeon against ~170 for the fp32 brgemm); without AMX it is slower than converting to fp32
-// (70-80 GFLOP/s on Zen 4), so callers take it only where native_bf16_gemm() says so.
+// bf16 brgemm runs on AMX tiles (could_pack: several times the fp32 brgemm's rate on a Sapphire
+// Rapids-class Xeon); without AMX it is slower than converting to fp32 (as on Zen 4), so callers
+// take it only where native_bf16_gemm() says so.
 inline void tile_gemm_bf16(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
                            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;

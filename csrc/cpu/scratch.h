@@ -1,8 +1,8 @@
 #pragma once
 // Large CPU buffers reused across calls. glibc hands allocations above ~32 MB straight to mmap and
 // returns them to the system on free (and trims the heap above its top-pad), so a kernel's fresh
-// multi-megabyte buffers page-fault in again on every call: ~0.25 ms per MB on these cores, 39 ms of a
-// GRU layer's forward+backward at T=64, B=64, H=512. cached_empty keeps freed blocks for the next call
+// multi-megabyte buffers page-fault in again on every call (a large share of a big GRU layer's
+// forward+backward; docs/gru.md). cached_empty keeps freed blocks for the next call
 // of the same size, up to a cap (BMK_CPU_CACHE_MB, default 1024; 0 turns the cache off).
 // Compiled once (not per ISA): one pool per process.
 #include <ATen/ATen.h>

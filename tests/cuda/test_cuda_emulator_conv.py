@@ -234,13 +234,3 @@ def test_plan_errors():
         _plan(10, 10, 0, 1)
     with pytest.raises(RuntimeError, match="exceeds CUDA's limits"):
         _plan(2**40, 2**36, 1, 2**4)  # 2^31 channel tiles
-
-
-@needs_emulator
-@pytest.mark.xfail(strict=True, reason="torch 2.14.1 oneDNN bfloat16 conv: 1-wide output, stride 2 (upstream)")
-def test_emulated_conv_on_the_onednn_bfloat16_case():
-    """v1 convolves through ATen, which runs oneDNN under the emulator (cuDNN on a GPU): passes once torch
-    fixes the bug (tests/ops/test_conv_engine.py)."""
-    from tests.ops.test_conv_engine import onednn_bf16_case_error
-
-    assert onednn_bf16_case_error("cuda_emulated") < 0.05

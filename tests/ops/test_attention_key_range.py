@@ -66,7 +66,7 @@ def test_key_padding_mask_runs_as_ranges(side, monkeypatch):
         seen.append(args)
         return real_op(*args)
 
-    monkeypatch.setattr("bmkernels.ops.attention._forward_op", lambda name: spy)
+    monkeypatch.setattr("bmkernels.ops.attention.forward_op", lambda op, backend: spy)
     check_against_reference(
         kernel_fn(causal=True), reference_fn(causal=True), {"q": q, "k": k, "v": v, "key_padding_mask": pad}, q.dtype
     )

@@ -175,27 +175,30 @@ def test_raw_backward_checks_shapes(what, engine, monkeypatch):
 
 # torch 2.14.1's CPU bfloat16 convolution (oneDNN) returns inf/NaN/1e38 when the output is 1 wide with a
 # stride of 2 along the width (found by the emulator's long fuzz profile, tests/cuda/test_fuzz_emulator.py;
-# correct with torch.backends.mkldnn disabled). ATen's engine inherits it; bmkernels' own kernel does not.
+# correct with torch.backends.mkldnn disabled). The engine choice keeps such shapes on bmkernels' own kernel.
 ONEDNN_BF16_CASE = dict(x=(1, 6, 7, 4), weight=(6, 3, 3, 4), stride=(1, 2), padding=(2, 0), groups=2)
 
 
-def onednn_bf16_case_error(backend):
-    """Max error of bmkernels.conv2d on the case (bfloat16) vs float32 math on the same values."""
+@pytest.mark.parametrize("engine", ["auto", "aten", "bmkernels"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_onednn_bfloat16_case_stays_on_our_kernel(monkeypatch, engine, transposed):
+    """csrc/cpu/conv_engine.cpp keeps ATen off these shapes whatever BMK_CONV_ENGINE says, forward and backward."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", engine)
+    ops_conv.clear_engine_choices()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(ONEDNN_BF16_CASE["x"], generator=gen).bfloat16()
-    weight = (torch.randn(ONEDNN_BF16_CASE["weight"], generator=gen) * 0.5).bfloat16()
-    options = {k: v for k, v in ONEDNN_BF16_CASE.items() if k not in ("x", "weight")}
-    truth = torch.nn.functional.conv2d(x.float(), weight.float(), **options)
-    return (bmkernels.conv2d(x, weight, backend=backend, **options).float() - truth).abs().max().item()
-
-
-def test_own_kernel_is_right_where_onednn_bfloat16_is_not(monkeypatch):
-    monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
-    assert onednn_bf16_case_error("cpu") < 0.05
-
-
-@pytest.mark.xfail(strict=True, reason="torch 2.14.1 oneDNN bfloat16 conv: 1-wide output, stride 2 (upstream)")
-def test_aten_engine_on_the_onednn_bfloat16_case(monkeypatch):
-    """Passes once torch fixes it; until then the ATen engine must not be chosen for such a shape."""
-    monkeypatch.setenv("BMK_CONV_ENGINE", "aten")
-    assert onednn_bf16_case_error("cpu") < 0.05
+    case = dict(ONEDNN_BF16_CASE)
+    if transposed:  # the same hazard along the height
+        case = dict(x=(1, 6, 4, 7), weight=(6, 3, 4, 3), stride=(2, 1), padding=(0, 2), groups=2)
+    x = torch.randn(case["x"], generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(case["weight"], generator=gen) * 0.5).bfloat16().requires_grad_()
+    options = {k: v for k, v in case.items() if k not in ("x", "weight")}
+    out = bmkernels.conv2d(x, weight, backend="cpu", **options)
+    xf, wf = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    truth = torch.nn.functional.conv2d(xf, wf, **options)
+    assert (out.float() - truth).abs().max().item() < 0.05
+    grad = torch.randn(out.shape, generator=gen)
+    dx, dw = torch.autograd.grad(out, (x, weight), grad.bfloat16())
+    tx, tw = torch.autograd.grad(truth, (xf, wf), grad.bfloat16().float())
+    assert (dx.float() - tx).abs().max().item() < 0.1 and (dw.float() - tw).abs().max().item() < 0.1
+    assert all(v == "bmkernels" for v in ops_conv.engine_choices().values())
+    ops_conv.clear_engine_choices()

@@ -70,9 +70,19 @@ class TestBenchQuick:
             "vs eager",
             "vs best",
             "saved MiB bmkernels / sdpa / eager",
+            "bmkernels % ceiling",
         ):
             assert col in header, header
         assert "Total:" in proc.stdout
+
+    def test_share_of_the_ceiling_of_each_dtype(self, quick_run):
+        proc, _ = quick_run
+        assert "# ceilings (" in proc.stdout and "fp32 GEMM" in proc.stdout and "DRAM" in proc.stdout
+        _, rows = table_rows(proc.stdout)
+        for name, row in rows.items():
+            share, label = row["bmkernels % ceiling"].split("% ", 1)
+            assert float(share) >= 0, (name, row)
+            assert label == ("bf16 GEMM" if " bf16 " in name else "fp32 GEMM"), (name, label)
 
     def test_ratios_and_times_are_positive_finite(self, quick_run):
         proc, _ = quick_run
@@ -111,11 +121,18 @@ class TestBenchQuick:
             for c in r["contenders"].values():
                 assert len(c["times_ms"]) == r["reps"] and c["median_ms"] > 0
             assert all(v > 0 for v in r["ratios"].values())
+        assert set(data["ceilings"]) == set(bench.CEILINGS)
+        assert all(v > 0 and math.isfinite(v) for v in data["ceilings"].values())
+        for r in data["results"]:
+            c = r["ceiling"]
+            assert c["name"] == f"gemm_{r['params']['dtype']}_gflops" and c["value"] == data["ceilings"][c["name"]]
+            assert c["share"] == pytest.approx(r["contenders"]["bmkernels"]["gflops"] / c["value"])
 
     def test_filter_and_reps(self):
-        proc = run_cli("bench", "--quick", "--filter", "fwd bf16", "--reps", "3", "--no-memory")
+        proc = run_cli("bench", "--quick", "--filter", "fwd bf16", "--reps", "3", "--no-memory", "--no-ceilings")
         assert proc.returncode == 0, proc.stderr
-        _, rows = table_rows(proc.stdout)
+        header, rows = table_rows(proc.stdout)
+        assert "bmkernels % ceiling" not in header and "# ceilings" not in proc.stdout
         assert list(rows) == ["fwd bf16 full 2x4x128x32"]
         assert rows["fwd bf16 full 2x4x128x32"]["reps"] == "3"
         assert "below the protocol" in proc.stdout
@@ -250,6 +267,53 @@ def test_run_case_interleaves_in_rotating_order():
     assert res.reps == 4 and all(len(t) == 4 for t in res.times_s.values())
 
 
+# -- ceilings ---------------------------------------------------------------------------------
+
+
+def test_ceiling_of_each_kind_of_case():
+    assert bench.ceiling_key("attention", {"dtype": "bf16"}, 1.0, 0.0) == "gemm_bf16_gflops"
+    assert bench.ceiling_key("gru", {}, 1.0, 0.0) == "gemm_fp32_gflops"
+    assert bench.ceiling_key("conv", {}, 1.0, 0.0) == "conv_gflops"
+    assert bench.ceiling_key("attention_workloads", {"dtype": "bf16"}, 1.0, 8.0) == "dram_read_gbps"
+    assert bench.ceiling_key("models", {}, 0.0, 0.0) is None
+
+
+def _toy_result(op, flops, bytes_=0.0, ms=2.0):
+    case = bench.Case(op=op, name="toy", make_inputs=dict, flops=flops, bytes=bytes_, contenders={"bmkernels": None})
+    res = bench.Result(case, reps=1, times_s={"bmkernels": [ms / 1e3]})
+    return res
+
+
+def test_share_of_the_ceiling_in_json_and_table():
+    ceilings = {"gemm_fp32_gflops": 400.0, "gemm_bf16_gflops": 1600.0, "conv_gflops": 300.0, "dram_read_gbps": 20.0}
+    gemm = _toy_result("gru", flops=2e8).to_dict(ceilings)  # 100 GFLOP/s
+    dram = _toy_result("attention_workloads", flops=1e6, bytes_=3e7).to_dict(ceilings)  # 15 GB/s
+    models = _toy_result("models", flops=0.0).to_dict(ceilings)
+    assert gemm["ceiling"] == {"name": "gemm_fp32_gflops", "value": 400.0, "share": pytest.approx(0.25)}
+    assert dram["ceiling"]["share"] == pytest.approx(0.75) and models["ceiling"] is None
+    _, rows = table_rows(bench.format_table([gemm]))
+    assert rows["toy"]["bmkernels % ceiling"] == "25% fp32 GEMM"
+    _, rows = table_rows(bench.format_table([dram]))
+    assert rows["toy"]["bmkernels % ceiling"] == "75% DRAM" and rows["toy"]["bmkernels GB/s"] == "15.0"
+    header, _ = table_rows(bench.format_table([_toy_result("gru", flops=2e8).to_dict()]))
+    assert "bmkernels % ceiling" not in header  # --no-ceilings
+    assert (
+        bench.ceilings_line(ceilings)
+        == "fp32 GEMM 400 GFLOP/s, bf16 GEMM 1600 GFLOP/s, conv 300 GFLOP/s, DRAM 20.0 GB/s"
+    )
+
+
+@pytest.mark.slow
+def test_measure_ceilings_quick_is_brief_and_positive():
+    import time
+
+    start = time.perf_counter()
+    ceilings = bench.measure_ceilings(quick=True)
+    assert time.perf_counter() - start < 20  # seconds even on a loaded machine
+    assert set(ceilings) == set(bench.CEILINGS)
+    assert all(math.isfinite(v) and v > 0 for v in ceilings.values())
+
+
 def test_eager_attention_matches_sdpa():
     import torch
 
@@ -275,7 +339,7 @@ def test_saved_activation_bytes_sees_the_score_matrix():
 @pytest.mark.skipif(not bmkernels.build_info()["extension_loaded"], reason="compiled extension not built")
 @pytest.mark.slow
 def test_gru_bench_quick():
-    proc = run_cli("bench", "--quick", "--op", "gru", "--reps", "3", "--no-memory", timeout=300)
+    proc = run_cli("bench", "--quick", "--op", "gru", "--reps", "3", "--no-memory", "--no-ceilings", timeout=300)
     assert proc.returncode == 0, proc.stderr
     header, rows = table_rows(proc.stdout)
     assert list(rows) == [c.name for c in gru_bench.cases("quick")]
@@ -316,6 +380,7 @@ def test_bench_quick_conv():
         for col in ("vs eager", "vs best"):
             r = parse_ratio(row[col])
             assert math.isfinite(r) and r > 0, (name, col, row[col])
+        assert row["bmkernels % ceiling"].endswith("% conv"), row  # the conv rate, not the GEMM rate
 
 
 def test_conv_presets_and_flops():
