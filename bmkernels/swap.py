@@ -36,6 +36,7 @@ from bmkernels.nn import fused as bmk_fused
 FUSERS = [
     bmk_fused.fuse_sequences,
     bmk_fused.fuse_resnet_blocks,
+    bmk_fused.fuse_inverted_residuals,
     bmk_fused.fuse_timm_blocks,
     bmk_fused.keep_channels_last,
 ]

@@ -3,8 +3,8 @@
 A subclass of torch.nn.Conv2d: same constructor (every padding_mode: zeros, reflect, replicate,
 circular; padding as an int, a pair, "same" or "valid"), forward, parameters and state_dict, so
 `load_state_dict` works both ways and `isinstance(m, nn.Conv2d)` stays true. Extra keyword-only
-arguments: activation= (None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu" or ("leaky_relu",
-slope)), applied in the same pass as the convolution, and backend= (None = auto).
+arguments: activation= (None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu", ("leaky_relu",
+slope), "relu6" or "hardswish"), applied in the same pass as the convolution, and backend= (None = auto).
 
 The non-zeros padding modes pad first with torch.nn.functional.pad, exactly as torch.nn.Conv2d
 does, then convolve without padding.
@@ -12,12 +12,25 @@ does, then convolve without padding.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from bmkernels import _backend
+from bmkernels import _backend, _extension
 from bmkernels.nn._convert import rebuild
-from bmkernels.ops.conv import _ACTIVATION_CODES, _DTYPES, _activation, _derivative_from_output, conv2d, fold_batchnorm
+from bmkernels.ops.conv import (
+    _ACTIVATION_CODES,
+    _DTYPES,
+    _activation,
+    _derivative_from_output,
+    _padding,
+    _pair,
+    conv2d,
+    fold_batchnorm,
+)
+
+_CONV2D_FWD = torch.ops.bmkernels.conv2d_fwd.default if _extension.loaded() else None
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -130,34 +143,80 @@ class Conv2d(torch.nn.Conv2d):
         """act(conv(x, weight) + bias + residual) with this module's geometry and padding mode (the
         fused blocks call it with BatchNorm-folded weights). private=True: the caller only reads the
         result (no copy for in-place safety, see below)."""
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        out = conv2d(
-            x,
-            weight,
-            bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            activation=activation,
-            residual=residual,
-            backend=self.backend,
-        )
-        code, slope = _activation(activation)
-        if (
-            not private
-            and out.requires_grad
-            and code != _ACTIVATION_CODES["relu"]
-            and _derivative_from_output(code, slope)
-        ):
+        args, code, slope, from_output = self._parsed(activation)
+        if self._runs_cpu_op(x, weight, bias, residual):
+            # bmkernels.conv2d's checks hold by construction here (the C++ operator checks the rest)
+            needs_grad = torch.is_grad_enabled() and (
+                x.requires_grad
+                or weight.requires_grad
+                or (bias is not None and bias.requires_grad)
+                or (residual is not None and residual.requires_grad)
+            )
+            out = _CONV2D_FWD(x, weight, bias, residual, *args, needs_grad and not from_output)[0]
+        else:
+            padding = self.padding
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+                padding = 0
+            out = conv2d(
+                x,
+                weight,
+                bias,
+                self.stride,
+                padding,
+                self.dilation,
+                self.groups,
+                activation=activation,
+                residual=residual,
+                backend=self.backend,
+            )
+        if not private and out.requires_grad and code != _ACTIVATION_CODES["relu"] and from_output:
             # the op keeps its output for backward even where the math does not need it (no activation,
             # leaky_relu), while torch's conv / BatchNorm output may be overwritten in place by the caller
             # (torchvision's `result += input`): hand out a copy, as free to modify as torch's
             out = out.clone()
         return out
+
+    def _parsed(self, activation):
+        """(conv2d_fwd's stride, padding, dilation, groups, activation code and slope; the code; the
+        slope; whether act' is read off the output) for this module's geometry and `activation`, parsed
+        once per module: on small CNNs the per-call Python work of every layer adds up to percents."""
+        key = (self.stride, self.padding, self.dilation, self.groups, self.kernel_size, activation)
+        cached = self.__dict__.get("_bmkernels_parsed")
+        if cached is None or cached[0] != key:
+            code, slope = _activation(activation)
+            stride, dilation = _pair("stride", self.stride, 1), _pair("dilation", self.dilation, 1)
+            padding = _padding(self.padding, self.kernel_size, stride, dilation) if self.padding_mode == "zeros" else 0
+            args = (stride, padding, dilation, self.groups, code, slope)
+            cached = (key, (args, code, slope, _derivative_from_output(code, slope)))
+            self.__dict__["_bmkernels_parsed"] = cached
+        return cached[1]
+
+    def _runs_cpu_op(self, x, weight, bias, residual):
+        """Whether this call goes straight to the CPU operator: batched CPU input in the weight's
+        dtype with the channels it expects, zeros padding, the CPU backend, not being compiled."""
+        return (
+            x.is_cpu
+            and weight.is_cpu
+            and self.padding_mode == "zeros"
+            and x.dim() == 4
+            and x.dtype == weight.dtype
+            and x.dtype in _DTYPES
+            and x.shape[1] == weight.shape[1] * self.groups
+            and (bias is None or (bias.dtype == x.dtype and bias.is_cpu))
+            and (residual is None or (residual.dtype == x.dtype and residual.is_cpu))
+            and not torch.compiler.is_compiling()
+            and self._cpu_backend()
+        )
+
+    def _cpu_backend(self):
+        """Whether _backend.choose picks 'cpu' for CPU tensors, cached per (backend=, BMK_BACKEND)."""
+        key = (self.backend, os.environ.get("BMK_BACKEND"))
+        cached = self.__dict__.get("_bmkernels_cpu_backend")
+        if cached is None or cached[0] != key:
+            cached = (key, _backend.choose("conv2d", torch.device("cpu"), self.backend) == "cpu")
+            self.__dict__["_bmkernels_cpu_backend"] = cached
+        return cached[1]
 
     def weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) for a call on x: the parameters themselves, or, without grad on a

@@ -21,7 +21,8 @@ What swap_modules(fuse=True) does with them (the module tree, state_dict keys, p
 - a torchvision ResNet BasicBlock / Bottleneck has its class set to a subclass whose forward runs
   conv1/bn1/relu (conv2/bn2/relu) as fused blocks and the last conv/bn + identity + relu as one
   fused block with the residual (the downsample Sequential is fused as above); a torchvision
-  ResNet's own class gets a subclass whose _forward_impl runs the stem conv1/bn1/relu fused.
+  ResNet's own class gets a subclass whose _forward_impl runs the stem conv1/bn1/relu fused; a
+  torchvision InvertedResidual with a skip connection runs its last conv/bn + the skip as one block.
 A pattern whose children have hooks is not fused (the fused forward would skip them). unswap puts
 the original classes back. The fused classes are made at run time, so pickling a whole fused model
 (torch.save(model)) is not supported: save its state_dict (the same keys as the original's), or
@@ -40,6 +41,9 @@ _KERNEL_ACTIVATIONS = {
     torch.nn.SiLU: lambda m: "silu",
     torch.nn.GELU: lambda m: "gelu" if m.approximate == "none" else "gelu_tanh",
     torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+    torch.nn.ReLU6: lambda m: "relu6",
+    torch.nn.Hardtanh: lambda m: "relu6" if (m.min_val, m.max_val) == (0.0, 6.0) else None,
+    torch.nn.Hardswish: lambda m: "hardswish",
 }
 _FUNCTIONAL = {
     None: lambda x: x,
@@ -48,6 +52,8 @@ _FUNCTIONAL = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "leaky_relu": F.leaky_relu,
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
 }
 _UNFUSED_CLASS = "_bmkernels_unfused_class"
 _FUSED_CLASSES = {}  # (original class, fused forward) -> the fused subclass
@@ -270,7 +276,8 @@ class _FusedSequential:
 
 
 def fuse_sequences(model, report):
-    """FUSERS entry: conv [-> BatchNorm2d] [-> ReLU/SiLU/GELU/LeakyReLU] runs inside Sequentials."""
+    """FUSERS entry: conv [-> BatchNorm2d] [-> ReLU/SiLU/GELU/LeakyReLU] runs inside Sequentials
+    (ReLU6/Hardtanh(0, 6)/Hardswish too)."""
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Sequential) or type(module).forward is not torch.nn.Sequential.forward:
             continue
@@ -345,6 +352,42 @@ def fuse_resnet_blocks(model, report):
         what = "stem conv1+bn1+relu" if depth == 1 else "conv+bn+relu blocks, the last one with the residual add"
         report.fused.append(([name or "<model>"], f"{type(module).__name__}: {what}"))
         _set_fused_class(module, mixin)
+
+
+class _FusedInvertedResidual:
+    """torchvision MobileNetV2 InvertedResidual: the last conv/bn with the residual add in one fused block."""
+
+    def forward(self, x):
+        if not self.use_res_connect:
+            return self.conv(x)
+        *body, conv, bn = self.conv
+        out = x
+        for layer in body:
+            out = layer(out)
+        return conv_bn_act(conv, bn, out, residual=x)
+
+
+def fuse_inverted_residuals(model, report):
+    """FUSERS entry: torchvision InvertedResidual blocks (exactly that class) with a skip connection whose
+    last two layers are a swapped Conv2d and a BatchNorm2d and whose conv Sequential has no hooks."""
+    try:
+        from torchvision.models.mobilenetv2 import InvertedResidual
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        if type(module) is not InvertedResidual or not module.use_res_connect:
+            continue
+        layers = list(module.conv)
+        if not (
+            len(layers) >= 2
+            and isinstance(layers[-2], Conv2d)
+            and layers[-2].activation is None
+            and type(layers[-1]) is torch.nn.BatchNorm2d
+        ) or any(_has_hooks(m) for m in (module.conv, layers[-2], layers[-1])):
+            report.notes.append(f"{name}: InvertedResidual not fused (its last layers are not a swapped conv + BN)")
+            continue
+        report.fused.append(([name], "InvertedResidual: the last conv+bn with the residual add"))
+        _set_fused_class(module, _FusedInvertedResidual)
 
 
 # ------------------------------------------------------------------------------- timm fusions

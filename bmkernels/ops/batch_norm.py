@@ -58,7 +58,7 @@ def batch_norm_act(
     x: (N, C, H, W), NCHW or channels_last (the output keeps x's memory format); running_mean,
     running_var: (C,) or None, updated in place in training mode as F.batch_norm does; weight, bias:
     (C,) or None; residual: x's shape, added after the normalization; activation: as bmkernels.conv2d
-    (None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu" or ("leaky_relu", slope)).
+    (None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu", ("leaky_relu", slope), "relu6", "hardswish").
     backend: "auto" (the fused kernel for CPU tensors in training mode, torch's ops otherwise), "cpu"
     (the kernel, an error where it cannot run) or "reference" (torch's ops). Returns x's shape and dtype.
     """

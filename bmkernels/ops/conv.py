@@ -18,7 +18,16 @@ from bmkernels.reference import conv as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # codes of bmk::Activation (csrc/common/activations.h)
-_ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5}
+_ACTIVATION_CODES = {
+    None: 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "gelu": 3,
+    "gelu_tanh": 4,
+    "silu": 5,
+    "relu6": 6,
+    "hardswish": 7,
+}
 
 
 def _fail(cls, message):
@@ -124,8 +133,9 @@ def conv2d(
     weight: (C_out, C_in / groups, kH, kW); bias: (C_out,) or None; stride, padding, dilation,
     groups as in torch.nn.functional.conv2d (padding also "same" / "valid").
     residual: a tensor of the output's shape, added before the activation (a ResNet block).
-    activation: None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu" (slope 0.01) or
-    ("leaky_relu", slope). Returns (N, C_out, H_out, W_out) (or unbatched) in x's dtype.
+    activation: None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu" (slope 0.01),
+    ("leaky_relu", slope), "relu6" or "hardswish" (torch's gradients at the kinks).
+    Returns (N, C_out, H_out, W_out) (or unbatched) in x's dtype.
     """
     if not isinstance(x, torch.Tensor):
         _fail(TypeError, f"x must be a torch.Tensor; got {type(x).__name__}")

@@ -5,12 +5,14 @@
 Arguments as in torch.nn.functional.conv2d (int or pair; padding "same"/"valid"; unbatched
 (C, H, W) input). residual has the output's shape and is added before the activation, as in a
 ResNet block. activation: None, "relu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation),
-"silu", "leaky_relu" (slope 0.01) or ("leaky_relu", slope). Imports nothing of bmkernels.
+"silu", "leaky_relu" (slope 0.01), ("leaky_relu", slope), "relu6" (F.relu6: gradient 0 at exactly 0
+and 6) or "hardswish" (F.hardswish: gradient 0 at -3 and below, 1 at 3 and above). Imports nothing of
+bmkernels.
 """
 
 import torch.nn.functional as F
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu")
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "leaky_relu", "relu6", "hardswish")
 DEFAULT_LEAKY_SLOPE = 0.01
 
 
@@ -26,6 +28,8 @@ def activation_fn(activation):
         "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
         "silu": F.silu,
         "leaky_relu": lambda z: F.leaky_relu(z, DEFAULT_LEAKY_SLOPE),
+        "relu6": F.relu6,
+        "hardswish": F.hardswish,
     }
     if not isinstance(activation, (str, type(None))) or activation not in table:
         raise ValueError(f"activation must be one of {ACTIVATIONS} or ('leaky_relu', slope); got {activation!r}")

@@ -100,6 +100,10 @@ def _activation(z, slope, ACT: tl.constexpr):
         y = 0.5 * z * (1.0 + _tanh(0.79788456080286535588 * (z + 0.044715 * z * z * z)))
     elif ACT == 5:
         y = z / (1.0 + tl.exp(-z))
+    elif ACT == 6:
+        y = tl.where(z < 0, 0.0, tl.where(z > 6, 6.0, z))  # NaN stays NaN, as F.relu6
+    elif ACT == 7:
+        y = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     return y
 
 
@@ -129,6 +133,10 @@ def _activation_derivative(s, slope, ACT: tl.constexpr, FROM_OUTPUT: tl.constexp
     elif ACT == 5:
         sig = 1.0 / (1.0 + tl.exp(-s))
         d = sig * (1.0 + s * (1.0 - sig))
+    elif ACT == 6:
+        d = tl.where((s <= 0) | (s >= 6), 0.0, 1.0)  # torch's hardtanh_backward: 0 at exactly 0 and 6
+    elif ACT == 7:
+        d = tl.where(s <= -3, 0.0, tl.where(s < 3, s / 3.0 + 0.5, 1.0))
     return d
 
 

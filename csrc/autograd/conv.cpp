@@ -30,6 +30,18 @@ struct EmulatedOps {
   static constexpr const char* bwd = "bmkernels::conv2d_emulated_bwd";
 };
 
+// The forward operator below the Autograd key.
+template <typename Ops>
+const auto& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(Ops::fwd, "")
+          .template typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                             const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
+                                                             c10::IntArrayRef, int64_t, int64_t, double, bool)>();
+  return op;
+}
+
 template <typename Ops>
 class Conv2dFunction : public torch::autograd::Function<Conv2dFunction<Ops>> {
  public:
@@ -37,15 +49,9 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction<Ops>> {
                                const OptTensor& bias, const OptTensor& residual, c10::IntArrayRef stride,
                                c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, int64_t activation,
                                double slope, bool save_preact) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(Ops::fwd, "")
-            .template typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                                               const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
-                                                               c10::IntArrayRef, int64_t, int64_t, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, preact] =
-        op.call(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
+    auto [out, preact] = forward_op<Ops>().call(x, weight, bias, residual, stride, padding, dilation, groups,
+                                                activation, slope, save_preact);
     const bool from_output = bmk::derivative_from_output(static_cast<bmk::Activation>(activation), slope);
     ctx->save_for_backward({x, weight, from_output ? out : preact});
     ctx->saved_data["stride"] = stride.vec();
@@ -111,6 +117,14 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_autograd(const at::Tensor& x, cons
                                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                        c10::IntArrayRef dilation, int64_t groups, int64_t activation,
                                                        double slope, bool save_preact) {
+  const auto wants_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(wants_grad(x) || wants_grad(weight) || (bias && wants_grad(*bias)) || (residual && wants_grad(*residual)))) {
+    // no graph node (eval, no_grad): its context, saved tensors and bookkeeping cost microseconds per call
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op<Ops>().call(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope,
+                                  save_preact);
+  }
   auto result = Conv2dFunction<Ops>::apply(x, weight, bias, residual, stride, padding, dilation, groups, activation,
                                            slope, save_preact);
   return {result[0], result[1]};

@@ -9,7 +9,18 @@
 namespace bmk {
 
 // Activation codes of the conv2d_fwd / conv2d_bwd schemas (bmkernels/ops/conv.py maps the names).
-enum class Activation : int64_t { none = 0, relu = 1, leaky_relu = 2, gelu = 3, gelu_tanh = 4, silu = 5 };
+// New codes are appended (never renumbered): the schemas' callers and every backend share them.
+enum class Activation : int64_t {
+  none = 0,
+  relu = 1,
+  leaky_relu = 2,
+  gelu = 3,
+  gelu_tanh = 4,
+  silu = 5,
+  relu6 = 6,
+  hardswish = 7,
+};
+constexpr int64_t kLastActivation = static_cast<int64_t>(Activation::hardswish);
 
 template <typename T>
 BMK_HOST_DEVICE T activation_forward(Activation act, T z, T slope) {
@@ -26,6 +37,12 @@ BMK_HOST_DEVICE T activation_forward(Activation act, T z, T slope) {
     }
     case Activation::silu:
       return z / (T(1) + std::exp(-z));
+    case Activation::relu6:  // NaN stays NaN, as F.relu6
+      return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
+    case Activation::hardswish: {  // torch's order of operations
+      const T t = z + T(3);
+      return z * (t < T(0) ? T(0) : (t > T(6) ? T(6) : t)) / T(6);
+    }
     default:
       return z;
   }
@@ -56,6 +73,10 @@ BMK_HOST_DEVICE T activation_derivative(Activation act, T z, T slope) {
       const T s = T(1) / (T(1) + std::exp(-z));
       return s * (T(1) + z * (T(1) - s));
     }
+    case Activation::relu6:  // torch's hardtanh_backward: 0 at exactly 0 and 6 (1 for NaN)
+      return (z <= T(0) || z >= T(6)) ? T(0) : T(1);
+    case Activation::hardswish:  // torch's hardswish_backward: 0 at -3, 1 at 3
+      return z <= T(-3) ? T(0) : (z < T(3) ? z / T(3) + T(0.5) : T(1));
     default:
       return T(1);
   }

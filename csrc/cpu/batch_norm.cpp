@@ -50,6 +50,10 @@ void with_activation(Activation act, F&& f) {
       return f(ActTag<Activation::gelu_tanh>{});
     case Activation::silu:
       return f(ActTag<Activation::silu>{});
+    case Activation::relu6:
+      return f(ActTag<Activation::relu6>{});
+    case Activation::hardswish:
+      return f(ActTag<Activation::hardswish>{});
     default:
       return f(ActTag<Activation::none>{});
   }
@@ -380,8 +384,8 @@ void check_channels(const char* op, const char* name, const at::Tensor& t, const
 }
 
 void check_activation(const char* op, int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::silu), op,
-              ": activation must be a code of bmk::Activation (0..5); got ", activation);
+  TORCH_CHECK(activation >= 0 && activation <= kLastActivation, op,
+              ": activation must be a code of bmk::Activation (0..", kLastActivation, "); got ", activation);
 }
 
 at::Tensor like_x(const at::Tensor& t, const at::Tensor& x) { return t.contiguous(memory_format_of(x)); }

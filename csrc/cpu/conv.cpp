@@ -229,6 +229,12 @@ void activate(Activation act, acc_t slope, acc_t* v, int64_t n) {
     case Activation::leaky_relu:
       for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(Activation::leaky_relu, v[i], slope);
       return;
+    case Activation::relu6:
+      for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(Activation::relu6, v[i], slope);
+      return;
+    case Activation::hardswish:
+      for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(Activation::hardswish, v[i], slope);
+      return;
     default:
       for (int64_t i = 0; i < n; ++i) v[i] = activation_forward(act, v[i], slope);
   }

@@ -11,7 +11,7 @@ import bmkernels
 from bmkernels.reference import batch_norm as reference
 from bmkernels.testing import assert_within_rule, check_against_reference, cpu_supports, float64_tolerance
 
-ACTIVATIONS = [None, "relu", ("leaky_relu", 0.2), "gelu", "gelu_tanh", "silu"]
+ACTIVATIONS = [None, "relu", ("leaky_relu", 0.2), "gelu", "gelu_tanh", "silu", "relu6", "hardswish"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 

@@ -113,6 +113,9 @@ CASES = {
     "same dilated": (1, 3, 9, 4, 3, {"padding": "same", "dilation": 2, "activation": "relu"}),
     "valid": (2, 3, 8, 4, 3, {"padding": "valid", "activation": ("leaky_relu", -0.3)}),
     "no bias, no activation": (2, 3, 6, 4, 3, {"padding": 1, "bias": False}),
+    # MobileNet's activations
+    "depthwise relu6 stride 2": (2, 8, 9, 8, 3, {"groups": 8, "stride": 2, "padding": 1, "activation": "relu6"}),
+    "1x1 hardswish": (2, 6, 7, 10, 1, {"activation": "hardswish"}),
     # >= 32 input channels per group and output rows >= 28 wide: the forward without im2col (one GEMM per
     # tap over a row's pixels), its padding clipped per tap; also the stride-1 input gradient (a conv of dZ)
     "direct 3x3": (1, 32, 30, 32, 3, {"padding": 1, "activation": "relu"}),
@@ -192,6 +195,27 @@ def test_every_activation_every_gradient():
     for activation in reference.ACTIVATIONS + (("leaky_relu", 0.0), ("leaky_relu", -1.5)):
         inputs = make_inputs(2, 4, 7, 6, 3, residual=True, out_size=(7, 7))
         check(inputs, torch.float32, padding=1, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("engine", ("bmkernels", "aten"))
+def test_relu6_hardswish_kinks_follow_torch(engine, dtype, monkeypatch):
+    """At exactly 0 and 6 (relu6) and -3 and 3 (hardswish) the gradient is torch's: F.relu6's is 0 at
+    both kinks, F.hardswish's 0 at -3 and 1 at 3; NaN propagates as in torch. An identity 1x1 conv makes
+    the pre-activation exactly x."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", engine)
+    values = [-4.0, -3.0, -1.5, -0.0, 0.0, 1.0, 3.0, 5.5, 6.0, 7.0, float("nan"), 2.0]
+    weight = torch.ones(1, 1, 1, 1, dtype=dtype)
+    for activation, torch_fn in (("relu6", F.relu6), ("hardswish", F.hardswish)):
+        x = torch.tensor(values, dtype=dtype).view(1, 1, 3, 4).requires_grad_()
+        xt = x.detach().clone().requires_grad_()
+        grad = torch.arange(1.0, 13.0, dtype=dtype).view(1, 1, 3, 4)
+        out = bmkernels.conv2d(x, weight, activation=activation)
+        want = torch_fn(xt)
+        out.backward(grad)
+        want.backward(grad)
+        torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True, msg=activation)
+        torch.testing.assert_close(x.grad, xt.grad, rtol=0, atol=0, equal_nan=True, msg=activation)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)

@@ -32,6 +32,11 @@ CASES = {
         dict(batch=1, c_in=3, size=6, c_out=4, kernel=1, bias=False),
         dict(activation=("leaky_relu", -0.5)),
     ),
+    "depthwise_relu6": (
+        dict(batch=2, c_in=6, size=9, c_out=6, kernel=3, groups=6),
+        dict(padding=1, stride=2, groups=6, activation="relu6"),
+    ),
+    "hardswish": (dict(batch=2, c_in=5, size=7, c_out=8, kernel=1), dict(activation="hardswish")),
 }
 
 
@@ -133,7 +138,7 @@ def _raw_args(**changes):
         (dict(stride=[-1, 1]), "stride must be two ints >= 1"),
         (dict(dilation=[1, 0]), "dilation must be two ints >= 1"),
         (dict(padding=[1, -1, 1, 1]), "padding must be four ints"),
-        (dict(activation=99), "activation must be a code 0..5"),
+        (dict(activation=99), "activation must be a code 0..7"),
         (dict(groups=0), "groups must be >= 1"),
         (dict(x=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), "input channels >= 1"),
         (dict(weight=torch.randn(6, 4, 0, 3)), "at least 1x1"),

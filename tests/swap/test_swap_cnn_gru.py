@@ -95,9 +95,54 @@ def test_mobilenet_fuses_conv_bn_activation_runs():
     report = bmkernels.swap_modules(model)
     whats = [what for _, what in report.fused]
     assert any("activation='relu'" in w and "Conv2dNormActivation" in w for w in whats)
-    assert any("activation=None" in w for w in whats), "conv+BN before a Hardswish (no kernel activation)"
+    assert any("activation='hardswish'" in w for w in whats), "conv+BN+Hardswish runs fused"
+    assert any("activation=None" in w for w in whats), "an InvertedResidual's last conv+BN"
     block = model.features[0]
     assert isinstance(block, torchvision.ops.Conv2dNormActivation) and type(block).__name__.startswith("Fused")
+
+
+def test_mobilenet_v2_fuses_relu6_and_the_residual_add():
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
+    report = bmkernels.swap_modules(model)
+    whats = [what for _, what in report.fused]
+    assert whats.count("InvertedResidual: the last conv+bn with the residual add") == 10  # the blocks with a skip
+    assert sum("activation='relu6'" in w for w in whats) == 35  # every conv + BN + ReLU6 run
+    assert type(model.features[3]).__name__ == "FusedInvertedResidual"
+
+
+def test_relu6_hardtanh_hardswish_are_fused(monkeypatch):
+    """ReLU6, Hardtanh(0, 6) (F.relu6) and Hardswish run in the conv's epilogue (eval) or in
+    batch_norm_act (training); any other Hardtanh stays a module of its own."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")  # the activations, not the engine choice (timed)
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Hardtanh(0.0, 6.0),
+        torch.nn.Conv2d(8, 8, 1),
+        torch.nn.Hardswish(),
+        torch.nn.Conv2d(8, 4, 1, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Hardtanh(-1.0, 1.0),
+    ).double()
+    random_batchnorm_statistics(original)
+    swapped = copy.deepcopy(original)
+    report = bmkernels.swap_modules(swapped)
+    assert [(names, what.split(" in ")[0]) for names, what in report.fused] == [
+        (["0", "1", "2"], "fused conv block (activation='relu6')"),
+        (["3", "4", "5"], "fused conv block (activation='relu6')"),
+        (["6", "7"], "fused conv block (activation='hardswish')"),
+        (["8", "9"], "fused conv block (activation=None)"),
+    ]
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64) * 4  # pre-activations on both sides of every kink
+    for training in (True, False):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            original.train(training)
+            swapped.train(training)
+            assert_same64(original, swapped, x.contiguous(memory_format=fmt))
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm")
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (2, 40), 12, False),
     "resnet50": (lambda: torchvision.models.resnet50(weights=None, num_classes=10), (2, 40), 21, True),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10), (4, 64), 52, True),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=10), (4, 64), 62, True),
     "timm_resnet18": (lambda: timm.create_model("resnet18", pretrained=False, num_classes=10), (2, 40), 12, False),
     "timm_efficientnet_b0": (
         lambda: timm.create_model("efficientnet_b0", pretrained=False, num_classes=10),
