@@ -3,13 +3,21 @@ accumulation dtype and the fakes' device check. Backend choice itself is bmkerne
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 
-# op family (the operators' name prefix) -> its module of Triton twins under bmkernels.triton
-_TRITON_MODULES = {"attention": "attention", "conv2d": "conv", "gru": "gru"}
+
+def _triton_module(family: str):
+    """bmkernels.triton's module of the family's Triton twins, imported (with triton) only when asked for;
+    import statements, not importlib, so that torch.compile traces through them."""
+    if family == "attention":
+        from bmkernels.triton import attention as module
+    elif family == "conv2d":
+        from bmkernels.triton import conv as module
+    else:
+        from bmkernels.triton import gru as module
+    return module
 
 
 def forward_op(op: str, backend: str) -> Callable:
@@ -20,8 +28,7 @@ def forward_op(op: str, backend: str) -> Callable:
     if backend == "cuda_emulated":
         return getattr(torch.ops.bmkernels, op.replace("_fwd", "_emulated_fwd"))
     if backend == "triton":
-        module = importlib.import_module(f"bmkernels.triton.{_TRITON_MODULES[op.split('_')[0]]}")
-        return getattr(module, op)
+        return getattr(_triton_module(op.split("_")[0]), op)
     return getattr(torch.ops.bmkernels, op)
 
 

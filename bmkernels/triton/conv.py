@@ -84,6 +84,7 @@ _DEPTHWISE_CONFIGS = _configs(
 )
 _KEY = ["M", "GROUPS", "CIN_G", "COUT_G", "KH", "KW"]
 DZ_BLOCK_P, DZ_BLOCK_C = (64, 16) if INTERPRETED else (64, 64)
+_LAST_ACTIVATION = 7  # bmk::kLastActivation (csrc/common/activations.h): the codes _activation knows
 
 
 @triton.jit
@@ -747,8 +748,10 @@ def _check(what, x, weight, groups, stride, padding, dilation, activation, same_
     for name, values, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if len(values) != (4 if name == "padding" else 2) or min(values) < least:
             raise ValueError(f"{what}: {name} must be {len(values)} ints >= {least}; got {list(values)}")
-    if not 0 <= activation <= 5:
-        raise ValueError(f"{what}: activation must be a code 0..5 of bmk::Activation; got {activation}")
+    if not 0 <= activation <= _LAST_ACTIVATION:
+        raise ValueError(
+            f"{what}: activation must be a code 0..{_LAST_ACTIVATION} of bmk::Activation; got {activation!r}"
+        )
     if not (
         x.dim() == 4
         and weight.dim() == 4

@@ -140,7 +140,6 @@ def _raw_args(**changes):
         (dict(padding=[1, -1, 1, 1]), "padding must be four ints"),
         (dict(activation=99), "activation must be a code 0..7"),
         (dict(groups=0), "groups must be >= 1"),
-        (dict(x=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), "input channels >= 1"),
         (dict(weight=torch.randn(6, 4, 0, 3)), "at least 1x1"),
         (dict(bias=torch.randn(5)), r"bias must have shape \(Cout,\) = \(6\)"),
         (dict(residual=torch.randn(2, 6, 8, 7)), "residual must have the output's shape"),
