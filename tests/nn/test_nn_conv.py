@@ -301,3 +301,20 @@ def test_fold_matches_bmkernels_fold_batchnorm():
     weight, bias = nn_fused._folded_with_grad(conv, bn)
     reference = bmkernels.fold_batchnorm(conv, bn)
     assert torch.equal(weight, reference.weight) and torch.equal(bias, reference.bias)
+
+
+def test_conv2d_sees_a_bmk_backend_change_after_caching(monkeypatch):
+    """The per-module backend cache reads BMK_BACKEND on every call: a change takes effect at once."""
+    ours = Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    calls = []
+    real = nn_conv.conv2d
+    monkeypatch.setattr(nn_conv, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    want = torch.nn.functional.conv2d(x, ours.weight, ours.bias, padding=1)
+    assert max_abs_diff(ours(x), want) <= 1e-12 and not calls, "the CPU operator, directly"
+    monkeypatch.setenv("BMK_BACKEND", "reference")
+    assert max_abs_diff(ours(x), want) <= 1e-12 and calls, "through bmkernels.conv2d's backend choice"
+    monkeypatch.delenv("BMK_BACKEND")
+    calls.clear()
+    ours(x)
+    assert not calls
