@@ -31,6 +31,8 @@ from bmkernels.ops.conv import (
 )
 
 _CONV2D_FWD = torch.ops.bmkernels.conv2d_fwd.default if _extension.loaded() else None
+# os.environ's own dict, read per call: os.environ.get's key encoding and Mapping machinery cost ~0.6 us
+_BMK_BACKEND = os.environ.encodekey("BMK_BACKEND")
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -211,7 +213,7 @@ class Conv2d(torch.nn.Conv2d):
 
     def _cpu_backend(self):
         """Whether _backend.choose picks 'cpu' for CPU tensors, cached per (backend=, BMK_BACKEND)."""
-        key = (self.backend, os.environ.get("BMK_BACKEND"))
+        key = (self.backend, os.environ._data.get(_BMK_BACKEND))
         cached = self.__dict__.get("_bmkernels_cpu_backend")
         if cached is None or cached[0] != key:
             cached = (key, _backend.choose("conv2d", torch.device("cpu"), self.backend) == "cpu")
@@ -221,10 +223,11 @@ class Conv2d(torch.nn.Conv2d):
     def weights_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) for a call on x: the parameters themselves, or, without grad on a
         channels_last x, the cached channels_last copy of eval_weights."""
-        if x.dim() != 4 or not _channels_last(x) or _channels_last(self.weight) or torch.compiler.is_compiling():
-            return self.weight, self.bias
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (self.weight, self.bias)):
-            return self.weight, self.bias
+        params = _tensors(self, ("weight", "bias"))
+        if x.dim() != 4 or not _channels_last(x) or _channels_last(params[0]) or torch.compiler.is_compiling():
+            return params
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return params
         return self.eval_weights(x)
 
     def eval_weights(
@@ -234,19 +237,27 @@ class Conv2d(torch.nn.Conv2d):
         statistics) folded in (bmkernels.fold_batchnorm's float64 math), the weight in x's memory
         format (oneDNN would reorder an NCHW weight on every channels_last call). Cached on the module
         and recomputed only when a parameter, statistic or x's layout changed (each tensor's identity,
-        version counter, storage, dtype and device are the key); costs one weight-sized copy."""
+        version counter and storage are the key: in-place updates bump the version, .data / .to()
+        / load_state_dict(assign=True) change the storage or the tensor); costs one weight-sized copy.
+        The key is ints only, built in about a microsecond: it runs on every eval call."""
         fmt = torch.channels_last if x.dim() == 4 and _channels_last(x) else torch.contiguous_format
-        key = [fmt] if bn is None else [fmt, bn.eps]
-        tensors = (self.weight, self.bias) if bn is None else (self.weight, self.bias, *_bn_tensors(bn))
-        for t in tensors:
-            key += (None,) if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+        tensors = _tensors(self, ("weight", "bias"))
+        if bn is not None:
+            tensors += _tensors(bn, ("weight", "bias", "running_mean", "running_var"))
+        key = (
+            fmt,
+            None if bn is None else bn.eps,
+            *[-1 if t is None else (id(t), t._version, t.data_ptr()) for t in tensors],
+        )
         cached = self.__dict__.get("_bmkernels_eval_cache")
         if cached is None or cached[0] != key:
             self.__dict__.pop("_bmkernels_eval_cache", None)  # stale; fold_batchnorm copies the module
             with torch.no_grad():
                 weight, bias = (self.weight, self.bias) if bn is None else _fold(self, bn)
                 weight = weight.detach().contiguous(memory_format=fmt)
-                cached = (key, weight, None if bias is None else bias.detach())
+                # the key's tensors and their storages (aliases) live as long as it: no id or address reuse
+                alive = (tensors, [t.detach() for t in tensors if t is not None])
+                cached = (key, weight, None if bias is None else bias.detach(), alive)
             self._bmkernels_eval_cache = cached
         return cached[1], cached[2]
 
@@ -258,8 +269,12 @@ def _channels_last(t):
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-def _bn_tensors(bn):
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+def _tensors(module, names):
+    """The parameters / buffers `names` of `module`, as module.<name> gives them, without
+    nn.Module.__getattr__ (~0.5 us each: per eval call that is most of a tiny layer's Python time).
+    A name that is neither (e.g. a parametrization's property) falls back to getattr."""
+    params, buffers = module._parameters, module._buffers
+    return tuple([params[n] if n in params else buffers[n] if n in buffers else getattr(module, n) for n in names])
 
 
 def _fold(conv, bn):

@@ -32,7 +32,7 @@ unswap first.
 import torch
 import torch.nn.functional as F
 
-from bmkernels.nn.conv import Conv2d
+from bmkernels.nn.conv import Conv2d, _tensors
 from bmkernels.ops.batch_norm import batch_norm_act
 
 # activation modules the conv kernel applies itself -> the kernel's activation spec
@@ -75,7 +75,7 @@ def _functional(activation):
 
 def _bn_folds(bn):
     """Whether `bn` normalizes with fixed running statistics now (exactly torch's rule)."""
-    return bn is not None and not bn.training and bn.running_mean is not None
+    return bn is not None and not bn.training and _tensors(bn, ("running_mean",))[0] is not None
 
 
 def _folded_with_grad(conv, bn):

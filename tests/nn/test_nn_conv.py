@@ -165,6 +165,101 @@ def test_eval_no_grad_uses_fold_batchnorm_and_refolds_after_updates(monkeypatch)
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
+def _sgd_step(model):
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+
+
+def _load_state_dict(assign):
+    def mutate(model):
+        state = {k: v * 1.25 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=assign)
+
+    return mutate
+
+
+def _statistics_from_a_training_step(model):
+    model.train()
+    model(torch.randn(4, 5, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+
+
+def _set_data(model):
+    model.conv.weight.data = model.conv.weight.data * 2  # same Parameter object, new storage
+    model.bn.running_mean.data = model.bn.running_mean.data + 0.5
+
+
+def _new_parameter(model):
+    model.conv.weight = torch.nn.Parameter(model.conv.weight.detach() * -1)
+
+
+_MUTATIONS = {
+    "sgd step": _sgd_step,
+    "load_state_dict": _load_state_dict(assign=False),
+    "load_state_dict assign": _load_state_dict(assign=True),
+    "running stats from train forward": _statistics_from_a_training_step,
+    "running_var in place": lambda m: m.bn.running_var.mul_(3),
+    "bn affine in place": lambda m: (m.bn.weight.add_(0.5), m.bn.bias.sub_(0.25)),
+    ".data assignment": _set_data,
+    "new Parameter": _new_parameter,
+    "bn eps": lambda m: setattr(m.bn, "eps", 0.5),
+    "dtype float32": lambda m: m.float(),
+}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mutation", list(_MUTATIONS))
+def test_eval_cache_is_invalidated_by(mutation, layout):
+    """Each way a weight or statistic changes between eval calls: the cached folded weight would give
+    the old output (each mutation changes it), the fresh fold gives torch's."""
+    conv, bn = _conv_bn()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    original = _Unfused(conv, bn, torch.nn.ReLU()).eval()
+    fused = _Fused(Conv2d.from_torch(copy.deepcopy(conv)), copy.deepcopy(bn), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 5, 8, 8, dtype=torch.float64).contiguous(memory_format=layout)
+    with torch.no_grad():
+        before = fused(x)  # fills the cache
+        assert max_abs_diff(before, original(x)) <= 1e-12
+    for model in (original, fused):
+        with torch.no_grad():
+            _MUTATIONS[mutation](model)
+    x = x.to(original.conv.weight.dtype)
+    with torch.no_grad():
+        want, got = original(x), fused(x)
+    if mutation != "dtype float32":  # a stale float64 weight shows in the output's dtype instead
+        assert max_abs_diff(want.double(), before) > 1e-3, "the mutation changes the output"
+    assert got.dtype == want.dtype
+    assert max_abs_diff(got.double(), want.double()) <= (1e-12 if want.dtype == torch.float64 else 1e-5)
+    fused.train()  # train mode never reads the eval cache: batch statistics, as torch
+    original.train()
+    assert max_abs_diff(fused(x).double(), original(x).double()) <= (1e-12 if want.dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("mutation", ["sgd step", "load_state_dict", ".data assignment", "new Parameter"])
+def test_conv2d_channels_last_weight_cache_is_invalidated_by(mutation):
+    """Conv2d alone (no BatchNorm) caches a channels_last copy of its weight for channels_last input."""
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1, dtype=torch.float64)
+    ours = Conv2d.from_torch(copy.deepcopy(conv))
+    x = torch.randn(2, 5, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        before = ours(x)
+        assert "_bmkernels_eval_cache" in ours.__dict__, "the cached path is the one under test"
+    holder = torch.nn.Module()
+    for c in (conv, ours):
+        holder.conv = c
+        with torch.no_grad():
+            if mutation == ".data assignment":
+                c.weight.data = c.weight.data * 2
+            else:
+                _MUTATIONS[mutation](holder)
+    with torch.no_grad():
+        want, got = conv(x), ours(x)
+    assert max_abs_diff(want, before) > 1e-3
+    assert max_abs_diff(got, want) <= 1e-12
+
+
 def test_conv_bn_act_float32_within_rule():
     conv, bn = _conv_bn()
     truth = _Unfused(conv, bn, torch.nn.SiLU()).eval()
@@ -206,3 +301,20 @@ def test_fold_matches_bmkernels_fold_batchnorm():
     weight, bias = nn_fused._folded_with_grad(conv, bn)
     reference = bmkernels.fold_batchnorm(conv, bn)
     assert torch.equal(weight, reference.weight) and torch.equal(bias, reference.bias)
+
+
+def test_conv2d_sees_a_bmk_backend_change_after_caching(monkeypatch):
+    """The per-module backend cache reads BMK_BACKEND on every call: a change takes effect at once."""
+    ours = Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    calls = []
+    real = nn_conv.conv2d
+    monkeypatch.setattr(nn_conv, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    want = torch.nn.functional.conv2d(x, ours.weight, ours.bias, padding=1)
+    assert max_abs_diff(ours(x), want) <= 1e-12 and not calls, "the CPU operator, directly"
+    monkeypatch.setenv("BMK_BACKEND", "reference")
+    assert max_abs_diff(ours(x), want) <= 1e-12 and calls, "through bmkernels.conv2d's backend choice"
+    monkeypatch.delenv("BMK_BACKEND")
+    calls.clear()
+    ours(x)
+    assert not calls
