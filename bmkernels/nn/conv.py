@@ -31,8 +31,6 @@ from bmkernels.ops.conv import (
 )
 
 _CONV2D_FWD = torch.ops.bmkernels.conv2d_fwd.default if _extension.loaded() else None
-# os.environ's own dict, read per call: os.environ.get's key encoding and Mapping machinery cost ~0.6 us
-_BMK_BACKEND = os.environ.encodekey("BMK_BACKEND")
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -213,7 +211,7 @@ class Conv2d(torch.nn.Conv2d):
 
     def _cpu_backend(self):
         """Whether _backend.choose picks 'cpu' for CPU tensors, cached per (backend=, BMK_BACKEND)."""
-        key = (self.backend, os.environ._data.get(_BMK_BACKEND))
+        key = (self.backend, os.environ.get("BMK_BACKEND"))
         cached = self.__dict__.get("_bmkernels_cpu_backend")
         if cached is None or cached[0] != key:
             cached = (key, _backend.choose("conv2d", torch.device("cpu"), self.backend) == "cpu")
