@@ -14,6 +14,7 @@ activations' pre-activation (nothing more without an activation), as torch's mod
 import torch
 
 from bmkernels import _backend, _extension
+from bmkernels.ops._common import bind, table
 from bmkernels.ops.conv import _activation, _memory_format
 from bmkernels.reference import batch_norm as reference
 
@@ -120,7 +121,19 @@ def batch_norm_act(
     return out
 
 
-def _fake_fwd(x, weight, bias, residual, eps, activation, slope, save_preact):
+# the schemas of batch_norm_act_fwd / batch_norm_act_bwd (csrc/registration.cpp), in order
+BATCH_NORM_ACT_FWD = table(
+    "x:Tensor weight:Tensor? bias:Tensor? residual:Tensor? eps:float activation:int slope:float save_preact:bool"
+)
+BATCH_NORM_ACT_BWD = table(
+    "grad_out:Tensor x:Tensor weight:Tensor? mean:Tensor invstd:Tensor act_saved:Tensor activation:int "
+    "slope:float saved_is_output:bool output_mask:bool[4]"
+)
+
+
+def _fake_fwd(*args, **kwargs):
+    a = bind(BATCH_NORM_ACT_FWD, args, kwargs)
+    x, save_preact = a["x"], a["save_preact"]
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.empty_like(x, memory_format=_memory_format(x))
     preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
@@ -128,7 +141,9 @@ def _fake_fwd(x, weight, bias, residual, eps, activation, slope, save_preact):
     return (out, *stats, preact)
 
 
-def _fake_bwd(grad_out, x, weight, mean, invstd, act_saved, activation, slope, saved_is_output, output_mask):
+def _fake_bwd(*args, **kwargs):
+    a = bind(BATCH_NORM_ACT_BWD, args, kwargs)
+    x, weight, output_mask = a["x"], a["weight"], a["output_mask"]
     fmt = _memory_format(x)
     param_dtype = weight.dtype if weight is not None else x.dtype
     wanted = (

@@ -13,7 +13,7 @@ import math
 import torch
 
 from bmkernels import _backend, _extension
-from bmkernels.ops._common import check_tensor, forward_op, same_device_or_fail
+from bmkernels.ops._common import bind, call_args, check_tensor, forward_op, same_device_or_fail, table, tensor_names
 from bmkernels.reference import conv as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -258,46 +258,64 @@ def output_shape(x_shape, weight_shape, stride, padding, dilation):
     return (x_shape[0], weight_shape[0] if x_shape[1] else 0, *out_hw)
 
 
-def _fake_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact):
-    same_device_or_fail("conv2d", x, weight, bias, residual)
-    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+# the schemas of conv2d_fwd / conv2d_bwd (csrc/registration.cpp), in order
+CONV2D_FWD = table(
+    "x:Tensor weight:Tensor bias:Tensor? residual:Tensor? stride:int[2] padding:int[4] dilation:int[2] groups:int "
+    "activation:int slope:float save_preact:bool"
+)
+CONV2D_BWD = table(
+    "grad_out:Tensor x:Tensor weight:Tensor act_saved:Tensor stride:int[2] padding:int[4] dilation:int[2] "
+    "groups:int activation:int slope:float saved_is_output:bool output_mask:bool[4]"
+)
+
+
+def _fake_fwd(*args, **kwargs):
+    a = bind(CONV2D_FWD, args, kwargs)
+    x, weight = a["x"], a["weight"]
+    same_device_or_fail("conv2d", *(a[n] for n in tensor_names(CONV2D_FWD)))
+    out_shape = output_shape(x.shape, weight.shape, a["stride"], a["padding"], a["dilation"])
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-    preact = torch.empty_like(out) if save_preact else x.new_empty((0,))
+    preact = torch.empty_like(out) if a["save_preact"] else x.new_empty((0,))
     return out, preact
 
 
-def _fake_bwd(
-    grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, saved_is_output, output_mask
-):
-    same_device_or_fail("conv2d", grad_out, x, weight, act_saved)
+def _fake_bwd(*args, **kwargs):
+    a = bind(CONV2D_BWD, args, kwargs)
+    x, weight = a["x"], a["weight"]
+    same_device_or_fail("conv2d", *(a[n] for n in tensor_names(CONV2D_BWD)))
     fmt = _memory_format(x)
-    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    out_shape = output_shape(x.shape, weight.shape, a["stride"], a["padding"], a["dilation"])
     wanted = (
         torch.empty_like(x, memory_format=fmt),
         weight.new_empty(weight.shape),
         weight.new_empty((weight.shape[0],)),
         torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt),
     )
-    return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, output_mask, strict=True))
+    return tuple(g if m else x.new_empty((0,)) for g, m in zip(wanted, a["output_mask"], strict=True))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact = inputs
+    """Saves x, weight and what the activation's derivative reads (the output or the pre-activation);
+    keeps the scalars by name."""
+    a = bind(CONV2D_FWD, inputs)
     out, preact = output
-    from_output = _derivative_from_output(activation, slope)
-    ctx.save_for_backward(x, weight, out if from_output else preact)
-    ctx.params = (stride, padding, dilation, groups, activation, slope, from_output)
-    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    from_output = _derivative_from_output(a["activation"], a["slope"])
+    ctx.save_for_backward(a["x"], a["weight"], out if from_output else preact)
+    ctx.scalars = {n: value for n, value in a.items() if n not in tensor_names(CONV2D_FWD)}
+    ctx.scalars["saved_is_output"] = from_output
+    ctx.has_bias, ctx.has_residual = a["bias"] is not None, a["residual"] is not None
 
 
 def backward_with(bwd_op):
     """The autograd backward of a conv2d_fwd-shaped operator whose gradients come from bwd_op
-    (conv2d_bwd's signature): the Triton operator's (the C++ operator's is csrc/autograd/conv.cpp)."""
+    (conv2d_bwd's signature): the Triton operator's (the C++ operator's is csrc/autograd/conv.cpp). The
+    backward's arguments are the forward's, by name (CONV2D_BWD), plus the gradient, the saved activation
+    and the mask."""
 
     def backward(ctx, grad_out, grad_preact):
         x, weight, act_saved = ctx.saved_tensors
-        stride, padding, dilation, groups, activation, slope, from_output = ctx.params
-        if not from_output and act_saved.shape != grad_out.shape:  # an empty batch's saved pre-activation is empty too
+        if not ctx.scalars["saved_is_output"] and act_saved.shape != grad_out.shape:
+            # an empty batch's saved pre-activation is empty too
             raise RuntimeError(
                 "conv2d: backward needs the pre-activation, which the forward did not save (it ran "
                 "without any input requiring grad)"
@@ -308,11 +326,10 @@ def backward_with(bwd_op):
             ctx.has_bias and ctx.needs_input_grad[2],
             ctx.has_residual and ctx.needs_input_grad[3],
         ]
-        dx, dw, db, dres = bwd_op(
-            grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, from_output, mask
-        )
+        values = ctx.scalars | {"grad_out": grad_out, "x": x, "weight": weight, "act_saved": act_saved}
+        dx, dw, db, dres = bwd_op(*call_args(CONV2D_BWD, values | {"output_mask": mask}))
         grads = [g if m else None for g, m in zip((dx, dw, db, dres), mask, strict=True)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, *([None] * (len(CONV2D_FWD) - 4)))
 
     return backward
 

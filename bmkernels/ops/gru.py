@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from bmkernels import _backend, _extension
-from bmkernels.ops._common import acc_dtype, check_tensor, forward_op, same_device_or_fail
+from bmkernels.ops._common import acc_dtype, bind, check_tensor, forward_op, same_device_or_fail, table, tensor_names
 from bmkernels.reference import gru as reference
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -289,18 +289,38 @@ def _gru_layers(x, h0, weights, num_layers, directions, dropout, lengths, layer_
     return x, torch.cat(h_n)
 
 
-def _fake_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save_workspace):
-    same_device_or_fail("gru", x, h, w_ih, w_hh, b_ih, b_hh)
-    batch, hidden = h.shape
-    return x.new_empty(batch, hidden), x.new_empty(batch if save_workspace else 0, 5 * hidden, dtype=acc_dtype(x.dtype))
+# the schemas of gru_cell_fwd, gru_layer_fwd and gru_layer_bwd (csrc/registration.cpp), in order
+GRU_CELL_FWD = table("x:Tensor h:Tensor w_ih:Tensor w_hh:Tensor b_ih:Tensor? b_hh:Tensor? save_workspace:bool")
+GRU_LAYER_FWD = table(
+    "x:Tensor h0:Tensor w_ih:Tensor w_hh:Tensor b_ih:Tensor? b_hh:Tensor? lengths:Tensor? save_workspace:bool"
+)
+GRU_LAYER_BWD = table(
+    "grad_out:Tensor grad_h_n:Tensor x:Tensor h0:Tensor w_ih:Tensor w_hh:Tensor lengths:Tensor? "
+    "workspace:Tensor has_bias:bool"
+)
 
 
-# lengths may stay on the CPU (the kernels copy them): not part of the device checks
-def _fake_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
-    same_device_or_fail("gru", x, h0, w_ih, w_hh, b_ih, b_hh)
+def _device_tensors(table, a):
+    # lengths may stay on the CPU (the kernels copy them): not part of the device checks
+    return (a[n] for n in tensor_names(table) if n != "lengths")
+
+
+def _fake_cell_fwd(*args, **kwargs):
+    a = bind(GRU_CELL_FWD, args, kwargs)
+    same_device_or_fail("gru", *_device_tensors(GRU_CELL_FWD, a))
+    x = a["x"]
+    batch, hidden = a["h"].shape
+    ws_rows = batch if a["save_workspace"] else 0
+    return x.new_empty(batch, hidden), x.new_empty(ws_rows, 5 * hidden, dtype=acc_dtype(x.dtype))
+
+
+def _fake_layer_fwd(*args, **kwargs):
+    a = bind(GRU_LAYER_FWD, args, kwargs)
+    same_device_or_fail("gru", *_device_tensors(GRU_LAYER_FWD, a))
+    x, h0 = a["x"], a["h0"]
     steps, batch, _ = x.shape
     directions, _, hidden = h0.shape
-    ws_shape = (directions, steps, batch, 5 * hidden) if save_workspace else (0,)
+    ws_shape = (directions, steps, batch, 5 * hidden) if a["save_workspace"] else (0,)
     return (
         x.new_empty(steps, batch, directions * hidden),
         h0.new_empty(directions, batch, hidden),
@@ -308,9 +328,11 @@ def _fake_layer_fwd(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace):
     )
 
 
-def _fake_layer_bwd(grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias):
-    same_device_or_fail("gru", grad_out, grad_h_n, x, h0, w_ih, w_hh, workspace)
-    bias_shape = (w_ih.shape[0], w_ih.shape[1]) if has_bias else (0,)
+def _fake_layer_bwd(*args, **kwargs):
+    a = bind(GRU_LAYER_BWD, args, kwargs)
+    same_device_or_fail("gru", *_device_tensors(GRU_LAYER_BWD, a))
+    x, h0, w_ih, w_hh = a["x"], a["h0"], a["w_ih"], a["w_hh"]
+    bias_shape = (w_ih.shape[0], w_ih.shape[1]) if a["has_bias"] else (0,)
     return (
         x.new_empty(x.shape),
         h0.new_empty(h0.shape),

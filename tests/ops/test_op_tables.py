@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bmkernels import _extension
-from bmkernels.ops import attention
+from bmkernels.ops import attention, batch_norm, conv, gru
 from bmkernels.ops._common import REQUIRED, bind, call_args
 
 pytestmark = pytest.mark.skipif(not _extension.loaded(), reason="compiled extension not built")
@@ -15,20 +15,38 @@ TABLES = {
     "attention_bwd": attention.ATTENTION_BWD,
     "attention_emulated_fwd": attention.ATTENTION_FWD,
     "attention_emulated_bwd": attention.ATTENTION_BWD,
+    "conv2d_fwd": conv.CONV2D_FWD,
+    "conv2d_bwd": conv.CONV2D_BWD,
+    "conv2d_emulated_fwd": conv.CONV2D_FWD,
+    "conv2d_emulated_bwd": conv.CONV2D_BWD,
+    "batch_norm_act_fwd": batch_norm.BATCH_NORM_ACT_FWD,
+    "batch_norm_act_bwd": batch_norm.BATCH_NORM_ACT_BWD,
+    "gru_cell_fwd": gru.GRU_CELL_FWD,
+    "gru_layer_fwd": gru.GRU_LAYER_FWD,
+    "gru_layer_bwd": gru.GRU_LAYER_BWD,
+    "gru_cell_emulated_fwd": gru.GRU_CELL_FWD,
+    "gru_layer_emulated_fwd": gru.GRU_LAYER_FWD,
+    "gru_layer_emulated_bwd": gru.GRU_LAYER_BWD,
 }
 
 
 def schema_rows(op):
+    """(name, type as the schema text writes it, default) per argument."""
     schema = getattr(torch.ops.bmkernels, op).default._schema
-    return [(a.name, str(a.type), a.default_value if a.has_default_value() else REQUIRED) for a in schema.arguments]
+    rows = []
+    for a in schema.arguments:
+        kind = str(a.type).replace("Optional[Tensor]", "Tensor?")
+        if a.N is not None:  # fixed-size lists: int[2], bool[4]
+            kind = f"{kind.removeprefix('List[').removesuffix(']')}[{a.N}]"
+        rows.append((a.name, kind, a.default_value if a.has_default_value() else REQUIRED))
+    return rows
 
 
 @pytest.mark.parametrize("op", sorted(TABLES))
 def test_table_matches_schema(op):
     if not hasattr(torch.ops.bmkernels, op):
         pytest.skip(f"{op} is not in this build")
-    table_rows = [(a.name, a.kind.replace("Tensor?", "Optional[Tensor]"), a.default) for a in TABLES[op]]
-    assert table_rows == schema_rows(op)
+    assert [tuple(a) for a in TABLES[op]] == schema_rows(op)
 
 
 def test_bind_fills_defaults_takes_keywords_and_refuses_bad_calls():
