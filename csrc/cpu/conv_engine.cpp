@@ -220,7 +220,7 @@ ConvBwdResult aten_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at
       if (xin.sizes() != x.sizes()) dx_in = dx_in.narrow(2, padding[0], x.size(2)).narrow(3, padding[2], x.size(3));
       dx = dx_in.contiguous(fmt);
     }
-    if (need_dw) dw = dw_out.contiguous();
+    if (need_dw) dw = dw_out.contiguous(fmt);
   }
   if (need_db) {
     const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -326,7 +326,8 @@ ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x,
   if (x.size(1) == 0) {  // nothing reaches the (empty) output: zero gradients, as torch's
     const auto [need_dx, need_dw, need_db, need_dres] = output_mask;
     const auto none = [&] { return at::empty({0}, x.options()); };
-    return {need_dx ? at::zeros_like(x) : none(), need_dw ? at::zeros_like(weight) : none(),
+    return {need_dx ? at::zeros_like(x) : none(),
+            need_dw ? at::zeros(weight.sizes(), weight.options().memory_format(format_of(x))) : none(),
             need_db ? at::zeros({weight.size(0)}, weight.options()) : none(), need_dres ? grad_out.clone() : none()};
   }
   const auto own = [&] {

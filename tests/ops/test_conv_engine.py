@@ -83,6 +83,26 @@ def test_gradients_asked_for_alone(engine, monkeypatch):
         torch.testing.assert_close(alone, full)
 
 
+@pytest.mark.parametrize("engine", ("aten", "bmkernels"))
+@pytest.mark.parametrize("case", ("3x3_bias_relu", "groups_leaky", "depthwise_dilated", "hardswish"))
+def test_weight_grad_in_the_models_layout(case, engine, monkeypatch):
+    """The operator's weight gradient comes back in x's memory format, as a channels_last model's weights
+    are (AccumulateGrad then keeps it without a copy), with the same values in both layouts."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", engine)
+    grads = {}
+    for channels_last in (False, True):
+        inputs, options = _inputs(case, torch.float64, channels_last)
+        weight = inputs["weight"]
+        # autograd.grad: the operator's own gradient (AccumulateGrad would copy it into the weight's layout)
+        (grad,) = torch.autograd.grad(bmkernels.conv2d(**inputs, **options).square().sum(), weight)
+        # strides of size-1 dims do not matter (nor does AccumulateGrad compare them)
+        assert [s for s, n in zip(grad.stride(), grad.shape, strict=True) if n > 1] == [
+            s for s, n in zip(weight.stride(), weight.shape, strict=True) if n > 1
+        ]
+        grads[channels_last] = grad
+    torch.testing.assert_close(grads[True], grads[False])
+
+
 def test_auto_times_once_and_keeps_the_choice(monkeypatch):
     monkeypatch.setenv("BMK_CONV_ENGINE", "auto")
     ops_conv.clear_engine_choices()
