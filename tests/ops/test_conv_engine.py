@@ -124,6 +124,21 @@ def test_auto_times_once_and_keeps_the_choice(monkeypatch):
     assert ops_conv.engine_choices() == {}
 
 
+def test_auto_runs_aten_by_rule_on_nchw_spatial_convs(monkeypatch):
+    """NCHW dense convs with a spatial kernel and >= 16 input channels go to ATen untimed (and say so in
+    engine_choices); forcing BMK_CONV_ENGINE=bmkernels still runs our kernel there, with the same result."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", "auto")
+    ops_conv.clear_engine_choices()
+    inputs = make_inputs(batch=2, c_in=16, size=9, c_out=8, kernel=3, dtype=torch.float64)
+    auto = bmkernels.conv2d(**inputs, padding=1, activation="relu")
+    auto.sum().backward()
+    choices = ops_conv.engine_choices()
+    assert len(choices) == 2 and set(choices.values()) == {"aten"}, choices
+    monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
+    torch.testing.assert_close(bmkernels.conv2d(**inputs, padding=1, activation="relu"), auto)
+    ops_conv.clear_engine_choices()
+
+
 def test_bad_engine_name(monkeypatch):
     monkeypatch.setenv("BMK_CONV_ENGINE", "cudnn")
     inputs, options = _inputs("3x3_bias_relu", torch.float32, False)
