@@ -274,7 +274,7 @@ def _fake_bwd(
     out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     wanted = (
         torch.empty_like(x, memory_format=fmt),
-        weight.new_empty(weight.shape),
+        torch.empty_like(weight, memory_format=fmt),  # as a channels_last model's weights: no copy in AccumulateGrad
         weight.new_empty((weight.shape[0],)),
         torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt),
     )

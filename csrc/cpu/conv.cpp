@@ -1042,7 +1042,8 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   // gradients not asked for come back as empty tensors
   const auto none = [&] { return at::empty({0}, x_in.options()); };
   at::Tensor dx = need_dx ? at::empty(x_in.sizes(), x_in.options().memory_format(fmt)) : none();
-  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : none();
+  // in x's memory format, as a channels_last model's weights are (AccumulateGrad keeps it without a copy)
+  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options().memory_format(fmt)) : none();
   at::Tensor db = need_db ? at::empty({g.out_c}, weight.options().dtype(acc)) : none();
   at::Tensor dres =
       need_dres ? at::empty({g.batch, g.out_c, g.out_h, g.out_w}, x_in.options().memory_format(fmt)) : none();
