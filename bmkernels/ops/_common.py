@@ -1,11 +1,59 @@
 """What the op files share: the forward operator of each compiled backend, the tensor-argument check, the
-accumulation dtype and the fakes' device check. Backend choice itself is bmkernels._backend.choose."""
+accumulation dtype, the fakes' device check and the argument tables (one per operator: the fakes and the
+backward wiring read their arguments by name from it). Backend choice itself is bmkernels._backend.choose."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
+
+REQUIRED = object()
+
+
+class Arg(NamedTuple):
+    """One schema argument of an operator: name, kind ("Tensor", "Tensor?" or the scalar's schema type) and
+    default (REQUIRED when the schema has none). A table (a tuple of Arg) mirrors the schema in
+    csrc/registration.cpp in order; tests/ops/test_op_tables.py checks that it does."""
+
+    name: str
+    kind: str
+    default: object = REQUIRED
+
+
+def table(spec: str) -> tuple[Arg, ...]:
+    """An argument table from the schema's arguments written "name:kind" ("name:kind=None" for a
+    default of None), space-separated."""
+    rows = []
+    for word in spec.split():
+        name, kind = word.split(":")
+        kind, _, default = kind.partition("=")
+        rows.append(Arg(name, kind, None) if default == "None" else Arg(name, kind))
+    return tuple(rows)
+
+
+def bind(table: Sequence[Arg], args: Sequence[object], kwargs: Mapping[str, object] | None = None) -> dict[str, object]:
+    """An operator call's arguments (positional, then by keyword as torch.ops passes those given so) by
+    name, the missing ones at their defaults."""
+    values = dict(zip((a.name for a in table), args, strict=False))
+    values.update(kwargs or {})
+    missing = [a.name for a in table if a.name not in values and a.default is REQUIRED]
+    unknown = set(values) - {a.name for a in table}
+    if len(args) > len(table) or missing or unknown:
+        raise TypeError(f"expected the arguments ({', '.join(a.name for a in table)}); got {len(args)} and {kwargs}")
+    return {a.name: values.get(a.name, a.default) for a in table}
+
+
+def call_args(table: Sequence[Arg], values: Mapping[str, object]) -> tuple:
+    """The positional arguments of a call to the operator of `table`, taken by name from `values` (the
+    forward's bound arguments plus what the backward adds: one dict wires a forward to its backward)."""
+    return tuple(values[a.name] for a in table)
+
+
+def tensor_names(table: Sequence[Arg]) -> tuple[str, ...]:
+    """The table's tensor arguments (optional ones included), in order."""
+    return tuple(a.name for a in table if a.kind.startswith("Tensor"))
 
 
 def _triton_module(family: str):

@@ -13,7 +13,16 @@ import math
 import torch
 
 from bmkernels import _backend, _extension
-from bmkernels.ops._common import acc_dtype, check_tensor, forward_op, same_device_or_fail
+from bmkernels.ops._common import (
+    acc_dtype,
+    bind,
+    call_args,
+    check_tensor,
+    forward_op,
+    same_device_or_fail,
+    table,
+    tensor_names,
+)
 from bmkernels.reference import attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -401,97 +410,64 @@ def _empty_output(q, v_head_dim):
     return q.new_empty(batch, heads, q_len, v_head_dim)
 
 
-def _fake_fwd(
-    q,
-    k,
-    v,
-    bias,
-    mask,
-    alibi_slopes,
-    rng_seed,
-    scale,
-    softcap,
-    window_left,
-    window_right,
-    diag_offset,
-    dropout_p,
-    key_range=None,
-    segments=None,
-):
-    same_device_or_fail("attention", q, k, v, bias, mask, alibi_slopes, key_range, segments)
+# the schemas of attention_fwd / attention_bwd (csrc/registration.cpp), in order
+ATTENTION_FWD = table(
+    "q:Tensor k:Tensor v:Tensor bias:Tensor? mask:Tensor? alibi_slopes:Tensor? rng_seed:Tensor? scale:float "
+    "softcap:float window_left:int window_right:int diag_offset:int dropout_p:float key_range:Tensor?=None "
+    "segments:Tensor?=None"
+)
+ATTENTION_BWD = table(
+    "grad_out:Tensor q:Tensor k:Tensor v:Tensor out:Tensor lse:Tensor grad_lse:Tensor? bias:Tensor? mask:Tensor? "
+    "alibi_slopes:Tensor? rng_seed:Tensor? scale:float softcap:float window_left:int window_right:int "
+    "diag_offset:int dropout_p:float bias_grad:bool key_range:Tensor?=None segments:Tensor?=None"
+)
+_FWD_TENSORS = tensor_names(ATTENTION_FWD)
+
+
+def _fake_fwd(*args, **kwargs):
+    a = bind(ATTENTION_FWD, args, kwargs)
+    same_device_or_fail("attention", *(a[n] for n in _FWD_TENSORS))
+    q, v = a["q"], a["v"]
     batch, heads, q_len, _ = q.shape
     out = _empty_output(q, v.shape[-1])
     lse = q.new_empty(batch, heads, q_len, dtype=acc_dtype(q.dtype))
     return out, lse
 
 
-def _fake_bwd(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    grad_lse,
-    bias,
-    mask,
-    alibi_slopes,
-    rng_seed,
-    scale,
-    softcap,
-    window_left,
-    window_right,
-    diag_offset,
-    dropout_p,
-    bias_grad,
-    key_range=None,
-    segments=None,
-):
-    same_device_or_fail(
-        "attention", grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, key_range, segments
-    )
-    dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if bias_grad else (0,)
+def _fake_bwd(*args, **kwargs):
+    a = bind(ATTENTION_BWD, args, kwargs)
+    same_device_or_fail("attention", *(a[n] for n in tensor_names(ATTENTION_BWD)))
+    q, k = a["q"], a["k"]
+    dbias_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if a["bias_grad"] else (0,)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty_like(a["v"], memory_format=torch.contiguous_format),
         q.new_empty(dbias_shape, dtype=acc_dtype(q.dtype)),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, alibi_slopes, rng_seed, *params, key_range, segments = inputs
+    """Saves every tensor argument of the forward and its outputs; keeps the scalars by name."""
+    a = bind(ATTENTION_FWD, inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range, segments)
-    ctx.params = params
+    ctx.save_for_backward(*(a[n] for n in _FWD_TENSORS), out, lse)
+    ctx.scalars = {n: value for n, value in a.items() if n not in _FWD_TENSORS}
 
 
 def backward_with(bwd_op):
     """The autograd backward of an attention_fwd-shaped operator whose gradients come from bwd_op
-    (attention_bwd's signature): the Triton operators' (the C++ operator's is in csrc/autograd/)."""
+    (attention_bwd's signature): the Triton operators' (the C++ operator's is in csrc/autograd/). The
+    backward's arguments are the forward's, by name (ATTENTION_BWD), plus the gradients and outputs."""
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, bias, mask, alibi_slopes, rng_seed, key_range, segments = ctx.saved_tensors
+        values = dict(zip((*_FWD_TENSORS, "out", "lse"), ctx.saved_tensors, strict=True)) | ctx.scalars
+        bias = values["bias"]
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = bwd_op(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            grad_lse,
-            bias,
-            mask,
-            alibi_slopes,
-            rng_seed,
-            *ctx.params,
-            bias_grad,
-            key_range,
-            segments,
-        )
+        values.update(grad_out=grad_out, grad_lse=grad_lse, bias_grad=bias_grad)
+        dq, dk, dv, dbias = bwd_op(*call_args(ATTENTION_BWD, values))
         dbias = dbias.sum_to_size(bias.shape).to(bias.dtype) if bias_grad else None
-        return dq, dk, dv, dbias, *([None] * 11)
+        return dq, dk, dv, dbias, *([None] * (len(ATTENTION_FWD) - 4))
 
     return backward
 
