@@ -126,6 +126,7 @@ def _feature_case(feature, length=2048, heads=8, dim=64):
         q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
         inp = {"q": q, "k": k, "v": v}
         inp["bias"] = torch.randn(1, heads, length, length, generator=g) * 0.1
+        inp["head_bias"] = inp["bias"][:, :1].clone()  # one (L, L) bias shared by every head
         inp["keep"] = torch.ones(length, length, dtype=torch.bool)
         inp["padding"] = torch.zeros(1, length, dtype=torch.bool)
         inp["padding"][:, length - length // 4 :] = True
@@ -139,13 +140,19 @@ def _feature_case(feature, length=2048, heads=8, dim=64):
         "bool mask (all kept)": lambda i: bmk_attention(i["q"], i["k"], i["v"], mask=i["keep"]),
         "key padding": lambda i: bmk_attention(i["q"], i["k"], i["v"], key_padding_mask=i["padding"]),
         "float bias": lambda i: bmk_attention(i["q"], i["k"], i["v"], bias=i["bias"]),
+        "float bias (1, 1, L, L)": lambda i: bmk_attention(i["q"], i["k"], i["v"], bias=i["head_bias"]),
         "alibi": lambda i: bmk_attention(i["q"], i["k"], i["v"], alibi_slopes=i["slopes"]),
         "sliding window 256": lambda i: bmk_attention(i["q"], i["k"], i["v"], causal=True, window=(256, 0)),
         "causal softcap 30": lambda i: bmk_attention(i["q"], i["k"], i["v"], causal=True, softcap=30.0),
         "4-document mask": lambda i: bmk_attention(i["q"], i["k"], i["v"], mask=i["docs"]),
     }[feature]
     contenders = {BMK: bmk, "bmk plain": plain}
-    sdpa_mask = {"bool mask (all kept)": "keep", "float bias": "bias", "4-document mask": "docs"}
+    sdpa_mask = {
+        "bool mask (all kept)": "keep",
+        "float bias": "bias",
+        "float bias (1, 1, L, L)": "head_bias",
+        "4-document mask": "docs",
+    }
     if feature in sdpa_mask:
         contenders["sdpa"] = lambda i: F.scaled_dot_product_attention(
             i["q"], i["k"], i["v"], attn_mask=i[sdpa_mask[feature]]
@@ -199,6 +206,7 @@ FEATURES = (
     "bool mask (all kept)",
     "key padding",
     "float bias",
+    "float bias (1, 1, L, L)",
     "alibi",
     "sliding window 256",
     "causal softcap 30",

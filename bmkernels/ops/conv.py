@@ -287,7 +287,7 @@ def _fake_bwd(*args, **kwargs):
     out_shape = output_shape(x.shape, weight.shape, a["stride"], a["padding"], a["dilation"])
     wanted = (
         torch.empty_like(x, memory_format=fmt),
-        weight.new_empty(weight.shape),
+        torch.empty_like(weight, memory_format=fmt),  # as a channels_last model's weights: no copy in AccumulateGrad
         weight.new_empty((weight.shape[0],)),
         torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt),
     )

@@ -154,17 +154,26 @@ void row_sums(const Layout& L, F&& f, std::vector<double>& sum_a, std::vector<do
   }
 }
 
-// Per-channel tensor of `values` in dtype.
+// Per-channel tensor of `values` in dtype, filled in place (no dispatched conversion: it runs per layer and step).
 at::Tensor channel_tensor(const std::vector<double>& values, const at::TensorOptions& options, at::ScalarType dtype) {
-  auto t = at::empty({static_cast<int64_t>(values.size())}, options.dtype(at::kDouble));
-  std::copy(values.begin(), values.end(), t.data_ptr<double>());
-  return t.to(dtype);
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, options.dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "channel_tensor", [&] {
+    scalar_t* out = t.data_ptr<scalar_t>();
+    for (size_t c = 0; c < values.size(); ++c) out[c] = static_cast<scalar_t>(values[c]);
+  });
+  return t;
 }
 
+// The C values of a (C,) tensor (any stride, any floating dtype) in double, read in place.
 std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C, double absent) {
   if (!t) return std::vector<double>(C, absent);
-  auto d = t->to(at::kDouble).contiguous();
-  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + C};
+  std::vector<double> values(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t->scalar_type(), "channel_values", [&] {
+    const scalar_t* in = t->const_data_ptr<scalar_t>();
+    const int64_t stride = t->stride(0);
+    for (int64_t c = 0; c < C; ++c) values[c] = static_cast<double>(in[c * stride]);
+  });
+  return values;
 }
 
 // One run of the output passes: a plane of one channel (kRow false: one coefficient) or a channels_last

@@ -101,7 +101,7 @@ double median(std::vector<double> v) {
 // when the call is close); bmkernels' kernel wins only if its median is clearly lower (kOwnMargin), and
 // the winner's last result is returned.
 template <typename Result, typename Own, typename Aten>
-Result run_chosen(const Key& key, const Own& own, const Aten& aten) {
+Result run_chosen(const Key& key, const Own& own, const Aten& aten, bool aten_by_rule) {
   const std::string requested = requested_engine();
   if (requested == "bmkernels") return own();
   if (requested == "aten") return aten();
@@ -109,7 +109,9 @@ Result run_chosen(const Key& key, const Own& own, const Aten& aten) {
     std::lock_guard<std::mutex> lock(choices_mutex);
     const auto it = choices().find(key);
     if (it != choices().end()) return it->second == Engine::own ? own() : aten();
+    if (aten_by_rule) choices()[key] = Engine::aten;
   }
+  if (aten_by_rule) return aten();
   Result own_result, aten_result;
   std::vector<double> own_times, aten_times;
   const auto time_rounds = [&](int rounds) {
@@ -171,7 +173,7 @@ at::Tensor activate(at::Tensor z, int64_t activation, double slope) {
 at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& saved, int64_t activation, double slope) {
   switch (activation) {
     case 1:
-      return at::where(saved > 0, grad, at::zeros({}, grad.options()));
+      return at::threshold_backward(grad, saved, 0);  // grad at NaN, as torch's relu
     case 2:
       return at::where(saved > 0, grad, grad * slope);
     case 3:
@@ -220,7 +222,7 @@ ConvBwdResult aten_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at
       if (xin.sizes() != x.sizes()) dx_in = dx_in.narrow(2, padding[0], x.size(2)).narrow(3, padding[2], x.size(3));
       dx = dx_in.contiguous(fmt);
     }
-    if (need_dw) dw = dw_out.contiguous();
+    if (need_dw) dw = dw_out.contiguous(fmt);
   }
   if (need_db) {
     const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -272,6 +274,16 @@ std::vector<int64_t> checked_output_shape(const at::Tensor& x, const at::Tensor&
   return {x.size(0), x.size(1) == 0 ? 0 : weight.size(0), h / stride[0] + 1, w / stride[1] + 1};
 }
 
+// NCHW dense convs with a spatial kernel and >= 16 input channels (a ResNet's 3x3 layers) run ATen's
+// convolution without timing: our kernel there pays an NCHW -> NHWC copy of x and a transposing store,
+// which a first-call timing on cache-hot operands undercharges, and oneDNN's NCHW time is bimodal
+// (1.5 / 3.3 ms on 4x512x4x4) so five medians can pick our kernel where it is 27% slower (ResNet-18
+// training steps whose timing picked our kernel for such layers ran 0.95x eager, the others 0.99x).
+bool aten_by_rule(const at::Tensor& x, const at::Tensor& weight, int64_t groups) {
+  return format_of(x) == at::MemoryFormat::Contiguous && groups == 1 && x.size(1) >= 16 &&
+         weight.size(2) * weight.size(3) > 1;
+}
+
 // torch 2.14.1's CPU bfloat16 convolution (oneDNN) returns inf/NaN when the output is 1 wide with a
 // stride > 1 along the width (tests/ops/test_conv_engine.py); such shapes (and their transpose) stay
 // on our kernel whatever BMK_CONV_ENGINE says.
@@ -308,7 +320,7 @@ ConvFwdResult conv2d_fwd_engine(const at::Tensor& x, const at::Tensor& weight, c
   const auto aten = [&] {
     return aten_fwd(x, weight, bias, residual, stride, padding, dilation, groups, activation, slope, save_preact);
   };
-  return run_chosen<ConvFwdResult>(key, own, aten);
+  return run_chosen<ConvFwdResult>(key, own, aten, aten_by_rule(x, weight, groups));
 }
 
 ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -326,7 +338,8 @@ ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x,
   if (x.size(1) == 0) {  // nothing reaches the (empty) output: zero gradients, as torch's
     const auto [need_dx, need_dw, need_db, need_dres] = output_mask;
     const auto none = [&] { return at::empty({0}, x.options()); };
-    return {need_dx ? at::zeros_like(x) : none(), need_dw ? at::zeros_like(weight) : none(),
+    return {need_dx ? at::zeros_like(x) : none(),
+            need_dw ? at::zeros(weight.sizes(), weight.options().memory_format(format_of(x))) : none(),
             need_db ? at::zeros({weight.size(0)}, weight.options()) : none(), need_dres ? grad_out.clone() : none()};
   }
   const auto own = [&] {
@@ -340,7 +353,7 @@ ConvBwdResult conv2d_bwd_engine(const at::Tensor& grad_out, const at::Tensor& x,
   const auto aten = [&] {
     return aten_bwd(grad_out, x, weight, act_saved, stride, padding, dilation, groups, activation, slope, output_mask);
   };
-  return run_chosen<ConvBwdResult>(key, own, aten);
+  return run_chosen<ConvBwdResult>(key, own, aten, aten_by_rule(x, weight, groups));
 }
 
 std::vector<std::pair<std::string, std::string>> conv_engine_choices() {

@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(
       dx = g.padded() ? gx.narrow(2, g.extra[2], x.size(2)).narrow(3, g.extra[0], x.size(3)) : gx;
       dx = dx.contiguous(fmt);
     }
-    if (need_dw) dw = gw.contiguous();  // as the CPU op and the fake kernel: in NCHW order
+    if (need_dw) dw = gw.contiguous(fmt);  // as the CPU op and the fake kernel: in x's memory format
   }
   // dres is dz; a copy where dz is the incoming gradient itself (an operator's output must not alias its input)
   at::Tensor dres = need_dres ? (dz.is_same(grad_out) ? dz.clone() : dz) : none();

@@ -143,6 +143,48 @@ def test_conv_bn_act_equals_torch_in_train_and_eval(training, act, bias, affine,
         assert max_abs_diff(fused(x), original(x)) <= 1e-12
 
 
+@pytest.mark.parametrize(
+    "channels_last,engine", [(False, "auto"), (False, "bmkernels"), (True, "auto")], ids=["nchw", "nchw-own", "cl"]
+)
+def test_swapped_resnet_block_three_sgd_steps(channels_last, engine, monkeypatch):
+    """A swapped torchvision BasicBlock with a downsample (the fused Conv-BN-ReLU training path, with and
+    without the residual) against torch's in float64: the output, every parameter's gradient and the
+    BatchNorm statistics (running mean, unbiased running variance, num_batches_tracked) after each of
+    three SGD steps with momentum."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("BMK_CONV_ENGINE", engine)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 1, stride=2, bias=False), torch.nn.BatchNorm2d(24))
+    original = torchvision.models.resnet.BasicBlock(16, 24, stride=2, downsample=downsample)
+    original = original.double().to(memory_format=fmt).train()
+    swapped = copy.deepcopy(original)
+    report = bmkernels.swap_modules(swapped)
+    assert report.fused, "the block's conv/bn/relu runs were fused"
+    models = (original, swapped)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    for step in range(3):
+        x = torch.randn(2, 16, 7, 9, dtype=torch.float64).contiguous(memory_format=fmt)
+        outs = []
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            out = model(x)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            optimizer.step()
+            outs.append(out)
+        assert outs[1].is_contiguous(memory_format=fmt)
+        assert max_abs_diff(outs[1], outs[0]) <= float64_tolerance(magnitude(outs[0])), f"output, step {step}"
+        for (name, p_a), p_b in zip(original.named_parameters(), swapped.parameters(), strict=True):
+            tol = float64_tolerance(magnitude(p_a.grad))
+            assert max_abs_diff(p_b.grad, p_a.grad) <= tol, f"{name}.grad, step {step}"
+            assert max_abs_diff(p_b, p_a) <= float64_tolerance(magnitude(p_a)), f"{name}, step {step}"
+        for (name, b_a), b_b in zip(original.named_buffers(), swapped.buffers(), strict=True):
+            if b_a.is_floating_point():
+                assert max_abs_diff(b_b, b_a) <= float64_tolerance(magnitude(b_a)), f"{name}, step {step}"
+            else:
+                assert torch.equal(b_b, b_a), f"{name}, step {step}"
+
+
 def test_eval_no_grad_uses_fold_batchnorm_and_refolds_after_updates(monkeypatch):
     conv, bn = _conv_bn()
     original = _Unfused(conv, bn, torch.nn.ReLU()).eval()

@@ -143,6 +143,7 @@ FEATURES = {
     "bias_lq_lk_grad": ({}, {}, _bias((LQ, LK))),
     "bias_b11lk_grad": ({}, {}, _bias((B, 1, 1, LK))),
     "bias_1hlqlk_grad": ({}, {}, _bias((1, H, LQ, LK))),
+    "bias_b1lqlk_grad": ({}, {}, _bias((B, 1, LQ, LK))),
     "bias_no_grad": ({}, {}, _bias((B, H, 1, LK), grad=False)),
     "mask_lq_lk": ({}, {}, _mask((LQ, LK))),
     "mask_b11lk": ({}, {}, _mask((B, 1, 1, LK))),

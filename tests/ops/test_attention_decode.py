@@ -3,7 +3,8 @@ each of its paths, on every ISA build this CPU runs: register blocks of 8/4/2/1 
 x Lq, in blocks of 16) and their remainders, the 16-key score reduction and its partial tiles (cache lengths
 that are not multiples of 16 or of the 64-key tile), key splits (flash-decoding) and their combination,
 per-batch cache lengths (0 and 1 included), causal rows that see no key, awkward head dims, paged and
-strided caches. Ground truth: bmkernels.reference.flash_attn in float64, under the tolerance rule."""
+strided caches, tasks over one kv head or all of them. Ground truth: bmkernels.reference.flash_attn in
+float64, under the tolerance rule."""
 
 import functools
 
@@ -33,6 +34,9 @@ CASES = {
     "rows56_d64_causal": (8, 7, 64, 64, 1, (700, 5), {"causal": True}),
     "rows64_d40_window": (4, 16, 40, 40, 1, (333, 16), {"window_size": (50, 0)}),
     "rows128_d128_causal": (8, 16, 128, 128, 1, (600, 14), {"causal": True, "softcap": 3.0}),
+    # several kv heads per task (a batch of >= 2 tasks per thread) and one head per task (B1)
+    "rows8_d64_hkv4_paged": (2, 4, 64, 64, 4, (5, 700, 64, 130), {"paged": 16}),
+    "rows4_d64_hkv4_causal": (4, 1, 64, 64, 4, (900,), {"causal": True}),
 }
 
 

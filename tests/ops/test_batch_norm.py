@@ -10,6 +10,7 @@ from torch.library import opcheck
 import bmkernels
 from bmkernels.reference import batch_norm as reference
 from bmkernels.testing import assert_within_rule, check_against_reference, cpu_supports, float64_tolerance
+from tests import fuzzing
 
 ACTIVATIONS = [None, "relu", ("leaky_relu", 0.2), "gelu", "gelu_tanh", "silu", "relu6", "hardswish"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -74,6 +75,51 @@ def test_awkward_shapes(shape, channels_last):
     """One value per image, one channel, planes longer than a summing block, more channels than lanes."""
     inputs = make_inputs(shape, dtype=torch.float32, channels_last=channels_last)
     check_against_reference(kernel_fn("relu"), reference_fn("relu"), inputs, torch.float32)
+
+
+# x of shape (1, C, H, 1) or (1, C, 1, W) stored in reversed dim order: channels_last with an N stride of 1
+FEW_VALUES = [(1, 2, 2, 1), (1, 3, 1, 3), (3, 2, 1, 1), (1, 4, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+@pytest.mark.parametrize("shape", FEW_VALUES, ids=str)
+def test_few_values_per_channel(shape, layout, dtype):
+    """Two or three values per channel: dx ~ (1 - xhat^2) ~ eps / var nearly cancels; every layout."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "x": fuzzing.randn(shape, dtype, layout, seed=1, requires_grad=True),
+        "weight": torch.randn(shape[1], generator=gen).to(dtype).requires_grad_(),
+        "bias": torch.randn(shape[1], generator=gen).to(dtype).requires_grad_(),
+        "residual": None,
+    }
+    check_against_reference(kernel_fn(), reference_fn(), inputs, dtype)
+
+
+def _batch_norm_by_formula(x, weight):
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "shape,x_layout,grad_layout",
+    [
+        ((1, 2, 2, 1), "permuted", "contiguous"),
+        ((1, 3, 4, 1), "permuted", "contiguous"),
+        ((1, 2, 1, 2), "contiguous", "permuted"),
+    ],
+    ids=str,
+)
+def test_reference_right_where_torch_pairs_wrongly(shape, x_layout, grad_layout):
+    """The reference's gradients equal the formula's in float64 for the layouts torch's batch_norm
+    backward gets wrong (a size-1 dim with an unusual stride in x or in grad_out)."""
+    x = fuzzing.randn(shape, torch.float64, x_layout, seed=2, requires_grad=True)
+    weight = torch.rand(shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    grad = fuzzing.randn(shape, torch.float64, grad_layout, seed=4)
+    (got,) = torch.autograd.grad(reference.batch_norm_act(x, None, None, weight, None, True), x, grad)
+    (want,) = torch.autograd.grad(_batch_norm_by_formula(x, weight), x, grad)
+    assert (got - want).abs().max().item() <= float64_tolerance(want.abs().max().item())
 
 
 @pytest.mark.parametrize("residual", [False, True])

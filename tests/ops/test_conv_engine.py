@@ -83,6 +83,26 @@ def test_gradients_asked_for_alone(engine, monkeypatch):
         torch.testing.assert_close(alone, full)
 
 
+@pytest.mark.parametrize("engine", ("aten", "bmkernels"))
+@pytest.mark.parametrize("case", ("3x3_bias_relu", "groups_leaky", "depthwise_dilated", "hardswish"))
+def test_weight_grad_in_the_models_layout(case, engine, monkeypatch):
+    """The operator's weight gradient comes back in x's memory format, as a channels_last model's weights
+    are (AccumulateGrad then keeps it without a copy), with the same values in both layouts."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", engine)
+    grads = {}
+    for channels_last in (False, True):
+        inputs, options = _inputs(case, torch.float64, channels_last)
+        weight = inputs["weight"]
+        # autograd.grad: the operator's own gradient (AccumulateGrad would copy it into the weight's layout)
+        (grad,) = torch.autograd.grad(bmkernels.conv2d(**inputs, **options).square().sum(), weight)
+        # strides of size-1 dims do not matter (nor does AccumulateGrad compare them)
+        assert [s for s, n in zip(grad.stride(), grad.shape, strict=True) if n > 1] == [
+            s for s, n in zip(weight.stride(), weight.shape, strict=True) if n > 1
+        ]
+        grads[channels_last] = grad
+    torch.testing.assert_close(grads[True], grads[False])
+
+
 def test_auto_times_once_and_keeps_the_choice(monkeypatch):
     monkeypatch.setenv("BMK_CONV_ENGINE", "auto")
     ops_conv.clear_engine_choices()
@@ -102,6 +122,21 @@ def test_auto_times_once_and_keeps_the_choice(monkeypatch):
     torch.testing.assert_close(first, forced, rtol=0, atol=0)
     ops_conv.clear_engine_choices()
     assert ops_conv.engine_choices() == {}
+
+
+def test_auto_runs_aten_by_rule_on_nchw_spatial_convs(monkeypatch):
+    """NCHW dense convs with a spatial kernel and >= 16 input channels go to ATen untimed (and say so in
+    engine_choices); forcing BMK_CONV_ENGINE=bmkernels still runs our kernel there, with the same result."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", "auto")
+    ops_conv.clear_engine_choices()
+    inputs = make_inputs(batch=2, c_in=16, size=9, c_out=8, kernel=3, dtype=torch.float64)
+    auto = bmkernels.conv2d(**inputs, padding=1, activation="relu")
+    auto.sum().backward()
+    choices = ops_conv.engine_choices()
+    assert len(choices) == 2 and set(choices.values()) == {"aten"}, choices
+    monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
+    torch.testing.assert_close(bmkernels.conv2d(**inputs, padding=1, activation="relu"), auto)
+    ops_conv.clear_engine_choices()
 
 
 def test_bad_engine_name(monkeypatch):
