@@ -1138,8 +1138,8 @@ torch.library.register_autograd(
 )
 
 
-def _fake_fwd_contiguous(*args):
-    out, lse = ops_attention._fake_fwd(*args)
+def _fake_fwd_contiguous(*args, **kwargs):
+    out, lse = ops_attention._fake_fwd(*args, **kwargs)
     return out.contiguous(), lse
 
 

@@ -59,3 +59,15 @@ def test_bind_fills_defaults_takes_keywords_and_refuses_bad_calls():
         bind(table, args[:12])
     with pytest.raises(TypeError, match="expected the arguments"):
         bind(table, args, {"not_an_arg": 1})
+
+
+def test_fake_takes_trailing_arguments_by_keyword():
+    """torch.ops passes a defaulted argument given by name as a keyword: the fake binds it like the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 5, 8)
+        kr = torch.zeros(1, 2, dtype=torch.int64)
+        op = torch.ops.bmkernels.attention_fwd
+        out, lse = op(q, q, q, None, None, None, None, 0.35, 0.0, -1, -1, 0, 0.0, key_range=kr)
+    assert out.shape == (1, 2, 5, 8) and lse.shape == (1, 2, 5) and lse.dtype == torch.float32
