@@ -43,6 +43,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from bmkernels.ops import gru as ops_gru
+from bmkernels.ops._common import bind, call_args, tensor_names
 from bmkernels.triton.attention import _tanh, tuned
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -727,20 +728,25 @@ def _require_workspace(saved):
         )
 
 
+# the forward's arguments that gru_layer_bwd takes again (x, h0, w_ih, w_hh, lengths), by the tables
+_LAYER_SAVED = tuple(n for n in tensor_names(ops_gru.GRU_LAYER_BWD) if n in {a.name for a in ops_gru.GRU_LAYER_FWD})
+
+
 def _setup_layer(ctx, inputs, output):
-    x, h0, w_ih, w_hh, b_ih, _, lengths, _ = inputs
-    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, output[2])
-    ctx.has_bias = b_ih is not None
+    a = bind(ops_gru.GRU_LAYER_FWD, inputs)
+    ctx.save_for_backward(*(a[n] for n in _LAYER_SAVED), output[2])
+    ctx.has_bias = a["b_ih"] is not None
 
 
 def _layer_backward(ctx, grad_out, grad_h_n, _):
-    x, h0, w_ih, w_hh, lengths, workspace = ctx.saved_tensors
-    _require_workspace(workspace.dim() == 4)  # (D, T, B, 5H) when saved, (0,) when not
+    values = dict(zip((*_LAYER_SAVED, "workspace"), ctx.saved_tensors, strict=True))
+    _require_workspace(values["workspace"].dim() == 4)  # (D, T, B, 5H) when saved, (0,) when not
+    values.update(grad_out=grad_out, grad_h_n=grad_h_n, has_bias=ctx.has_bias)
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.bmkernels.gru_triton_layer_bwd(
-        grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, ctx.has_bias
+        *call_args(ops_gru.GRU_LAYER_BWD, values)
     )
     bias_grads = (db_ih, db_hh) if ctx.has_bias else (None, None)
-    return dx, dh0, dw_ih, dw_hh, *bias_grads, None, None
+    return dx, dh0, dw_ih, dw_hh, *bias_grads, *([None] * (len(ops_gru.GRU_LAYER_FWD) - 6))
 
 
 def _setup_cell(ctx, inputs, output):
