@@ -30,7 +30,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -527,10 +526,8 @@ WeightView<scalar_t> view_of(const at::Tensor& w, int64_t groups) {
 // k = (kh, kw, ci), tiles = ceil(outs / width); zero columns pad the last tile. The forward uses
 // width = kChannelTile (each tile_gemm reads one contiguous block), the scatter input gradient one tile
 // of padded_ld(Cout_g); depthwise weights are packed as one group of C outputs: [taps][C].
-// finite: if given, set to whether every weight is finite (|w| <= max is false for inf and NaN).
 template <typename scalar_t, typename acc_t>
-at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::TensorOptions& options,
-                       bool* finite = nullptr) {
+at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::TensorOptions& options) {
   const int64_t taps = v.k_h * v.k_w, K = taps * v.ins, tiles = ceil_div(v.outs, width);
   const auto opts = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor wp = v.outs % width == 0 ? at::empty({v.groups * tiles * K * width}, opts)
@@ -538,9 +535,7 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
   acc_t* out = wp.data_ptr<acc_t>();
   std::vector<int64_t> tap_offset(taps);
   for (int64_t tap = 0; tap < taps; ++tap) tap_offset[tap] = (tap / v.k_w) * v.r_stride + (tap % v.k_w) * v.s_stride;
-  std::atomic<bool> all_finite{true};
   at::parallel_for(0, v.groups * tiles, 1, [&](int64_t begin, int64_t end) {
-    bool item_finite = true;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(v.outs, co0 + width) - co0;
       const scalar_t* base = v.data + group * v.group_stride + co0 * v.out_stride;
@@ -550,8 +545,6 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
         const scalar_t* src = base + ci * v.in_stride + tap_offset[tap];
         acc_t* dst = out + (item * K + tap * v.ins + ci) * width;
         for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * v.out_stride]);
-        if (finite)
-          for (int64_t co = 0; co < n; ++co) item_finite &= std::abs(dst[co]) <= std::numeric_limits<acc_t>::max();
       };
       if (std::abs(v.in_stride) < std::abs(v.s_stride)) {
         for (int64_t tap = 0; tap < taps; ++tap)
@@ -561,9 +554,7 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
           for (int64_t tap = 0; tap < taps; ++tap) copy_row(ci, tap);
       }
     }
-    if (!item_finite) all_finite.store(false, std::memory_order_relaxed);
   });
-  if (finite) *finite = all_finite.load();
   return wp;
 }
 
@@ -1018,15 +1009,12 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // an infinite or NaN weight times the zero padding is NaN in torch: only the im2col path, whose
-    // padding is zeros, forms those products (the packing, which reads every weight, tells)
-    bool skip_padding = true;
-    at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c,
-                                                                 weight.options(), &skip_padding)
-                                  : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile,
-                                                                 weight.options(), &skip_padding);
+    // padding is zeros, forms those products (one pass over the weights; the packing makes one anyway)
+    const bool skip_padding = dispatch_all_finite(weight);
     const bool depthwise = g.depthwise() && skip_padding;
-    if (g.depthwise() && !depthwise)
-      wp = pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
+    const at::Tensor wp =
+        depthwise ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
+                  : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
     const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
                                        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
                                        out.data_ptr<scalar_t>(),
