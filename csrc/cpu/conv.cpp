@@ -30,8 +30,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -411,12 +409,10 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
 }
 
 // Forward through implicit GEMM; x: NHWC; wp: packed weights [G][channel tiles][K][kChannelTile].
-// skip_padding: the direct path may run (it skips the taps that read the padding, not torch's 0 * w).
 template <typename in_t, typename scalar_t, typename acc_t>
-void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep,
-                  bool skip_padding = true) {
+void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
   if constexpr (std::is_same_v<in_t, acc_t>) {
-    if (skip_padding && direct_applies(g)) return forward_direct(g, x, wp, ep);
+    if (direct_applies(g)) return forward_direct(g, x, wp, ep);
   }
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg(), threads = at::get_num_threads();
   const int64_t channel_tiles = ceil_div(cout_g, kChannelTile);
@@ -917,43 +913,6 @@ void weight_grad_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t
     for (int64_t i = 0; i < taps * C; ++i) dwp[i] += partial[chunk * taps * C + i];
 }
 
-// Whether some output row or column has every tap in the padding (then its pixels reach no weight tap).
-bool reads_only_padding(const ConvGeometry& g) {
-  const auto empty = [](int64_t outs, int64_t ins, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
-    for (int64_t o = 0; o < outs; ++o) {
-      bool any = false;
-      for (int64_t r = 0; r < k; ++r) any |= o * stride - pad + r * dil >= 0 && o * stride - pad + r * dil < ins;
-      if (!any) return true;
-    }
-    return false;
-  };
-  return empty(g.out_h, g.in_h, g.k_h, g.stride_h, g.pad_h, g.dil_h) ||
-         empty(g.out_w, g.in_w, g.k_w, g.stride_w, g.pad_w, g.dil_w);
-}
-
-// torch's weight gradient also sums 0 * dz over the taps that read the padding: NaN where dz is inf or
-// NaN, and weight_grad_depthwise skips those taps. Such a dz makes some dw non-finite (a tap inside the
-// image multiplies it) unless its pixel reads only padding: only then are the products added, slowly.
-template <typename acc_t>
-void add_padding_products(const ConvGeometry& g, const acc_t* dz, acc_t* dwp) {
-  const int64_t C = g.out_c;
-  bool finite = true;
-  for (int64_t i = 0; i < g.taps() * C; ++i) finite &= std::abs(dwp[i]) <= std::numeric_limits<acc_t>::max();
-  if (finite && !reads_only_padding(g)) return;
-  for (int64_t p = 0; p < g.pixels(); ++p) {
-    const int64_t oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
-    for (int64_t r = 0; r < g.k_h; ++r) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
-      for (int64_t s = 0; s < g.k_w; ++s) {
-        const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
-        if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) continue;
-        acc_t* w = dwp + (r * g.k_w + s) * C;
-        for (int64_t c = 0; c < C; ++c) w[c] += acc_t(0) * dz[p * C + c];
-      }
-    }
-  }
-}
-
 // The input as the kernels read it, NHWC, and the geometry to read it with. A strided 1x1 conv without padding
 // on NCHW input reads every stride-th pixel: those are picked before the NHWC copy (a quarter of the input at
 // stride 2), and the conv runs as a stride-1 one on them.
@@ -970,25 +929,6 @@ std::pair<at::Tensor, ConvGeometry> nhwc_input(const at::Tensor& x_in, const Con
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Whether every element of the (small) weight is finite: |v| <= max is false for inf and NaN.
-template <typename scalar_t>
-bool all_finite(const at::Tensor& t) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor c = t.contiguous();
-  const scalar_t* p = c.const_data_ptr<scalar_t>();
-  bool finite = true;
-  for (int64_t i = 0; i < c.numel(); ++i)
-    finite &= std::abs(static_cast<acc_t>(p[i])) <= std::numeric_limits<acc_t>::max();
-  return finite;
-}
-
-bool dispatch_all_finite(const at::Tensor& t) {
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t.scalar_type(), "bmkernels_all_finite",
-                                 [&] { finite = all_finite<scalar_t>(t); });
-  return finite;
-}
 
 }  // namespace
 
@@ -1008,13 +948,10 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // an infinite or NaN weight times the zero padding is NaN in torch: only the im2col path, whose
-    // padding is zeros, forms those products (one pass over the weights; the packing makes one anyway)
-    const bool skip_padding = dispatch_all_finite(weight);
-    const bool depthwise = g.depthwise() && skip_padding;
     const at::Tensor wp =
-        depthwise ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
-                  : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
+        g.depthwise()
+            ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
+            : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
     const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
                                        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
                                        out.data_ptr<scalar_t>(),
@@ -1022,10 +959,10 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
                                        out_layout,
                                        static_cast<Activation>(activation),
                                        static_cast<acc_t>(slope)};
-    if (depthwise) {
+    if (g.depthwise()) {
       forward_depthwise(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     } else {
-      forward_gemm(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep, skip_padding);
+      forward_gemm(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     }
   });
   return {out, preact};
@@ -1058,9 +995,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
   // only the weight gradient reads x (NHWC, with the geometry gx)
   const auto [x, gx] = need_dw ? nhwc_input(x_in, g, padding) : std::make_pair(x_in, g);
   const int64_t P = g.pixels(), ldz = padded_ld(P), ldw = padded_ld(g.gemm_k());
-  // by phases convolves the zero-padded dZ: with an infinite or NaN weight that makes 0 * w products
-  // torch does not form, so such weights take the scatter path
-  const bool by_phases = g.in_cg() >= kPhaseMinChannels && dispatch_all_finite(weight);
+  const bool by_phases = g.in_cg() >= kPhaseMinChannels;
   // dZ pixel-major [P][Cout] feeds the depthwise loops and the input gradient by phases (convs of dZ);
   // channel-major [Cout][ldz] feeds the weight-gradient GEMM and the scatter input gradient
   const bool want_pixels = g.depthwise() || (need_dx && by_phases);
@@ -1092,10 +1027,7 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       if (need_dx)
         input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
                              dx_layout);
-      if (need_dw) {
-        weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
-        add_padding_products(gx, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
-      }
+      if (need_dw) weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
       return;
     }
     if (need_dx && by_phases) {

@@ -173,7 +173,7 @@ at::Tensor activate(at::Tensor z, int64_t activation, double slope) {
 at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& saved, int64_t activation, double slope) {
   switch (activation) {
     case 1:
-      return at::threshold_backward(grad, saved, 0);  // grad at NaN, as torch's relu
+      return at::where(saved > 0, grad, at::zeros({}, grad.options()));
     case 2:
       return at::where(saved > 0, grad, grad * slope);
     case 3:
