@@ -982,7 +982,8 @@ def conv2d_bwd(
                     groups * split,
                 )
             wrap_triton(kernel)[grid](dres, x, partial, *dres.stride(), *x.stride(), *sizes)
-            dw = partial.sum(0).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2).contiguous().to(weight.dtype)
+            # into dw as the fake allocated it (x's memory format), converting the dtype on the way
+            dw.copy_(partial.sum(0).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2))
     return tuple(g if wanted else x.new_empty((0,)) for g, wanted in zip((dx, dw, db, dres), output_mask, strict=True))
 
 
