@@ -32,7 +32,7 @@
 #define BMK_ATTENTION_FWD_SCHEMA                                                                        \
   "(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, " \
   "float scale, float softcap, int window_left, int window_right, int diag_offset, float dropout_p, "   \
-  "Tensor? key_range=None, Tensor? segments=None) -> (Tensor, Tensor)"
+  "Tensor? key_range=None, Tensor? segments=None, Tensor? sinks=None) -> (Tensor, Tensor)"
 #define BMK_ATTENTION_BWD_SCHEMA                                                                             \
   "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, Tensor? bias, " \
   "Tensor? mask, Tensor? alibi_slopes, Tensor? rng_seed, float scale, float softcap, int window_left, "      \
@@ -54,7 +54,8 @@ TORCH_LIBRARY(bmkernels, m) {
   // rng_seed (int64, one element) seeds the Philox dropout mask; key_range (B, 2) int64 rows
   // [begin, end): batch b's keys outside it are padding (whole key blocks skipped); segments (S + 1, 2)
   // int64, cumulative (query, key) row offsets of packed sequences in batch 1 (FlashAttention's varlen):
-  // each attends to its own keys, aligned bottom-right. Returns out and lse (B, Hq, Lq).
+  // each attends to its own keys, aligned bottom-right; sinks (Hq,) float, a logit per query head that
+  // joins every row's softmax denominator with no value (gpt-oss). Returns out and lse (B, Hq, Lq).
   m.def("attention_fwd" BMK_ATTENTION_FWD_SCHEMA,
         // out takes q's layout (free transpose back to the projection layout): inductor must pass the
         // strides it traced.

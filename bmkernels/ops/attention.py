@@ -414,7 +414,7 @@ def _empty_output(q, v_head_dim):
 ATTENTION_FWD = table(
     "q:Tensor k:Tensor v:Tensor bias:Tensor? mask:Tensor? alibi_slopes:Tensor? rng_seed:Tensor? scale:float "
     "softcap:float window_left:int window_right:int diag_offset:int dropout_p:float key_range:Tensor?=None "
-    "segments:Tensor?=None"
+    "segments:Tensor?=None sinks:Tensor?=None"
 )
 ATTENTION_BWD = table(
     "grad_out:Tensor q:Tensor k:Tensor v:Tensor out:Tensor lse:Tensor grad_lse:Tensor? bias:Tensor? mask:Tensor? "

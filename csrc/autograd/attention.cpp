@@ -15,6 +15,7 @@ namespace bmk::autograd {
 
 namespace {
 
+using bmk::autograd::needs_grad;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -49,7 +50,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction<Ops
     const at::Tensor &out = outputs[0], &lse = outputs[1];
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const std::optional<at::Tensor> grad_lse = grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
-    const bool bias_grad = f.bias.has_value() && ctx->needs_input_grad(3);
+    const bool bias_grad = needs_grad(ctx, f, &AttentionFwdArgs::bias);
     auto [dq, dk, dv, dbias] =
         call_op(op, AttentionBwdArgs{grad_out,      f.q,         f.k,       f.v,           out,
                                      lse,           grad_lse,    f.bias,    f.mask,        f.alibi_slopes,
@@ -61,6 +62,14 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction<Ops
     result[2] = dv;
     // The kernel's dbias is (B, Hq, Lq, Lk) in the accumulation dtype; the bias may broadcast.
     if (bias_grad) result[3] = dbias.sum_to_size(f.bias->sizes()).to(f.bias->scalar_type());
+    if (needs_grad(ctx, f, &AttentionFwdArgs::sinks)) {
+      // a sink takes no value: d sink_h = -sum over (b, i) of P(sink) (rowsum(dO * O) - grad_lse)
+      const auto acc = lse.scalar_type();
+      at::Tensor delta = grad_out.to(acc).mul(out.to(acc)).sum(-1);
+      if (grad_lse) delta = delta.sub(grad_lse->to(acc));
+      const at::Tensor p_sink = f.sinks->to(acc).view({1, -1, 1}).sub(lse).exp();
+      result[15] = p_sink.mul(delta).sum(at::IntArrayRef{0, 2}).neg().to(f.sinks->scalar_type());
+    }
     return result;
   }
 };

@@ -19,6 +19,30 @@ torch::autograd::variable_list apply_args(const Args& args) {
   return std::apply([](const auto&... a) { return Function::apply(a...); }, args.fields());
 }
 
+// ctx->needs_input_grad of the struct's tensor argument `member`; false where it is absent (autograd numbers
+// the tensors given only).
+template <typename Args, typename T>
+bool needs_grad(torch::autograd::AutogradContext* ctx, const Args& args, T Args::* member) {
+  const void* target = &(args.*member);
+  int64_t index = 0;
+  bool found = false, given = false;
+  auto visit = [&](const auto& a) {
+    using U = std::decay_t<decltype(a)>;
+    bool input = false;
+    if constexpr (std::is_same_v<U, at::Tensor>) input = true;
+    if constexpr (std::is_same_v<U, std::optional<at::Tensor>>) input = a.has_value();
+    if (found) return;
+    if (static_cast<const void*>(&a) == target) {
+      found = true;
+      given = input;
+    } else if (input) {
+      ++index;
+    }
+  };
+  std::apply([&](const auto&... a) { (visit(a), ...); }, args.fields());
+  return given && ctx->needs_input_grad(index);
+}
+
 // Saves args (its tensors, absent optionals as undefined ones, then `outputs`, through
 // save_for_backward; its other arguments in saved_data) for load_args.
 template <typename Args>

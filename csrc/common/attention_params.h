@@ -30,7 +30,8 @@ using AttentionBwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Te
   X(int64_t, diag_offset)                           \
   X(double, dropout_p)                              \
   X(const std::optional<at::Tensor>&, key_range)    \
-  X(const std::optional<at::Tensor>&, segments)
+  X(const std::optional<at::Tensor>&, segments)     \
+  X(const std::optional<at::Tensor>&, sinks)
 
 #define BMK_ATTENTION_BWD_ARGS(X)                   \
   X(const at::Tensor&, grad_out)                    \

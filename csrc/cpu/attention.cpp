@@ -1159,10 +1159,29 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
 }
 }  // namespace
 
+namespace {
+void check_sinks(const at::Tensor& sinks, const Shapes& sh) {
+  TORCH_CHECK(at::isFloatingType(sinks.scalar_type()) && sinks.device().is_cpu() && sinks.dim() == 1 &&
+                  sinks.size(0) == sh.q_heads,
+              "bmkernels attention: sinks must be a floating CPU tensor of shape (Hq,) = (", sh.q_heads, "); got ",
+              sinks.sizes(), " ", sinks.scalar_type(), " on ", sinks.device());
+}
+
+// The sinks join each row's softmax denominator with no value: lse' = logaddexp(lse, sink) and
+// out' = out exp(lse - lse') (1 where both are -inf: no key and no sink leaves the row as it was).
+void apply_sinks(const at::Tensor& sinks, const at::Tensor& out, const at::Tensor& lse) {
+  const at::Tensor total = at::logaddexp(lse, sinks.to(lse.scalar_type()).view({1, -1, 1}));
+  const at::Tensor factor = at::where(at::isneginf(total), at::ones_like(total), at::exp(lse - total));
+  out.copy_(out.to(lse.scalar_type()) * factor.unsqueeze(-1));
+  lse.copy_(total);
+}
+}  // namespace
+
 AttentionFwdResult attention_fwd(const AttentionFwdArgs& args) {
   const auto& [q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset,
-               dropout_p, key_range, segments] = args;
+               dropout_p, key_range, segments, sinks] = args;
   const Shapes sh = check_inputs(args);
+  if (sinks) check_sinks(*sinks, sh);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor out = empty_output(q, sh.v_head_dim);
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
@@ -1179,6 +1198,7 @@ AttentionFwdResult attention_fwd(const AttentionFwdArgs& args) {
                                     kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, segs, drop,
                                     out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
+  if (sinks) apply_sinks(*sinks, out, lse);
   return {out, lse};
 }
 

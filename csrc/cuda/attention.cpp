@@ -146,6 +146,7 @@ size_t shared_limit() {
 
 AttentionFwdResult attention_fwd(const AttentionFwdArgs& args) {
   const at::Tensor& q = args.q;
+  TORCH_CHECK(!args.sinks, kWhat, ": sinks are not supported on the CUDA kernel");
   TORCH_CHECK(on_device(q), kWhat, ": q must be a ", kDeviceName, " tensor; got ", q.device());
 #if !defined(BMK_CUDA_EMULATOR)
   const c10::cuda::CUDAGuard guard(q.device());

@@ -65,7 +65,7 @@ def test_bind_fills_defaults_takes_keywords_and_refuses_bad_calls():
     args = list(range(13))
     bound = bind(table, args, {"segments": "s"})
     assert bound["key_range"] is None and bound["segments"] == "s" and bound["dropout_p"] == 12
-    assert call_args(table, bound) == (*args, None, "s")
+    assert call_args(table, bound) == (*args, None, "s", None)
     with pytest.raises(TypeError, match="expected the arguments"):
         bind(table, args[:12])
     with pytest.raises(TypeError, match="expected the arguments"):
