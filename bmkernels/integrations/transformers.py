@@ -13,9 +13,9 @@ ending at the last key (no cache, or a dynamic cache), and the padding leaving o
 tokens per row (right or left padding, or none) -- it returns no dense mask but the per-batch key
 ranges (B, 2) int64 (or None without padding), and the attention function runs causal (bottom-right
 aligned, as transformers' flash path), the window (sliding_window W as window=(W - 1, 0)), softcap,
-scaling, GQA, dropout and position_bias as bias directly in the kernel. Anything else (packed
-sequences, overlays such as image tokens or chunked attention, static-cache offsets, padding with
-holes) gets transformers' own dense boolean mask (B, 1, Lq, Lk) and stays exact.
+scaling, GQA, dropout, position_bias as bias and gpt-oss's attention sinks (s_aux) directly in the
+kernel. Anything else (packed sequences, overlays such as image tokens or chunked attention,
+static-cache offsets, padding with holes) gets transformers' own dense boolean mask (B, 1, Lq, Lk) and stays exact.
 """
 
 from collections.abc import Callable
@@ -108,11 +108,9 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' AttentionInterface entry: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D/Dv),
-    attention_mask from mask_function above. Returns (output (B, Lq, Hq, Dv), None)."""
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(
-            "bmkernels attention: attention sinks (s_aux) are not supported; use attn_implementation='eager'"
-        )
+    attention_mask from mask_function above; s_aux (gpt-oss's attention sinks, (Hq,)) as sinks, joining
+    every row's softmax denominator whatever the mask, as transformers' eager gpt-oss attention does.
+    Returns (output (B, Lq, Hq, Dv), None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     args = {"key_range": None, "key_padding_mask": None, "mask": None, "bias": None, "window": None}
     dense = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
@@ -140,6 +138,7 @@ def attention_forward(
         softcap=softcap or None,
         dropout_p=float(dropout or 0.0),
         scale=scaling,
+        sinks=kwargs.get("s_aux"),
         **args,
     )
     return out.transpose(1, 2).contiguous(), None

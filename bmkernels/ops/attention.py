@@ -176,6 +176,7 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention of q (B, Hq, Lq, D) over k (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv).
 
@@ -196,7 +197,10 @@ def attention(
     window: (left, right), keys i' - left <= j <= i' + right; -1 = unbounded.
     softcap: s -> softcap * tanh(s / softcap). alibi_slopes: (Hq,) or (B, Hq), no gradient.
     dropout_p: on the probabilities, Philox mask seeded from torch's default generator.
-    A query row with no visible key gives zeros (and lse = -inf), never NaN.
+    sinks: floating (Hq,), attention sinks (gpt-oss's s_aux): one logit per query head that joins
+    every row's softmax denominator and adds no value (not masked, not scaled, no softcap); gets a
+    gradient in its own dtype if it requires one. CPU kernel and reference only.
+    A query row with no visible key gives zeros (and lse = -inf, or its sink's logit), never NaN.
     Returns out (B, Hq, Lq, Dv) in q's dtype, or (out, lse) with lse (B, Hq, Lq) in float32
     (float64 for float64 inputs).
     """
@@ -253,12 +257,14 @@ def attention(
         scale = 1.0 / math.sqrt(head_dim)
     elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"attention: scale must be a finite number; got {scale!r}")
+    if sinks is not None:
+        _check_sinks(sinks, q)
     offset = reference.diag_offset(q_len, k_len, causal_alignment) if causal_offset is None else causal_offset
 
     name = _backend.choose("attention", q.device, backend)
     if name == "reference":
         keep_drawn = torch.rand(grid, device=q.device) >= dropout_p if dropout_p > 0 else None
-        return reference.attention(
+        out, lse = reference.attention(
             q,
             k,
             v,
@@ -273,8 +279,11 @@ def attention(
             dropout_p=dropout_p,
             dropout_mask=keep_drawn,
             scale=scale,
-            return_lse=return_lse,
+            return_lse=True,
         )
+        if sinks is not None:
+            out, lse = _fold_sinks(out, lse, sinks)
+        return (out, lse) if return_lse else out
     # the CUDA kernel reads its seed from device memory (no host sync, capturable by CUDA graphs)
     rng_seed = _draw_seed(q.device if name == "cuda" else None) if dropout_p > 0 else None
     out, lse = forward_op("attention_fwd", name)(
@@ -292,8 +301,28 @@ def attention(
         offset,
         float(dropout_p),
         key_range,
+        sinks=sinks,
     )
     return (out, lse) if return_lse else out
+
+
+def _check_sinks(sinks, q):
+    check_tensor("attention", "sinks", sinks)
+    q_heads = q.shape[1]
+    if not sinks.is_floating_point() or tuple(sinks.shape) != (q_heads,):
+        raise ValueError(
+            f"attention: sinks must be floating of shape (Hq,) = {(q_heads,)}; got {sinks.dtype} {tuple(sinks.shape)}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(f"attention: sinks must be on q's device {q.device}; got {sinks.device}")
+
+
+def _fold_sinks(out, lse, sinks):
+    """The sinks joined to a finished softmax (the CPU kernel's rule, csrc/cpu/attention.cpp apply_sinks):
+    lse' = logaddexp(lse, sink), out' = out exp(lse - lse'); a row with neither keys nor sink stays as it was."""
+    total = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))
+    factor = torch.where(torch.isneginf(total), torch.ones_like(total), torch.exp(lse - total))
+    return (out.to(lse.dtype) * factor.unsqueeze(-1)).to(out.dtype), total
 
 
 def _draw_seed(device=None):
@@ -414,7 +443,7 @@ def _empty_output(q, v_head_dim):
 ATTENTION_FWD = table(
     "q:Tensor k:Tensor v:Tensor bias:Tensor? mask:Tensor? alibi_slopes:Tensor? rng_seed:Tensor? scale:float "
     "softcap:float window_left:int window_right:int diag_offset:int dropout_p:float key_range:Tensor?=None "
-    "segments:Tensor?=None"
+    "segments:Tensor?=None sinks:Tensor?=None"
 )
 ATTENTION_BWD = table(
     "grad_out:Tensor q:Tensor k:Tensor v:Tensor out:Tensor lse:Tensor grad_lse:Tensor? bias:Tensor? mask:Tensor? "

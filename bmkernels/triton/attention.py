@@ -969,8 +969,11 @@ def attention_fwd(
     dropout_p: float,
     key_range: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of torch.ops.bmkernels.attention_fwd: (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32)."""
+    if sinks is not None:
+        raise RuntimeError("bmkernels attention (Triton kernel): sinks are not supported on the Triton kernel")
     _check(q, k, v, "attention_fwd")
     _check_segments(segments, q, k, bias, mask, key_range)
     batch, q_heads, q_len, head_dim = q.shape

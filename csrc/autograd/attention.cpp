@@ -7,22 +7,17 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <tuple>
+
+#include "autograd/saved_args.h"
+#include "common/attention_params.h"
 
 namespace bmk::autograd {
 
 namespace {
 
+using bmk::autograd::needs_grad;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using AttentionFwdResult = std::tuple<at::Tensor, at::Tensor>;
-
-at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
-
-std::optional<at::Tensor> or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 // The forward and backward operators of one attention implementation (the kernels, or the emulated CUDA ones).
 struct KernelOps {
@@ -34,86 +29,62 @@ struct EmulatedOps {
   static constexpr const char* bwd = "bmkernels::attention_emulated_bwd";
 };
 
+// The forward's arguments are those of the op's schema (autograd sees each tensor as an input).
 template <typename Ops>
 class AttentionFunction : public torch::autograd::Function<AttentionFunction<Ops>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                               const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
-                               double scale, double softcap, int64_t window_left, int64_t window_right,
-                               int64_t diag_offset, double dropout_p, const std::optional<at::Tensor>& key_range,
-                               const std::optional<at::Tensor>& segments) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow(Ops::fwd, "")
-                         .template typed<AttentionFwdResult(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, double, double, int64_t, int64_t, int64_t, double,
-                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  template <typename... A>
+  static variable_list forward(AutogradContext* ctx, const A&... a) {
+    static const auto op = typed_op<AttentionFwdArgs>(Ops::fwd);
+    const AttentionFwdArgs args{a...};
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = op.call(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                              diag_offset, dropout_p, key_range, segments);
-    // Absent optionals are saved as undefined tensors.
-    ctx->save_for_backward({q, k, v, out, lse, or_undefined(bias), or_undefined(mask), or_undefined(alibi_slopes),
-                            or_undefined(rng_seed), or_undefined(key_range), or_undefined(segments)});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["diag_offset"] = diag_offset;
-    ctx->saved_data["dropout_p"] = dropout_p;
+    auto [out, lse] = call_op(op, args);
+    save_args(ctx, args, {out, lse});
     ctx->set_materialize_grads(false);  // an unused lse gets no zero-filled gradient
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(Ops::bwd, "")
-            .template typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                double, double, int64_t, int64_t, int64_t, double, bool, const std::optional<at::Tensor>&,
-                const std::optional<at::Tensor>&)>();
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const at::Tensor &bias = saved[5], &mask = saved[6], &alibi = saved[7], &rng_seed = saved[8];
-    const at::Tensor &key_range = saved[9], &segments = saved[10];
-    at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
-    const bool bias_grad = bias.defined() && ctx->needs_input_grad(3);
+    static const auto op = typed_op<AttentionBwdArgs>(Ops::bwd);
+    const auto [f, outputs] = load_args<AttentionFwdArgs>(ctx);
+    const at::Tensor &out = outputs[0], &lse = outputs[1];
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const std::optional<at::Tensor> grad_lse = grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
+    const bool bias_grad = needs_grad(ctx, f, &AttentionFwdArgs::bias);
     auto [dq, dk, dv, dbias] =
-        op.call(grad_out, q, k, v, out, lse, or_none(grads[1]), or_none(bias), or_none(mask), or_none(alibi),
-                or_none(rng_seed), ctx->saved_data["scale"].toDouble(), ctx->saved_data["softcap"].toDouble(),
-                ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-                ctx->saved_data["diag_offset"].toInt(), ctx->saved_data["dropout_p"].toDouble(), bias_grad,
-                or_none(key_range), or_none(segments));
+        call_op(op, AttentionBwdArgs{grad_out,      f.q,         f.k,       f.v,           out,
+                                     lse,           grad_lse,    f.bias,    f.mask,        f.alibi_slopes,
+                                     f.rng_seed,    f.scale,     f.softcap, f.window_left, f.window_right,
+                                     f.diag_offset, f.dropout_p, bias_grad, f.key_range,   f.segments});
+    variable_list result(AttentionFwdArgs::kArity);
+    result[0] = dq;
+    result[1] = dk;
+    result[2] = dv;
     // The kernel's dbias is (B, Hq, Lq, Lk) in the accumulation dtype; the bias may broadcast.
-    at::Tensor grad_bias = bias_grad ? dbias.sum_to_size(bias.sizes()).to(bias.scalar_type()) : at::Tensor();
-    return {dq,           dk,           dv,           grad_bias,    at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (bias_grad) result[3] = dbias.sum_to_size(f.bias->sizes()).to(f.bias->scalar_type());
+    if (needs_grad(ctx, f, &AttentionFwdArgs::sinks)) {
+      // a sink takes no value: d sink_h = -sum over (b, i) of P(sink) (rowsum(dO * O) - grad_lse)
+      const auto acc = lse.scalar_type();
+      at::Tensor delta = grad_out.to(acc).mul(out.to(acc)).sum(-1);
+      if (grad_lse) delta = delta.sub(grad_lse->to(acc));
+      const at::Tensor p_sink = f.sinks->to(acc).view({1, -1, 1}).sub(lse).exp();
+      result[15] = p_sink.mul(delta).sum(at::IntArrayRef{0, 2}).neg().to(f.sinks->scalar_type());
+    }
+    return result;
   }
 };
 
 template <typename Ops>
-AttentionFwdResult attention_fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                                          const std::optional<at::Tensor>& alibi_slopes,
-                                          const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                          int64_t window_left, int64_t window_right, int64_t diag_offset,
-                                          double dropout_p, const std::optional<at::Tensor>& key_range,
-                                          const std::optional<at::Tensor>& segments) {
-  auto result = AttentionFunction<Ops>::apply(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                                              window_right, diag_offset, dropout_p, key_range, segments);
+AttentionFwdResult attention_fwd_autograd(const AttentionFwdArgs& args) {
+  auto result = apply_args<AttentionFunction<Ops>>(args);
   return {result[0], result[1]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bmkernels, Autograd, m) {
-  m.impl("attention_fwd", &attention_fwd_autograd<KernelOps>);
-  m.impl("attention_emulated_fwd", &attention_fwd_autograd<EmulatedOps>);
+  m.impl("attention_fwd", &AttentionFwdArgs::entry<&attention_fwd_autograd<KernelOps>>);
+  m.impl("attention_emulated_fwd", &AttentionFwdArgs::entry<&attention_fwd_autograd<EmulatedOps>>);
 }
 
 }  // namespace bmk::autograd

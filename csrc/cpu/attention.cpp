@@ -713,11 +713,14 @@ void check_broadcasts(const char* name, const at::Tensor& t, const std::vector<i
               " cannot broadcast to the score grid (B, Hq, ", "Lq, Lk) = ", at::IntArrayRef(grid));
 }
 
-Shapes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed,
-                    double scale, double softcap, int64_t window_left, int64_t window_right, double dropout_p,
-                    const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& segments) {
+// The checks of the arguments attention_fwd and attention_bwd share (Args: AttentionFwdArgs or AttentionBwdArgs).
+template <typename Args>
+Shapes check_inputs(const Args& args) {
+  const at::Tensor &q = args.q, &k = args.k, &v = args.v;
+  const std::optional<at::Tensor>&bias = args.bias, &mask = args.mask, &alibi_slopes = args.alibi_slopes;
+  const std::optional<at::Tensor>&rng_seed = args.rng_seed, &key_range = args.key_range, &segments = args.segments;
+  const double scale = args.scale, softcap = args.softcap, dropout_p = args.dropout_p;
+  const int64_t window_left = args.window_left, window_right = args.window_right;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "bmkernels attention: q, k, v must be 4-D (B, H, L, D); got q ", q.sizes(), ", k ", k.sizes(), ", v ",
               v.sizes());
@@ -1156,15 +1159,29 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
 }
 }  // namespace
 
-AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& alibi_slopes,
-                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 const std::optional<at::Tensor>& key_range,
-                                 const std::optional<at::Tensor>& segments) {
-  const Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                                 dropout_p, key_range, segments);
+namespace {
+void check_sinks(const at::Tensor& sinks, const Shapes& sh) {
+  TORCH_CHECK(at::isFloatingType(sinks.scalar_type()) && sinks.device().is_cpu() && sinks.dim() == 1 &&
+                  sinks.size(0) == sh.q_heads,
+              "bmkernels attention: sinks must be a floating CPU tensor of shape (Hq,) = (", sh.q_heads, "); got ",
+              sinks.sizes(), " ", sinks.scalar_type(), " on ", sinks.device());
+}
+
+// The sinks join each row's softmax denominator with no value: lse' = logaddexp(lse, sink) and
+// out' = out exp(lse - lse') (1 where both are -inf: no key and no sink leaves the row as it was).
+void apply_sinks(const at::Tensor& sinks, const at::Tensor& out, const at::Tensor& lse) {
+  const at::Tensor total = at::logaddexp(lse, sinks.to(lse.scalar_type()).view({1, -1, 1}));
+  const at::Tensor factor = at::where(at::isneginf(total), at::ones_like(total), at::exp(lse - total));
+  out.copy_(out.to(lse.scalar_type()) * factor.unsqueeze(-1));
+  lse.copy_(total);
+}
+}  // namespace
+
+AttentionFwdResult attention_fwd(const AttentionFwdArgs& args) {
+  const auto& [q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right, diag_offset,
+               dropout_p, key_range, segments, sinks] = args;
+  const Shapes sh = check_inputs(args);
+  if (sinks) check_sinks(*sinks, sh);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor out = empty_output(q, sh.v_head_dim);
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q.options().dtype(acc));
@@ -1181,19 +1198,14 @@ AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const
                                     kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), terms, segs, drop,
                                     out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
   });
+  if (sinks) apply_sinks(*sinks, out, lse);
   return {out, lse};
 }
 
-AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                 const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
-                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 bool bias_grad, const std::optional<at::Tensor>& key_range,
-                                 const std::optional<at::Tensor>& segments) {
-  Shapes sh = check_inputs(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                           dropout_p, key_range, segments);
+AttentionBwdResult attention_bwd(const AttentionBwdArgs& args) {
+  const auto& [grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+               window_right, diag_offset, dropout_p, bias_grad, key_range, segments] = args;
+  Shapes sh = check_inputs(args);
   sh.q_ld = padded_ld(sh.q_len);
   sh.k_ld = padded_ld(sh.k_len);
   const auto acc = acc_type(q.scalar_type());
@@ -1333,11 +1345,9 @@ AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q
   return {dq, dk_out, dv_out, dbias};
 }
 
-AttentionFwdResult attention_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-                                         const std::optional<at::Tensor>& cache_batch_idx,
-                                         const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-                                         int64_t window_left, int64_t window_right) {
+AttentionFwdResult attention_kvcache_fwd(const AttentionKvcacheFwdArgs& args) {
+  const auto& [q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, scale, softcap,
+               window_left, window_right] = args;
   const char* what = "bmkernels attention_kvcache_fwd: ";
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, what,
               "q (B, Lq, Hq, D), k_cache and v_cache (rows, L, Hkv, D) must be 4-D; got q ", q.sizes(), ", k_cache ",
@@ -1445,8 +1455,8 @@ AttentionFwdResult attention_kvcache_fwd(const at::Tensor& q, const at::Tensor& 
   return {out, lse};
 }
 
-at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
-                                  int64_t k_len, double dropout_p) {
+at::Tensor attention_dropout_mask(const AttentionDropoutMaskArgs& args) {
+  const auto& [rng_seed, batch, heads, q_len, k_len, dropout_p] = args;
   TORCH_CHECK(batch >= 0 && heads >= 0 && q_len >= 0 && k_len >= 0,
               "bmkernels attention_dropout_mask: sizes must be >= 0; got ", batch, ", ", heads, ", ", q_len, ", ",
               k_len);

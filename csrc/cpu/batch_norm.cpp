@@ -401,10 +401,8 @@ at::Tensor like_x(const at::Tensor& t, const at::Tensor& x) { return t.contiguou
 
 }  // namespace
 
-BatchNormActFwdResult batch_norm_act_fwd(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
-                                         const std::optional<at::Tensor>& bias,
-                                         const std::optional<at::Tensor>& residual_in, double eps, int64_t activation,
-                                         double slope, bool save_preact) {
+BatchNormActFwdResult batch_norm_act_fwd(const BatchNormActFwdArgs& args) {
+  const auto& [x_in, weight, bias, residual_in, eps, activation, slope, save_preact] = args;
   constexpr const char* op = "batch_norm_act_fwd";
   check_input(op, x_in);
   if (weight) check_channels(op, "weight", *weight, x_in);
@@ -422,10 +420,8 @@ BatchNormActFwdResult batch_norm_act_fwd(const at::Tensor& x_in, const std::opti
   return result;
 }
 
-BatchNormActBwdResult batch_norm_act_bwd(const at::Tensor& grad_out, const at::Tensor& x_in,
-                                         const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                         const at::Tensor& invstd, const at::Tensor& act_saved, int64_t activation,
-                                         double slope, bool saved_is_output, std::array<bool, 4> output_mask) {
+BatchNormActBwdResult batch_norm_act_bwd(const BatchNormActBwdArgs& args) {
+  const auto& [grad_out, x_in, weight, mean, invstd, act_saved, activation, slope, saved_is_output, output_mask] = args;
   constexpr const char* op = "batch_norm_act_bwd";
   check_input(op, x_in);
   check_like_x(op, "grad_out", grad_out, x_in);

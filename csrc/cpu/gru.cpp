@@ -546,9 +546,8 @@ std::optional<at::Tensor> lengths_contiguous(const std::optional<at::Tensor>& le
 
 }  // namespace
 
-GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                              bool save_workspace) {
+GruCellFwdResult gru_cell_fwd(const GruCellFwdArgs& args) {
+  const auto& [x, h, w_ih, w_hh, b_ih, b_hh, save_workspace] = args;
   check_cell_args(x, h, w_ih, w_hh, b_ih, b_hh);
   const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous() && h.is_contiguous() && w_ih.is_contiguous() &&
                     w_hh.is_contiguous() && (!b_ih || b_ih->is_contiguous()) && (!b_hh || b_hh->is_contiguous());
@@ -563,10 +562,8 @@ GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at
   return {h_next.to(x.scalar_type()), ws};
 }
 
-GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                                const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
-                                bool save_workspace) {
+GruLayerFwdResult gru_layer_fwd(const GruLayerFwdArgs& args) {
+  const auto& [x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace] = args;
   check_layer_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   const auto xc = as_compute(x), hc = as_compute(h0), wi = as_compute(w_ih), wh = as_compute(w_hh);
   const auto bi = opt_compute(b_ih), bh = opt_compute(b_hh);
@@ -578,9 +575,8 @@ GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const
   return {out.to(x.scalar_type()), h_n.to(x.scalar_type()), ws};
 }
 
-GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
-                                const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace, bool has_bias) {
+GruLayerBwdResult gru_layer_bwd(const GruLayerBwdArgs& args) {
+  const auto& [grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias] = args;
   check_layer_args(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
   const int64_t T_len = x.size(0), B = x.size(1), D = w_ih.size(0), H = w_hh.size(2);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T_len, B, D * H}), "gru_layer_bwd: grad_out must be (T, B, D*H) = (",

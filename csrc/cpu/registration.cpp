@@ -59,61 +59,23 @@ Isa active_isa() {
 
 namespace {
 
-AttentionFwdResult attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& alibi_slopes,
-                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 const std::optional<at::Tensor>& key_range,
-                                 const std::optional<at::Tensor>& segments) {
-  return BMK_ISA_CALL(attention_fwd, q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
-                      window_right, diag_offset, dropout_p, key_range, segments);
+AttentionFwdResult attention_fwd(const AttentionFwdArgs& args) { return BMK_ISA_CALL(attention_fwd, args); }
+
+AttentionBwdResult attention_bwd(const AttentionBwdArgs& args) { return BMK_ISA_CALL(attention_bwd, args); }
+
+AttentionFwdResult attention_kvcache_fwd(const AttentionKvcacheFwdArgs& args) {
+  return BMK_ISA_CALL(attention_kvcache_fwd, args);
 }
 
-AttentionBwdResult attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                 const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
-                                 const std::optional<at::Tensor>& rng_seed, double scale, double softcap,
-                                 int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                                 bool bias_grad, const std::optional<at::Tensor>& key_range,
-                                 const std::optional<at::Tensor>& segments) {
-  return BMK_ISA_CALL(attention_bwd, grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale,
-                      softcap, window_left, window_right, diag_offset, dropout_p, bias_grad, key_range, segments);
+at::Tensor attention_dropout_mask(const AttentionDropoutMaskArgs& args) {
+  return BMK_ISA_CALL(attention_dropout_mask, args);
 }
 
-AttentionFwdResult attention_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                         const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-                                         const std::optional<at::Tensor>& cache_batch_idx,
-                                         const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-                                         int64_t window_left, int64_t window_right) {
-  return BMK_ISA_CALL(attention_kvcache_fwd, q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
-                      alibi_slopes, scale, softcap, window_left, window_right);
-}
+GruCellFwdResult gru_cell_fwd(const GruCellFwdArgs& args) { return BMK_ISA_CALL(gru_cell_fwd, args); }
 
-at::Tensor attention_dropout_mask(const at::Tensor& rng_seed, int64_t batch, int64_t heads, int64_t q_len,
-                                  int64_t k_len, double dropout_p) {
-  return BMK_ISA_CALL(attention_dropout_mask, rng_seed, batch, heads, q_len, k_len, dropout_p);
-}
+GruLayerFwdResult gru_layer_fwd(const GruLayerFwdArgs& args) { return BMK_ISA_CALL(gru_layer_fwd, args); }
 
-GruCellFwdResult gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                              bool save_workspace) {
-  return BMK_ISA_CALL(gru_cell_fwd, x, h, w_ih, w_hh, b_ih, b_hh, save_workspace);
-}
-
-GruLayerFwdResult gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                                const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
-                                bool save_workspace) {
-  return BMK_ISA_CALL(gru_layer_fwd, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace);
-}
-
-GruLayerBwdResult gru_layer_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x,
-                                const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                const std::optional<at::Tensor>& lengths, const at::Tensor& workspace, bool has_bias) {
-  return BMK_ISA_CALL(gru_layer_bwd, grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias);
-}
+GruLayerBwdResult gru_layer_bwd(const GruLayerBwdArgs& args) { return BMK_ISA_CALL(gru_layer_bwd, args); }
 
 ConvFwdResult own_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -147,35 +109,29 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& x, const 
                            saved_is_output, output_mask, &own_conv2d_bwd);
 }
 
-BatchNormActFwdResult batch_norm_act_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                         const std::optional<at::Tensor>& bias,
-                                         const std::optional<at::Tensor>& residual, double eps, int64_t activation,
-                                         double slope, bool save_preact) {
-  return BMK_ISA_CALL(batch_norm_act_fwd, x, weight, bias, residual, eps, activation, slope, save_preact);
+BatchNormActFwdResult batch_norm_act_fwd(const BatchNormActFwdArgs& args) {
+  return BMK_ISA_CALL(batch_norm_act_fwd, args);
 }
 
-BatchNormActBwdResult batch_norm_act_bwd(const at::Tensor& grad_out, const at::Tensor& x,
-                                         const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                         const at::Tensor& invstd, const at::Tensor& act_saved, int64_t activation,
-                                         double slope, bool saved_is_output, std::array<bool, 4> output_mask) {
-  return BMK_ISA_CALL(batch_norm_act_bwd, grad_out, x, weight, mean, invstd, act_saved, activation, slope,
-                      saved_is_output, output_mask);
+BatchNormActBwdResult batch_norm_act_bwd(const BatchNormActBwdArgs& args) {
+  return BMK_ISA_CALL(batch_norm_act_bwd, args);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
-  m.impl("attention_fwd", &attention_fwd);
-  m.impl("attention_bwd", &attention_bwd);
-  m.impl("attention_dropout_mask", &attention_dropout_mask);
-  m.impl("attention_kvcache_fwd", &attention_kvcache_fwd);
-  m.impl("gru_cell_fwd", &gru_cell_fwd);
-  m.impl("gru_layer_fwd", &gru_layer_fwd);
-  m.impl("gru_layer_bwd", &gru_layer_bwd);
+  // entry<fn>: the schema's arguments gathered into the op's argument struct (csrc/common/op_params.h)
+  m.impl("attention_fwd", &AttentionFwdArgs::entry<&attention_fwd>);
+  m.impl("attention_bwd", &AttentionBwdArgs::entry<&attention_bwd>);
+  m.impl("attention_dropout_mask", &AttentionDropoutMaskArgs::entry<&attention_dropout_mask>);
+  m.impl("attention_kvcache_fwd", &AttentionKvcacheFwdArgs::entry<&attention_kvcache_fwd>);
+  m.impl("gru_cell_fwd", &GruCellFwdArgs::entry<&gru_cell_fwd>);
+  m.impl("gru_layer_fwd", &GruLayerFwdArgs::entry<&gru_layer_fwd>);
+  m.impl("gru_layer_bwd", &GruLayerBwdArgs::entry<&gru_layer_bwd>);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);
-  m.impl("batch_norm_act_fwd", &batch_norm_act_fwd);
-  m.impl("batch_norm_act_bwd", &batch_norm_act_bwd);
+  m.impl("batch_norm_act_fwd", &BatchNormActFwdArgs::entry<&batch_norm_act_fwd>);
+  m.impl("batch_norm_act_bwd", &BatchNormActBwdArgs::entry<&batch_norm_act_bwd>);
 }
 
 }  // namespace bmk::cpu

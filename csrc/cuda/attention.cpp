@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "common/attention_math.h"
+#include "common/attention_params.h"
 #include "cuda/torch_launch.h"
 
 namespace bmk::BMK_CUDA_NS {
@@ -53,11 +54,15 @@ struct Prepared {
   at::Tensor q, k, v, bias, mask, alibi, ranges, seed;
 };
 
-Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
-                 const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rng_seed, double scale,
-                 double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-                 const std::optional<at::Tensor>& key_range, const std::optional<at::Tensor>& segments) {
+// Checks the arguments the forward and backward share and fills the launch parameters from them (Args:
+// AttentionFwdArgs or AttentionBwdArgs).
+template <typename Args>
+Prepared prepare(const Args& args) {
+  const at::Tensor &q_in = args.q, &k_in = args.k, &v_in = args.v;
+  const std::optional<at::Tensor>&bias = args.bias, &mask = args.mask, &alibi_slopes = args.alibi_slopes;
+  const std::optional<at::Tensor>&rng_seed = args.rng_seed, &key_range = args.key_range, &segments = args.segments;
+  const double scale = args.scale, softcap = args.softcap, dropout_p = args.dropout_p;
+  const int64_t window_left = args.window_left, window_right = args.window_right, diag_offset = args.diag_offset;
   TORCH_CHECK(!segments, kWhat,
               ": packed sequences (segments) are not supported by the CUDA kernel yet; use "
               "backend='triton' or pad the batch");
@@ -139,18 +144,14 @@ size_t shared_limit() {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& rng_seed, double scale, double softcap, int64_t window_left, int64_t window_right,
-    int64_t diag_offset, double dropout_p, const std::optional<at::Tensor>& key_range,
-    const std::optional<at::Tensor>& segments) {
+AttentionFwdResult attention_fwd(const AttentionFwdArgs& args) {
+  const at::Tensor& q = args.q;
+  TORCH_CHECK(!args.sinks, kWhat, ": sinks are not supported on the CUDA kernel");
   TORCH_CHECK(on_device(q), kWhat, ": q must be a ", kDeviceName, " tensor; got ", q.device());
 #if !defined(BMK_CUDA_EMULATOR)
   const c10::cuda::CUDAGuard guard(q.device());
 #endif
-  Prepared r = prepare(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                       diag_offset, dropout_p, key_range, segments);
+  Prepared r = prepare(args);
   AttentionFwdParams& p = r.p;
   // out laid out as q is (as the CPU kernel's): (B, Lq, Hq, Dv) storage for the projection layout
   at::Tensor out = r.q.stride(1) < r.q.stride(2)
@@ -169,19 +170,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& rng_seed, double scale, double softcap, int64_t window_left, int64_t window_right,
-    int64_t diag_offset, double dropout_p, bool bias_grad, const std::optional<at::Tensor>& key_range,
-    const std::optional<at::Tensor>& segments) {
+AttentionBwdResult attention_bwd(const AttentionBwdArgs& args) {
+  const auto& [grad_out, q, k, v, out, lse, grad_lse, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left,
+               window_right, diag_offset, dropout_p, bias_grad, key_range, segments] = args;
   TORCH_CHECK(on_device(q), kWhat, ": q must be a ", kDeviceName, " tensor; got ", q.device());
 #if !defined(BMK_CUDA_EMULATOR)
   const c10::cuda::CUDAGuard guard(q.device());
 #endif
-  Prepared r = prepare(q, k, v, bias, mask, alibi_slopes, rng_seed, scale, softcap, window_left, window_right,
-                       diag_offset, dropout_p, key_range, segments);
+  Prepared r = prepare(args);
   const AttentionFwdParams& p = r.p;
   const int64_t B = p.batch, Hq = p.q_heads, Lq = p.q_len;
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == B && out.size(1) == Hq &&
@@ -217,13 +213,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 #if defined(BMK_CUDA_EMULATOR)
 TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
-  m.impl("attention_emulated_fwd", &attention_fwd);
-  m.impl("attention_emulated_bwd", &attention_bwd);
+  m.impl("attention_emulated_fwd", &AttentionFwdArgs::entry<&attention_fwd>);
+  m.impl("attention_emulated_bwd", &AttentionBwdArgs::entry<&attention_bwd>);
 }
 #else
 TORCH_LIBRARY_IMPL(bmkernels, CUDA, m) {
-  m.impl("attention_fwd", &attention_fwd);
-  m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_fwd", &AttentionFwdArgs::entry<&attention_fwd>);
+  m.impl("attention_bwd", &AttentionBwdArgs::entry<&attention_bwd>);
 }
 #endif
 

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/gru_params.h"
 #include "cuda/torch_launch.h"
 
 namespace bmk::BMK_CUDA_NS {
@@ -168,10 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_persistent(const at::Tens
   return {out, state[T & 1].to(h0.scalar_type()), ws};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x, const at::Tensor& h0,
-                                                             const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                                             const OptTensor& b_ih, const OptTensor& b_hh,
-                                                             const OptTensor& lengths, bool save_workspace) {
+GruLayerFwdResult gru_layer_fwd(const GruLayerFwdArgs& args) {
+  const auto& [x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save_workspace] = args;
   const OptTensor len = check_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
 #if !defined(BMK_CUDA_EMULATOR)
   const c10::cuda::CUDAGuard guard(x.device());
@@ -188,9 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
   return forward_steps(gi, h0, w_hh, bias, len, T, save_workspace);
 }
 
-std::tuple<at::Tensor, at::Tensor> gru_cell_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
-                                                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                                bool save_workspace) {
+GruCellFwdResult gru_cell_fwd(const GruCellFwdArgs& args) {
+  const auto& [x, h, w_ih, w_hh, b_ih, b_hh, save_workspace] = args;
   TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && w_ih.dim() == 2 && w_hh.dim() == 2, kWhat,
               ": expected x (B, I), h (B, H), w_ih (3H, I), w_hh (3H, H); got ", x.sizes(), ", ", h.sizes(), ", ",
               w_ih.sizes(), ", ", w_hh.sizes());
@@ -208,10 +206,8 @@ std::tuple<at::Tensor, at::Tensor> gru_cell_fwd(const at::Tensor& x, const at::T
                                  : at::empty({0, kGruWorkspaceGates * H}, ws.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
-    const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& lengths, const at::Tensor& workspace,
-    bool has_bias) {
+GruLayerBwdResult gru_layer_bwd(const GruLayerBwdArgs& args) {
+  const auto& [grad_out, grad_h_n, x, h0, w_ih, w_hh, lengths, workspace, has_bias] = args;
   const OptTensor len = check_layer(x, h0, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
 #if !defined(BMK_CUDA_EMULATOR)
   const c10::cuda::CUDAGuard guard(x.device());
@@ -260,15 +256,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 #if defined(BMK_CUDA_EMULATOR)
 TORCH_LIBRARY_IMPL(bmkernels, CPU, m) {
-  m.impl("gru_cell_emulated_fwd", &gru_cell_fwd);
-  m.impl("gru_layer_emulated_fwd", &gru_layer_fwd);
-  m.impl("gru_layer_emulated_bwd", &gru_layer_bwd);
+  m.impl("gru_cell_emulated_fwd", &GruCellFwdArgs::entry<&gru_cell_fwd>);
+  m.impl("gru_layer_emulated_fwd", &GruLayerFwdArgs::entry<&gru_layer_fwd>);
+  m.impl("gru_layer_emulated_bwd", &GruLayerBwdArgs::entry<&gru_layer_bwd>);
 }
 #else
 TORCH_LIBRARY_IMPL(bmkernels, CUDA, m) {
-  m.impl("gru_cell_fwd", &gru_cell_fwd);
-  m.impl("gru_layer_fwd", &gru_layer_fwd);
-  m.impl("gru_layer_bwd", &gru_layer_bwd);
+  m.impl("gru_cell_fwd", &GruCellFwdArgs::entry<&gru_cell_fwd>);
+  m.impl("gru_layer_fwd", &GruLayerFwdArgs::entry<&gru_layer_fwd>);
+  m.impl("gru_layer_bwd", &GruLayerBwdArgs::entry<&gru_layer_bwd>);
 }
 #endif
 

@@ -1,11 +1,13 @@
 """bmkernels.integrations.transformers on tiny config-built models (random weights, no hub): Llama
-(GQA), GPT-2, BERT, Gemma-2 (softcap + sliding window), ViT. Outputs and every parameter gradient
-against the unpatched model under the tolerance rule (truth: the unpatched model in float64; torch's
-error: the unpatched model in float32), on unpadded, right-padded and left-padded batches; generate()
-with a KV cache gives the same tokens; the profiler sees bmkernels' op and no aten SDPA; padding
-reaches the kernel as key ranges, not as a mask; swap_modules / unswap switch the implementation."""
+(GQA), GPT-2, BERT, Gemma-2 (softcap + sliding window), gpt-oss (attention sinks + sliding window), ViT.
+Outputs and every parameter gradient against the unpatched model under the tolerance rule (truth: the
+unpatched model in float64; torch's error: the unpatched model in float32), on unpadded, right-padded
+and left-padded batches; generate() with a KV cache gives the same tokens; the profiler sees bmkernels'
+op and no aten SDPA; padding reaches the kernel as key ranges, not as a mask; swap_modules / unswap
+switch the implementation."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -64,7 +66,28 @@ def gemma2():
     return transformers.Gemma2ForCausalLM, cfg, "eager"
 
 
-MODELS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2}
+def gpt_oss():
+    # sinks (s_aux) in every layer, layers alternating sliding (6 keys) and full; 4 experts, top 2, run
+    # by the eager loop (torch's grouped_mm refuses float64)
+    cfg = transformers.GptOssConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=6,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        experts_implementation="eager",
+    )
+    return transformers.GptOssForCausalLM, cfg, "eager"
+
+
+MODELS = {"llama": llama, "gpt2": gpt2, "bert": bert, "gemma2": gemma2, "gpt_oss": gpt_oss}
 # The float64 truth of an eager model: transformers' eager masks with finfo(float64).min, which its
 # float32 softmax turns into -inf, so a fully masked (padding) row gives NaN in float64 only, and the
 # NaN spreads through the next layer. This variant clips the mask to float32's range: eager's float32
@@ -73,16 +96,16 @@ TRUTH_EAGER = "eager_float64_truth"
 
 
 def _eager_with_finite_mask(module, query, key, value, attention_mask, **kwargs):
-    from transformers.models.gemma2 import modeling_gemma2
-
+    """The module's own model's eager attention (gpt-oss's adds the sinks), on the clipped mask."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
     if attention_mask is not None and attention_mask.dtype == torch.float64:
         attention_mask = attention_mask.clamp(min=torch.finfo(torch.float32).min)
-    return modeling_gemma2.eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return eager(module, query, key, value, attention_mask, **kwargs)
 
 
 transformers.AttentionInterface.register(TRUTH_EAGER, _eager_with_finite_mask)
 transformers.AttentionMaskInterface.register(TRUTH_EAGER, transformers.masking_utils.eager_mask)
-DECODERS = ("llama", "gpt2", "gemma2")
+DECODERS = ("llama", "gpt2", "gemma2", "gpt_oss")
 
 
 def build(name, implementation=None, dtype=torch.float32):
@@ -91,6 +114,10 @@ def build(name, implementation=None, dtype=torch.float32):
         implementation = TRUTH_EAGER
     torch.manual_seed(0)
     model = cls._from_config(cfg, attn_implementation=implementation or baseline, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():  # sinks of a trained model's size (the init's are near 0)
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            module.sinks.data.copy_(torch.randn(module.sinks.shape, generator=gen) * 2)
     return model.eval()
 
 
@@ -303,10 +330,18 @@ def test_swap_with_attention_off_leaves_the_implementation():
     assert model.config._attn_implementation == "sdpa" and report.notes == []
 
 
-def test_attention_sinks_are_refused_clearly():
-    q = torch.randn(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="s_aux"):
-        bmk_transformers.attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
+def test_gpt_oss_sinks_and_sliding_window_reach_the_kernel(monkeypatch):
+    calls = []
+    real = bmk_transformers.ops_attention.attention
+    monkeypatch.setattr(
+        bmk_transformers.ops_attention, "attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    )
+    model = build("gpt_oss", "bmkernels")
+    with torch.no_grad():
+        model(*batch("right"))
+    assert [kw["window"] for kw in calls] == [(5, 0), None]  # layer 0 slides over 6 keys, layer 1 is global
+    assert [kw["sinks"] for kw in calls] == [layer.self_attn.sinks for layer in model.model.layers]
+    assert all(kw["mask"] is None and kw["key_range"].tolist() == [[0, 19], [0, 13]] for kw in calls)
 
 
 def test_copy_of_a_switched_model_keeps_working():

@@ -1,5 +1,6 @@
 """Each argument table in bmkernels/ops (what the fakes and the Python backward wiring read by name) mirrors
-its operator's schema in csrc/registration.cpp: names, order, kinds and defaults."""
+its operator's schema in csrc/registration.cpp: names, order, kinds and defaults. So does each C++ argument
+struct (csrc/common/*_params.h): its types the dispatcher checks when the library loads, its names here."""
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ TABLES = {
     "gru_layer_emulated_bwd": gru.GRU_LAYER_BWD,
 }
 
+# op -> its C++ argument struct's names (csrc/common/op_params.h)
+CPP_ARG_NAMES = _extension.require("test_op_tables").op_arg_names() if _extension.loaded() else {}
+
 
 def schema_rows(op):
     """(name, type as the schema text writes it, default) per argument."""
@@ -49,12 +53,19 @@ def test_table_matches_schema(op):
     assert [tuple(a) for a in TABLES[op]] == schema_rows(op)
 
 
+@pytest.mark.parametrize("op", sorted(CPP_ARG_NAMES))
+def test_cpp_argument_struct_matches_schema(op):
+    if not hasattr(torch.ops.bmkernels, op):
+        pytest.skip(f"{op} is not in this build")
+    assert list(CPP_ARG_NAMES[op]) == [name for name, _, _ in schema_rows(op)]
+
+
 def test_bind_fills_defaults_takes_keywords_and_refuses_bad_calls():
     table = attention.ATTENTION_FWD
     args = list(range(13))
     bound = bind(table, args, {"segments": "s"})
     assert bound["key_range"] is None and bound["segments"] == "s" and bound["dropout_p"] == 12
-    assert call_args(table, bound) == (*args, None, "s")
+    assert call_args(table, bound) == (*args, None, "s", None)
     with pytest.raises(TypeError, match="expected the arguments"):
         bind(table, args[:12])
     with pytest.raises(TypeError, match="expected the arguments"):
