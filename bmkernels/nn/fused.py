@@ -11,7 +11,7 @@ One rule for every fused block (`conv_bn_act`), equal to the unfused torch modul
   in one kernel (an activation it lacks runs after it), with BatchNorm2d's own bookkeeping of the
   running statistics (`batch_norm_of`); a BatchNorm subclass other than timm's BatchNormAct2d runs
   as its own module, and so does the BatchNorm where that kernel is the slower (`batch_norm_act_wins`:
-  SiLU / GELU, fewer than 1024 values per channel), followed by the residual add and the activation.
+  SiLU / GELU, NCHW maps of fewer than 1024 values per channel), followed by the residual add and the activation.
 
 What swap_modules(fuse=True) does with them (the module tree, state_dict keys, parameters and
 `isinstance` checks all stay as they were; only the forward of the container changes):
@@ -92,14 +92,17 @@ def _folded_with_grad(conv, bn):
 
 # bmkernels.batch_norm_act's training kernel loses to torch's batch_norm (+ the activation's own op) where
 # the activation needs an exp per element (SiLU, GELU: scalar in the kernel; 0.15-0.55x torch on
-# EfficientNet-B0's shapes) and on small maps (NCHW 4x4 at batch 4: ~0.55x); there torch's modules run.
+# EfficientNet-B0's shapes) and on small NCHW maps (4x4 at batch 4: ~0.55x; channels_last there is
+# ~0.9-1.0x and a whole MobileNetV2 step was faster fused); there torch's modules run.
 _SLOW_BN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-_MIN_BN_VALUES = 1024  # values per channel (N * H * W) below which torch's batch_norm is as fast or faster
+_MIN_NCHW_BN_VALUES = 1024  # values per channel (N * H * W) below which torch's NCHW batch_norm is faster
 
 
 def batch_norm_act_wins(out, activation):
     """Whether the fused training BatchNorm kernel is used for conv output `out` and `activation`."""
-    return activation not in _SLOW_BN_ACTIVATIONS and out.shape[0] * out.shape[2] * out.shape[3] >= _MIN_BN_VALUES
+    if activation in _SLOW_BN_ACTIVATIONS:
+        return False
+    return out.shape[0] * out.shape[2] * out.shape[3] >= _MIN_NCHW_BN_VALUES or not out.is_contiguous()
 
 
 def batch_norm_of(bn, x, activation=None, residual=None):

@@ -149,7 +149,7 @@ def test_conv_bn_act_equals_torch_in_train_and_eval(training, act, bias, affine,
     [
         (torch.nn.ReLU(), (4, 64, 64), True),  # 4 * 32 * 32 values per channel: the fused kernel
         (torch.nn.ReLU6(), (4, 64, 64), True),
-        (torch.nn.ReLU(), (4, 9, 8), False),  # 4 * 5 * 4 values per channel: torch's BatchNorm
+        (torch.nn.ReLU(), (4, 9, 8), None),  # 4 * 5 * 4 values per channel: torch's BatchNorm in NCHW only
         (torch.nn.SiLU(), (4, 64, 64), False),  # an exp per element: torch's BatchNorm + SiLU
         (torch.nn.GELU(), (4, 64, 64), False),
     ],
@@ -157,8 +157,10 @@ def test_conv_bn_act_equals_torch_in_train_and_eval(training, act, bias, affine,
 )
 def test_training_batch_norm_kernel_only_where_it_wins(act, size, fused_kernel, channels_last, monkeypatch):
     """In training, conv_bn_act runs bmkernels.batch_norm_act where it is the faster (ReLU-like activations,
-    >= 1024 values per channel) and torch's BatchNorm + activation elsewhere; both equal torch's modules
-    (outputs, gradients, running statistics), with and without the residual."""
+    channels_last or >= 1024 values per channel) and torch's BatchNorm + activation elsewhere; both equal
+    torch's modules (outputs, gradients, running statistics), with and without the residual."""
+    if fused_kernel is None:
+        fused_kernel = channels_last
     calls = []
     real = nn_fused.batch_norm_act
     monkeypatch.setattr(nn_fused, "batch_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
