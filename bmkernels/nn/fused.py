@@ -10,7 +10,8 @@ One rule for every fused block (`conv_bn_act`), equal to the unfused torch modul
   bmkernels, then bmkernels.batch_norm_act normalizes, adds the residual and applies the activation
   in one kernel (an activation it lacks runs after it), with BatchNorm2d's own bookkeeping of the
   running statistics (`batch_norm_of`); a BatchNorm subclass other than timm's BatchNormAct2d runs
-  as its own module.
+  as its own module, and so does the BatchNorm where that kernel is the slower (`batch_norm_act_wins`:
+  SiLU / GELU, NCHW maps of fewer than 1024 values per channel), followed by the residual add and the activation.
 
 What swap_modules(fuse=True) does with them (the module tree, state_dict keys, parameters and
 `isinstance` checks all stay as they were; only the forward of the container changes):
@@ -89,6 +90,21 @@ def _folded_with_grad(conv, bn):
     return (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
 
 
+# bmkernels.batch_norm_act's training kernel loses to torch's batch_norm (+ the activation's own op) where
+# the activation needs an exp per element (SiLU, GELU: scalar in the kernel; 0.15-0.55x torch on
+# EfficientNet-B0's shapes) and on small NCHW maps (4x4 at batch 4: ~0.55x; channels_last there is
+# ~0.9-1.0x and a whole MobileNetV2 step was faster fused); there torch's modules run.
+_SLOW_BN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_MIN_NCHW_BN_VALUES = 1024  # values per channel (N * H * W) below which torch's NCHW batch_norm is faster
+
+
+def batch_norm_act_wins(out, activation):
+    """Whether the fused training BatchNorm kernel is used for conv output `out` and `activation`."""
+    if activation in _SLOW_BN_ACTIVATIONS:
+        return False
+    return out.shape[0] * out.shape[2] * out.shape[3] >= _MIN_NCHW_BN_VALUES or not out.is_contiguous()
+
+
 def batch_norm_of(bn, x, activation=None, residual=None):
     """act(bn(x) + residual) through bmkernels.batch_norm_act, with BatchNorm2d.forward's bookkeeping
     (num_batches_tracked, momentum None as a cumulative average, untracked statistics) for `bn`, a
@@ -111,6 +127,15 @@ def batch_norm_of(bn, x, activation=None, residual=None):
         activation=activation,
         residual=residual,
     )
+
+
+def _torch_norm(conv, bn, out):
+    """bn(out) by torch's module. In training its running statistics change inside torch's kernel without
+    bumping their version counters, which the conv's cached eval fold is keyed on: the cache is dropped."""
+    out = bn(out)
+    if bn.training:
+        conv.__dict__.pop("_bmkernels_eval_cache", None)
+    return out
 
 
 def conv_bn_act(
@@ -140,16 +165,16 @@ def conv_bn_act(
         return conv.conv(x, weight, bias, activation=activation, residual=residual)
     if bn is not None and isinstance(conv, Conv2d) and not _has_hooks(conv):
         out = conv.conv(x, conv.weight, conv.bias, private=True)  # BatchNorm only reads it
-        if type(bn) is torch.nn.BatchNorm2d and not _has_hooks(bn):
+        if type(bn) is torch.nn.BatchNorm2d and not _has_hooks(bn) and batch_norm_act_wins(out, activation):
             # batch statistics, residual and activation in one kernel; an activation it lacks after it
             if act_module is not None and activation is None:
                 return act_module(batch_norm_of(bn, out, residual=residual))
             return batch_norm_of(bn, out, activation, residual)
-        out = bn(out)
+        out = _torch_norm(conv, bn, out)
     else:
         out = conv(x)
         if bn is not None:
-            out = bn(out)
+            out = _torch_norm(conv, bn, out)
     if residual is not None:
         # in place on BatchNorm's fresh output, as torchvision's `out += identity` (its backward does not read it)
         out = out.add_(residual) if type(bn) is torch.nn.BatchNorm2d else out + residual
@@ -416,8 +441,12 @@ def conv_norm_act(conv, norm, x, residual=None):
     if isinstance(conv, Conv2d) and _bn_folds(norm):
         return conv_bn_act(conv, norm, x, spec, residual)
     if isinstance(conv, Conv2d) and fusable and not _has_hooks(conv) and not _has_hooks(norm):
-        return batch_norm_of(norm, conv.conv(x, conv.weight, conv.bias, private=True), spec, residual)
-    out = norm(conv(x))
+        out = conv.conv(x, conv.weight, conv.bias, private=True)  # the norm only reads it
+        if batch_norm_act_wins(out, spec):
+            return batch_norm_of(norm, out, spec, residual)
+        out = _torch_norm(conv, norm, out)  # timm's module: batch statistics, then its activation
+    else:
+        out = _torch_norm(conv, norm, conv(x))
     return out if residual is None else out + residual
 
 

@@ -143,6 +143,41 @@ def test_conv_bn_act_equals_torch_in_train_and_eval(training, act, bias, affine,
         assert max_abs_diff(fused(x), original(x)) <= 1e-12
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize(
+    "act,size,fused_kernel",
+    [
+        (torch.nn.ReLU(), (4, 64, 64), True),  # 4 * 32 * 32 values per channel: the fused kernel
+        (torch.nn.ReLU6(), (4, 64, 64), True),
+        (torch.nn.ReLU(), (4, 9, 8), None),  # 4 * 5 * 4 values per channel: torch's BatchNorm in NCHW only
+        (torch.nn.SiLU(), (4, 64, 64), False),  # an exp per element: torch's BatchNorm + SiLU
+        (torch.nn.GELU(), (4, 64, 64), False),
+    ],
+    ids=["relu-big", "relu6-big", "relu-small", "silu", "gelu"],
+)
+def test_training_batch_norm_kernel_only_where_it_wins(act, size, fused_kernel, channels_last, monkeypatch):
+    """In training, conv_bn_act runs bmkernels.batch_norm_act where it is the faster (ReLU-like activations,
+    channels_last or >= 1024 values per channel) and torch's BatchNorm + activation elsewhere; both equal
+    torch's modules (outputs, gradients, running statistics), with and without the residual."""
+    if fused_kernel is None:
+        fused_kernel = channels_last
+    calls = []
+    real = nn_fused.batch_norm_act
+    monkeypatch.setattr(nn_fused, "batch_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv, bn = _conv_bn()
+    original = _Unfused(conv, bn, act).train()
+    fused = _Fused(Conv2d.from_torch(copy.deepcopy(conv)), copy.deepcopy(bn), act).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(size[0], 5, *size[1:], dtype=torch.float64).contiguous(memory_format=fmt)
+    out_shape = (size[0], 7, (size[1] + 1) // 2, (size[2] + 1) // 2)
+    residual = torch.randn(out_shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    for kwargs in ({}, {"residual": residual}):
+        assert_same64(original, fused, x, **kwargs)
+    assert bool(calls) == fused_kernel
+    for name, buffer in original.bn.named_buffers():
+        assert torch.allclose(fused.bn.get_buffer(name), buffer, rtol=0, atol=1e-12), name
+
+
 @pytest.mark.parametrize(
     "channels_last,engine", [(False, "auto"), (False, "bmkernels"), (True, "auto")], ids=["nchw", "nchw-own", "cl"]
 )
