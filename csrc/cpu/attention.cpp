@@ -319,6 +319,59 @@ void pack_transposed(const scalar_t* x, int64_t rows, int64_t D, int64_t ldx, in
   }
 }
 
+// bf16 rows (rows x D, row stride ldx) packed densely with row stride De = D rounded up to even, the
+// pad column zero (tile_gemm_bf16 multiplies pairs along K).
+void pack_rows_even(const at::BFloat16* x, int64_t rows, int64_t D, int64_t ldx, at::BFloat16* out) {
+  const int64_t De = D + D % 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(x + r * ldx, x + r * ldx + D, out + r * De);
+    if (De > D) out[r * De + D] = at::BFloat16(0.f);
+  }
+}
+
+// Keys (n x D, row stride ldx) as B = K^T in the VNNI pairs tile_gemm_bf16 reads: element (d, j) at
+// out[(d / 2) * 2 * ld + 2 * j + d % 2], for d below D rounded up to even (the pad is zero). A pair
+// (d, d + 1) of one key is 32 contiguous bits of its row, so this is a transpose of 32-bit words.
+void pack_keys_vnni(const at::BFloat16* x, int64_t n, int64_t D, int64_t ldx, int64_t ld, at::BFloat16* out) {
+  constexpr int64_t kRows = 16;  // blocks of rows keep the strided reads in L1
+  const int64_t full = D / 2;
+  for (int64_t j0 = 0; j0 < n; j0 += kRows) {
+    const int64_t j1 = std::min(n, j0 + kRows);
+    for (int64_t p = 0; p < full; ++p) {
+      for (int64_t j = j0; j < j1; ++j) std::memcpy(out + 2 * (p * ld + j), x + j * ldx + 2 * p, 4);
+    }
+    if (D % 2) {
+      for (int64_t j = j0; j < j1; ++j) {
+        out[2 * (full * ld + j)] = x[j * ldx + D - 1];
+        out[2 * (full * ld + j) + 1] = at::BFloat16(0.f);
+      }
+    }
+  }
+}
+
+// Values (n x Dv, row stride ldx) as B in VNNI pairs: element (j, d) at out[(j / 2) * 2 * Dv + 2 * d + j % 2],
+// rows interleaved two by two; an odd n gets a zero row n.
+void pack_values_vnni(const at::BFloat16* x, int64_t n, int64_t Dv, int64_t ldx, at::BFloat16* out) {
+  const auto* src = reinterpret_cast<const uint16_t*>(x);
+  auto* dst = reinterpret_cast<uint16_t*>(out);
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* r0 = src + j * ldx;
+    uint16_t* o = dst + j * Dv;
+    if (j + 1 < n) {
+      const uint16_t* r1 = r0 + ldx;
+      for (int64_t d = 0; d < Dv; ++d) {
+        o[2 * d] = r0[d];
+        o[2 * d + 1] = r1[d];
+      }
+    } else {
+      for (int64_t d = 0; d < Dv; ++d) {
+        o[2 * d] = r0[d];
+        o[2 * d + 1] = 0;
+      }
+    }
+  }
+}
+
 struct Dropout {
   uint64_t seed = 0;
   double p = 0;  // the keep test compares in float (as Triton does); the 1/(1-p) scale uses the double
@@ -396,9 +449,11 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
   const int64_t key_block = tile_width(max_k, kFwdKeyBlock, kFwdKeyBlock);
   const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, sh.q_len, sh.k_len, kFwdQueryBlock, true);
   // bf16 GEMMs on bf16 tiles (Q and K as given, P rounded to bf16 as FlashAttention does) where they
-  // are faster; else every tile in acc_t
+  // are faster; else every tile in acc_t. The bf16 GEMMs multiply pairs along K: De is D rounded up to
+  // even, and K and V are packed in VNNI pairs (zero pads).
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
   const bool lowp = kBf16 && native_bf16_gemm();
+  const int64_t De = D + D % 2;
   run_tasks(first_task.back(), [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(lowp ? 0 : kFwdQueryBlock * D);
@@ -407,9 +462,9 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
     // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
     // with no full-size temporary and no extra parallel region.
     std::vector<acc_t> kt_head(lowp ? 0 : D * k_ld), v_acc(std::is_same_v<scalar_t, acc_t> || lowp ? 0 : max_k * Dv);
-    // the bf16 path's tiles: Q, K transposed, P
-    std::vector<scalar_t> q_lp(lowp ? kFwdQueryBlock * D : 0), kt_lp(lowp ? D * k_ld : 0);
-    std::vector<scalar_t> p_lp(lowp ? kFwdQueryBlock * key_block : 0);
+    // the bf16 path's tiles: Q, P, and the head's K^T and V in VNNI pairs
+    std::vector<scalar_t> q_lp(lowp ? kFwdQueryBlock * De : 0), kt_lp(lowp ? De * k_ld : 0);
+    std::vector<scalar_t> v_lp(lowp ? (max_k + 1) * Dv : 0), p_lp(lowp ? kFwdQueryBlock * key_block : 0);
     int64_t packed_head = -1;  // segment * kv_heads + kv head
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t s = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
@@ -421,17 +476,21 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const AttentionWindow& win = seg.win;  // padding keys: whole blocks skipped
       ScoreTerms<scalar_t, acc_t> seg_terms = terms;
       seg_terms.diag_offset = win.diag_offset;
-      if (lowp) {  // Q unscaled (no second rounding); its scores are scaled in fp32 below
-        pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scalar_t(1), q_lp.data());
-      } else {
+      if constexpr (kBf16) {
+        if (lowp)  // Q unscaled (no second rounding); its scores are scaled in fp32 below
+          pack_rows_even(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, q_lp.data());
+      }
+      if (!lowp) {
         pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once
       }
       if (s * sh.kv_heads + hk != packed_head) {
-        if (lowp) {
-          pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, scalar_t(1), kt_lp.data());
-        } else {
-          pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
+        if constexpr (kBf16) {
+          if (lowp) {
+            pack_keys_vnni(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, kt_lp.data());
+            pack_values_vnni(v + lay.v.at(b, hk, seg.k0), Lk, Dv, lay.v.row, v_lp.data());
+          }
         }
+        if (!lowp) pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
         if (!v_acc.empty()) pack_rows(v + lay.v.at(b, hk, seg.k0), Lk, Dv, lay.v.row, acc_t(1), v_acc.data());
         packed_head = s * sh.kv_heads + hk;
       }
@@ -444,7 +503,6 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
         v_head = v_acc.data();
         v_ld = Dv;
       }
-      const scalar_t* v_lp = v + lay.v.at(b, hk, seg.k0);  // the bf16 path reads V as given
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
@@ -457,7 +515,8 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
         if constexpr (kBf16) {
           if (lowp)
-            tile_gemm_bf16(rows, cols, D, q_lp.data(), D, kt_lp.data() + j0, k_ld, scores.data(), key_block, false);
+            tile_gemm_bf16(rows, cols, De, q_lp.data(), De, kt_lp.data() + 2 * j0, k_ld, scores.data(), key_block,
+                           false);
         }
         if (!lowp)
           tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, k_ld, scores.data(), key_block, false);
@@ -487,10 +546,15 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           }
         }
         if constexpr (kBf16) {
-          if (lowp) {
-            for (int64_t r = 0; r < rows; ++r)
+          if (lowp) {  // an odd tail tile gets a zero column of P (against V's zero pad row): K even
+            const int64_t cols_even = cols + cols % 2;
+            for (int64_t r = 0; r < rows; ++r) {
               at::vec::convert(scores.data() + r * key_block, p_lp.data() + r * key_block, cols);
-            tile_gemm_bf16(rows, Dv, cols, p_lp.data(), key_block, v_lp + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
+              if (cols_even > cols) p_lp[r * key_block + cols] = scalar_t(0.f);
+            }
+            // j0 is even (a multiple of kTileGranule): its pair row of V starts at j0 * Dv
+            tile_gemm_bf16(rows, Dv, cols_even, p_lp.data(), key_block, v_lp.data() + j0 * Dv, Dv, acc_out.data(), Dv,
+                           true);
           }
         }
         if (!lowp)
@@ -511,6 +575,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       }
     }
     tile_gemm_done();
+    if (lowp) tile_gemm_bf16_done();
   });
 }
 
