@@ -58,13 +58,30 @@ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// Partial vectors cover the last n % width elements (short causal rows would otherwise go scalar).
+// The max of x[0, n), after x <- x * scale in the same pass (none for scale 1). Partial vectors cover
+// the last n % width elements (short causal rows would otherwise go scalar).
 template <typename T>
-T row_max(const T* x, int64_t n) {
+T row_max(T* x, int64_t n, T scale) {
+  const bool scaled = scale != T(1);
+  const Vec<T> scale_vec(scale);
   Vec<T> acc(neg_inf<T>());
   int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
-  if (c < n) acc = at::vec::maximum(acc, Vec<T>::set(Vec<T>(neg_inf<T>()), Vec<T>::loadu(x + c, n - c), n - c));
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    Vec<T> v = Vec<T>::loadu(x + c);
+    if (scaled) {
+      v = v * scale_vec;
+      v.store(x + c);
+    }
+    acc = at::vec::maximum(acc, v);
+  }
+  if (c < n) {
+    Vec<T> v = Vec<T>::loadu(x + c, n - c);
+    if (scaled) {
+      v = v * scale_vec;
+      v.store(x + c, n - c);
+    }
+    acc = at::vec::maximum(acc, Vec<T>::set(Vec<T>(neg_inf<T>()), v, n - c));
+  }
   T lanes[Vec<T>::size()];
   acc.store(lanes);
   T best = neg_inf<T>();
@@ -83,31 +100,43 @@ Vec<T> exp_keeping_nan(const Vec<T>& x) {
   return Vec<T>::blendv(x.exp_u20(), x, x.isnan());
 }
 
-// x <- exp(x - shift) in place; returns the sum. shift = +inf (a +inf or NaN score, see row_max): the
-// row's softmax is NaN (inf - inf), so x and the sum are NaN, and with them the row's out and lse.
-template <typename T>
-T exp_shift_sum(T* x, int64_t n, T shift) {
+// p <- exp(x - shift) for x[0, n); returns the sum (of the unrounded values). p is x itself, or bf16
+// (the P of a bf16 GEMM: rounded in the same pass). shift = +inf (a +inf or NaN score, see row_max): the
+// row's softmax is NaN (inf - inf), so p and the sum are NaN, and with them the row's out and lse.
+template <typename T, typename P>
+T exp_shift_sum(const T* x, int64_t n, T shift, P* p) {
   if (shift == std::numeric_limits<T>::infinity()) {
-    std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
+    std::fill(p, p + n, P(std::numeric_limits<T>::quiet_NaN()));
     return std::numeric_limits<T>::quiet_NaN();
   }
-  const Vec<T> shift_vec(shift);
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> shift_vec(shift), zero(T(0));
   Vec<T> acc(T(0));
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
-    e.store(x + c);
-    acc = acc + e;
+  if constexpr (std::is_same_v<P, T>) {
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+      e.store(p + c);
+      acc = acc + e;
+    }
+    if (c < n) {
+      const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
+      e.store(p + c, n - c);
+      acc = acc + Vec<T>::set(zero, e, n - c);
+    }
+  } else {  // two float vectors round into one vector of P
+    for (int64_t c = 0; c < n; c += 2 * W) {
+      const int64_t m0 = std::min(W, n - c), m1 = std::clamp<int64_t>(n - c - W, 0, W);
+      const Vec<T> e0 = (Vec<T>::loadu(x + c, m0) - shift_vec).exp_u20();
+      const Vec<T> e1 = m1 > 0 ? (Vec<T>::loadu(x + c + W, m1) - shift_vec).exp_u20() : zero;
+      at::vec::convert_from_float<P>(e0, e1).store(p + c, m0 + m1);
+      acc = acc + Vec<T>::set(zero, e0, m0) + Vec<T>::set(zero, e1, m1);
+    }
   }
-  if (c < n) {
-    const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
-    e.store(x + c, n - c);
-    acc = acc + Vec<T>::set(Vec<T>(T(0)), e, n - c);
-  }
-  T lanes[Vec<T>::size()];
+  T lanes[W];
   acc.store(lanes);
   T sum = 0;
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  for (int64_t l = 0; l < W; ++l) sum += lanes[l];
   return sum;
 }
 
@@ -117,6 +146,21 @@ void scale_row(T* x, int64_t n, T factor) {
   int64_t c = 0;
   for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) (Vec<T>::loadu(x + c) * f).store(x + c);
   for (; c < n; ++c) x[c] *= factor;
+}
+
+// One online-softmax step over a row's next n logits x (-inf where masked), first times scale (1: none):
+// p <- exp(x - new max), p being x itself or the bf16 P of the next GEMM; the running max and sum
+// updated, and the row's unnormalized output (Dv values) rescaled to the new max.
+template <typename T, typename P>
+void online_softmax_step(T* x, int64_t n, T scale, T& run_max, T& run_sum, T* out, int64_t Dv, P* p) {
+  const T new_max = std::max(run_max, row_max(x, n, scale));
+  // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
+  const T shift = new_max == neg_inf<T>() ? T(0) : new_max;
+  const T tile_sum = exp_shift_sum(x, n, shift, p);
+  const T rescale = std::exp(run_max - shift);
+  run_sum = run_sum * rescale + tile_sum;
+  run_max = new_max;
+  if (rescale != T(1)) scale_row(out, Dv, rescale);
 }
 
 // tanh for the softcap in float: x P(x^2) / Q(x^2), P of degree 6 and Q of degree 3 in x^2, fitted by
@@ -454,6 +498,8 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
   const bool lowp = kBf16 && native_bf16_gemm();
   const int64_t De = D + D % 2;
+  // without dropout, the bf16 path rounds P in its exp pass (dropout multiplies the fp32 P first)
+  const bool direct_p = lowp && !drop.on();
   run_tasks(first_task.back(), [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(lowp ? 0 : kFwdQueryBlock * D);
@@ -513,6 +559,9 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const bool mask_kept = hulls.all_kept(b, h, i0 / kFwdQueryBlock);
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
+        // the bf16 P.V multiplies pairs of keys: an odd tail tile gets a zero column of P (against V's
+        // zero pad row)
+        const int64_t cols_even = cols + cols % 2;
         if constexpr (kBf16) {
           if (lowp)
             tile_gemm_bf16(rows, cols, De, q_lp.data(), De, kt_lp.data() + 2 * j0, k_ld, scores.data(), key_block,
@@ -527,18 +576,30 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           const int64_t hi = std::clamp<int64_t>(win.end_key(i) - j0, lo, cols);
           std::fill(row, row + lo, acc_t(0));
           std::fill(row + hi, row + cols, acc_t(0));
+          if constexpr (kBf16) {
+            if (direct_p) {  // P's zeros, the pad column of an odd tail tile included (K even, see below)
+              std::fill(p_lp.data() + r * key_block, p_lp.data() + r * key_block + lo, scalar_t(0.f));
+              std::fill(p_lp.data() + r * key_block + hi, p_lp.data() + r * key_block + cols_even, scalar_t(0.f));
+            }
+          }
           if (lo == hi) continue;
-          if (lowp) scale_row(row + lo, hi - lo, scale);
+          // the bf16 path scales its scores here: with the max, unless score terms need them scaled first
+          acc_t row_scale = lowp ? scale : acc_t(1);
+          if (lowp && terms.any()) {
+            scale_row(row + lo, hi - lo, scale);
+            row_scale = acc_t(1);
+          }
           if (terms.any())
             seg_terms.logits(row + lo, hi - lo, seg.terms_batch, h, i, j0 + lo, 0, 1, nullptr, mask_kept);
-          const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
-          // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
-          const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
-          const acc_t tile_sum = exp_shift_sum(row + lo, hi - lo, shift);
-          const acc_t rescale = std::exp(run_max[r] - shift);
-          run_sum[r] = run_sum[r] * rescale + tile_sum;
-          run_max[r] = new_max;
-          if (rescale != acc_t(1)) scale_row(acc_out.data() + r * Dv, Dv, rescale);
+          acc_t* out_row = acc_out.data() + r * Dv;
+          if constexpr (kBf16) {
+            if (direct_p) {
+              online_softmax_step(row + lo, hi - lo, row_scale, run_max[r], run_sum[r], out_row, Dv,
+                                  p_lp.data() + r * key_block + lo);
+              continue;
+            }
+          }
+          online_softmax_step(row + lo, hi - lo, row_scale, run_max[r], run_sum[r], out_row, Dv, row + lo);
           if (drop.on()) {
             const uint64_t first = dropout_counter(bh, seg.q0 + i, seg.k0 + j0 + lo, sh.q_len, sh.k_len);
             drop.multipliers(first, 1, hi - lo, keep_scale, keep_row.data());
@@ -546,11 +607,12 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           }
         }
         if constexpr (kBf16) {
-          if (lowp) {  // an odd tail tile gets a zero column of P (against V's zero pad row): K even
-            const int64_t cols_even = cols + cols % 2;
-            for (int64_t r = 0; r < rows; ++r) {
-              at::vec::convert(scores.data() + r * key_block, p_lp.data() + r * key_block, cols);
-              if (cols_even > cols) p_lp[r * key_block + cols] = scalar_t(0.f);
+          if (lowp) {
+            if (!direct_p) {
+              for (int64_t r = 0; r < rows; ++r) {
+                at::vec::convert(scores.data() + r * key_block, p_lp.data() + r * key_block, cols);
+                if (cols_even > cols) p_lp[r * key_block + cols] = scalar_t(0.f);
+              }
             }
             // j0 is even (a multiple of kTileGranule): its pair row of V starts at j0 * Dv
             tile_gemm_bf16(rows, Dv, cols_even, p_lp.data(), key_block, v_lp.data() + j0 * Dv, Dv, acc_out.data(), Dv,
@@ -1174,13 +1236,7 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
             if (a == z) continue;
             const int64_t i = (r0 + r) / group, h = hk * group + (r0 + r) % group;
             if (terms.any()) row_terms.logits(row + a, z - a, b, h, i, j0 + a, 0, 1, nullptr);
-            const acc_t new_max = std::max(run_max[r], row_max(row + a, z - a));
-            const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
-            const acc_t tile_sum = exp_shift_sum(row + a, z - a, shift);
-            const acc_t rescale = std::exp(run_max[r] - shift);
-            run_sum[r] = run_sum[r] * rescale + tile_sum;
-            run_max[r] = new_max;
-            if (rescale != acc_t(1)) scale_row(acc_out + r * Dv, Dv, rescale);
+            online_softmax_step(row + a, z - a, acc_t(1), run_max[r], run_sum[r], acc_out + r * Dv, Dv, row + a);
           }
           accumulate_values(scores.data(), kCacheKeyTile, rows, value_at, n, Dv, acc_out);
         }
