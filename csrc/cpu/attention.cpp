@@ -125,13 +125,24 @@ T exp_shift_sum(const T* x, int64_t n, T shift, P* p) {
       acc = acc + Vec<T>::set(zero, e, n - c);
     }
   } else {  // two float vectors round into one vector of P
-    for (int64_t c = 0; c < n; c += 2 * W) {
-      const int64_t m0 = std::min(W, n - c), m1 = std::clamp<int64_t>(n - c - W, 0, W);
-      const Vec<T> e0 = (Vec<T>::loadu(x + c, m0) - shift_vec).exp_u20();
-      const Vec<T> e1 = m1 > 0 ? (Vec<T>::loadu(x + c + W, m1) - shift_vec).exp_u20() : zero;
-      at::vec::convert_from_float<P>(e0, e1).store(p + c, m0 + m1);
-      acc = acc + Vec<T>::set(zero, e0, m0) + Vec<T>::set(zero, e1, m1);
+    Vec<T> acc1(T(0));
+    int64_t c = 0;
+    for (; c + 2 * W <= n; c += 2 * W) {
+      const Vec<T> e0 = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+      const Vec<T> e1 = (Vec<T>::loadu(x + c + W) - shift_vec).exp_u20();
+      at::vec::convert_from_float<P>(e0, e1).store(p + c);
+      acc = acc + e0;
+      acc1 = acc1 + e1;
     }
+    if (c < n) {  // m1 may be 0: an empty load
+      const int64_t m0 = std::min(W, n - c), m1 = n - c - m0;
+      const Vec<T> e0 = (Vec<T>::loadu(x + c, m0) - shift_vec).exp_u20();
+      const Vec<T> e1 = (Vec<T>::loadu(x + c + W, m1) - shift_vec).exp_u20();
+      at::vec::convert_from_float<P>(e0, e1).store(p + c, n - c);
+      acc = acc + Vec<T>::set(zero, e0, m0);
+      acc1 = acc1 + Vec<T>::set(zero, e1, m1);
+    }
+    acc = acc + acc1;
   }
   T lanes[W];
   acc.store(lanes);
