@@ -58,13 +58,30 @@ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// Partial vectors cover the last n % width elements (short causal rows would otherwise go scalar).
+// The max of x[0, n), after x <- x * scale in the same pass (none for scale 1). Partial vectors cover
+// the last n % width elements (short causal rows would otherwise go scalar).
 template <typename T>
-T row_max(const T* x, int64_t n) {
+T row_max(T* x, int64_t n, T scale) {
+  const bool scaled = scale != T(1);
+  const Vec<T> scale_vec(scale);
   Vec<T> acc(neg_inf<T>());
   int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::maximum(acc, Vec<T>::loadu(x + c));
-  if (c < n) acc = at::vec::maximum(acc, Vec<T>::set(Vec<T>(neg_inf<T>()), Vec<T>::loadu(x + c, n - c), n - c));
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    Vec<T> v = Vec<T>::loadu(x + c);
+    if (scaled) {
+      v = v * scale_vec;
+      v.store(x + c);
+    }
+    acc = at::vec::maximum(acc, v);
+  }
+  if (c < n) {
+    Vec<T> v = Vec<T>::loadu(x + c, n - c);
+    if (scaled) {
+      v = v * scale_vec;
+      v.store(x + c, n - c);
+    }
+    acc = at::vec::maximum(acc, Vec<T>::set(Vec<T>(neg_inf<T>()), v, n - c));
+  }
   T lanes[Vec<T>::size()];
   acc.store(lanes);
   T best = neg_inf<T>();
@@ -83,31 +100,54 @@ Vec<T> exp_keeping_nan(const Vec<T>& x) {
   return Vec<T>::blendv(x.exp_u20(), x, x.isnan());
 }
 
-// x <- exp(x - shift) in place; returns the sum. shift = +inf (a +inf or NaN score, see row_max): the
-// row's softmax is NaN (inf - inf), so x and the sum are NaN, and with them the row's out and lse.
-template <typename T>
-T exp_shift_sum(T* x, int64_t n, T shift) {
+// p <- exp(x - shift) for x[0, n); returns the sum (of the unrounded values). p is x itself, or bf16
+// (the P of a bf16 GEMM: rounded in the same pass). shift = +inf (a +inf or NaN score, see row_max): the
+// row's softmax is NaN (inf - inf), so p and the sum are NaN, and with them the row's out and lse.
+template <typename T, typename P>
+T exp_shift_sum(const T* x, int64_t n, T shift, P* p) {
   if (shift == std::numeric_limits<T>::infinity()) {
-    std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
+    std::fill(p, p + n, P(std::numeric_limits<T>::quiet_NaN()));
     return std::numeric_limits<T>::quiet_NaN();
   }
-  const Vec<T> shift_vec(shift);
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> shift_vec(shift), zero(T(0));
   Vec<T> acc(T(0));
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
-    e.store(x + c);
-    acc = acc + e;
+  if constexpr (std::is_same_v<P, T>) {
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const Vec<T> e = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+      e.store(p + c);
+      acc = acc + e;
+    }
+    if (c < n) {
+      const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
+      e.store(p + c, n - c);
+      acc = acc + Vec<T>::set(zero, e, n - c);
+    }
+  } else {  // two float vectors round into one vector of P
+    Vec<T> acc1(T(0));
+    int64_t c = 0;
+    for (; c + 2 * W <= n; c += 2 * W) {
+      const Vec<T> e0 = (Vec<T>::loadu(x + c) - shift_vec).exp_u20();
+      const Vec<T> e1 = (Vec<T>::loadu(x + c + W) - shift_vec).exp_u20();
+      at::vec::convert_from_float<P>(e0, e1).store(p + c);
+      acc = acc + e0;
+      acc1 = acc1 + e1;
+    }
+    if (c < n) {  // m1 may be 0: an empty load
+      const int64_t m0 = std::min(W, n - c), m1 = n - c - m0;
+      const Vec<T> e0 = (Vec<T>::loadu(x + c, m0) - shift_vec).exp_u20();
+      const Vec<T> e1 = (Vec<T>::loadu(x + c + W, m1) - shift_vec).exp_u20();
+      at::vec::convert_from_float<P>(e0, e1).store(p + c, n - c);
+      acc = acc + Vec<T>::set(zero, e0, m0);
+      acc1 = acc1 + Vec<T>::set(zero, e1, m1);
+    }
+    acc = acc + acc1;
   }
-  if (c < n) {
-    const Vec<T> e = (Vec<T>::loadu(x + c, n - c) - shift_vec).exp_u20();
-    e.store(x + c, n - c);
-    acc = acc + Vec<T>::set(Vec<T>(T(0)), e, n - c);
-  }
-  T lanes[Vec<T>::size()];
+  T lanes[W];
   acc.store(lanes);
   T sum = 0;
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  for (int64_t l = 0; l < W; ++l) sum += lanes[l];
   return sum;
 }
 
@@ -117,6 +157,21 @@ void scale_row(T* x, int64_t n, T factor) {
   int64_t c = 0;
   for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) (Vec<T>::loadu(x + c) * f).store(x + c);
   for (; c < n; ++c) x[c] *= factor;
+}
+
+// One online-softmax step over a row's next n logits x (-inf where masked), first times scale (1: none):
+// p <- exp(x - new max), p being x itself or the bf16 P of the next GEMM; the running max and sum
+// updated, and the row's unnormalized output (Dv values) rescaled to the new max.
+template <typename T, typename P>
+void online_softmax_step(T* x, int64_t n, T scale, T& run_max, T& run_sum, T* out, int64_t Dv, P* p) {
+  const T new_max = std::max(run_max, row_max(x, n, scale));
+  // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
+  const T shift = new_max == neg_inf<T>() ? T(0) : new_max;
+  const T tile_sum = exp_shift_sum(x, n, shift, p);
+  const T rescale = std::exp(run_max - shift);
+  run_sum = run_sum * rescale + tile_sum;
+  run_max = new_max;
+  if (rescale != T(1)) scale_row(out, Dv, rescale);
 }
 
 // tanh for the softcap in float: x P(x^2) / Q(x^2), P of degree 6 and Q of degree 3 in x^2, fitted by
@@ -319,6 +374,59 @@ void pack_transposed(const scalar_t* x, int64_t rows, int64_t D, int64_t ldx, in
   }
 }
 
+// bf16 rows (rows x D, row stride ldx) packed densely with row stride De = D rounded up to even, the
+// pad column zero (tile_gemm_bf16 multiplies pairs along K).
+void pack_rows_even(const at::BFloat16* x, int64_t rows, int64_t D, int64_t ldx, at::BFloat16* out) {
+  const int64_t De = D + D % 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(x + r * ldx, x + r * ldx + D, out + r * De);
+    if (De > D) out[r * De + D] = at::BFloat16(0.f);
+  }
+}
+
+// Keys (n x D, row stride ldx) as B = K^T in the VNNI pairs tile_gemm_bf16 reads: element (d, j) at
+// out[(d / 2) * 2 * ld + 2 * j + d % 2], for d below D rounded up to even (the pad is zero). A pair
+// (d, d + 1) of one key is 32 contiguous bits of its row, so this is a transpose of 32-bit words.
+void pack_keys_vnni(const at::BFloat16* x, int64_t n, int64_t D, int64_t ldx, int64_t ld, at::BFloat16* out) {
+  constexpr int64_t kRows = 16;  // blocks of rows keep the strided reads in L1
+  const int64_t full = D / 2;
+  for (int64_t j0 = 0; j0 < n; j0 += kRows) {
+    const int64_t j1 = std::min(n, j0 + kRows);
+    for (int64_t p = 0; p < full; ++p) {
+      for (int64_t j = j0; j < j1; ++j) std::memcpy(out + 2 * (p * ld + j), x + j * ldx + 2 * p, 4);
+    }
+    if (D % 2) {
+      for (int64_t j = j0; j < j1; ++j) {
+        out[2 * (full * ld + j)] = x[j * ldx + D - 1];
+        out[2 * (full * ld + j) + 1] = at::BFloat16(0.f);
+      }
+    }
+  }
+}
+
+// Values (n x Dv, row stride ldx) as B in VNNI pairs: element (j, d) at out[(j / 2) * 2 * Dv + 2 * d + j % 2],
+// rows interleaved two by two; an odd n gets a zero row n.
+void pack_values_vnni(const at::BFloat16* x, int64_t n, int64_t Dv, int64_t ldx, at::BFloat16* out) {
+  const auto* src = reinterpret_cast<const uint16_t*>(x);
+  auto* dst = reinterpret_cast<uint16_t*>(out);
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* r0 = src + j * ldx;
+    uint16_t* o = dst + j * Dv;
+    if (j + 1 < n) {
+      const uint16_t* r1 = r0 + ldx;
+      for (int64_t d = 0; d < Dv; ++d) {
+        o[2 * d] = r0[d];
+        o[2 * d + 1] = r1[d];
+      }
+    } else {
+      for (int64_t d = 0; d < Dv; ++d) {
+        o[2 * d] = r0[d];
+        o[2 * d + 1] = 0;
+      }
+    }
+  }
+}
+
 struct Dropout {
   uint64_t seed = 0;
   double p = 0;  // the keep test compares in float (as Triton does); the 1/(1-p) scale uses the double
@@ -396,9 +504,13 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
   const int64_t key_block = tile_width(max_k, kFwdKeyBlock, kFwdKeyBlock);
   const MaskHulls hulls = MaskHulls::of(terms, sh.batch, sh.q_heads, sh.q_len, sh.k_len, kFwdQueryBlock, true);
   // bf16 GEMMs on bf16 tiles (Q and K as given, P rounded to bf16 as FlashAttention does) where they
-  // are faster; else every tile in acc_t
+  // are faster; else every tile in acc_t. The bf16 GEMMs multiply pairs along K: De is D rounded up to
+  // even, and K and V are packed in VNNI pairs (zero pads).
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
   const bool lowp = kBf16 && native_bf16_gemm();
+  const int64_t De = D + D % 2;
+  // without dropout, the bf16 path rounds P in its exp pass (dropout multiplies the fp32 P first)
+  const bool direct_p = lowp && !drop.on();
   run_tasks(first_task.back(), [&](const auto& next_task) {
     std::vector<acc_t> scores(kFwdQueryBlock * key_block), acc_out(kFwdQueryBlock * std::max<int64_t>(Dv, 1));
     std::vector<acc_t> run_max(kFwdQueryBlock), run_sum(kFwdQueryBlock), q_tile(lowp ? 0 : kFwdQueryBlock * D);
@@ -407,9 +519,9 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
     // V in acc_t. Tasks run head by head, so each head is packed about once per thread, in cache,
     // with no full-size temporary and no extra parallel region.
     std::vector<acc_t> kt_head(lowp ? 0 : D * k_ld), v_acc(std::is_same_v<scalar_t, acc_t> || lowp ? 0 : max_k * Dv);
-    // the bf16 path's tiles: Q, K transposed, P
-    std::vector<scalar_t> q_lp(lowp ? kFwdQueryBlock * D : 0), kt_lp(lowp ? D * k_ld : 0);
-    std::vector<scalar_t> p_lp(lowp ? kFwdQueryBlock * key_block : 0);
+    // the bf16 path's tiles: Q, P, and the head's K^T and V in VNNI pairs
+    std::vector<scalar_t> q_lp(lowp ? kFwdQueryBlock * De : 0), kt_lp(lowp ? De * k_ld : 0);
+    std::vector<scalar_t> v_lp(lowp ? (max_k + 1) * Dv : 0), p_lp(lowp ? kFwdQueryBlock * key_block : 0);
     int64_t packed_head = -1;  // segment * kv_heads + kv head
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t s = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
@@ -421,17 +533,21 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const AttentionWindow& win = seg.win;  // padding keys: whole blocks skipped
       ScoreTerms<scalar_t, acc_t> seg_terms = terms;
       seg_terms.diag_offset = win.diag_offset;
-      if (lowp) {  // Q unscaled (no second rounding); its scores are scaled in fp32 below
-        pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scalar_t(1), q_lp.data());
-      } else {
+      if constexpr (kBf16) {
+        if (lowp)  // Q unscaled (no second rounding); its scores are scaled in fp32 below
+          pack_rows_even(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, q_lp.data());
+      }
+      if (!lowp) {
         pack_rows(q + lay.q.at(b, h, seg.q0 + i0), rows, D, lay.q.row, scale, q_tile.data());  // scaled once
       }
       if (s * sh.kv_heads + hk != packed_head) {
-        if (lowp) {
-          pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, scalar_t(1), kt_lp.data());
-        } else {
-          pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
+        if constexpr (kBf16) {
+          if (lowp) {
+            pack_keys_vnni(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, kt_lp.data());
+            pack_values_vnni(v + lay.v.at(b, hk, seg.k0), Lk, Dv, lay.v.row, v_lp.data());
+          }
         }
+        if (!lowp) pack_transposed(k + lay.k.at(b, hk, seg.k0), Lk, D, lay.k.row, k_ld, acc_t(1), kt_head.data());
         if (!v_acc.empty()) pack_rows(v + lay.v.at(b, hk, seg.k0), Lk, Dv, lay.v.row, acc_t(1), v_acc.data());
         packed_head = s * sh.kv_heads + hk;
       }
@@ -444,7 +560,6 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
         v_head = v_acc.data();
         v_ld = Dv;
       }
-      const scalar_t* v_lp = v + lay.v.at(b, hk, seg.k0);  // the bf16 path reads V as given
       std::fill(acc_out.begin(), acc_out.begin() + rows * Dv, acc_t(0));
       std::fill(run_max.begin(), run_max.end(), neg_inf<acc_t>());
       std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
@@ -455,9 +570,13 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       const bool mask_kept = hulls.all_kept(b, h, i0 / kFwdQueryBlock);
       for (int64_t j0 = kv_begin; j0 < kv_end; j0 += key_block) {
         const int64_t cols = tile_width(kv_end - j0, key_block, Lk - j0);
+        // the bf16 P.V multiplies pairs of keys: an odd tail tile gets a zero column of P (against V's
+        // zero pad row)
+        const int64_t cols_even = cols + cols % 2;
         if constexpr (kBf16) {
           if (lowp)
-            tile_gemm_bf16(rows, cols, D, q_lp.data(), D, kt_lp.data() + j0, k_ld, scores.data(), key_block, false);
+            tile_gemm_bf16(rows, cols, De, q_lp.data(), De, kt_lp.data() + 2 * j0, k_ld, scores.data(), key_block,
+                           false);
         }
         if (!lowp)
           tile_gemm(rows, cols, D, q_tile.data(), D, kt_head.data() + j0, k_ld, scores.data(), key_block, false);
@@ -468,18 +587,30 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
           const int64_t hi = std::clamp<int64_t>(win.end_key(i) - j0, lo, cols);
           std::fill(row, row + lo, acc_t(0));
           std::fill(row + hi, row + cols, acc_t(0));
+          if constexpr (kBf16) {
+            if (direct_p) {  // P's zeros, the pad column of an odd tail tile included (K even, see below)
+              std::fill(p_lp.data() + r * key_block, p_lp.data() + r * key_block + lo, scalar_t(0.f));
+              std::fill(p_lp.data() + r * key_block + hi, p_lp.data() + r * key_block + cols_even, scalar_t(0.f));
+            }
+          }
           if (lo == hi) continue;
-          if (lowp) scale_row(row + lo, hi - lo, scale);
+          // the bf16 path scales its scores here: with the max, unless score terms need them scaled first
+          acc_t row_scale = lowp ? scale : acc_t(1);
+          if (lowp && terms.any()) {
+            scale_row(row + lo, hi - lo, scale);
+            row_scale = acc_t(1);
+          }
           if (terms.any())
             seg_terms.logits(row + lo, hi - lo, seg.terms_batch, h, i, j0 + lo, 0, 1, nullptr, mask_kept);
-          const acc_t new_max = std::max(run_max[r], row_max(row + lo, hi - lo));
-          // a row with nothing visible yet keeps max -inf; shifting by 0 then gives exp(-inf) = 0
-          const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
-          const acc_t tile_sum = exp_shift_sum(row + lo, hi - lo, shift);
-          const acc_t rescale = std::exp(run_max[r] - shift);
-          run_sum[r] = run_sum[r] * rescale + tile_sum;
-          run_max[r] = new_max;
-          if (rescale != acc_t(1)) scale_row(acc_out.data() + r * Dv, Dv, rescale);
+          acc_t* out_row = acc_out.data() + r * Dv;
+          if constexpr (kBf16) {
+            if (direct_p) {
+              online_softmax_step(row + lo, hi - lo, row_scale, run_max[r], run_sum[r], out_row, Dv,
+                                  p_lp.data() + r * key_block + lo);
+              continue;
+            }
+          }
+          online_softmax_step(row + lo, hi - lo, row_scale, run_max[r], run_sum[r], out_row, Dv, row + lo);
           if (drop.on()) {
             const uint64_t first = dropout_counter(bh, seg.q0 + i, seg.k0 + j0 + lo, sh.q_len, sh.k_len);
             drop.multipliers(first, 1, hi - lo, keep_scale, keep_row.data());
@@ -488,9 +619,15 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
         }
         if constexpr (kBf16) {
           if (lowp) {
-            for (int64_t r = 0; r < rows; ++r)
-              at::vec::convert(scores.data() + r * key_block, p_lp.data() + r * key_block, cols);
-            tile_gemm_bf16(rows, Dv, cols, p_lp.data(), key_block, v_lp + j0 * v_ld, v_ld, acc_out.data(), Dv, true);
+            if (!direct_p) {
+              for (int64_t r = 0; r < rows; ++r) {
+                at::vec::convert(scores.data() + r * key_block, p_lp.data() + r * key_block, cols);
+                if (cols_even > cols) p_lp[r * key_block + cols] = scalar_t(0.f);
+              }
+            }
+            // j0 is even (a multiple of kTileGranule): its pair row of V starts at j0 * Dv
+            tile_gemm_bf16(rows, Dv, cols_even, p_lp.data(), key_block, v_lp.data() + j0 * Dv, Dv, acc_out.data(), Dv,
+                           true);
           }
         }
         if (!lowp)
@@ -511,6 +648,7 @@ void forward_kernel(const Shapes& sh, const ForwardLayouts& lay, const scalar_t*
       }
     }
     tile_gemm_done();
+    if (lowp) tile_gemm_bf16_done();
   });
 }
 
@@ -1112,13 +1250,7 @@ void kvcache_kernel(const CacheShapes& sh, const scalar_t* q, acc_t scale, const
             if (a == z) continue;
             const int64_t i = (r0 + r) / group, h = hk * group + (r0 + r) % group;
             if (terms.any()) row_terms.logits(row + a, z - a, b, h, i, j0 + a, 0, 1, nullptr);
-            const acc_t new_max = std::max(run_max[r], row_max(row + a, z - a));
-            const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
-            const acc_t tile_sum = exp_shift_sum(row + a, z - a, shift);
-            const acc_t rescale = std::exp(run_max[r] - shift);
-            run_sum[r] = run_sum[r] * rescale + tile_sum;
-            run_max[r] = new_max;
-            if (rescale != acc_t(1)) scale_row(acc_out + r * Dv, Dv, rescale);
+            online_softmax_step(row + a, z - a, acc_t(1), run_max[r], run_sum[r], acc_out + r * Dv, Dv, row + a);
           }
           accumulate_values(scores.data(), kCacheKeyTile, rows, value_at, n, Dv, acc_out);
         }

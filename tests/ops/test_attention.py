@@ -339,6 +339,21 @@ def test_bf16_gemm_paths_shapes(head_dim, v_head_dim, q_len, k_len, gemm, monkey
     check_against_reference(kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.bfloat16)
 
 
+@pytest.mark.parametrize("gemm", ("native", "fp32"))
+@pytest.mark.parametrize("layout", ("transposed", "sliced"))
+@pytest.mark.parametrize("causal", (False, True))
+@pytest.mark.parametrize("head_dim,v_head_dim,k_len", [(40, 40, 601), (33, 17, 545), (96, 80, 64)])
+def test_bf16_gemm_paths_packing(head_dim, v_head_dim, k_len, causal, layout, gemm, monkeypatch):
+    """The native path packs K and V in VNNI pairs (zero pads for an odd D, Dv or key tail): head dims
+    that are not multiples of 32, odd ones, and key lengths past the 512-key tile with an odd tail."""
+    monkeypatch.setenv("BMK_CPU_BF16_GEMM", gemm)
+    q, k, v = make_qkv(
+        batch=1, q_len=70, k_len=k_len, head_dim=head_dim, v_head_dim=v_head_dim, dtype=torch.bfloat16, layout=layout
+    )
+    options = {"causal": causal, "causal_alignment": "bottom_right", "return_lse": True}
+    check_against_reference(kernel_fn(**options), reference_fn(**options), {"q": q, "k": k, "v": v}, torch.bfloat16)
+
+
 def test_bf16_gemm_bad_setting(monkeypatch):
     monkeypatch.setenv("BMK_CPU_BF16_GEMM", "amx")
     q, k, v = make_qkv(dtype=torch.bfloat16)
