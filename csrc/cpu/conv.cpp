@@ -559,8 +559,11 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
         const scalar_t* src = base + ci * v.in_stride + tap_offset[tap];
         acc_t* dst = out + (item * K + tap * v.ins + ci) * width;
         for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * v.out_stride]);
-        if (finite != nullptr)  // over the row just written, still in L1
-          for (int64_t co = 0; co < n; ++co) non_finite |= is_non_finite(dst[co]);
+        if (finite != nullptr) {  // over the row just written, still in L1
+          uint32_t bad = 0;       // a local (not the captured flag), so the loop vectorizes
+          for (int64_t co = 0; co < n; ++co) bad |= is_non_finite(dst[co]);
+          non_finite |= bad != 0;
+        }
       };
       if (std::abs(v.in_stride) < std::abs(v.s_stride)) {
         for (int64_t tap = 0; tap < taps; ++tap)
