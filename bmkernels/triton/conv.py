@@ -88,6 +88,15 @@ _LAST_ACTIVATION = 7  # bmk::kLastActivation (csrc/common/activations.h): the co
 
 
 @triton.jit
+def _tanh_sech2(u):
+    """tanh(u) and 1 - tanh(u)^2 from e = exp(-2|u|): sech^2 = 4e / (1 + e)^2 has no cancellation, where
+    1 - t * t loses the digits of t near +-1 (then times s^3 in gelu_tanh's derivative)."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def _activation(z, slope, ACT: tl.constexpr):
     """bmk::activation_forward on a float32 tile (codes of bmk::Activation)."""
     y = z
@@ -126,11 +135,9 @@ def _activation_derivative(s, slope, ACT: tl.constexpr, FROM_OUTPUT: tl.constexp
         cdf = 0.5 * (1.0 + tl.erf(s * 0.70710678118654752440))
         d = cdf + s * 0.39894228040143267794 * tl.exp(-0.5 * s * s)
     elif ACT == 4:
-        t = _tanh(0.79788456080286535588 * (s + 0.044715 * s * s * s))
+        t, sech2 = _tanh_sech2(0.79788456080286535588 * (s + 0.044715 * s * s * s))
         s_capped = tl.minimum(tl.maximum(s, -1000.0), 1000.0)  # as bmk::activation_derivative: 0 * finite
-        d = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * 0.79788456080286535588 * (
-            1.0 + 3 * 0.044715 * s_capped * s_capped
-        )
+        d = 0.5 * (1.0 + t) + 0.5 * s * sech2 * 0.79788456080286535588 * (1.0 + 3 * 0.044715 * s_capped * s_capped)
     elif ACT == 5:
         sig = 1.0 / (1.0 + tl.exp(-s))
         d = sig * (1.0 + s * (1.0 - sig))

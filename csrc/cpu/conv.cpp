@@ -30,6 +30,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstdint>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -409,10 +412,12 @@ void forward_direct(const ConvGeometry& g, const acc_t* x, const acc_t* wp, cons
 }
 
 // Forward through implicit GEMM; x: NHWC; wp: packed weights [G][channel tiles][K][kChannelTile].
+// allow_direct: forward_direct may run (it skips the taps that read the padding: no 0 * w products).
 template <typename in_t, typename scalar_t, typename acc_t>
-void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep) {
+void forward_gemm(const ConvGeometry& g, const in_t* x, const acc_t* wp, const Epilogue<scalar_t, acc_t>& ep,
+                  bool allow_direct = true) {
   if constexpr (std::is_same_v<in_t, acc_t>) {
-    if (direct_applies(g)) return forward_direct(g, x, wp, ep);
+    if (allow_direct && direct_applies(g)) return forward_direct(g, x, wp, ep);
   }
   const int64_t P = g.pixels(), K = g.gemm_k(), cout_g = g.out_cg(), threads = at::get_num_threads();
   const int64_t channel_tiles = ceil_div(cout_g, kChannelTile);
@@ -490,6 +495,14 @@ void forward_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t* wp
   });
 }
 
+// Whether v is inf or NaN: its exponent bits all set (integer operations, so loops over it vectorize).
+template <typename T>
+bool is_non_finite(T v) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits exponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  return (std::bit_cast<Bits>(v) & exponent) == exponent;
+}
+
 // A conv weight as pack_weight reads it: element (group, out, in, r, s) of a kernel of k_h x k_w taps at
 // data + group * group_stride + out * out_stride + in * in_stride + r * r_stride + s * s_stride. A view of
 // the same memory can select every other tap, swap out and in, or flip the taps (negative strides), which
@@ -522,8 +535,11 @@ WeightView<scalar_t> view_of(const at::Tensor& w, int64_t groups) {
 // k = (kh, kw, ci), tiles = ceil(outs / width); zero columns pad the last tile. The forward uses
 // width = kChannelTile (each tile_gemm reads one contiguous block), the scatter input gradient one tile
 // of padded_ld(Cout_g); depthwise weights are packed as one group of C outputs: [taps][C].
+// finite: if given, set to whether every weight is finite, found while packing (an OR of the exponent
+// bits over the rows just written, which vectorizes), so it costs no pass of its own.
 template <typename scalar_t, typename acc_t>
-at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::TensorOptions& options) {
+at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::TensorOptions& options,
+                       bool* finite = nullptr) {
   const int64_t taps = v.k_h * v.k_w, K = taps * v.ins, tiles = ceil_div(v.outs, width);
   const auto opts = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor wp = v.outs % width == 0 ? at::empty({v.groups * tiles * K * width}, opts)
@@ -531,7 +547,9 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
   acc_t* out = wp.data_ptr<acc_t>();
   std::vector<int64_t> tap_offset(taps);
   for (int64_t tap = 0; tap < taps; ++tap) tap_offset[tap] = (tap / v.k_w) * v.r_stride + (tap % v.k_w) * v.s_stride;
+  std::atomic<bool> all_finite{true};
   at::parallel_for(0, v.groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    bool non_finite = false;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / tiles, co0 = (item % tiles) * width, n = std::min(v.outs, co0 + width) - co0;
       const scalar_t* base = v.data + group * v.group_stride + co0 * v.out_stride;
@@ -541,6 +559,11 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
         const scalar_t* src = base + ci * v.in_stride + tap_offset[tap];
         acc_t* dst = out + (item * K + tap * v.ins + ci) * width;
         for (int64_t co = 0; co < n; ++co) dst[co] = static_cast<acc_t>(src[co * v.out_stride]);
+        if (finite != nullptr) {  // over the row just written, still in L1
+          uint32_t bad = 0;       // a local (not the captured flag), so the loop vectorizes
+          for (int64_t co = 0; co < n; ++co) bad |= is_non_finite(dst[co]);
+          non_finite |= bad != 0;
+        }
       };
       if (std::abs(v.in_stride) < std::abs(v.s_stride)) {
         for (int64_t tap = 0; tap < taps; ++tap)
@@ -550,7 +573,9 @@ at::Tensor pack_weight(const WeightView<scalar_t>& v, int64_t width, const at::T
           for (int64_t tap = 0; tap < taps; ++tap) copy_row(ci, tap);
       }
     }
+    if (non_finite) all_finite.store(false, std::memory_order_relaxed);
   });
+  if (finite != nullptr) *finite = all_finite.load();
   return wp;
 }
 
@@ -761,13 +786,16 @@ PhaseAxis phase_axis(int64_t a, int64_t in, int64_t k, int64_t stride, int64_t p
   return axis;
 }
 
-// dx (x's shape, memory format fmt) from dZ pixel-major [P][Cout].
+// dx (x's shape, memory format fmt) from dZ pixel-major [P][Cout]. The phase convs read dZ's zero padding
+// times the weights, products torch does not form: with an inf or NaN weight (found while packing) it
+// writes nothing and returns false, and the caller takes the scatter path.
 template <typename scalar_t, typename acc_t>
-void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const acc_t* dz, at::Tensor& dx,
+bool input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const acc_t* dz, at::Tensor& dx,
                           at::MemoryFormat fmt) {
   struct Phase {
     int64_t a, b;  // the phase's first input row and column
-    PhaseAxis rows, cols;
+    ConvGeometry conv;
+    at::Tensor wp;
   };
   std::vector<Phase> phases;
   bool every_pixel_reached = true;
@@ -780,7 +808,23 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
         every_pixel_reached = false;  // these pixels get no gradient: zero
         continue;
       }
-      phases.push_back({a, b, rows, cols});
+      ConvGeometry t = g;
+      t.in_c = g.out_c, t.in_h = g.out_h, t.in_w = g.out_w, t.out_c = g.in_c, t.out_h = rows.size, t.out_w = cols.size;
+      t.k_h = rows.taps, t.k_w = cols.taps, t.stride_h = 1, t.stride_w = 1;
+      t.pad_h = rows.pad, t.pad_w = cols.pad, t.dil_h = rows.dil, t.dil_w = cols.dil;
+      // the phase's taps of the weight, in and out swapped, flipped: tap (th, tw) is the original
+      // (last_r - th * step, last_s - tw * step)
+      WeightView<scalar_t> w = view_of<scalar_t>(weight, g.groups);
+      const int64_t last_r = rows.first_tap + (rows.taps - 1) * rows.tap_step;
+      const int64_t last_s = cols.first_tap + (cols.taps - 1) * cols.tap_step;
+      w.data += last_r * w.r_stride + last_s * w.s_stride;
+      std::swap(w.outs, w.ins);
+      std::swap(w.out_stride, w.in_stride);
+      w.k_h = rows.taps, w.k_w = cols.taps, w.r_stride *= -rows.tap_step, w.s_stride *= -cols.tap_step;
+      bool finite = true;
+      at::Tensor wp = pack_weight<scalar_t, acc_t>(w, kChannelTile, weight.options(), &finite);
+      if (!finite) return false;
+      phases.push_back({a, b, t, std::move(wp)});
     }
   }
   // with a stride, a phase writes every S-th pixel: into NCHW that is one cache line per value, so the phases
@@ -789,32 +833,21 @@ void input_grad_by_phases(const ConvGeometry& g, const at::Tensor& weight, const
   at::Tensor target = via_nhwc ? at::empty(dx.sizes(), dx.options().memory_format(at::MemoryFormat::ChannelsLast)) : dx;
   if (!every_pixel_reached) target.zero_();
   const PixelLayout dense = layout_of(g.in_c, g.in_h, g.in_w, via_nhwc ? at::MemoryFormat::ChannelsLast : fmt);
-  for (const auto& [a, b, rows, cols] : phases) {
-    ConvGeometry t = g;
-    t.in_c = g.out_c, t.in_h = g.out_h, t.in_w = g.out_w, t.out_c = g.in_c, t.out_h = rows.size, t.out_w = cols.size;
-    t.k_h = rows.taps, t.k_w = cols.taps, t.stride_h = 1, t.stride_w = 1;
-    t.pad_h = rows.pad, t.pad_w = cols.pad, t.dil_h = rows.dil, t.dil_w = cols.dil;
-    // the phase's taps of the weight, in and out swapped, flipped: tap (th, tw) is the original
-    // (last_r - th * step, last_s - tw * step)
-    WeightView<scalar_t> w = view_of<scalar_t>(weight, g.groups);
-    const int64_t last_r = rows.first_tap + (rows.taps - 1) * rows.tap_step;
-    const int64_t last_s = cols.first_tap + (cols.taps - 1) * cols.tap_step;
-    w.data += last_r * w.r_stride + last_s * w.s_stride;
-    std::swap(w.outs, w.ins);
-    std::swap(w.out_stride, w.in_stride);
-    w.k_h = rows.taps, w.k_w = cols.taps, w.r_stride *= -rows.tap_step, w.s_stride *= -cols.tap_step;
-    const at::Tensor wp = pack_weight<scalar_t, acc_t>(w, kChannelTile, weight.options());
+  for (const Phase& phase : phases) {
+    const ConvGeometry& t = phase.conv;
+    const at::Tensor& wp = phase.wp;
     const PixelLayout layout{t.out_h * t.out_w,
                              t.out_w,
                              dense.image_stride,
                              g.stride_h * dense.row_stride,
                              g.stride_w * dense.pixel_stride,
                              dense.channel_stride};
-    scalar_t* origin = target.data_ptr<scalar_t>() + a * dense.row_stride + b * dense.pixel_stride;
+    scalar_t* origin = target.data_ptr<scalar_t>() + phase.a * dense.row_stride + phase.b * dense.pixel_stride;
     const Epilogue<scalar_t, acc_t> store{nullptr, nullptr, origin, nullptr, layout, Activation::none, acc_t(0)};
     forward_gemm(t, dz, wp.const_data_ptr<acc_t>(), store);
   }
   if (via_nhwc) copy_between_layouts(target, dx);
+  return true;
 }
 
 // Input gradient with few input channels per group (below kPhaseMinChannels), where the phase convs' GEMMs
@@ -913,6 +946,54 @@ void weight_grad_depthwise(const ConvGeometry& g, const scalar_t* x, const acc_t
     for (int64_t i = 0; i < taps * C; ++i) dwp[i] += partial[chunk * taps * C + i];
 }
 
+// Whether some output row or column has every tap in the padding (its pixels reach no x through a tap).
+bool reads_only_padding(const ConvGeometry& g) {
+  const auto empty = [](int64_t outs, int64_t ins, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+    for (int64_t o = 0; o < outs; ++o) {
+      bool any = false;
+      for (int64_t r = 0; r < k; ++r) any |= o * stride - pad + r * dil >= 0 && o * stride - pad + r * dil < ins;
+      if (!any) return true;
+    }
+    return false;
+  };
+  return empty(g.out_h, g.in_h, g.k_h, g.stride_h, g.pad_h, g.dil_h) ||
+         empty(g.out_w, g.in_w, g.k_w, g.stride_w, g.pad_w, g.dil_w);
+}
+
+// torch's weight gradient also sums 0 * dz over the taps that read the padding (im2col's zeros): NaN where
+// dz is inf or NaN; the depthwise and direct weight gradients skip those taps. Such a dz makes some dw
+// [rows x cols] (leading dimension ld) non-finite, since a tap inside the image multiplies it by x, unless
+// its pixel reads only padding: otherwise, with every dw finite, the products are all zero.
+template <typename acc_t>
+bool padding_products_matter(const ConvGeometry& g, const acc_t* dw, int64_t rows, int64_t cols, int64_t ld) {
+  bool non_finite = false;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) non_finite |= is_non_finite(dw[r * ld + c]);
+  return non_finite || reads_only_padding(g);
+}
+
+// The depthwise weight gradient's padding products (slow; only where padding_products_matter).
+template <typename acc_t>
+void add_padding_products(const ConvGeometry& g, const acc_t* dz, acc_t* dwp) {
+  const int64_t C = g.out_c;
+  for (int64_t p = 0; p < g.pixels(); ++p) {
+    const int64_t oh = (p % g.out_hw()) / g.out_w, ow = p % g.out_w;
+    for (int64_t r = 0; r < g.k_h; ++r) {
+      const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+      for (int64_t s = 0; s < g.k_w; ++s) {
+        const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+        if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) continue;
+        acc_t* w = dwp + (r * g.k_w + s) * C;
+        for (int64_t c = 0; c < C; ++c) w[c] += acc_t(0) * dz[p * C + c];
+      }
+    }
+  }
+}
+
+bool has_padding(at::IntArrayRef padding) {
+  return std::any_of(padding.begin(), padding.end(), [](int64_t p) { return p > 0; });
+}
+
 // The input as the kernels read it, NHWC, and the geometry to read it with. A strided 1x1 conv without padding
 // on NCHW input reads every stride-th pixel: those are picked before the NHWC copy (a quarter of the input at
 // stride 2), and the conv runs as a stride-1 one on them.
@@ -948,10 +1029,18 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
   const PixelLayout out_layout = layout_of(g.out_c, g.out_h, g.out_w, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bmkernels_conv2d_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wp =
-        g.depthwise()
-            ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c, weight.options())
-            : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
+    // the depthwise and direct loops skip the taps that read the padding, where torch multiplies 0 * w
+    // (NaN for an inf or NaN weight): non-finite weights, found while packing, take the im2col path
+    const bool skips_padding =
+        has_padding(padding) && (g.depthwise() || (std::is_same_v<scalar_t, acc_t> && direct_applies(gx)));
+    bool finite = true;
+    at::Tensor wp = g.depthwise() ? pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, 1), g.out_c,
+                                                                 weight.options(), skips_padding ? &finite : nullptr)
+                                  : pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile,
+                                                                 weight.options(), skips_padding ? &finite : nullptr);
+    const bool depthwise = g.depthwise() && finite;
+    if (g.depthwise() && !depthwise)
+      wp = pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), kChannelTile, weight.options());
     const Epilogue<scalar_t, acc_t> ep{bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr,
                                        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
                                        out.data_ptr<scalar_t>(),
@@ -959,10 +1048,10 @@ ConvFwdResult conv2d_fwd(const at::Tensor& x_in, const at::Tensor& weight, const
                                        out_layout,
                                        static_cast<Activation>(activation),
                                        static_cast<acc_t>(slope)};
-    if (g.depthwise()) {
+    if (depthwise) {
       forward_depthwise(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
     } else {
-      forward_gemm(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep);
+      forward_gemm(gx, x.const_data_ptr<scalar_t>(), wp.const_data_ptr<acc_t>(), ep, finite);
     }
   });
   return {out, preact};
@@ -1027,20 +1116,30 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       if (need_dx)
         input_grad_depthwise(g, wp.const_data_ptr<acc_t>(), dz_pixels.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
                              dx_layout);
-      if (need_dw) weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+      if (need_dw) {
+        weight_grad_depthwise(gx, xp, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+        if (has_padding(padding) && padding_products_matter(gx, dwp.const_data_ptr<acc_t>(), 1, g.taps() * g.out_c, 0))
+          add_padding_products(gx, dz_pixels.const_data_ptr<acc_t>(), dwp.data_ptr<acc_t>());
+      }
       return;
     }
-    if (need_dx && by_phases) {
-      input_grad_by_phases<scalar_t, acc_t>(g, weight, dz_pixels.const_data_ptr<acc_t>(), dx, fmt);
-    } else if (need_dx) {
+    bool scatter = need_dx && !by_phases;
+    if (need_dx && by_phases &&
+        !input_grad_by_phases<scalar_t, acc_t>(g, weight, dz_pixels.const_data_ptr<acc_t>(), dx, fmt)) {
+      scatter = true;  // a non-finite weight (rare): the scatter path reads dZ channel-major
+      if (!want_channels) {
+        dz_channels = at::empty({g.out_c * ldz}, dz_pixels.options());
+        dz_channels.view({g.out_c, ldz}).narrow(1, 0, P).copy_(dz_pixels.view({P, g.out_c}).t());
+      }
+    }
+    if (scatter) {
       const at::Tensor wp =
           pack_weight<scalar_t, acc_t>(view_of<scalar_t>(weight, g.groups), padded_ld(g.out_cg()), weight.options());
       dx_acc = cached_empty({g.batch, g.in_c, g.in_h, g.in_w}, x.options().dtype(acc)).zero_();
       input_grad_scatter(g, wp.const_data_ptr<acc_t>(), dz_channels.const_data_ptr<acc_t>(), ldz,
                          dx_acc.data_ptr<acc_t>());
     }
-    if (need_dw) {
-      const bool direct = std::is_same_v<scalar_t, acc_t> && direct_applies(gx);
+    const auto weight_grad = [&](bool direct) {
       const int64_t chunks =
           direct ? std::clamp<int64_t>(at::get_num_threads(), 1, gx.batch * gx.out_h) : weight_grad_chunks(gx);
       if (chunks > 0) {
@@ -1049,6 +1148,14 @@ ConvBwdResult conv2d_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
       } else {
         weight_grad_gemm(gx, xp, dz_channels.const_data_ptr<acc_t>(), ldz, dwp.data_ptr<acc_t>(), ldw);
       }
+    };
+    if (need_dw) {
+      const bool direct = std::is_same_v<scalar_t, acc_t> && direct_applies(gx);
+      weight_grad(direct);
+      // the direct rows skip the padding taps: where their products matter, im2col forms them (slow, rare)
+      if (direct && has_padding(padding) &&
+          padding_products_matter(gx, dwp.const_data_ptr<acc_t>(), g.out_c, g.gemm_k(), ldw))
+        weight_grad(false);
     }
   });
   if (dx_acc.defined()) dx.copy_(dx_acc);

@@ -172,8 +172,8 @@ at::Tensor activate(at::Tensor z, int64_t activation, double slope) {
 // dL/dz from dL/dact and the saved output (saved_is_output) or pre-activation.
 at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& saved, int64_t activation, double slope) {
   switch (activation) {
-    case 1:
-      return at::where(saved > 0, grad, at::zeros({}, grad.options()));
+    case 1:  // grad at a NaN, as torch's relu (threshold_backward)
+      return at::where(saved <= 0, at::zeros({}, grad.options()), grad);
     case 2:
       return at::where(saved > 0, grad, grad * slope);
     case 3:

@@ -142,11 +142,6 @@ def check_conv_edge(name, activation, dtype, backend):
     check_against_reference(kernel, ref, inputs, dtype)
 
 
-# Our depthwise loop skips the taps that fall in the zero padding, where torch multiplies 0 * w: with an
-# infinite weight torch gets NaN on the border, we the finite sum of the taps inside the image.
-DEPTHWISE_PADDING = pytest.mark.xfail(reason="depthwise: no 0 * inf from padding taps", strict=True)
-
-
 # every activation where the edge reaches it in float32; else (and in bfloat16) the cheap and the fragile one
 THROUGH_ACTIVATION = ("x +inf", "x nan", "residual -inf", "residual nan", "huge")
 CONV_CASES = [
@@ -158,18 +153,69 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name,activation,dtype",
-    [
-        pytest.param(*c, marks=DEPTHWISE_PADDING if c[0].startswith("depthwise") else (), id="-".join(map(str, c)))
-        for c in CONV_CASES
-    ],
-)
+@pytest.mark.parametrize("name,activation,dtype", [pytest.param(*c, id="-".join(map(str, c))) for c in CONV_CASES])
 def test_conv_edges(name, activation, dtype, monkeypatch):
     # our kernel (auto may pick ATen's by timing: that is torch's own conv, whose oneDNN kernels spread
     # NaN and inf beyond the receptive field in float32 and bfloat16, so it is not held to float64's)
     monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
     check_conv_edge(name, activation, dtype, "cpu")
+
+
+# Each CPU conv path with padding (x shape, weight shape, groups, padding, dilation): torch (float64's
+# im2col) multiplies the zero padding by every weight, so an infinite or NaN weight makes NaN on the
+# border, and a NaN dz there reaches every weight tap's gradient.
+CONV_PATHS = {
+    "depthwise": ((2, 8, 6, 5), (8, 1, 3, 3), 8, 1, 1),
+    "depthwise dilated": ((1, 4, 5, 5), (4, 1, 3, 3), 4, 3, 2),
+    "depthwise 1x1, pixels of padding only": ((1, 4, 4, 4), (4, 1, 1, 1), 4, 2, 1),
+    "im2col": ((2, 3, 6, 5), (4, 3, 3, 3), 1, 1, 1),
+    "direct": ((1, 32, 4, 30), (8, 32, 3, 3), 1, 1, 1),
+    "input grad by phases": ((1, 16, 6, 6), (8, 16, 3, 3), 1, 1, 1),
+    "1x1 padded": ((1, 4, 4, 4), (4, 4, 1, 1), 1, 1, 1),
+    "grouped": ((1, 8, 6, 6), (8, 2, 3, 3), 4, 2, 1),
+}
+
+
+def check_conv_path_edge(path, edge, activation, dtype):
+    x_shape, w_shape, groups, padding, dilation = CONV_PATHS[path]
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(x_shape, generator=gen), torch.randn(w_shape, generator=gen), torch.randn(w_shape[0])
+    options = {"padding": padding, "groups": groups, "dilation": dilation, "activation": activation}
+    r = torch.randn(reference.conv.conv2d(x, w, b, **options).shape, generator=gen)
+    tap = (min(1, w_shape[2] - 1), min(2, w_shape[3] - 1))
+    inputs = {
+        "weight -inf": {"x": x, "weight": poked(w, (1, 0, *tap), -INF)},
+        "weight nan": {"x": x, "weight": poked(w, (0, 0, 0, 0), NAN)},
+        "x nan": {"x": poked(x, (0, 1, 0, 2), NAN), "weight": w},
+        # NaN in the corner output only: its dz reaches the padding taps' weight gradient alone (gelu_tanh)
+        "residual nan corner": {"x": x, "weight": w, "residual": poked(r, (0, 1, 0, 0), NAN)},
+    }[edge]
+    inputs = {key: t.to(dtype).requires_grad_() for key, t in {**inputs, "bias": b}.items()}
+    check_against_reference(
+        lambda x, weight, bias, residual=None: bmkernels.conv2d(
+            x, weight, bias, **options, residual=residual, backend="cpu"
+        ),
+        lambda x, weight, bias, residual=None: reference.conv.conv2d(x, weight, bias, **options, residual=residual),
+        inputs,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+@pytest.mark.parametrize("edge", ["weight -inf", "weight nan", "x nan", "residual nan corner"])
+@pytest.mark.parametrize("path", list(CONV_PATHS))
+def test_conv_paths_padding_times_nonfinite(path, edge, activation, monkeypatch):
+    monkeypatch.setenv("BMK_CONV_ENGINE", "bmkernels")
+    check_conv_path_edge(path, edge, activation, torch.float32)
+
+
+@pytest.mark.parametrize("edge", ["weight -inf", "weight nan", "x nan"])
+@pytest.mark.parametrize("path", ["im2col", "direct", "1x1 padded"])
+def test_conv_aten_engine_relu_grad_at_nan(path, edge, monkeypatch):
+    """The ATen engine's epilogue: relu's gradient passes at a NaN pre-activation, as torch's threshold_backward
+    (float64: ATen's float32 conv is oneDNN's, which skips the padding as torch's own float32 conv does)."""
+    monkeypatch.setenv("BMK_CONV_ENGINE", "aten")
+    check_conv_path_edge(path, edge, "relu", torch.float64)
 
 
 GRU_EDGES = {
