@@ -132,6 +132,13 @@ inline void derivative_chunk(const scalar_t* __restrict saved, int64_t n, acc_t*
   act_chunk<A, true>(d, n);
 }
 
+// dz[i] = grad[i] * act'(saved[i]) for i < n <= kChunk, for a transcendental activation.
+template <Activation A, typename scalar_t, typename acc_t>
+inline void dz_chunk(const scalar_t* __restrict g, const scalar_t* __restrict saved, int64_t n, acc_t* __restrict dz) {
+  derivative_chunk<A>(saved, n, dz);
+  for (int64_t i = 0; i < n; ++i) dz[i] *= static_cast<acc_t>(g[i]);
+}
+
 // Sums over i in [0, n) of the pair f(i) = (a, b), in T lanes within blocks and double across them.
 template <typename T, typename F>
 inline void lane_sums(int64_t n, F&& f, double& sum_a, double& sum_b) {
@@ -270,11 +277,11 @@ void backward_run(int64_t len, const scalar_t* __restrict g, const scalar_t* __r
   if constexpr (transcendental(A)) {
     for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
       const int64_t n = std::min(kChunk, len - i0);
-      acc_t act_d[kChunk];
-      derivative_chunk<A>(saved + i0, n, act_d);
+      acc_t dz[kChunk];
+      dz_chunk<A>(g + i0, saved + i0, n, dz);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t c = kRow ? i0 + i : 0;
-        const acc_t d = static_cast<acc_t>(g[i0 + i]) * act_d[i];
+        const acc_t d = dz[i];
         if (dres) dres[i0 + i] = static_cast<scalar_t>(d);
         if (dx) {
           dx[i0 + i] =
@@ -377,6 +384,18 @@ BatchNormActFwdResult forward(const at::Tensor& x, const std::optional<at::Tenso
           channel_tensor(var, x.options(), stat_dtype), preact};
 }
 
+// dx = alpha * (dz - beta) + gamma * (x - mean) from the dz the sums pass stored (dz may be dx itself).
+template <bool kRow, typename scalar_t, typename acc_t>
+void gradient_from_dz(int64_t len, const scalar_t* dz, const scalar_t* __restrict x, scalar_t* dx,
+                      const acc_t* __restrict alpha, const acc_t* __restrict beta, const acc_t* __restrict gamma,
+                      const acc_t* __restrict mean) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t c = kRow ? i : 0;
+    dx[i] = static_cast<scalar_t>(alpha[c] * (static_cast<acc_t>(dz[i]) - beta[c]) +
+                                  gamma[c] * (static_cast<acc_t>(x[i]) - mean[c]));
+  }
+}
+
 template <typename scalar_t>
 BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                const at::Tensor& mean_t, const at::Tensor& invstd_t, const at::Tensor& saved,
@@ -408,15 +427,32 @@ BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const s
   };
   with_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
-    // (dz, dz * (x - mean)) at element i given act' there
-    auto sums_with = [&](int64_t i, acc_t act_d, acc_t mean) {
-      const acc_t d = static_cast<acc_t>(gp[i]) * act_d;
-      return std::pair<acc_t, acc_t>{d, d * (static_cast<acc_t>(xp[i]) - mean)};
+    // (dz, dz * (x - mean)) at element i
+    auto dz_sums = [&](int64_t i, acc_t dz, acc_t mean) {
+      return std::pair<acc_t, acc_t>{dz, dz * (static_cast<acc_t>(xp[i]) - mean)};
     };
     auto sums = [&](int64_t i, acc_t mean) {
-      return sums_with(i, act_grad<A>(static_cast<acc_t>(sp[i]), sl, from_output), mean);
+      return dz_sums(i, static_cast<acc_t>(gp[i]) * act_grad<A>(static_cast<acc_t>(sp[i]), sl, from_output), mean);
+    };
+    // a transcendental activation's dz is stored by the sums pass in dres (its final value) or dx, when they
+    // hold it exactly (acc_t), so the gradient pass need not compute act' again
+    constexpr bool kKeepDz = transcendental(A) && std::is_same_v<scalar_t, acc_t>;
+    scalar_t* const dz_store = kKeepDz ? (drp ? drp : dxp) : nullptr;
+    // dz of chunk [i, i + len) into dz (and dz_store)
+    auto dz_of = [&](int64_t i, int64_t len, acc_t* dz) {
+      if constexpr (transcendental(A)) {
+        dz_chunk<A>(gp + i, sp + i, len, dz);
+        if (dz_store) std::copy(dz, dz + len, dz_store + i);
+      }
     };
     auto apply = [&](auto row, int64_t off, int64_t len, int64_t c) {
+      if (dz_store) {
+        if (dxp) {
+          gradient_from_dz<decltype(row)::value>(len, dz_store + off, xp + off, dxp + off, alpha.data() + c,
+                                                 beta.data() + c, gamma.data() + c, m.data() + c);
+        }
+        return;
+      }
       backward_run<A, decltype(row)::value>(len, gp + off, sp + off, xp + off, dxp ? dxp + off : nullptr,
                                             drp ? drp + off : nullptr, alpha.data() + c, beta.data() + c,
                                             gamma.data() + c, m.data() + c, sl, from_output);
@@ -431,10 +467,10 @@ BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const s
             if constexpr (transcendental(A)) {
               for (int64_t p0 = 0; p0 < L.plane; p0 += kChunk) {
                 const int64_t len = std::min(kChunk, L.plane - p0);
-                acc_t act_d[kChunk];
-                derivative_chunk<A>(sp + off + p0, len, act_d);
+                acc_t dz[kChunk];
+                dz_of(off + p0, len, dz);
                 lane_sums<acc_t>(
-                    len, [&](int64_t p) { return sums_with(off + p0 + p, act_d[p], mean); }, sum_dz[c], sum_dzx[c]);
+                    len, [&](int64_t p) { return dz_sums(off + p0 + p, dz[p], mean); }, sum_dz[c], sum_dzx[c]);
               }
             } else {
               lane_sums<acc_t>(L.plane, [&](int64_t p) { return sums(off + p, mean); }, sum_dz[c], sum_dzx[c]);
@@ -457,11 +493,10 @@ BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const s
         [&](int64_t off, acc_t* __restrict a, acc_t* __restrict b) {
           for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
             const int64_t len = std::min(kChunk, C - c0);
-            acc_t act_d[kChunk];
-            if constexpr (transcendental(A)) derivative_chunk<A>(sp + off + c0, len, act_d);
+            acc_t dz[kChunk];
+            if constexpr (transcendental(A)) dz_of(off + c0, len, dz);
             for (int64_t c = c0; c < c0 + len; ++c) {
-              const auto [va, vb] =
-                  transcendental(A) ? sums_with(off + c, act_d[c - c0], mean[c]) : sums(off + c, mean[c]);
+              const auto [va, vb] = transcendental(A) ? dz_sums(off + c, dz[c - c0], mean[c]) : sums(off + c, mean[c]);
               a[c] += va;
               b[c] += vb;
             }
