@@ -91,9 +91,9 @@ def _folded_with_grad(conv, bn):
 
 
 # bmkernels.batch_norm_act's training kernel loses to torch's batch_norm (+ the activation's own op) where
-# the activation needs an exp per element (SiLU, GELU: scalar in the kernel; 0.15-0.55x torch on
-# EfficientNet-B0's shapes) and on small NCHW maps (4x4 at batch 4: ~0.55x; channels_last there is
-# ~0.9-1.0x and a whole MobileNetV2 step was faster fused); there torch's modules run.
+# the activation needs an exp per element (SiLU, GELU: vectorized in the kernel, yet not clearly faster
+# than torch on EfficientNet-B0's shapes; docs/conv.md) and on small NCHW maps (4x4 at batch 4: ~0.55x;
+# channels_last there is ~0.9-1.0x and a whole MobileNetV2 step was faster fused); there torch's modules run.
 _SLOW_BN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _MIN_NCHW_BN_VALUES = 1024  # values per channel (N * H * W) below which torch's NCHW batch_norm is faster
 

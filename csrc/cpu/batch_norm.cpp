@@ -10,13 +10,16 @@
 // over the threads, per-thread per-channel partial sums combined at the end. Sums run in lanes of the
 // accumulation type (float; double for double) over short blocks and in double across blocks, as
 // PyTorch's CPU batch norm keeps its statistics in double; values are shifted by the channel's first
-// value so the variance does not cancel. Compiled once per ISA (setup.py), in bmk::cpu::CPU_CAPABILITY.
+// value so the variance does not cancel.
+// SiLU/GELU (exp, erf, tanh) run on ATen Vectorized chunks. Compiled once per ISA (setup.py), in
+// bmk::cpu::CPU_CAPABILITY.
 #include "cpu/batch_norm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,6 +35,7 @@ constexpr int64_t kLanes = 16;       // independent accumulators, so the compile
 constexpr int64_t kBlock = 1024;     // values summed in lanes before the block sum moves to double
 constexpr int64_t kRowBlock = 64;    // channels_last: rows per block of the lane partial sums
 constexpr int64_t kMinRowWork = 16;  // channels_last: least rows per parallel chunk
+constexpr int64_t kChunk = 256;      // values per vectorized activation call (a stack buffer)
 
 template <Activation A>
 using ActTag = std::integral_constant<Activation, A>;
@@ -70,6 +74,69 @@ inline T act_grad(T saved, T slope, bool from_output) {
   } else {
     return from_output ? activation_derivative_from_output(A, saved, slope) : activation_derivative(A, saved, slope);
   }
+}
+
+// Whether the activation needs exp, erf or tanh: its scalar form does not vectorize, so it runs on
+// Vectorized buffers of kChunk values.
+constexpr bool transcendental(Activation A) {
+  return A == Activation::gelu || A == Activation::gelu_tanh || A == Activation::silu;
+}
+
+// activation_forward (activations.h) of the transcendental activations on a SIMD vector, same formulas.
+template <Activation A, typename V>
+inline V act_forward_vec(V z) {
+  if constexpr (A == Activation::gelu) {
+    return V(0.5) * z * (V(1) + (z * V(0.70710678118654752440)).erf());
+  } else if constexpr (A == Activation::gelu_tanh) {
+    return V(0.5) * z * (V(1) + (V(0.79788456080286535588) * (z + V(0.044715) * z * z * z)).tanh());
+  } else {
+    static_assert(A == Activation::silu);
+    return z / (V(1) + z.neg().exp());
+  }
+}
+
+// activation_derivative (activations.h) of the transcendental activations on a SIMD vector, same formulas.
+template <Activation A, typename V>
+inline V act_derivative_vec(V z) {
+  if constexpr (A == Activation::gelu) {
+    const V cdf = V(0.5) * (V(1) + (z * V(0.70710678118654752440)).erf());
+    const V pdf = V(0.39894228040143267794) * (V(-0.5) * z * z).exp();
+    return cdf + z * pdf;
+  } else if constexpr (A == Activation::gelu_tanh) {
+    const V k(0.79788456080286535588);
+    const V t = (k * (z + V(0.044715) * z * z * z)).tanh();
+    const V z_capped = at::vec::clamp(z, V(-1000), V(1000));  // 0 * finite beyond |z| = 1000, as the scalar form
+    return V(0.5) * (V(1) + t) + V(0.5) * z * (V(1) - t * t) * k * (V(1) + V(3 * 0.044715) * z_capped * z_capped);
+  } else {
+    static_assert(A == Activation::silu);
+    const V s = V(1) / (V(1) + z.neg().exp());
+    return s * (V(1) + z * (V(1) - s));
+  }
+}
+
+// v[i] = act(v[i]) (kDerivative false) or act'(v[i]) for i < n <= kChunk, vectorized.
+template <Activation A, bool kDerivative, typename T>
+inline void act_chunk(T* v, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t len = std::min<int64_t>(Vec::size(), n - i);
+    const Vec z = Vec::loadu(v + i, len);
+    (kDerivative ? act_derivative_vec<A>(z) : act_forward_vec<A>(z)).store(v + i, len);
+  }
+}
+
+// d[i] = act'(saved[i]) for i < n <= kChunk, for a transcendental activation (derivative from z).
+template <Activation A, typename scalar_t, typename acc_t>
+inline void derivative_chunk(const scalar_t* __restrict saved, int64_t n, acc_t* __restrict d) {
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<acc_t>(saved[i]);
+  act_chunk<A, true>(d, n);
+}
+
+// dz[i] = grad[i] * act'(saved[i]) for i < n <= kChunk, for a transcendental activation.
+template <Activation A, typename scalar_t, typename acc_t>
+inline void dz_chunk(const scalar_t* __restrict g, const scalar_t* __restrict saved, int64_t n, acc_t* __restrict dz) {
+  derivative_chunk<A>(saved, n, dz);
+  for (int64_t i = 0; i < n; ++i) dz[i] *= static_cast<acc_t>(g[i]);
 }
 
 // Sums over i in [0, n) of the pair f(i) = (a, b), in T lanes within blocks and double across them.
@@ -116,10 +183,11 @@ Layout layout_of(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2) * x.size(3), memory_format_of(x) == at::MemoryFormat::ChannelsLast};
 }
 
-// channels_last: per-channel sums over all rows of the pair f(row offset, c) = (a, b), rows split over
-// the threads (T partial sums per block of rows, double across blocks and threads).
+// channels_last: per-channel sums over all rows of pairs (a, b); add_row(row offset, a, b) adds a row's C
+// pairs into a[c], b[c]. Rows split over the threads (T partial sums per block of rows, double across
+// blocks and threads).
 template <typename T, typename F>
-void row_sums(const Layout& L, F&& f, std::vector<double>& sum_a, std::vector<double>& sum_b) {
+void row_sums(const Layout& L, F&& add_row, std::vector<double>& sum_a, std::vector<double>& sum_b) {
   const int64_t C = L.channels, rows = L.count();
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinRowWork));
   std::vector<double> part_a(chunks * C, 0.0), part_b(chunks * C, 0.0);
@@ -130,13 +198,7 @@ void row_sums(const Layout& L, F&& f, std::vector<double>& sum_a, std::vector<do
       for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
         std::fill(a.begin(), a.end(), T(0));
         std::fill(b.begin(), b.end(), T(0));
-        for (int64_t r = rb; r < std::min(r1, rb + kRowBlock); ++r) {
-          for (int64_t c = 0; c < C; ++c) {
-            const auto [va, vb] = f(r * C, c);
-            a[c] += va;
-            b[c] += vb;
-          }
-        }
+        for (int64_t r = rb; r < std::min(r1, rb + kRowBlock); ++r) add_row(r * C, a.data(), b.data());
         for (int64_t c = 0; c < C; ++c) {
           part_a[k * C + c] += a[c];
           part_b[k * C + c] += b[c];
@@ -182,6 +244,21 @@ template <Activation A, bool kRow, typename scalar_t, typename acc_t>
 void forward_run(int64_t len, const scalar_t* __restrict x, const scalar_t* __restrict res, scalar_t* __restrict out,
                  scalar_t* __restrict preact, const acc_t* __restrict scale, const acc_t* __restrict offset,
                  acc_t slope) {
+  if constexpr (transcendental(A)) {
+    for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, len - i0);
+      acc_t z[kChunk];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = kRow ? i0 + i : 0;
+        z[i] = static_cast<acc_t>(x[i0 + i]) * scale[c] + offset[c];
+        if (res) z[i] += static_cast<acc_t>(res[i0 + i]);
+        if (preact) preact[i0 + i] = static_cast<scalar_t>(z[i]);
+      }
+      act_chunk<A, false>(z, n);
+      for (int64_t i = 0; i < n; ++i) out[i0 + i] = static_cast<scalar_t>(z[i]);
+    }
+    return;
+  }
   for (int64_t i = 0; i < len; ++i) {
     const int64_t c = kRow ? i : 0;
     acc_t z = static_cast<acc_t>(x[i]) * scale[c] + offset[c];
@@ -197,6 +274,23 @@ void backward_run(int64_t len, const scalar_t* __restrict g, const scalar_t* __r
                   const scalar_t* __restrict x, scalar_t* __restrict dx, scalar_t* __restrict dres,
                   const acc_t* __restrict alpha, const acc_t* __restrict beta, const acc_t* __restrict gamma,
                   const acc_t* __restrict mean, acc_t slope, bool from_output) {
+  if constexpr (transcendental(A)) {
+    for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, len - i0);
+      acc_t dz[kChunk];
+      dz_chunk<A>(g + i0, saved + i0, n, dz);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = kRow ? i0 + i : 0;
+        const acc_t d = dz[i];
+        if (dres) dres[i0 + i] = static_cast<scalar_t>(d);
+        if (dx) {
+          dx[i0 + i] =
+              static_cast<scalar_t>(alpha[c] * (d - beta[c]) + gamma[c] * (static_cast<acc_t>(x[i0 + i]) - mean[c]));
+        }
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < len; ++i) {
     const int64_t c = kRow ? i : 0;
     const acc_t d = static_cast<acc_t>(g[i]) * act_grad<A>(static_cast<acc_t>(saved[i]), slope, from_output);
@@ -270,9 +364,12 @@ BatchNormActFwdResult forward(const at::Tensor& x, const std::optional<at::Tenso
     std::vector<double> s1, s2;
     row_sums<acc_t>(
         L,
-        [&](int64_t off, int64_t c) {
-          const acc_t v = static_cast<acc_t>(xp[off + c]) - shift[c];
-          return std::pair<acc_t, acc_t>{v, v * v};
+        [&](int64_t off, acc_t* __restrict a, acc_t* __restrict b) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(xp[off + c]) - shift[c];
+            a[c] += v;
+            b[c] += v * v;
+          }
         },
         s1, s2);
     for (int64_t c = 0; c < C; ++c) finish_channel(c, shift[c], s1[c], s2[c]);
@@ -285,6 +382,18 @@ BatchNormActFwdResult forward(const at::Tensor& x, const std::optional<at::Tenso
   const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {out, channel_tensor(mean, x.options(), stat_dtype), channel_tensor(invstd, x.options(), stat_dtype),
           channel_tensor(var, x.options(), stat_dtype), preact};
+}
+
+// dx = alpha * (dz - beta) + gamma * (x - mean) from the dz the sums pass stored (dz may be dx itself).
+template <bool kRow, typename scalar_t, typename acc_t>
+void gradient_from_dz(int64_t len, const scalar_t* dz, const scalar_t* __restrict x, scalar_t* dx,
+                      const acc_t* __restrict alpha, const acc_t* __restrict beta, const acc_t* __restrict gamma,
+                      const acc_t* __restrict mean) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t c = kRow ? i : 0;
+    dx[i] = static_cast<scalar_t>(alpha[c] * (static_cast<acc_t>(dz[i]) - beta[c]) +
+                                  gamma[c] * (static_cast<acc_t>(x[i]) - mean[c]));
+  }
 }
 
 template <typename scalar_t>
@@ -318,11 +427,32 @@ BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const s
   };
   with_activation(act, [&](auto tag) {
     constexpr Activation A = decltype(tag)::value;
+    // (dz, dz * (x - mean)) at element i
+    auto dz_sums = [&](int64_t i, acc_t dz, acc_t mean) {
+      return std::pair<acc_t, acc_t>{dz, dz * (static_cast<acc_t>(xp[i]) - mean)};
+    };
     auto sums = [&](int64_t i, acc_t mean) {
-      const acc_t d = static_cast<acc_t>(gp[i]) * act_grad<A>(static_cast<acc_t>(sp[i]), sl, from_output);
-      return std::pair<acc_t, acc_t>{d, d * (static_cast<acc_t>(xp[i]) - mean)};
+      return dz_sums(i, static_cast<acc_t>(gp[i]) * act_grad<A>(static_cast<acc_t>(sp[i]), sl, from_output), mean);
+    };
+    // a transcendental activation's dz is stored by the sums pass in dres (its final value) or dx, when they
+    // hold it exactly (acc_t), so the gradient pass need not compute act' again
+    constexpr bool kKeepDz = transcendental(A) && std::is_same_v<scalar_t, acc_t>;
+    scalar_t* const dz_store = kKeepDz ? (drp ? drp : dxp) : nullptr;
+    // dz of chunk [i, i + len) into dz (and dz_store)
+    auto dz_of = [&](int64_t i, int64_t len, acc_t* dz) {
+      if constexpr (transcendental(A)) {
+        dz_chunk<A>(gp + i, sp + i, len, dz);
+        if (dz_store) std::copy(dz, dz + len, dz_store + i);
+      }
     };
     auto apply = [&](auto row, int64_t off, int64_t len, int64_t c) {
+      if (dz_store) {
+        if (dxp) {
+          gradient_from_dz<decltype(row)::value>(len, dz_store + off, xp + off, dxp + off, alpha.data() + c,
+                                                 beta.data() + c, gamma.data() + c, m.data() + c);
+        }
+        return;
+      }
       backward_run<A, decltype(row)::value>(len, gp + off, sp + off, xp + off, dxp ? dxp + off : nullptr,
                                             drp ? drp + off : nullptr, alpha.data() + c, beta.data() + c,
                                             gamma.data() + c, m.data() + c, sl, from_output);
@@ -334,7 +464,17 @@ BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const s
           const acc_t mean = static_cast<acc_t>(mu[c]);
           for (int64_t img = 0; img < L.batch; ++img) {
             const int64_t off = (img * C + c) * L.plane;
-            lane_sums<acc_t>(L.plane, [&](int64_t p) { return sums(off + p, mean); }, sum_dz[c], sum_dzx[c]);
+            if constexpr (transcendental(A)) {
+              for (int64_t p0 = 0; p0 < L.plane; p0 += kChunk) {
+                const int64_t len = std::min(kChunk, L.plane - p0);
+                acc_t dz[kChunk];
+                dz_of(off + p0, len, dz);
+                lane_sums<acc_t>(
+                    len, [&](int64_t p) { return dz_sums(off + p0 + p, dz[p], mean); }, sum_dz[c], sum_dzx[c]);
+              }
+            } else {
+              lane_sums<acc_t>(L.plane, [&](int64_t p) { return sums(off + p, mean); }, sum_dz[c], sum_dzx[c]);
+            }
           }
           finish_channel(c);
           if (!writes) continue;
@@ -348,7 +488,21 @@ BatchNormActBwdResult backward(const at::Tensor& g, const at::Tensor& x, const s
     }
     std::vector<acc_t> mean(C);
     for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<acc_t>(mu[c]);
-    row_sums<acc_t>(L, [&](int64_t off, int64_t c) { return sums(off + c, mean[c]); }, sum_dz, sum_dzx);
+    row_sums<acc_t>(
+        L,
+        [&](int64_t off, acc_t* __restrict a, acc_t* __restrict b) {
+          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+            const int64_t len = std::min(kChunk, C - c0);
+            acc_t dz[kChunk];
+            if constexpr (transcendental(A)) dz_of(off + c0, len, dz);
+            for (int64_t c = c0; c < c0 + len; ++c) {
+              const auto [va, vb] = transcendental(A) ? dz_sums(off + c, dz[c - c0], mean[c]) : sums(off + c, mean[c]);
+              a[c] += va;
+              b[c] += vb;
+            }
+          }
+        },
+        sum_dz, sum_dzx);
     for (int64_t c = 0; c < C; ++c) finish_channel(c);
     if (!writes) return;
     at::parallel_for(0, n, kMinRowWork, [&](int64_t r0, int64_t r1) {

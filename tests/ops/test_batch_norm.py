@@ -77,6 +77,29 @@ def test_awkward_shapes(shape, channels_last):
     check_against_reference(kernel_fn("relu"), reference_fn("relu"), inputs, torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (3, 300, 1, 2)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_vectorized_activations(activation, shape, channels_last):
+    """SiLU/GELU run on SIMD chunks of 256 values: planes and channels_last rows longer than a chunk, with a
+    partial chunk and a partial vector at the end; large |z| where the activations saturate."""
+    inputs = make_inputs(shape, dtype=torch.float32, channels_last=channels_last)
+    with torch.no_grad():
+        inputs["residual"][:, :, :1] *= 40  # |z| up to ~150: exp overflows / underflows in float
+    check_against_reference(kernel_fn(activation), reference_fn(activation), inputs, torch.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_vectorized_activation_gradient_subsets(channels_last):
+    """SiLU's dz kept by the sums pass in dx, in the residual's gradient, or in neither."""
+    for needs in (("x",), ("residual",), ("x", "residual"), ("weight", "bias")):
+        inputs = make_inputs((2, 3, 17, 19), dtype=torch.float32, channels_last=channels_last)
+        for name, t in inputs.items():
+            t.requires_grad_(name in needs)
+        _, _, grads = check_against_reference(kernel_fn("silu"), reference_fn("silu"), inputs, torch.float32)
+        assert set(grads) == set(needs)
+
+
 # x of shape (1, C, H, 1) or (1, C, 1, W) stored in reversed dim order: channels_last with an N stride of 1
 FEW_VALUES = [(1, 2, 2, 1), (1, 3, 1, 3), (3, 2, 1, 1), (1, 4, 3, 1)]
 
