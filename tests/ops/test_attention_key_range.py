@@ -62,9 +62,9 @@ def test_key_padding_mask_runs_as_ranges(side, monkeypatch):
     seen = []
     real_op = torch.ops.bmkernels.attention_fwd
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append(args)
-        return real_op(*args)
+        return real_op(*args, **kwargs)
 
     monkeypatch.setattr("bmkernels.ops.attention.forward_op", lambda op, backend: spy)
     check_against_reference(

@@ -22,7 +22,7 @@ def ran(monkeypatch):
     """Records which backend ran each attention call: 'cpu' (the registered op) or 'reference'."""
     calls = []
     kernel, ref = torch.ops.bmkernels.attention_fwd, reference.attention
-    monkeypatch.setattr(torch.ops.bmkernels, "attention_fwd", lambda *a: calls.append("cpu") or kernel(*a))
+    monkeypatch.setattr(torch.ops.bmkernels, "attention_fwd", lambda *a, **kw: calls.append("cpu") or kernel(*a, **kw))
     monkeypatch.setattr(
         ops_attention.reference, "attention", lambda *a, **kw: calls.append("reference") or ref(*a, **kw)
     )

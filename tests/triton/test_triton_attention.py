@@ -269,7 +269,7 @@ def test_empty_inputs(shape):
 def test_sdpa_runs_the_triton_kernel(via, monkeypatch):
     calls = []
     kernel = triton_attention.attention_fwd
-    monkeypatch.setattr(triton_attention, "attention_fwd", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(triton_attention, "attention_fwd", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     kwargs = {"backend": "triton"} if via == "argument" else {}
     if via == "env":
         monkeypatch.setenv("BMK_BACKEND", "triton")
